@@ -1,0 +1,131 @@
+"""The shared base model: a local Hugging Face causal-LM directory, or the built-in tiny default.
+
+The default is a Llama-architecture model built from a fixed config and seed with a byte-level tokenizer,
+so it needs no download and is bit-identical in every process on every machine (same torch build).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+
+from personalize.errors import InvalidArgument
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+DEFAULT_SEED = 1234
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base model to load and where it runs."""
+
+    path: str = ""
+    """Local Hugging Face model directory; empty = the built-in tiny default model."""
+    dtype: str = "float32"
+    """Weight dtype: float32, bfloat16 or float16."""
+    device: str = "cpu"
+    """torch device: cpu, cuda, cuda:1, ..."""
+    seed: int = DEFAULT_SEED
+    """Seed of the built-in default model's weights (every node must use the same one)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise InvalidArgument(f"model dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+
+def default_llama_config(**overrides: Any) -> LlamaConfig:
+    """The tiny default: byte vocabulary, 4 layers, hidden 128, GQA (4 heads over 2 KV heads)."""
+    fields: dict[str, Any] = dict(
+        vocab_size=384, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        rms_norm_eps=1e-5, rope_theta=10000.0, initializer_range=0.1, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=1, pad_token_id=0,
+    )
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def build_random_llama(config: LlamaConfig, seed: int, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """A Llama with weights drawn from a fixed seed on the CPU (deterministic for one torch build)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(config)
+    std = config.initializer_range
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model.to(dtype).eval()
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model with its tokenizer and fingerprint."""
+
+    model: Any
+    """The transformers causal-LM module (eval mode, no grad)."""
+    tokenizer: Any
+    fingerprint: str
+    """sha256 over config and weights: adapters record it and serving refuses a mismatch."""
+    name: str
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """Identity of a base model: a hash of its architecture fields and every weight's bytes."""
+    digest = hashlib.sha256()
+    cfg = model.config.to_dict()  # type: ignore[operator]
+    keep = {k: cfg.get(k) for k in sorted(cfg) if k not in ("transformers_version", "_name_or_path", "torch_dtype",
+                                                             "dtype", "architectures", "use_cache")}
+    digest.update(json.dumps(keep, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + digest.hexdigest()
+
+
+def load_base_model(config: ModelConfig) -> BaseModel:
+    """Load the configured base model onto its device, with its tokenizer and fingerprint."""
+    if config.path:
+        path = Path(config.path)
+        if not (path / "config.json").is_file():
+            raise InvalidArgument(f"model path {path} is not a Hugging Face model directory (no config.json)")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=config.torch_dtype, local_files_only=True)
+        if model.config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise InvalidArgument(
+                f"model type {model.config.model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        name = str(path)
+    else:
+        model = build_random_llama(default_llama_config(), config.seed, config.torch_dtype)
+        tokenizer = ByT5Tokenizer()
+        name = f"personalize-tiny-llama(seed={config.seed})"
+    model.eval().requires_grad_(False)
+    digest = fingerprint(model)
+    model.to(config.device)
+    return BaseModel(model=model, tokenizer=tokenizer, fingerprint=digest, name=name)

@@ -1,0 +1,1 @@
+"""gRPC servers, interceptors, client SDK and CLI over the personalize library."""
