@@ -1,0 +1,324 @@
+"""Continuous batching: requests join the running batch between decode steps and leave when done.
+
+One engine thread owns the model, the KV rows and the lanes. `submit` is thread-safe and returns a
+handle whose iterator yields text pieces as they are produced. Row n of the running batch is KV row and
+lane n; when a request leaves, the last row moves into its place, so the batch stays a dense prefix.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from personalize.engine.llama import FastLlama
+from personalize.engine.sampling import sample_token
+from personalize.engine.text import TextStream
+from personalize.engine.types import GenerationResult, SamplingParams
+from personalize.errors import DeadlineExceeded, InvalidArgument, PersonalizeError, ResourceExhausted
+from personalize.lora.slots import SlotPool
+
+log = logging.getLogger(__name__)
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Sizes of the running batch."""
+
+    max_batch: int = 32
+    """Most requests decoded together (rows of the KV cache and lanes)."""
+    max_len: int = 1024
+    """Most tokens per request, prompt plus completion."""
+    max_prefill_tokens: int = 4096
+    """Most prompt tokens prefilled in one step (padded), so joins never stall decoding for long."""
+    max_waiting: int = 1024
+    """Most requests queued before submit answers RESOURCE_EXHAUSTED."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_len < 2 or self.max_prefill_tokens < 1:
+            raise InvalidArgument("engine max_batch >= 1, max_len >= 2 and max_prefill_tokens >= 1 are required")
+
+
+@dataclass(eq=False)
+class _Request:
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    slot: int | None
+    stream: TextStream
+    on_done: Callable[[GenerationResult | None], None] | None
+    generator: torch.Generator | None
+    pieces: queue.Queue[Any] = field(default_factory=queue.Queue)
+    done: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False
+    result: GenerationResult | None = None
+    error: BaseException | None = None
+    generated: int = 0
+    last_token: int = 0
+    position: int = 0
+
+
+class RequestHandle:
+    """A submitted request: iterate for text pieces, or block on result()."""
+
+    def __init__(self, request: _Request, engine: Engine) -> None:
+        self._req = request
+        self._engine = engine
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            piece = self._req.pieces.get()
+            if piece is _DONE:
+                if self._req.error is not None:
+                    raise self._req.error
+                return
+            yield piece
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        if not self._req.done.wait(timeout):
+            self.cancel()
+            raise DeadlineExceeded(f"generation did not finish within {timeout} s")
+        if self._req.error is not None:
+            raise self._req.error
+        assert self._req.result is not None
+        return self._req.result
+
+    def cancel(self) -> None:
+        """Ask the engine to drop the request at its next step (its result is 'cancelled')."""
+        self._req.cancelled = True
+        self._engine.wake()
+
+
+class Engine:
+    """Continuous-batching generator over one base model and a pool of device slots."""
+
+    def __init__(self, base: Any, config: EngineConfig, pool: SlotPool | None = None) -> None:
+        self.base = base
+        self.config = config
+        self.tokenizer = base.tokenizer
+        self.pool = pool
+        self.pool_lock = threading.Lock()
+        """Held while reading or writing `pool` slots (the cache writes, the engine copies into lanes)."""
+        lanes = None
+        if pool is not None:
+            lanes = SlotPool(base.config, config.max_batch, pool.r_max, pool.target_modules,
+                             pool.scaling.dtype, pool.scaling.device)
+        self.model = FastLlama(base.model, config.max_batch, config.max_len, lanes)
+        self.device = base.device
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.steps = 0
+        self.occupancy_sum = 0
+        self.max_occupancy = 0
+        self.tokens_generated = 0
+
+    # -- submission (any thread) -------------------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if bos is not None:
+            ids = [bos, *ids]
+        if not ids:  # an empty prompt still needs one position to start from
+            ids = [self.tokenizer.pad_token_id or 0]
+        return ids
+
+    def submit(self, prompt: str | list[int], params: SamplingParams, slot: int | None = None,
+               on_done: Callable[[GenerationResult | None], None] | None = None) -> RequestHandle:
+        """Queue a request using adapter `slot` of the pool (None = base model). on_done runs on completion."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if len(ids) >= self.config.max_len:
+            raise InvalidArgument(f"prompt is {len(ids)} tokens; the context limit is {self.config.max_len}")
+        if slot is not None and (self.pool is None or not 0 <= slot < self.pool.num_slots):
+            raise InvalidArgument(f"slot {slot} does not exist")
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        req = _Request(next(self._ids), ids, params, slot, TextStream(self.tokenizer, params.stop), on_done, gen)
+        with self._cond:
+            if len(self._waiting) >= self.config.max_waiting:
+                raise ResourceExhausted(f"engine queue is full ({self.config.max_waiting} waiting requests)")
+            self._waiting.append(req)
+            self._cond.notify()
+        return RequestHandle(req, self)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def mean_occupancy(self) -> float:
+        return self.occupancy_sum / self.steps if self.steps else 0.0
+
+    # -- the engine thread ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._waiting and not self._running:
+                    self._cond.wait(0.5)
+                if self._stop:
+                    break
+            try:
+                self.step()
+            except Exception as exc:  # fail the batch, never hang its callers
+                log.exception("engine step failed")
+                self._fail_all(exc)
+
+    def run_until_idle(self) -> None:
+        """Step on the caller's thread until nothing is waiting or running (tests, benchmarks)."""
+        while self._waiting or self._running:
+            self.step()
+
+    def step(self) -> None:
+        """One iteration: drop cancelled rows, admit and prefill joiners, then decode every running row."""
+        self._drop_cancelled()
+        self._admit()
+        if self._running:
+            self._decode()
+
+    # -- step parts -------------------------------------------------------------------------------------------
+    def _drop_cancelled(self) -> None:
+        for req in [r for r in self._running if r.cancelled]:
+            self._finish(req, "cancelled")
+
+    def _take_joiners(self) -> list[_Request]:
+        joiners: list[_Request] = []
+        budget = self.config.max_prefill_tokens
+        with self._cond:
+            while self._waiting and len(self._running) + len(joiners) < self.config.max_batch:
+                req = self._waiting[0]
+                longest = max([len(r.prompt_ids) for r in joiners] + [len(req.prompt_ids)])
+                if joiners and longest * (len(joiners) + 1) > budget:
+                    break
+                self._waiting.popleft()
+                if req.cancelled:
+                    self._complete(req, GenerationResult("", len(req.prompt_ids), 0, "cancelled"))
+                    continue
+                joiners.append(req)
+        return joiners
+
+    def _admit(self) -> None:
+        joiners = self._take_joiners()
+        if not joiners:
+            return
+        row0 = len(self._running)
+        lanes = self.model.lanes
+        if lanes is not None:
+            with self.pool_lock:
+                for n, req in enumerate(joiners):
+                    if req.slot is None:
+                        lanes.clear_slot(row0 + n)
+                    else:
+                        assert self.pool is not None
+                        lanes.copy_slot(self.pool, req.slot, row0 + n)
+        longest = max(len(r.prompt_ids) for r in joiners)
+        ids = torch.zeros(len(joiners), longest, dtype=torch.long)
+        for n, req in enumerate(joiners):
+            ids[n, :len(req.prompt_ids)] = torch.tensor(req.prompt_ids)
+        lengths = torch.tensor([len(r.prompt_ids) for r in joiners])
+        logits = self.model.prefill(ids.to(self.device), lengths.to(self.device), row0)
+        self._running.extend(joiners)
+        for n, req in enumerate(joiners):
+            req.position = len(req.prompt_ids)
+        self._sample_and_emit(joiners, logits)
+
+    def _decode(self) -> None:
+        batch = self._running
+        self.steps += 1
+        self.occupancy_sum += len(batch)
+        self.max_occupancy = max(self.max_occupancy, len(batch))
+        ids = torch.tensor([r.last_token for r in batch], device=self.device)
+        positions = torch.tensor([r.position for r in batch], device=self.device)
+        logits = self.model.decode(ids, positions)
+        for r in batch:
+            r.position += 1
+        self._sample_and_emit(list(batch), logits)
+
+    def _sample_and_emit(self, reqs: list[_Request], logits: torch.Tensor) -> None:
+        greedy = torch.argmax(logits, dim=-1).tolist()
+        eos = self.tokenizer.eos_token_id
+        for n, req in enumerate(reqs):
+            p = req.params
+            token = greedy[n] if p.temperature == 0 else sample_token(logits[n], p.temperature, p.top_p,
+                                                                     req.generator)
+            req.generated += 1
+            self.tokens_generated += 1
+            req.last_token = token
+            if token == eos and not p.ignore_eos:
+                self._finish(req, "eos")
+                continue
+            piece = req.stream.push(token)
+            if piece:
+                req.pieces.put(piece)
+            if req.stream.stopped:
+                self._finish(req, "stop")
+            elif req.generated >= p.max_new_tokens or req.position + 1 >= self.config.max_len:
+                self._finish(req, "length")
+
+    def _finish(self, req: _Request, reason: str) -> None:
+        row = self._running.index(req)
+        last = len(self._running) - 1
+        if row != last:  # keep the batch a dense prefix: the last row takes the freed place
+            self.model.move_row(last, row)
+            self._running[row] = self._running[last]
+        self._running.pop()
+        tail = req.stream.flush()
+        if tail and reason != "cancelled":
+            req.pieces.put(tail)
+        self._complete(req, GenerationResult(req.stream.text, len(req.prompt_ids), req.generated, reason))
+
+    def _complete(self, req: _Request, result: GenerationResult | None, error: BaseException | None = None) -> None:
+        req.result, req.error = result, error
+        req.pieces.put(_DONE)
+        req.done.set()
+        if req.on_done is not None:
+            try:
+                req.on_done(result)
+            except Exception:
+                log.exception("on_done callback failed")
+
+    def _fail_all(self, exc: BaseException) -> None:
+        err = exc if isinstance(exc, PersonalizeError) else RuntimeError(f"engine step failed: {exc}")
+        with self._cond:
+            victims = self._running + list(self._waiting)
+            self._running, self._waiting = [], deque()
+        for req in victims:
+            self._complete(req, None, err)
+
+
+def wait_all(handles: list[RequestHandle], timeout: float | None = None) -> list[GenerationResult]:
+    """Results of several handles, in order."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    return [h.result(None if deadline is None else max(0.0, deadline - time.monotonic())) for h in handles]

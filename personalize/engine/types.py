@@ -1,0 +1,46 @@
+"""Request and result types of the generation engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from personalize.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to decode one request."""
+
+    max_new_tokens: int = 64
+    """Upper bound on generated tokens (>= 1)."""
+    temperature: float = 0.0
+    """0 = greedy; otherwise softmax temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]."""
+    seed: int = 0
+    """Per-request sampling seed: the same seed gives the same sampled text."""
+    stop: tuple[str, ...] = ()
+    """Generation ends before the first occurrence of any of these strings."""
+    ignore_eos: bool = False
+    """Keep generating past the end-of-sequence token (benchmarks)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidArgument(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not (self.temperature >= 0.0) or self.temperature > 100.0:
+            raise InvalidArgument(f"temperature must be in [0, 100], got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):
+            raise InvalidArgument("stop strings must be non-empty")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The outcome of one request."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    """'stop' (stop string), 'length' (max_new_tokens), 'eos' (end-of-sequence token) or 'cancelled'."""

@@ -1,0 +1,96 @@
+"""Multi-LoRA layers injected into a transformers model: each row of a batch picks its adapter slot.
+
+Used where the transformers forward itself must run with many adapters: training (autograd through
+the slot tensors) and equivalence checks. The serving engine uses its own fused forward (engine/llama.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from personalize.errors import InvalidArgument
+from personalize.lora.ops import lora_gathered, lora_grouped, slot_segments
+
+PATHS = ("gathered", "grouped")
+
+
+class MultiLoraLinear(nn.Module):
+    """A base linear plus a stack of adapters: y = x W^T + b + scaling[s] (x A[s]^T) B[s] for row slot s.
+
+    lora_a [S, r, d_in], lora_b [S, r, d_out] and scaling [S] are shared views of a SlotPool (or trainable
+    tensors); `slots` [N] is set for the whole model by `use_slots` before a forward (-1 = base only).
+    """
+
+    def __init__(self, base: nn.Linear, lora_a: Tensor, lora_b: Tensor, scaling: Tensor, state: dict[str, Any]):
+        super().__init__()
+        self.base = base
+        self.lora_a, self.lora_b, self.scaling = lora_a, lora_b, scaling
+        self._state = state
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        slots: Tensor | None = self._state.get("slots")
+        if slots is None:
+            return y
+        squeeze = x.dim() == 2  # [N, d] input: a one-token batch
+        x3 = x.unsqueeze(1) if squeeze else x
+        if self._state.get("path") == "grouped":
+            seg = self._state.get("segments")
+            if seg is None:
+                seg = self._state["segments"] = slot_segments(slots)
+            delta = lora_grouped(x3, self.lora_a, self.lora_b, self.scaling, seg)
+        else:
+            delta = lora_gathered(x3, self.lora_a, self.lora_b, self.scaling, slots)
+        return y + (delta.squeeze(1) if squeeze else delta).to(y.dtype)
+
+
+def _target_modules(model: nn.Module) -> Iterator[tuple[int, str, nn.Module, str]]:
+    for i, layer in enumerate(model.model.layers):  # type: ignore[union-attr,arg-type]
+        for parent_name in ("self_attn", "mlp"):
+            parent = getattr(layer, parent_name)
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    yield i, name, parent, parent_name
+
+
+def inject(model: nn.Module, tensors: Any) -> dict[str, Any]:
+    """Replace each target linear of `model` with a MultiLoraLinear over `tensors` (a SlotPool or any object
+    with `module_view(layer, module)`, `scaling` and `target_modules`). Returns the shared state dict whose
+    "slots" / "path" entries drive every injected layer; prefer `use_slots` to set them."""
+    state: dict[str, Any] = {"slots": None, "path": "gathered", "segments": None}
+    for i, name, parent, _ in _target_modules(model):
+        if name in tensors.target_modules:
+            lora_a, lora_b = tensors.module_view(i, name)
+            setattr(parent, name, MultiLoraLinear(getattr(parent, name), lora_a, lora_b, tensors.scaling, state))
+    return state
+
+
+@contextmanager
+def use_slots(state: dict[str, Any], slots: Tensor, path: str = "gathered") -> Iterator[None]:
+    """Run forwards inside the block with row n using slot slots[n]; path is 'gathered' or 'grouped'."""
+    if path not in PATHS:
+        raise InvalidArgument(f"unknown multi-LoRA path {path!r}; choose one of {PATHS}")
+    state.update(slots=slots, path=path, segments=None)
+    try:
+        yield
+    finally:
+        state.update(slots=None, segments=None)
+
+
+def eject(model: nn.Module) -> None:
+    """Undo inject: put the base linears back."""
+    for layer in model.model.layers:  # type: ignore[union-attr,arg-type]
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, MultiLoraLinear):
+                    setattr(parent, name, child.base)
+
+
+def slots_tensor(slots: list[int | None], device: torch.device | str = "cpu") -> Tensor:
+    """Per-row slot list (None = base only) as the [N] long tensor the layers expect."""
+    return torch.tensor([-1 if s is None else s for s in slots], dtype=torch.long, device=device)

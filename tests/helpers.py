@@ -1,0 +1,40 @@
+"""Shared test helpers: random adapters and PEFT references built without our own file format."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from personalize.lora.adapter import TARGET_MODULES, Adapter, module_key
+from personalize.lora.slots import module_shapes
+
+
+def make_adapter(hf_config: Any, rank: int, seed: int, alpha: float | None = None,
+                 targets: tuple[str, ...] = TARGET_MODULES, std: float = 0.05) -> Adapter:
+    """A random adapter whose lora_b is non-zero, so it changes the model's outputs."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = module_shapes(hf_config)
+    weights = {}
+    for layer in range(hf_config.num_hidden_layers):
+        for m in targets:
+            d_out, d_in = shapes[m]
+            weights[module_key(layer, m)] = (torch.randn(rank, d_in, generator=g) * std,
+                                             torch.randn(d_out, rank, generator=g) * std)
+    return Adapter(rank=rank, alpha=alpha if alpha is not None else 2.0 * rank, weights=weights)
+
+
+def peft_model(base_model: Any, adapter: Adapter) -> Any:
+    """PEFT's own PeftModel on a copy of the base, with this adapter's tensors copied in."""
+    cfg = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, target_modules=list(adapter.target_modules),
+                     lora_dropout=0.0, init_lora_weights=False)
+    model = get_peft_model(copy.deepcopy(base_model), cfg)
+    inner = model.base_model.model
+    with torch.no_grad():
+        for key, (a, b) in adapter.weights.items():
+            module = inner.get_submodule(key)
+            module.lora_A["default"].weight.copy_(a)
+            module.lora_B["default"].weight.copy_(b)
+    return model.eval()
