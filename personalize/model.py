@@ -68,7 +68,7 @@ def build_random_llama(config: LlamaConfig, seed: int, dtype: torch.dtype = torc
                 param.fill_(1.0)
             else:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
-    return model.to(dtype).eval()
+    return model.to(dtype).eval()  # type: ignore[arg-type]
 
 
 @dataclass
@@ -98,7 +98,7 @@ class BaseModel:
 def fingerprint(model: torch.nn.Module) -> str:
     """Identity of a base model: a hash of its architecture fields and every weight's bytes."""
     digest = hashlib.sha256()
-    cfg = model.config.to_dict()  # type: ignore[operator]
+    cfg = model.config.to_dict()  # type: ignore[union-attr,operator]
     keep = {k: cfg.get(k) for k in sorted(cfg) if k not in ("transformers_version", "_name_or_path", "torch_dtype",
                                                              "dtype", "architectures", "use_cache")}
     digest.update(json.dumps(keep, sort_keys=True, default=str).encode())
@@ -111,6 +111,8 @@ def fingerprint(model: torch.nn.Module) -> str:
 
 def load_base_model(config: ModelConfig) -> BaseModel:
     """Load the configured base model onto its device, with its tokenizer and fingerprint."""
+    model: Any
+    tokenizer: Any
     if config.path:
         path = Path(config.path)
         if not (path / "config.json").is_file():
@@ -127,5 +129,5 @@ def load_base_model(config: ModelConfig) -> BaseModel:
         name = f"personalize-tiny-llama(seed={config.seed})"
     model.eval().requires_grad_(False)
     digest = fingerprint(model)
-    model.to(config.device)
+    model.to(config.device)  # type: ignore[arg-type]
     return BaseModel(model=model, tokenizer=tokenizer, fingerprint=digest, name=name)

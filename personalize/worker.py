@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from personalize.engine.types import GenerationResult, SamplingParams
+from personalize.engine.types import GenerationResult
 
 
 @dataclass(frozen=True)

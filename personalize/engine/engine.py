@@ -250,7 +250,7 @@ class Engine:
         lengths = torch.tensor([len(r.prompt_ids) for r in joiners])
         logits = self.model.prefill(ids.to(self.device), lengths.to(self.device), row0)
         self._running.extend(joiners)
-        for n, req in enumerate(joiners):
+        for req in joiners:
             req.position = len(req.prompt_ids)
         self._sample_and_emit(joiners, logits)
 

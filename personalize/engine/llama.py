@@ -67,7 +67,7 @@ class FastLlama:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.eps = cfg.rms_norm_eps
-        self.act = {"silu": F.silu, "gelu": F.gelu}[cfg.hidden_act]
+        self.act: Any = {"silu": F.silu, "gelu": F.gelu}[cfg.hidden_act]
         self.max_batch, self.max_len = max_batch, max_len
         self.lanes = lanes
         inner = hf_model.model
