@@ -1,0 +1,366 @@
+"""Python client SDK for the personalize gRPC API.
+
+    from personalize_service.client import PersonalizeClient
+    with PersonalizeClient("127.0.0.1:50051", api_key="...") as client:
+        client.feedback("alice", "Say hi", "Hello!", kind="accept")
+        print(client.generate("alice", "Say hi").text)
+
+Contract:
+- Every call has a deadline (`timeout` seconds, per call, across its retries).
+- Idempotent calls are retried on UNAVAILABLE up to `retries` times with a short exponential backoff:
+  Generate, GenerateStream (only before its first chunk), GetAdapter, ExportAdapter, DeleteUser, Stats,
+  ListNodes, and SubmitFeedback — which is made idempotent by always sending an `event_key` (a random one
+  if the caller gives none; the server stores a repeated key once). ImportAdapter is never retried (each
+  import makes a new version).
+- Every failure raises `PersonalizeClientError` (a `grpc.RpcError` with `.code()` and `.details()`); the
+  subclass for a status also derives from the matching `personalize.errors` class, so
+  `except personalize.errors.NotFound` works on both sides of the wire.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import grpc
+
+from personalize import errors
+from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
+from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
+from personalize_service.limits import IMPORT_FILE_NAMES
+
+T = TypeVar("T")
+FeedbackKind = Literal["accept", "reject", "correct", "prefer"]
+_KINDS: dict[str, int] = {"accept": pb.FeedbackRequest.ACCEPT, "reject": pb.FeedbackRequest.REJECT,
+                          "correct": pb.FeedbackRequest.CORRECT, "prefer": pb.FeedbackRequest.PREFER}
+_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+
+class PersonalizeClientError(grpc.RpcError):
+    """A failed call: `.code()` is its grpc.StatusCode, `.details()` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class InvalidArgumentError(PersonalizeClientError, errors.InvalidArgument):
+    """INVALID_ARGUMENT: fix the request (the message names the field or limit)."""
+
+
+class NotFoundError(PersonalizeClientError, errors.NotFound):
+    """NOT_FOUND: no such user, adapter or version."""
+
+
+class ConflictError(PersonalizeClientError, errors.Conflict):
+    """ABORTED: a concurrent update won; re-read and retry."""
+
+
+class DataLossError(PersonalizeClientError, errors.CorruptObject):
+    """DATA_LOSS: the stored adapter is corrupt and was not served."""
+
+
+class UnavailableError(PersonalizeClientError, errors.Unavailable):
+    """UNAVAILABLE: the service or a dependency is down; retry later (idempotent calls already were)."""
+
+
+class ResourceExhaustedError(PersonalizeClientError, errors.ResourceExhausted):
+    """RESOURCE_EXHAUSTED: a rate or concurrency limit; back off and retry."""
+
+
+class UnauthenticatedError(PersonalizeClientError, errors.Unauthenticated):
+    """UNAUTHENTICATED: missing or unknown API key."""
+
+
+class PermissionDeniedError(PersonalizeClientError, errors.PermissionDenied):
+    """PERMISSION_DENIED: the key may not do this."""
+
+
+class DeadlineExceededError(PersonalizeClientError, errors.DeadlineExceeded):
+    """DEADLINE_EXCEEDED: the call ran out of time."""
+
+
+_ERROR_OF: dict[grpc.StatusCode, type[PersonalizeClientError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.ABORTED: ConflictError,
+    grpc.StatusCode.DATA_LOSS: DataLossError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+}
+
+
+def error_from(rpc_error: grpc.RpcError) -> PersonalizeClientError:
+    """The typed error for a failed call (PersonalizeClientError itself for other codes)."""
+    code = rpc_error.code() if callable(getattr(rpc_error, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = rpc_error.details() if callable(getattr(rpc_error, "details", None)) else str(rpc_error)
+    return _ERROR_OF.get(code, PersonalizeClientError)(code, details or "")
+
+
+# ---- results -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExportedAdapter:
+    """An exported adapter: PEFT `files` (name -> bytes) and what the server knows of it."""
+
+    files: dict[str, bytes]
+    info: pb.AdapterInfo
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the files into `directory` (created if needed), loadable by PEFT; returns its path.
+
+        Raises ValueError, before writing anything, if a file name is not a plain name in that directory.
+        """
+        path = Path(directory)
+        bad = [name for name in self.files if Path(name).name != name or name in ("", ".", "..")]
+        if bad:
+            raise ValueError(f"exported file names {bad} are not plain file names; nothing was written")
+        path.mkdir(parents=True, exist_ok=True)
+        for name, data in self.files.items():
+            (path / name).write_bytes(data)
+        return path
+
+
+class GenerationStream:
+    """A streaming generation: iterate for text pieces as they are produced; after the last one,
+    `response` holds the whole GenerateResponse. Use as a context manager (or call `cancel()`) to stop
+    early. Iterating raises PersonalizeClientError on failure."""
+
+    def __init__(self, start: Callable[[], Any], retry: _Retry) -> None:
+        self._start = start
+        self._retry = retry
+        self._call: Any = None
+        self._iterated = False
+        self.response: pb.GenerateResponse | None = None
+        """The whole response, set once the last chunk has arrived."""
+
+    def __iter__(self) -> Iterator[str]:
+        if self._iterated:
+            raise RuntimeError("a GenerationStream can be iterated once; call generate_stream again")
+        self._iterated = True
+        return self._pieces()
+
+    def _pieces(self) -> Iterator[str]:
+        for chunk in self._chunks():
+            if chunk.text:
+                yield chunk.text
+            if chunk.done:
+                self.response = chunk.final
+                return
+
+    def _chunks(self) -> Iterator[pb.GenerateChunk]:
+        """The call's chunks; UNAVAILABLE before the first chunk starts the call again (retry policy)."""
+        attempt = 0
+        while True:
+            self._call = self._start()  # starting never raises; failures surface while iterating
+            received = False
+            try:
+                for chunk in self._call:
+                    received = True
+                    yield chunk
+                return
+            except grpc.RpcError as exc:
+                if received or not self._retry.should_retry(exc, attempt):
+                    raise error_from(exc) from None
+            attempt += 1
+            self._retry.sleep(attempt)
+
+    def cancel(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+
+    def __enter__(self) -> GenerationStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cancel()
+
+
+# ---- retry -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Retry:
+    """Retry policy: up to `retries` more attempts on UNAVAILABLE, sleeping backoff * 2**n (+ jitter)."""
+
+    retries: int
+    backoff: float
+
+    def should_retry(self, exc: grpc.RpcError, attempt: int) -> bool:
+        return attempt < self.retries and callable(getattr(exc, "code", None)) \
+            and exc.code() == grpc.StatusCode.UNAVAILABLE
+
+    def sleep(self, attempt: int) -> None:
+        time.sleep(self.backoff * (2 ** (attempt - 1)) * (1.0 + 0.25 * random.random()))
+
+    def run(self, fn: Callable[[], T], idempotent: bool) -> T:
+        """fn(), retried on UNAVAILABLE if idempotent; raises PersonalizeClientError on failure."""
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as exc:
+                if not idempotent or not self.should_retry(exc, attempt):
+                    raise error_from(exc) from None
+            attempt += 1
+            self.sleep(attempt)
+
+
+# ---- client ------------------------------------------------------------------------------------------
+
+class PersonalizeClient:
+    """A connection to a personalize router (or worker). Thread-safe; one per process is plenty.
+
+    target: host:port. api_key: sent as `authorization: Bearer <key>` (None for a server without keys).
+    timeout: seconds per call, retries included. tls: None/False = plaintext, True = TLS with the system
+    roots, bytes = TLS with this PEM root certificate, or a ready grpc.ChannelCredentials.
+    retries: extra attempts on UNAVAILABLE for idempotent calls (at most 2 by default).
+    """
+
+    def __init__(self, target: str = "127.0.0.1:50051", api_key: str | None = None, timeout: float = 30.0,
+                 tls: bool | bytes | grpc.ChannelCredentials | None = None, *, retries: int = 2,
+                 backoff: float = 0.05) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.timeout = timeout
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        if api_key:
+            self._metadata = (("authorization", f"Bearer {api_key}"),)
+        self._retry = _Retry(retries=retries, backoff=backoff)
+        self._channel = _open_channel(target, tls)
+        self._api = pb_grpc.PersonalizeStub(self._channel)
+        self._admin = pb_grpc.AdminStub(self._channel)
+
+    # -- generation --
+
+    def generate(self, user_id: str, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
+                 use_base_model: bool = False) -> pb.GenerateResponse:
+        """One completion with the user's current adapter (temperature 0 = greedy)."""
+        request = _generate_request(user_id, prompt, max_new_tokens, temperature, top_p, seed, stop,
+                                    use_base_model)
+        return self._unary(self._api.Generate, request, idempotent=True)
+
+    def generate_stream(self, user_id: str, prompt: str, *, max_new_tokens: int = 64,
+                        temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                        stop: Sequence[str] = (), use_base_model: bool = False) -> GenerationStream:
+        """The same as `generate`, as text pieces while they are produced; see GenerationStream."""
+        request = _generate_request(user_id, prompt, max_new_tokens, temperature, top_p, seed, stop,
+                                    use_base_model)
+        deadline = time.monotonic() + self.timeout
+        return GenerationStream(
+            lambda: self._api.GenerateStream(request, timeout=_remaining(deadline), metadata=self._metadata),
+            self._retry)
+
+    # -- feedback and adapters --
+
+    def feedback(self, user_id: str, prompt: str, completion: str, kind: FeedbackKind = "accept", *,
+                 correction: str = "", rejected: str = "", event_key: str = "") -> pb.FeedbackAck:
+        """Record the user's reaction; durable once this returns. `correct` needs `correction`; `prefer`
+        takes `completion` as the chosen answer and `rejected` as the other. Without `event_key` a random
+        one is sent, so a retry can never store the event twice."""
+        if kind not in _KINDS:
+            raise ValueError(f"kind must be one of {sorted(_KINDS)}, got {kind!r}")
+        request = pb.FeedbackRequest(user_id=user_id, prompt=prompt, completion=completion,
+                                     kind=_KINDS[kind], correction=correction, rejected=rejected,
+                                     event_key=event_key or uuid.uuid4().hex)
+        return self._unary(self._api.SubmitFeedback, request, idempotent=True)
+
+    def get_adapter(self, user_id: str) -> pb.AdapterInfo:
+        """What the system knows of the user's adapter; NotFoundError for an unknown user."""
+        return self._unary(self._api.GetAdapter, pb.GetAdapterRequest(user_id=user_id), idempotent=True)
+
+    def delete_user(self, user_id: str) -> pb.DeleteUserResponse:
+        """Forget the user entirely (adapter versions, record, cached copies, pending events)."""
+        return self._unary(self._api.DeleteUser, pb.DeleteUserRequest(user_id=user_id), idempotent=True)
+
+    def export_adapter(self, user_id: str, version: int = 0) -> ExportedAdapter:
+        """The PEFT files of the user's adapter (version 0 = current)."""
+        bundle = self._unary(self._api.ExportAdapter,
+                             pb.ExportAdapterRequest(user_id=user_id, version=version), idempotent=True)
+        return ExportedAdapter(files=dict(bundle.files), info=bundle.info)
+
+    def import_adapter(self, user_id: str,
+                       files: Mapping[str, bytes] | str | os.PathLike[str]) -> pb.AdapterInfo:
+        """Install a PEFT LoRA adapter for the user: a name -> bytes mapping, or a directory holding
+        adapter_config.json and adapter_model.safetensors (other files there are ignored). Not retried."""
+        payload = _read_adapter_dir(files) if isinstance(files, str | os.PathLike) else dict(files)
+        request = pb.ImportAdapterRequest(user_id=user_id, files=payload)
+        return self._unary(self._api.ImportAdapter, request, idempotent=False)
+
+    # -- admin --
+
+    def stats(self) -> pb.StatsResponse:
+        return self._unary(self._admin.Stats, pb.StatsRequest(), idempotent=True)
+
+    def list_nodes(self) -> pb.ListNodesResponse:
+        return self._unary(self._admin.ListNodes, pb.ListNodesRequest(), idempotent=True)
+
+    # -- lifecycle --
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> PersonalizeClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _unary(self, method: Callable[..., T], request: Any, *, idempotent: bool) -> T:
+        deadline = time.monotonic() + self.timeout
+        return self._retry.run(
+            lambda: method(request, timeout=_remaining(deadline), metadata=self._metadata), idempotent)
+
+
+def _remaining(deadline: float) -> float:
+    """Seconds left until `deadline` (a tiny positive number once past, so grpc fails it at once)."""
+    return max(deadline - time.monotonic(), 0.001)
+
+
+def _generate_request(user_id: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
+                      seed: int, stop: Sequence[str], use_base_model: bool) -> pb.GenerateRequest:
+    return pb.GenerateRequest(user_id=user_id, prompt=prompt, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, seed=seed, stop=list(stop),
+                              use_base_model=use_base_model)
+
+
+def _read_adapter_dir(directory: str | os.PathLike[str]) -> dict[str, bytes]:
+    """The PEFT files of an adapter directory; FileNotFoundError naming a missing one."""
+    path = Path(directory)
+    missing = [name for name in IMPORT_FILE_NAMES if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} lacks {missing}; a PEFT adapter directory holds "
+                                f"{list(IMPORT_FILE_NAMES)}")
+    return {name: (path / name).read_bytes() for name in IMPORT_FILE_NAMES}
+
+
+def _open_channel(target: str, tls: bool | bytes | grpc.ChannelCredentials | None) -> grpc.Channel:
+    options = [("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)]
+    if tls is None or tls is False:
+        return grpc.insecure_channel(target, options=options)
+    if tls is True:
+        credentials = grpc.ssl_channel_credentials()
+    elif isinstance(tls, bytes):
+        credentials = grpc.ssl_channel_credentials(root_certificates=tls)
+    else:
+        credentials = tls
+    return grpc.secure_channel(target, credentials, options=options)

@@ -1,0 +1,165 @@
+"""Pure translations between API messages and library types (no I/O, no gRPC calls).
+
+Request translations also enforce `Limits` and raise the domain errors the interceptor maps, so a handler
+is: `args = convert.generate_args(request, limits)`, call the library, `return convert.x(result)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
+
+from personalize.engine.types import GenerationResult, SamplingParams
+from personalize.errors import InvalidArgument
+from personalize.worker import AdapterInfo, GenerationInfo, NodeStats
+from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
+from personalize_service.limits import (
+    Limits,
+    check_event_key,
+    check_feedback_text,
+    check_import_files,
+    check_max_new_tokens,
+    check_prompt,
+    check_stop,
+    check_user_id,
+)
+
+FEEDBACK_KINDS: dict[int, str] = {
+    pb.FeedbackRequest.ACCEPT: "accept",
+    pb.FeedbackRequest.REJECT: "reject",
+    pb.FeedbackRequest.CORRECT: "correct",
+    pb.FeedbackRequest.PREFER: "prefer",
+}
+"""FeedbackRequest.Kind -> the library's event kind."""
+
+
+# ---- requests -> library -----------------------------------------------------------------------------
+
+class GenerateArgs(NamedTuple):
+    user_id: str
+    prompt: str
+    params: SamplingParams
+    use_base_model: bool
+
+
+def generate_args(request: pb.GenerateRequest, limits: Limits) -> GenerateArgs:
+    """Validated arguments of Generate/GenerateStream.
+
+    Proto defaults mean: max_new_tokens 0 -> limits.default_new_tokens, temperature 0 -> greedy,
+    top_p 0 -> 1.0 (no truncation). Raises InvalidArgument naming the offending field.
+    """
+    params = SamplingParams(
+        max_new_tokens=check_max_new_tokens(request.max_new_tokens, limits),
+        temperature=float(request.temperature),
+        top_p=float(request.top_p) if request.top_p != 0.0 else 1.0,
+        seed=int(request.seed),
+        stop=check_stop(list(request.stop), limits),
+    )
+    return GenerateArgs(check_user_id(request.user_id, limits), check_prompt(request.prompt, limits),
+                        params, bool(request.use_base_model))
+
+
+class FeedbackArgs(NamedTuple):
+    user_id: str
+    prompt: str
+    completion: str
+    kind: str
+    """accept, reject, correct or prefer."""
+    correction: str
+    rejected: str
+    event_key: str
+    """Client idempotency key; empty = none."""
+
+
+def feedback_args(request: pb.FeedbackRequest, limits: Limits) -> FeedbackArgs:
+    """Validated arguments of SubmitFeedback: a known kind, CORRECT with a correction, PREFER with a
+    rejected answer, every text within max_feedback_text_bytes. Raises InvalidArgument."""
+    kind = FEEDBACK_KINDS.get(request.kind)
+    if kind is None:
+        known = ", ".join(pb.FeedbackRequest.Kind.Name(k) for k in FEEDBACK_KINDS)
+        got = "KIND_UNSPECIFIED" if request.kind == pb.FeedbackRequest.KIND_UNSPECIFIED else str(request.kind)
+        raise InvalidArgument(f"feedback kind must be one of {known}, got {got}")
+    if kind == "correct" and not request.correction:
+        raise InvalidArgument("feedback kind CORRECT needs a non-empty correction")
+    if kind == "prefer" and not request.rejected:
+        raise InvalidArgument("feedback kind PREFER needs a non-empty rejected answer "
+                              "(completion is the chosen one)")
+    texts = {name: check_feedback_text(name, getattr(request, name), limits)
+             for name in ("prompt", "completion", "correction", "rejected")}
+    return FeedbackArgs(user_id=check_user_id(request.user_id, limits), kind=kind,
+                        event_key=check_event_key(request.event_key, limits), **texts)
+
+
+class ExportArgs(NamedTuple):
+    user_id: str
+    version: int
+    """0 = current."""
+
+
+def export_args(request: pb.ExportAdapterRequest, limits: Limits) -> ExportArgs:
+    return ExportArgs(check_user_id(request.user_id, limits), int(request.version))
+
+
+class ImportArgs(NamedTuple):
+    user_id: str
+    files: dict[str, bytes]
+    """adapter_config.json and adapter_model.safetensors."""
+
+
+def import_args(request: pb.ImportAdapterRequest, limits: Limits) -> ImportArgs:
+    """Validated arguments of ImportAdapter: exactly the PEFT files, each within max_import_file_bytes."""
+    return ImportArgs(check_user_id(request.user_id, limits), check_import_files(dict(request.files), limits))
+
+
+# ---- library -> responses ----------------------------------------------------------------------------
+
+def generate_response(result: GenerationResult, info: GenerationInfo) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        text=result.text, adapter_version=info.adapter_version, node_id=info.node_id,
+        cache_tier=info.cache_tier, prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens, finish_reason=result.finish_reason,
+    )
+
+
+def text_chunk(text: str) -> pb.GenerateChunk:
+    """A streamed piece of the completion (not the last chunk)."""
+    return pb.GenerateChunk(text=text)
+
+
+def final_chunk(result: GenerationResult, info: GenerationInfo) -> pb.GenerateChunk:
+    """The last chunk: no text of its own (the pieces were streamed), `final` holds the whole response."""
+    return pb.GenerateChunk(done=True, final=generate_response(result, info))
+
+
+def feedback_ack(event_id: str, partition: int) -> pb.FeedbackAck:
+    return pb.FeedbackAck(event_id=event_id, partition=partition)
+
+
+def adapter_info(info: AdapterInfo) -> pb.AdapterInfo:
+    return pb.AdapterInfo(
+        user_id=info.user_id, version=info.version, rank=info.rank, examples_seen=info.examples_seen,
+        base_fingerprint=info.base_fingerprint, updated_at_unix_ms=info.updated_at_unix_ms,
+        pending_events=info.pending_events, owner_node=info.owner_node,
+    )
+
+
+def adapter_bundle(files: Mapping[str, bytes], info: AdapterInfo) -> pb.AdapterBundle:
+    return pb.AdapterBundle(files=dict(files), info=adapter_info(info))
+
+
+def delete_response(versions_deleted: int, events_deleted: int) -> pb.DeleteUserResponse:
+    return pb.DeleteUserResponse(versions_deleted=versions_deleted, events_deleted=events_deleted)
+
+
+def node_stats(stats: NodeStats) -> pb.NodeStats:
+    return pb.NodeStats(
+        node_id=stats.node_id, resident=stats.resident, bytes=stats.bytes, hits=stats.hits,
+        misses=stats.misses, batch_occupancy=stats.batch_occupancy,
+        max_batch_occupancy=stats.max_batch_occupancy, queue_depth=stats.queue_depth,
+        stream_lag=stats.stream_lag,
+    )
+
+
+def stats_response(nodes: Iterable[NodeStats], degraded: bool = False) -> pb.StatsResponse:
+    """`degraded`: some nodes did not answer and are missing from `nodes`."""
+    return pb.StatsResponse(nodes=[node_stats(n) for n in nodes], degraded=degraded)

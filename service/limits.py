@@ -1,0 +1,257 @@
+"""Request limits (API.md, Conventions) and the per-tenant rate and concurrency limiters.
+
+Validators are pure: they return the (normalised) value or raise a domain error whose message names the
+limit and the value. Size limits raise InvalidArgument (the same request never succeeds); rate and
+concurrency limits raise ResourceExhausted (they clear with time).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import unicodedata
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from personalize.errors import InvalidArgument, ResourceExhausted
+
+KIB = 1024
+MIB = 1024 * KIB
+USER_ID_METADATA_KEY = "x-user-id"
+IMPORT_FILE_NAMES = ("adapter_config.json", "adapter_model.safetensors")
+"""The PEFT files an import must carry (never a pickle: adapter_model.bin is refused)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, and how fast and how much at once one tenant may ask."""
+
+    max_user_id_bytes: int = 256
+    """user_id is 1..this many bytes of UTF-8, without control characters."""
+    max_prompt_bytes: int = 16 * KIB
+    """Prompt size in UTF-8 bytes."""
+    max_new_tokens: int = 512
+    """Largest max_new_tokens a request may ask for."""
+    default_new_tokens: int = 64
+    """max_new_tokens used when a request leaves it 0."""
+    max_stop_strings: int = 16
+    """Number of stop strings per request."""
+    max_stop_bytes: int = 256
+    """Size of one stop string in UTF-8 bytes."""
+    max_feedback_text_bytes: int = 16 * KIB
+    """Size of each feedback text field (prompt, completion, correction, rejected) in UTF-8 bytes."""
+    max_event_key_bytes: int = 256
+    """Size of a feedback idempotency key in UTF-8 bytes."""
+    max_import_file_bytes: int = 64 * MIB
+    """Size of each file of an imported adapter."""
+    requests_per_second: float = 1000.0
+    """Sustained request rate per tenant (token bucket refill rate)."""
+    burst: int = 2000
+    """Requests a tenant may make at once above the sustained rate (token bucket size)."""
+    max_concurrent_generations: int = 256
+    """Generations one tenant may have running or queued at once."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_user_id_bytes", "max_prompt_bytes", "max_new_tokens", "default_new_tokens",
+                     "max_stop_bytes", "max_feedback_text_bytes", "max_event_key_bytes",
+                     "max_import_file_bytes", "burst", "max_concurrent_generations"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"limit {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_stop_strings < 0:
+            raise InvalidArgument(f"limit max_stop_strings must be >= 0, got {self.max_stop_strings}")
+        if not self.requests_per_second > 0:
+            raise InvalidArgument(f"limit requests_per_second must be > 0, got {self.requests_per_second}")
+        if self.default_new_tokens > self.max_new_tokens:
+            raise InvalidArgument(f"limit default_new_tokens ({self.default_new_tokens}) exceeds "
+                                  f"max_new_tokens ({self.max_new_tokens})")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def grpc_message_options(limits: Limits) -> list[tuple[str, int]]:
+    """gRPC server/channel options so an import or export of two maximal files fits in one message.
+
+    gRPC's default receive limit is 4 MiB; without these an import over it fails before any handler.
+    """
+    size = 2 * limits.max_import_file_bytes + MIB
+    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+
+
+# ---- validators --------------------------------------------------------------------------------------
+
+def _utf8_size(name: str, text: str) -> int:
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(f"{name} is not valid UTF-8 (character at index {exc.start})") from None
+
+
+def check_size(name: str, text: str, limit: int, limit_name: str) -> str:
+    """`text` unchanged if its UTF-8 size is <= limit, else InvalidArgument naming both."""
+    size = _utf8_size(name, text)
+    if size > limit:
+        raise InvalidArgument(f"{name} is {size} bytes; the limit is {limit} ({limit_name})")
+    return text
+
+
+def check_user_id(user_id: str, limits: Limits) -> str:
+    """`user_id` unchanged if it is 1..max_user_id_bytes of UTF-8 with no control character (Cc)."""
+    size = _utf8_size("user_id", user_id)
+    if size == 0:
+        raise InvalidArgument(f"user_id is empty; it must be 1-{limits.max_user_id_bytes} bytes of UTF-8")
+    if size > limits.max_user_id_bytes:
+        raise InvalidArgument(f"user_id is {size} bytes; the limit is {limits.max_user_id_bytes}")
+    for index, char in enumerate(user_id):
+        if unicodedata.category(char) == "Cc":
+            raise InvalidArgument(f"user_id contains control character U+{ord(char):04X} at index {index}")
+    return user_id
+
+
+def check_prompt(prompt: str, limits: Limits) -> str:
+    return check_size("prompt", prompt, limits.max_prompt_bytes, "max_prompt_bytes")
+
+
+def check_max_new_tokens(max_new_tokens: int, limits: Limits) -> int:
+    """The effective token budget: 0 -> default_new_tokens; above max_new_tokens -> InvalidArgument."""
+    if max_new_tokens == 0:
+        return limits.default_new_tokens
+    if max_new_tokens < 0:
+        raise InvalidArgument(f"max_new_tokens is {max_new_tokens}; it must be >= 0")
+    if max_new_tokens > limits.max_new_tokens:
+        raise InvalidArgument(f"max_new_tokens is {max_new_tokens}; the limit is {limits.max_new_tokens}")
+    return max_new_tokens
+
+
+def check_stop(stop: Sequence[str], limits: Limits) -> tuple[str, ...]:
+    """The stop strings as a tuple, if there are at most max_stop_strings of at most max_stop_bytes."""
+    if len(stop) > limits.max_stop_strings:
+        raise InvalidArgument(f"stop has {len(stop)} strings; the limit is {limits.max_stop_strings}")
+    for index, text in enumerate(stop):
+        check_size(f"stop[{index}]", text, limits.max_stop_bytes, "max_stop_bytes")
+    return tuple(stop)
+
+
+def check_feedback_text(name: str, text: str, limits: Limits) -> str:
+    return check_size(name, text, limits.max_feedback_text_bytes, "max_feedback_text_bytes")
+
+
+def check_event_key(event_key: str, limits: Limits) -> str:
+    return check_size("event_key", event_key, limits.max_event_key_bytes, "max_event_key_bytes")
+
+
+def check_import_files(files: Mapping[str, bytes], limits: Limits) -> dict[str, bytes]:
+    """The files as a dict if they are exactly IMPORT_FILE_NAMES, each <= max_import_file_bytes."""
+    unknown = sorted(set(files) - set(IMPORT_FILE_NAMES))
+    if unknown:
+        raise InvalidArgument(f"import files {unknown} are not accepted; "
+                              f"send exactly {list(IMPORT_FILE_NAMES)}")
+    missing = [name for name in IMPORT_FILE_NAMES if name not in files]
+    if missing:
+        raise InvalidArgument(f"import is missing {missing}; send exactly {list(IMPORT_FILE_NAMES)}")
+    for name, data in files.items():
+        if len(data) > limits.max_import_file_bytes:
+            raise InvalidArgument(f"import file {name} is {len(data)} bytes; the limit is "
+                                  f"{limits.max_import_file_bytes} (max_import_file_bytes)")
+    return dict(files)
+
+
+def user_id_of(request: Any, context: Any, limits: Limits = DEFAULT_LIMITS) -> str:
+    """The user a call is for: `x-user-id` metadata if present, else the request's `user_id`; validated.
+
+    `request` may be None (a router forwarding bytes); `context` is a grpc.ServicerContext. If both
+    are present and differ, InvalidArgument: routing by one user and serving another is never right.
+    gRPC metadata values are printable ASCII, so a non-ASCII user id can only come from the request.
+    """
+    from_request = getattr(request, "user_id", "") if request is not None else ""
+    from_metadata = next((v for k, v in context.invocation_metadata() or () if k == USER_ID_METADATA_KEY),
+                         None)
+    if isinstance(from_metadata, bytes):
+        from_metadata = from_metadata.decode("utf-8", "replace")
+    if from_metadata is not None and from_request and from_metadata != from_request:
+        raise InvalidArgument(f"{USER_ID_METADATA_KEY} metadata {from_metadata!r} differs from the "
+                              f"request's user_id {from_request!r}")
+    return check_user_id(from_metadata if from_metadata is not None else from_request, limits)
+
+
+# ---- rate and concurrency ----------------------------------------------------------------------------
+
+@dataclass
+class TokenBucket:
+    """`rate` tokens per second up to `capacity`; starts full. Not thread-safe (RateLimiter locks)."""
+
+    rate: float
+    capacity: float
+    tokens: float
+    updated: float
+    """Clock reading at the last refill, in seconds."""
+
+    def try_take(self, now: float) -> bool:
+        """Refill for the time since `updated`, then take one token if there is one."""
+        self.tokens = min(self.capacity, self.tokens + max(0.0, now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+@dataclass
+class RateLimiter:
+    """One token bucket per tenant (tenants come from configured keys, so the map stays small)."""
+
+    limits: Limits
+    clock: Callable[[], float] = time.monotonic
+    _buckets: dict[str, TokenBucket] = field(default_factory=dict, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def check(self, tenant: str) -> None:
+        """Count one request of `tenant`; ResourceExhausted if its bucket is empty."""
+        with self._lock:
+            now = self.clock()
+            bucket = self._buckets.get(tenant)
+            if bucket is None:
+                bucket = TokenBucket(self.limits.requests_per_second, self.limits.burst,
+                                     self.limits.burst, now)
+                self._buckets[tenant] = bucket
+            allowed = bucket.try_take(now)
+        if not allowed:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} is over its request rate: the limit is "
+                f"{self.limits.requests_per_second:g} requests/s with a burst of {self.limits.burst}"
+                f" (requests_per_second, burst); retry later")
+
+
+@dataclass
+class ConcurrencyLimiter:
+    """Counts running generations per tenant; `hold` refuses one over max_concurrent_generations."""
+
+    limits: Limits
+    _running: dict[str, int] = field(default_factory=dict, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    @contextmanager
+    def hold(self, tenant: str) -> Iterator[None]:
+        """Occupy one of `tenant`'s generation places for the `with` body; ResourceExhausted if none free."""
+        limit = self.limits.max_concurrent_generations
+        with self._lock:
+            running = self._running.get(tenant, 0)
+            if running >= limit:
+                raise ResourceExhausted(f"tenant {tenant!r} has {running} generations running; the limit "
+                                        f"is {limit} (max_concurrent_generations); retry later")
+            self._running[tenant] = running + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                left = self._running[tenant] - 1
+                if left:
+                    self._running[tenant] = left
+                else:
+                    del self._running[tenant]
+
+    def running(self, tenant: str) -> int:
+        with self._lock:
+            return self._running.get(tenant, 0)
