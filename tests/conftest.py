@@ -1,0 +1,52 @@
+"""Shared pytest fixtures. Each group below belongs to one part of the system; keep them grouped."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/s3server.py, also imported by loadtest/
+
+from s3server import S3Server, start_weed_mini
+
+from personalize.embedded import EmbeddedValkey, EmbeddedValkeyConfig
+
+# --------------------------------------------------------------------------------------------------
+# Storage layer: one embedded Valkey and one SeaweedFS S3 server per test session, loopback only,
+# on free ports, data in temp dirs. Real servers, never mocks.
+#   valkey_server  EmbeddedValkey (session)       valkey_url    its redis:// URL (session)
+#   redis_client   redis.Redis on it, FLUSHALL before each test using it
+#   s3_server      S3Server: .endpoint .access_key .secret_key .s3_url(bucket, prefix) .client()
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def valkey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedValkey]:
+    server = EmbeddedValkey(EmbeddedValkeyConfig(data_dir=tmp_path_factory.mktemp("valkey")))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def valkey_url(valkey_server: EmbeddedValkey) -> str:
+    return valkey_server.url
+
+
+@pytest.fixture
+def redis_client(valkey_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(valkey_url)
+    client.execute_command("FLUSHALL", "SYNC")  # SYNC: the server may make a plain FLUSHALL lazy
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = start_weed_mini(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()

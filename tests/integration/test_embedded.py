@@ -1,0 +1,95 @@
+"""The embedded Valkey server: loopback, persistence across restarts, clear failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from personalize.embedded import EmbeddedValkey, EmbeddedValkeyConfig, EmbeddedValkeyError, find_free_port
+
+
+def _server(data_dir: Path, **kwargs: object) -> EmbeddedValkey:
+    return EmbeddedValkey(EmbeddedValkeyConfig(data_dir=data_dir, **kwargs))  # type: ignore[arg-type]
+
+
+def test_runs_loopback_only_with_aof_and_protected_mode(tmp_path: Path) -> None:
+    with _server(tmp_path) as server:
+        assert server.url == f"redis://127.0.0.1:{server.port}/0"
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        assert client.ping()
+        assert client.config_get("bind")["bind"] == "127.0.0.1"
+        assert client.config_get("protected-mode")["protected-mode"] == "yes"
+        assert client.config_get("appendonly")["appendonly"] == "yes"
+        assert client.config_get("appendfsync")["appendfsync"] == "everysec"
+        assert client.config_get("save")["save"] == ""
+        assert client.config_get("hash-max-listpack-entries")["hash-max-listpack-entries"] == "512"
+    assert not server.running
+
+
+def test_restart_on_the_same_data_dir_keeps_the_data(tmp_path: Path) -> None:
+    server = _server(tmp_path).start()
+    redis.Redis.from_url(server.url).hset("h", mapping={"a": "1", "b": "2"})
+    server.stop()
+    with _server(tmp_path) as again:
+        assert redis.Redis.from_url(again.url).hgetall("h") == {b"a": b"1", b"b": b"2"}
+
+
+def test_a_crash_loses_at_most_the_last_second(tmp_path: Path) -> None:
+    server = _server(tmp_path).start()
+    redis.Redis.from_url(server.url).set("durable", "yes")
+    time.sleep(1.5)  # appendfsync everysec: older writes are on disk
+    os.kill(server.pid, signal.SIGKILL)
+    server.stop()  # reaps the dead process, releases the data dir
+    with _server(tmp_path) as again:
+        assert redis.Redis.from_url(again.url).get("durable") == b"yes"
+
+
+def test_restart_keeps_its_port_when_it_can(tmp_path: Path) -> None:
+    server = _server(tmp_path).start()
+    port = server.port
+    server.stop()
+    server.stop()  # idempotent
+    server.start()
+    assert server.port == port
+    server.stop()
+
+
+def test_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(EmbeddedValkeyError, match=f"port {port} .*already in use"):
+            _server(tmp_path, port=port).start()
+
+
+def test_one_server_per_data_dir(tmp_path: Path) -> None:
+    with _server(tmp_path), pytest.raises(EmbeddedValkeyError, match="in use by another valkey server"):
+        _server(tmp_path).start()
+    with _server(tmp_path) as server:  # released on stop
+        assert server.running
+
+
+def test_a_startup_failure_shows_the_server_log(tmp_path: Path) -> None:
+    with pytest.raises(EmbeddedValkeyError, match=r"(?s)exited with code.*no-such-directive"):
+        _server(tmp_path, settings={"no-such-directive": "1"}).start()
+    with _server(tmp_path) as server:  # the failed start released the data dir
+        assert server.running
+
+
+def test_managed_settings_cannot_be_overridden(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="bind"):
+        EmbeddedValkeyConfig(data_dir=tmp_path, settings={"bind": "0.0.0.0"})
+
+
+def test_fixed_port(tmp_path: Path) -> None:
+    port = find_free_port()
+    with _server(tmp_path, port=port) as server:
+        assert server.port == port
+        assert redis.Redis(port=port).ping()
