@@ -1,0 +1,56 @@
+"""The root configuration: one object crosses the entry point; `personalize.worker.bootstrap` wires the parts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from personalize.engine.engine import EngineConfig
+from personalize.errors import InvalidArgument
+from personalize.lora.adapter import TARGET_MODULES
+from personalize.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Adapters this node accepts and how many stay resident on the device."""
+
+    r_max: int = 16
+    """Largest rank accepted (smaller ranks are zero-padded in the slots)."""
+    target_modules: tuple[str, ...] = TARGET_MODULES
+    """Projections that may carry LoRA."""
+    device_bytes: int = 512 * 2**20
+    """Byte budget of the device slot tier; the slot count is this over the bytes of one slot."""
+    host_bytes: int = 1 * 2**30
+    """Byte budget of parsed adapters kept in host RAM."""
+    disk_bytes: int = 8 * 2**30
+    """Byte budget of the local-disk tier (under the data directory)."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.r_max <= 256:
+            raise InvalidArgument(f"lora r_max must be in [1, 256], got {self.r_max}")
+        bad = set(self.target_modules) - set(TARGET_MODULES)
+        if bad or not self.target_modules:
+            raise InvalidArgument(f"lora target_modules must be a non-empty subset of {TARGET_MODULES}")
+        if min(self.device_bytes, self.host_bytes, self.disk_bytes) < 0:
+            raise InvalidArgument("cache byte budgets must be >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one node needs: model, adapters, engine, and where state lives."""
+
+    node_id: str = "worker-0"
+    """Stable node name (the StatefulSet pod name in Kubernetes): the ring hashes it."""
+    data_dir: str = "./data"
+    """Local state: embedded Valkey AOF, file:// store, disk cache."""
+    registry_url: str = ""
+    """redis:// URL of the registry; empty = the embedded Valkey under data_dir."""
+    store_url: str = ""
+    """file:// or s3:// URL of the adapter store; empty = file:// under data_dir."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    load_timeout_s: float = 30.0
+    """How long a request waits for its adapter to load before failing."""
+    degrade_to_base: bool = False
+    """If a user's adapter cannot be loaded (store down), serve the base model (flagged) instead of failing."""
