@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from personalize.engine.engine import EngineConfig
 from personalize.errors import InvalidArgument
+from personalize.feedback.stream import StreamConfig
+from personalize.feedback.trainer import TrainerConfig
 from personalize.lora.adapter import TARGET_MODULES
 from personalize.model import ModelConfig
 
@@ -50,6 +52,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    feedback: StreamConfig = field(default_factory=StreamConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     load_timeout_s: float = 30.0
     """How long a request waits for its adapter to load before failing."""
     degrade_to_base: bool = False

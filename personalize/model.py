@@ -19,6 +19,8 @@ from personalize.errors import InvalidArgument
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DEFAULT_SEED = 1234
+DEFAULT_EMBED_STD = 1.0
+DEFAULT_HEAD_STD = 0.1
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -49,25 +51,30 @@ def default_llama_config(**overrides: Any) -> LlamaConfig:
     fields: dict[str, Any] = dict(
         vocab_size=384, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        rms_norm_eps=1e-5, rope_theta=10000.0, initializer_range=0.1, tie_word_embeddings=False,
+        rms_norm_eps=1e-5, rope_theta=10000.0, initializer_range=0.05, tie_word_embeddings=False,
         bos_token_id=None, eos_token_id=1, pad_token_id=0,
     )
     fields.update(overrides)
     return LlamaConfig(**fields)
 
 
-def build_random_llama(config: LlamaConfig, seed: int, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """A Llama with weights drawn from a fixed seed on the CPU (deterministic for one torch build)."""
+def build_random_llama(config: LlamaConfig, seed: int, dtype: torch.dtype = torch.float32,
+                       embed_std: float | None = None, head_std: float | None = None) -> LlamaForCausalLM:
+    """A Llama with weights drawn from a fixed seed on the CPU (deterministic for one torch build).
+
+    Layer weights use config.initializer_range; embeddings and the LM head may use their own scale.
+    """
     generator = torch.Generator().manual_seed(seed)
     with torch.device("cpu"):
         model = LlamaForCausalLM(config)
     std = config.initializer_range
+    special = {"model.embed_tokens.weight": embed_std or std, "lm_head.weight": head_std or std}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
             else:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
+                param.copy_(torch.randn(param.shape, generator=generator) * special.get(name, std))
     return model.to(dtype).eval()  # type: ignore[arg-type]
 
 
@@ -124,7 +131,10 @@ def load_base_model(config: ModelConfig) -> BaseModel:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         name = str(path)
     else:
-        model = build_random_llama(default_llama_config(), config.seed, config.torch_dtype)
+        # Token identity dominates the residual stream (embeddings >> layer outputs), as in trained models:
+        # a random model built this way can be personalized from a handful of examples.
+        model = build_random_llama(default_llama_config(), config.seed, config.torch_dtype,
+                                   embed_std=DEFAULT_EMBED_STD, head_std=DEFAULT_HEAD_STD)
         tokenizer = ByT5Tokenizer()
         name = f"personalize-tiny-llama(seed={config.seed})"
     model.eval().requires_grad_(False)

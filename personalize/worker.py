@@ -7,9 +7,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
-from personalize.engine.types import GenerationResult
+import torch
+
+from personalize.adapters.cache import AdapterCache, CacheConfig, slot_nbytes, slots_for_budget, store_fetch
+from personalize.adapters.registry import AdapterRecord, Registry, RegistryConfig, open_registry
+from personalize.adapters.repository import AdapterRepository
+from personalize.adapters.store import ObjectStore, open_store
+from personalize.config import Config
+from personalize.engine.engine import Engine
+from personalize.engine.types import GenerationResult, SamplingParams
+from personalize.errors import NotFound, Unavailable
+from personalize.feedback.events import FeedbackEvent
+from personalize.feedback.notify import UpdateListener, redis_client
+from personalize.feedback.stream import FeedbackStream
+from personalize.lora.adapter import Adapter
+from personalize.lora.format import AdapterSpec, adapter_from_bytes, read_peft, write_peft
+from personalize.lora.slots import SlotPool
+from personalize.model import BaseModel, load_base_model
 
 
 @dataclass(frozen=True)
@@ -65,3 +82,171 @@ class Generation(Protocol):
     def result(self, timeout: float | None = None) -> GenerationResult: ...
 
     def cancel(self) -> None: ...
+
+
+class _Running:
+    """A Generation backed by an engine handle."""
+
+    def __init__(self, handle: Any, info: GenerationInfo) -> None:
+        self._handle = handle
+        self.info = info
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._handle)
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        return self._handle.result(timeout)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
+class Worker:
+    """One serving node: registry -> tiered cache -> continuous-batching engine. Thread-safe."""
+
+    def __init__(self, config: Config, base: BaseModel, registry: Registry, store: ObjectStore,
+                 cache: AdapterCache, engine: Engine, spec: AdapterSpec, stream: FeedbackStream | None = None,
+                 updates: UpdateListener | None = None) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self.base = base
+        self.registry = registry
+        self.store = store
+        self.cache = cache
+        self.engine = engine
+        self.spec = spec
+        self.repo = AdapterRepository(registry, store, spec)
+        self.stream = stream
+        self.updates = updates
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.engine.start()
+        if self.updates is not None:
+            self.updates.start(self._on_update)
+
+    def stop(self) -> None:
+        if self.updates is not None:
+            self.updates.stop()
+        self.engine.stop()
+        self.cache.close()
+        self.store.close()
+
+    # -- generation -------------------------------------------------------------------------------------------
+    def generate(self, tenant: str, user_id: str, prompt: str, params: SamplingParams,
+                 use_base_model: bool = False) -> Generation:
+        """Start a generation with the user's current adapter (or the base model); returns at once."""
+        record = None if use_base_model else self.registry.get(tenant, user_id)
+        if record is None:
+            handle = self.engine.submit(prompt, params)
+            return _Running(handle, GenerationInfo(0, "none", self.node_id))
+        self.repo.check_base(user_id, record)
+        lease = self.cache.acquire(tenant, user_id, record.version, timeout=self.config.load_timeout_s)
+        try:
+            handle = self.engine.submit(prompt, params, slot=lease.slot,
+                                        on_done=lambda _result: self.cache.release(lease))
+        except BaseException:
+            self.cache.release(lease)
+            raise
+        return _Running(handle, GenerationInfo(record.version, lease.tier, self.node_id))
+
+    # -- adapters ---------------------------------------------------------------------------------------------
+    def _on_update(self, tenant: str, user_id: str, version: int) -> None:
+        """A trainer published a version: load it now, so the user's next request is a device hit."""
+        self.cache.prefetch(tenant, user_id, version)
+
+    # -- feedback -----------------------------------------------------------------------------------------------
+    def submit_feedback(self, event: FeedbackEvent) -> tuple[str, int]:
+        """Durably append a feedback event; returns (event id, partition) only after the append."""
+        if self.stream is None:
+            raise Unavailable("this node has no feedback stream configured")
+        return self.stream.append(event)
+
+    def _pending(self, tenant: str, user_id: str) -> int:
+        return self.stream.pending_count(tenant, user_id) if self.stream is not None else 0
+
+    def get_adapter(self, tenant: str, user_id: str) -> AdapterInfo:
+        """The user's adapter; a user with feedback still pending but no version yet is version 0."""
+        record = self.registry.get(tenant, user_id)
+        pending = self._pending(tenant, user_id)
+        if record is None:
+            if pending:
+                return AdapterInfo(user_id, 0, 0, 0, self.base.fingerprint, 0, pending, self.node_id)
+            raise NotFound(f"user {user_id!r} has no adapter")
+        return self._info(user_id, record, pending)
+
+    def _info(self, user_id: str, record: AdapterRecord, pending: int = 0) -> AdapterInfo:
+        return AdapterInfo(user_id=user_id, version=record.version, rank=record.rank,
+                           examples_seen=record.examples_seen, base_fingerprint=record.fingerprint,
+                           updated_at_unix_ms=record.updated_at_ms, pending_events=pending, owner_node=self.node_id)
+
+    def import_adapter(self, tenant: str, user_id: str, files: dict[str, bytes]) -> AdapterInfo:
+        """Validate PEFT files and install them as the user's next version."""
+        adapter = read_peft(files, self.spec, dtype=torch.float32)
+        current = self.registry.get(tenant, user_id)
+        examples = int(adapter.metadata.get("examples_seen", "0") or 0)
+        published = self.repo.publish(tenant, user_id, adapter, current, examples_seen=examples)
+        return self._info(user_id, published.record)
+
+    def export_adapter(self, tenant: str, user_id: str, version: int = 0) -> tuple[dict[str, bytes], AdapterInfo]:
+        """PEFT files of the current (version 0) or a named version."""
+        record = self.registry.get(tenant, user_id)
+        if record is None:
+            raise NotFound(f"user {user_id!r} has no adapter")
+        wanted = version or record.version
+        if wanted > record.version:
+            raise NotFound(f"user {user_id!r} has no adapter version {wanted} (current is {record.version})")
+        checksum = record.checksum if wanted == record.version else None
+        data = self.repo.read_bytes(tenant, user_id, wanted, checksum)
+        adapter = adapter_from_bytes(data, self.spec, dtype=torch.float32)
+        info = self._info(user_id, record)
+        if wanted != record.version:
+            info = AdapterInfo(**{**info.__dict__, "version": wanted})
+        return write_peft(adapter, self.spec), info
+
+    def delete_user(self, tenant: str, user_id: str) -> tuple[int, int]:
+        """Forget a user: registry record first (nothing new is served), then cached copies, then objects."""
+        self.registry.delete(tenant, user_id)
+        events = self.stream.delete_user(tenant, user_id) if self.stream is not None else 0
+        self.cache.invalidate(tenant, user_id)
+        versions = self.repo.delete(tenant, user_id)
+        return versions, events
+
+    # -- figures ----------------------------------------------------------------------------------------------
+    def stats(self) -> NodeStats:
+        s = self.cache.stats()
+        return NodeStats(node_id=self.node_id, resident=s["resident"], bytes=s["bytes"], hits=s["hits"],
+                         misses=s["misses"], batch_occupancy=self.engine.mean_occupancy,
+                         max_batch_occupancy=self.engine.max_occupancy, queue_depth=self.engine.queue_depth,
+                         stream_lag=self._lag())
+
+    def _lag(self) -> int:
+        try:
+            return self.stream.lag() if self.stream is not None else 0
+        except Unavailable:
+            return -1
+
+
+def bootstrap(config: Config, registry_url: str, store_url: str) -> Worker:
+    """Wire a worker from the root config; the registry and store URLs are resolved by the caller."""
+    base = load_base_model(config.model)
+    spec = AdapterSpec.for_model(base.model, config.lora.r_max, config.lora.target_modules, base.fingerprint)
+    per_slot = slot_nbytes(base.config, config.lora.r_max, config.lora.target_modules, base.dtype)
+    num_slots = slots_for_budget(config.lora.device_bytes, per_slot)
+    pool = SlotPool(base.config, num_slots, config.lora.r_max, config.lora.target_modules, base.dtype,
+                    config.model.device)
+    engine = Engine(base, config.engine, pool)
+    registry = open_registry(RegistryConfig(url=registry_url))
+    store = open_store(store_url)
+    disk_dir = str(Path(config.data_dir).resolve() / "cache") if config.lora.disk_bytes else ""
+
+    def parse(data: bytes) -> Adapter:
+        return adapter_from_bytes(data, spec, dtype=base.dtype)
+
+    cache = AdapterCache(CacheConfig(host_bytes=config.lora.host_bytes, disk_bytes=config.lora.disk_bytes,
+                                     disk_dir=disk_dir),
+                         pool, engine.pool_lock, fetch=store_fetch(store, registry), parse=parse)
+    client = redis_client(registry_url)
+    stream = FeedbackStream(client, config.feedback)
+    updates = UpdateListener(client, config.feedback.namespace)
+    return Worker(config, base, registry, store, cache, engine, spec, stream, updates)

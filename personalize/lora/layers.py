@@ -39,6 +39,9 @@ class MultiLoraLinear(nn.Module):
             return y
         squeeze = x.dim() == 2  # [N, d] input: a one-token batch
         x3 = x.unsqueeze(1) if squeeze else x
+        dropout = self._state.get("dropout", 0.0)
+        if dropout:  # LoRA dropout (training only): regularizes the adapter, never the base path
+            x3 = torch.nn.functional.dropout(x3, dropout, training=True)
         if self._state.get("path") == "grouped":
             seg = self._state.get("segments")
             if seg is None:
@@ -71,15 +74,16 @@ def inject(model: nn.Module, tensors: Any) -> dict[str, Any]:
 
 
 @contextmanager
-def use_slots(state: dict[str, Any], slots: Tensor, path: str = "gathered") -> Iterator[None]:
-    """Run forwards inside the block with row n using slot slots[n]; path is 'gathered' or 'grouped'."""
+def use_slots(state: dict[str, Any], slots: Tensor, path: str = "gathered", dropout: float = 0.0) -> Iterator[None]:
+    """Run forwards inside the block with row n using slot slots[n]; path is 'gathered' or 'grouped';
+    dropout > 0 applies LoRA dropout to the adapter input (training)."""
     if path not in PATHS:
         raise InvalidArgument(f"unknown multi-LoRA path {path!r}; choose one of {PATHS}")
-    state.update(slots=slots, path=path, segments=None)
+    state.update(slots=slots, path=path, segments=None, dropout=dropout)
     try:
         yield
     finally:
-        state.update(slots=None, segments=None)
+        state.update(slots=None, segments=None, dropout=0.0)
 
 
 def eject(model: nn.Module) -> None:

@@ -1,0 +1,75 @@
+"""Many users' adapters stacked into trainable tensors: user u is slot u of every target module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from personalize.lora.adapter import TARGET_MODULES, Adapter, module_key
+from personalize.lora.slots import module_shapes
+
+
+class StackedAdapters:
+    """lora_a [U, r, d_in] and lora_b [U, r, d_out] (B transposed) per (layer, module), as leaf tensors.
+
+    r is the largest rank in the stack; smaller ranks are zero-padded, and a zero pad row of A and B gets
+    zero gradient, so it stays zero and the adapter keeps its rank. Offers the `inject` interface.
+    """
+
+    def __init__(self, adapters: list[Adapter], hf_config: Any, device: torch.device | str = "cpu") -> None:
+        self.rank = max(a.rank for a in adapters)
+        self.num_layers = hf_config.num_hidden_layers
+        targets = {m for a in adapters for m in a.target_modules}
+        self.target_modules = tuple(m for m in TARGET_MODULES if m in targets)
+        shapes = module_shapes(hf_config)
+        users = len(adapters)
+        self.a: dict[tuple[int, str], nn.Parameter] = {}
+        self.b: dict[tuple[int, str], nn.Parameter] = {}
+        for layer in range(self.num_layers):
+            for m in self.target_modules:
+                d_out, d_in = shapes[m]
+                a = torch.zeros(users, self.rank, d_in, device=device)
+                b = torch.zeros(users, self.rank, d_out, device=device)
+                for u, adapter in enumerate(adapters):
+                    pair = adapter.weights.get(module_key(layer, m))
+                    if pair is not None:
+                        a[u, :adapter.rank] = pair[0].float()
+                        b[u, :adapter.rank] = pair[1].float().T
+                self.a[(layer, m)] = nn.Parameter(a)
+                self.b[(layer, m)] = nn.Parameter(b)
+        self.scaling = torch.tensor([a.scaling for a in adapters], dtype=torch.float32, device=device)
+
+    def module_view(self, layer: int, module: str) -> tuple[Tensor, Tensor]:
+        return self.a[(layer, module)], self.b[(layer, module)]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [*self.a.values(), *self.b.values()]
+
+    @torch.no_grad()
+    def zero_users(self, users: Tensor) -> None:
+        """Drop the gradients of the masked users (bool [U]): their adapters will not move this step."""
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad[users] = 0
+
+    @torch.no_grad()
+    def clip_per_user(self, max_norm: float) -> None:
+        """Scale each user's gradient (over all modules) to norm <= max_norm, independently of other users."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        sq = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0)  # [U]
+        factor = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(factor.view(-1, *([1] * (g.dim() - 1))))
+
+    @torch.no_grad()
+    def adapter(self, u: int, rank: int, alpha: float, metadata: dict[str, str]) -> Adapter:
+        """User u's adapter cut back to its own rank, in PEFT orientation."""
+        weights = {}
+        for (layer, m), a in self.a.items():
+            b = self.b[(layer, m)]
+            weights[module_key(layer, m)] = (a[u, :rank].detach().clone(), b[u, :rank].detach().T.contiguous())
+        return Adapter(rank=rank, alpha=alpha, weights=weights, metadata=dict(metadata))

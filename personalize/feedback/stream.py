@@ -1,0 +1,216 @@
+"""The durable feedback stream: Redis Streams partitioned by user, read by trainers in a consumer group.
+
+Keys of partition p share the hash tag `{fb<p>}`, so each script touches one Redis Cluster slot:
+    {ns}:{fb<p>}:s           the stream (entries: FeedbackEvent fields)
+    {ns}:{fb<p>}:dead        dead letters (event fields + reason + original id)
+    {ns}:{fb<p>}:k:<hash>    idempotency key -> event id (TTL)
+    {ns}:{fb<p>}:p:<user>    set of the user's event ids not yet applied (pending count, DeleteUser)
+An event is acknowledged (XACK + XDEL + SREM) only after the adapter version that includes it is published.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis
+
+from personalize.adapters.store.keys import user_digest
+from personalize.errors import InvalidArgument, Unavailable
+from personalize.feedback.events import FeedbackEvent
+
+T = TypeVar("T")
+
+# KEYS: stream, idempotency key, pending set. ARGV: ttl_s, use_key ("1"/"0"), field, value, ...
+_APPEND_LUA = """
+if ARGV[2] == '1' then
+  local existing = redis.call('GET', KEYS[2])
+  if existing then return existing end
+end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+if ARGV[2] == '1' then redis.call('SET', KEYS[2], id, 'EX', tonumber(ARGV[1])) end
+redis.call('SADD', KEYS[3], id)
+return id
+"""
+
+# KEYS: stream, pending set. ARGV: group, ids... Acknowledge, delete from the stream and the pending set.
+_ACK_LUA = """
+for i = 2, #ARGV do
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  redis.call('XDEL', KEYS[1], ARGV[i])
+  redis.call('SREM', KEYS[2], ARGV[i])
+end
+return #ARGV - 1
+"""
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Where feedback lives and how it is partitioned."""
+
+    partitions: int = 4
+    """Number of streams; a user's events always go to partition hash(tenant, user_id) % partitions."""
+    namespace: str = "pz"
+    """Key prefix shared with the registry."""
+    group: str = "trainers"
+    """Consumer group of the trainers."""
+    idempotency_ttl_s: int = 7 * 24 * 3600
+    """How long a client event_key is remembered."""
+    max_len: int = 1_000_000
+    """Approximate cap on entries per partition; SubmitFeedback fails RESOURCE_EXHAUSTED beyond it."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.partitions <= 1024:
+            raise InvalidArgument(f"feedback partitions must be in [1, 1024], got {self.partitions}")
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """An event as a trainer received it."""
+
+    partition: int
+    event_id: str
+    event: FeedbackEvent
+    deliveries: int = 1
+
+
+class FeedbackStream:
+    """Append, read, acknowledge, claim and delete feedback events. Thread-safe (redis-py pools)."""
+
+    def __init__(self, client: Any, config: StreamConfig) -> None:
+        self.client = client
+        self.config = config
+        self._append = client.register_script(_APPEND_LUA)
+        self._ack = client.register_script(_ACK_LUA)
+
+    # -- keys -------------------------------------------------------------------------------------------------
+    def partition_of(self, tenant: str, user_id: str) -> int:
+        return int.from_bytes(user_digest(tenant, user_id)[:8], "big") % self.config.partitions
+
+    def _key(self, p: int, suffix: str) -> str:
+        return f"{self.config.namespace}:{{fb{p}}}:{suffix}"
+
+    def stream_key(self, p: int) -> str:
+        return self._key(p, "s")
+
+    def _pending_key(self, tenant: str, user_id: str) -> tuple[int, str]:
+        p = self.partition_of(tenant, user_id)
+        return p, self._key(p, "p:" + user_digest(tenant, user_id).hex())
+
+    # -- producers --------------------------------------------------------------------------------------------
+    def append(self, event: FeedbackEvent) -> tuple[str, int]:
+        """Durably append; returns (event id, partition). A repeated event_key returns the first id."""
+        p, pending = self._pending_key(event.tenant, event.user_id)
+        idem = ""
+        if event.event_key:
+            h = hashlib.sha256(f"{event.tenant}\0{event.user_id}\0{event.event_key}".encode()).hexdigest()[:32]
+            idem = self._key(p, "k:" + h)
+        args: list[Any] = [self.config.idempotency_ttl_s, "1" if idem else "0"]
+        for k, v in event.to_fields().items():
+            args += [k, v]
+        keys = [self.stream_key(p), idem or self._key(p, "k:-"), pending]
+        event_id = self._call(lambda: self._append(keys=keys, args=args))
+        return _s(event_id), p
+
+    # -- consumers --------------------------------------------------------------------------------------------
+    def ensure_group(self) -> None:
+        for p in range(self.config.partitions):
+            key = self.stream_key(p)
+            try:
+                self._call(functools.partial(self.client.xgroup_create, key, self.config.group, id="0",
+                                             mkstream=True))
+            except Unavailable as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def read(self, consumer: str, count: int, block_ms: int) -> list[Delivered]:
+        """New events for this consumer across all partitions (blocks up to block_ms when there are none)."""
+        streams = {self.stream_key(p): ">" for p in range(self.config.partitions)}
+        reply = self._call(lambda: self.client.xreadgroup(self.config.group, consumer, streams, count=count,
+                                                          block=block_ms or None))
+        return self._parse(reply or [])
+
+    def claim(self, consumer: str, min_idle_ms: int, count: int = 1000) -> list[Delivered]:
+        """Take over events left pending by a dead (or this, restarted) consumer for at least min_idle_ms."""
+        out: list[Delivered] = []
+        for p in range(self.config.partitions):
+            reply = self._call(functools.partial(self.client.xautoclaim, self.stream_key(p), self.config.group,
+                                                 consumer, min_idle_ms, "0-0", count=count))
+            entries = reply[1] if reply else []
+            out += [Delivered(p, _s(i), FeedbackEvent.from_fields(f)) for i, f in entries if f]
+        return out
+
+    def delivery_counts(self, p: int, ids: Sequence[str]) -> dict[str, int]:
+        """How many times each pending id was delivered."""
+        if not ids:
+            return {}
+        lo, hi = min(ids, key=_id_key), max(ids, key=_id_key)
+        rows = self._call(lambda: self.client.xpending_range(self.stream_key(p), self.config.group, lo, hi,
+                                                             count=len(ids) * 4 + 16))
+        return {_s(r["message_id"]): int(r["times_delivered"]) for r in rows}
+
+    def ack(self, tenant: str, user_id: str, ids: Sequence[str]) -> int:
+        """Acknowledge applied events: gone from the stream, the group's pending list and the user's set."""
+        if not ids:
+            return 0
+        p, pending = self._pending_key(tenant, user_id)
+        return int(self._call(lambda: self._ack(keys=[self.stream_key(p), pending],
+                                                args=[self.config.group, *ids])))
+
+    def dead_letter(self, delivered: Delivered, reason: str) -> None:
+        """Move an event that cannot be applied to the dead-letter stream, with the reason."""
+        fields = {**delivered.event.to_fields(), "id": delivered.event_id, "reason": reason}
+        self._call(lambda: self.client.xadd(self._key(delivered.partition, "dead"), fields))
+        self.ack(delivered.event.tenant, delivered.event.user_id, [delivered.event_id])
+
+    def dead_letters(self, p: int) -> list[dict[str, str]]:
+        rows = self._call(lambda: self.client.xrange(self._key(p, "dead")))
+        return [{_s(k): _s(v) for k, v in f.items()} for _, f in rows]
+
+    # -- per user -----------------------------------------------------------------------------------------------
+    def pending_ids(self, tenant: str, user_id: str) -> set[str]:
+        _, pending = self._pending_key(tenant, user_id)
+        return {_s(i) for i in self._call(lambda: self.client.smembers(pending))}
+
+    def pending_count(self, tenant: str, user_id: str) -> int:
+        _, pending = self._pending_key(tenant, user_id)
+        return int(self._call(lambda: self.client.scard(pending)))
+
+    def delete_user(self, tenant: str, user_id: str) -> int:
+        """Drop every not-yet-applied event of the user; returns how many."""
+        ids = sorted(self.pending_ids(tenant, user_id), key=_id_key)
+        self.ack(tenant, user_id, ids)
+        return len(ids)
+
+    def lag(self) -> int:
+        """Events appended but not yet acknowledged, over all partitions."""
+        return sum(int(self._call(functools.partial(self.client.xlen, self.stream_key(p))))
+                   for p in range(self.config.partitions))
+
+    # -- plumbing -----------------------------------------------------------------------------------------------
+    def _parse(self, reply: list[Any]) -> list[Delivered]:
+        out = []
+        for stream, entries in reply:
+            p = int(_s(stream).split("{fb", 1)[1].split("}", 1)[0])
+            out += [Delivered(p, _s(i), FeedbackEvent.from_fields(f)) for i, f in entries if f]
+        return out
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except redis.exceptions.ResponseError as exc:
+            raise Unavailable(f"feedback stream refused a command: {exc}") from exc
+        except (redis.exceptions.RedisError, OSError) as exc:
+            raise Unavailable(f"feedback stream unreachable ({type(exc).__name__}: {exc})") from exc
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _id_key(event_id: str) -> tuple[int, int]:
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq or 0)

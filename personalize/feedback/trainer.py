@@ -1,0 +1,314 @@
+"""The online trainer: feedback events of many users -> one batched training round -> new versions.
+
+A round reads events (its own and dead consumers' pending first), drops events already applied
+(id <= the user's last_event_id), trains every user's adapter together in one forward/backward per step
+(row n uses its user's slot of a stacked, trainable adapter tensor; users' parameters are disjoint, so
+gradients never mix), publishes each user's new version by CAS, and only then acknowledges the events.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from personalize.adapters.registry import AdapterRecord
+from personalize.adapters.repository import AdapterRepository
+from personalize.adapters.store.keys import user_digest
+from personalize.errors import Conflict, InvalidArgument, PersonalizeError
+from personalize.feedback.batch import TrainBatch, build_batch
+from personalize.feedback.events import FeedbackEvent, event_id_key
+from personalize.feedback.losses import dpo_loss, sft_loss, token_logprobs, unlikelihood_loss
+from personalize.feedback.stacked import StackedAdapters
+from personalize.feedback.stream import Delivered, FeedbackStream
+from personalize.lora.adapter import Adapter
+from personalize.lora.format import zero_adapter
+from personalize.lora.layers import eject, inject, use_slots
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """How rounds are formed and how hard each trains."""
+
+    rank: int = 8
+    """Rank of a new user's adapter."""
+    alpha: float = 16.0
+    """LoRA alpha of a new user's adapter."""
+    lr: float = 5e-3
+    """Adam learning rate."""
+    lr_ratio_b: float = 4.0
+    """Learning-rate multiplier of lora_b over lora_a (LoRA+)."""
+    steps: int = 4
+    """Optimizer steps per round."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input while training."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW) on the adapters."""
+    max_events: int = 512
+    """Most events taken into one round."""
+    max_tokens: int = 256
+    """Longest training example (prompt + answer), in tokens; longer ones keep their end."""
+    beta: float = 0.1
+    """DPO temperature for prefer events."""
+    grad_clip: float = 1.0
+    """Per-user gradient norm cap (never a global norm, which would couple users)."""
+    max_attempts: int = 3
+    """Rounds an event may fail (non-finite loss) before it goes to the dead-letter stream."""
+    claim_idle_ms: int = 30_000
+    """Pending events idle this long (their trainer died) are claimed."""
+    block_ms: int = 200
+    """How long a read waits for new events."""
+    replay: int = 16
+    """Recent examples kept with each adapter and trained on again with new ones (0 = off)."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.steps < 1 or self.lr <= 0 or self.max_events < 1:
+            raise InvalidArgument("trainer rank, steps, max_events must be >= 1 and lr > 0")
+
+
+@dataclass
+class UserJob:
+    """One user's share of a round."""
+
+    tenant: str
+    user_id: str
+    record: AdapterRecord | None
+    adapter: Adapter
+    events: list[Delivered]
+    replay: list[FeedbackEvent] = field(default_factory=list)
+    """Earlier examples of this user, rehearsed with the new events (never counted as new)."""
+
+    def examples(self, keep: int) -> list[FeedbackEvent]:
+        """The newest `keep` examples (replayed, then new) to store with the next version."""
+        return ([*self.replay, *(d.event for d in self.events)])[-keep:] if keep else []
+
+
+@dataclass
+class RoundReport:
+    """What a round did, for metrics and tests."""
+
+    events: int = 0
+    users: int = 0
+    published: list[tuple[str, str, int]] = field(default_factory=list)
+    skipped_applied: int = 0
+    failed_users: int = 0
+    dead_lettered: int = 0
+    seconds: float = 0.0
+    train_seconds: float = 0.0
+
+
+def train_round(model: Any, tokenizer: Any, jobs: list[UserJob], config: TrainerConfig,
+                device: torch.device | str = "cpu") -> tuple[list[Adapter], list[bool], list[float]]:
+    """Train every job's adapter together. Returns (new adapters, finite flags, last loss) per job."""
+    stacked = StackedAdapters([j.adapter for j in jobs], model.config, device=device)
+    batch = build_batch(tokenizer, [j.examples(max(config.replay, len(j.events))) for j in jobs],
+                        config.max_tokens, device)
+    eject(model)
+    state = inject(model, stacked)
+    # LoRA+: B learns faster than A (Hayou et al. 2024), which matters when B starts at zero.
+    opt = torch.optim.AdamW([{"params": list(stacked.a.values()), "lr": config.lr},
+                             {"params": list(stacked.b.values()), "lr": config.lr * config.lr_ratio_b}],
+                            weight_decay=config.weight_decay)
+    finite = torch.ones(len(jobs), dtype=torch.bool, device=device)
+    ref: torch.Tensor | None = None
+    per_user = torch.zeros(len(jobs), device=device)
+    try:
+        for _ in range(config.steps):
+            per_user, ref = _user_losses(model, state, batch, config, ref, len(jobs))
+            finite &= torch.isfinite(per_user)
+            total = torch.where(finite, per_user, torch.zeros_like(per_user)).sum()
+            opt.zero_grad(set_to_none=True)
+            if not finite.any():
+                break
+            total.backward()
+            stacked.zero_users(~finite)
+            stacked.clip_per_user(config.grad_clip)
+            opt.step()
+    finally:
+        eject(model)
+    adapters = [stacked.adapter(u, j.adapter.rank, j.adapter.alpha, j.adapter.metadata) for u, j in enumerate(jobs)]
+    return adapters, finite.tolist(), per_user.detach().tolist()
+
+
+def _user_losses(model: Any, state: dict[str, Any], batch: TrainBatch, config: TrainerConfig,
+                 ref: torch.Tensor | None, users: int) -> tuple[torch.Tensor, torch.Tensor]:
+    with use_slots(state, batch.user_index, "gathered", config.lora_dropout):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logp, mask = token_logprobs(logits, batch.labels)
+    seq = logp.sum(-1)
+    ref = seq.detach() if ref is None else ref  # the reference is the user's version at round start
+    row_loss = torch.zeros_like(seq)
+    row_loss = torch.where(batch.is_sft, sft_loss(logp, mask), row_loss)
+    row_loss = torch.where(batch.is_reject, unlikelihood_loss(logp, mask), row_loss)
+    weight = (batch.is_sft | batch.is_reject).to(seq.dtype)
+    if batch.pairs.numel():
+        c, r = batch.pairs[:, 0], batch.pairs[:, 1]
+        pair_loss = dpo_loss(seq[c], seq[r], ref[c], ref[r], config.beta)
+        row_loss = row_loss.index_put((c,), pair_loss)
+        weight = weight.index_put((c,), torch.ones_like(pair_loss))
+    per_user = torch.zeros(users, dtype=seq.dtype, device=seq.device).index_add(0, batch.user_index,
+                                                                                 row_loss * weight)
+    count = torch.zeros(users, dtype=seq.dtype, device=seq.device).index_add(0, batch.user_index, weight)
+    return per_user / count.clamp(min=1), ref
+
+
+def replay_of(adapter: Adapter) -> list[FeedbackEvent]:
+    """The examples stored with an adapter version (metadata "replay": a JSON list of event fields)."""
+    raw = adapter.metadata.get("replay", "")
+    try:
+        return [FeedbackEvent(**item) for item in json.loads(raw)] if raw else []
+    except (ValueError, TypeError, PersonalizeError):
+        log.warning("ignoring an unreadable replay buffer")
+        return []
+
+
+def with_replay(adapter: Adapter, examples: list[FeedbackEvent]) -> Adapter:
+    """The adapter with `examples` stored in its metadata (texts capped so a version stays small)."""
+    cap = 2048
+    items = [{"tenant": e.tenant, "user_id": e.user_id, "kind": e.kind, "prompt": e.prompt[-cap:],
+              "completion": e.completion[:cap], "correction": e.correction[:cap], "rejected": e.rejected[:cap]}
+             for e in examples]
+    meta = {**adapter.metadata, "replay": json.dumps(items, ensure_ascii=False)}
+    if not items:
+        meta.pop("replay")
+    return Adapter(adapter.rank, adapter.alpha, adapter.weights, meta)
+
+
+class Trainer:
+    """Consumes the feedback stream and publishes new adapter versions. One round at a time."""
+
+    def __init__(self, config: TrainerConfig, base: Any, repo: AdapterRepository, stream: FeedbackStream,
+                 consumer: str, notify: Callable[[str, str, int], None] | None = None) -> None:
+        self.config = config
+        self.base = base
+        self.repo = repo
+        self.stream = stream
+        self.consumer = consumer
+        self.notify = notify
+        self.model = copy.deepcopy(base.model).float().requires_grad_(False)
+        self._carry: list[Delivered] = []
+        self._attempts: dict[str, int] = defaultdict(int)
+        self.rounds = 0
+        self.last_report = RoundReport()
+
+    def _gather(self, claim: bool) -> list[Delivered]:
+        got = list(self._carry)
+        self._carry = []
+        if claim:
+            got += self.stream.claim(self.consumer, self.config.claim_idle_ms)
+        room = max(0, self.config.max_events - len(got))
+        if room:
+            got += self.stream.read(self.consumer, room, 0 if got else self.config.block_ms)
+        unique = {d.event_id + "@" + str(d.partition): d for d in got}
+        return sorted(unique.values(), key=lambda d: event_id_key(d.event_id))
+
+    def _jobs(self, delivered: list[Delivered], report: RoundReport) -> list[UserJob]:
+        by_user: dict[tuple[str, str], list[Delivered]] = defaultdict(list)
+        for d in delivered:
+            by_user[(d.event.tenant, d.event.user_id)].append(d)
+        jobs = []
+        for (tenant, user_id), events in by_user.items():
+            record = self.repo.record(tenant, user_id)
+            done_id = event_id_key(record.last_event_id) if record else (-1, -1)
+            applied = [d.event_id for d in events if event_id_key(d.event_id) <= done_id]
+            live = self.stream.pending_ids(tenant, user_id)
+            fresh = [d for d in events if event_id_key(d.event_id) > done_id and d.event_id in live]
+            stale = applied + [d.event_id for d in events if event_id_key(d.event_id) > done_id
+                               and d.event_id not in live]
+            self.stream.ack(tenant, user_id, stale)  # already applied, or deleted with the user
+            report.skipped_applied += len(applied)
+            if fresh:
+                adapter = self._start_adapter(tenant, user_id, record)
+                jobs.append(UserJob(tenant, user_id, record, adapter, fresh, replay_of(adapter)))
+        return jobs
+
+    def _start_adapter(self, tenant: str, user_id: str, record: AdapterRecord | None) -> Adapter:
+        if record is not None:
+            return self.repo.load(tenant, user_id, record)
+        # Seeded by the user's hash: a new user's starting point is the same on every trainer.
+        g = torch.Generator().manual_seed(int.from_bytes(user_digest(tenant, user_id)[:4], "little"))
+        return zero_adapter(self.repo.spec, self.config.rank, self.config.alpha, generator=g)
+
+    def run_round(self, claim: bool = True) -> RoundReport:
+        """Read, train, publish, acknowledge. Returns what happened (empty if no events arrived)."""
+        start = time.perf_counter()
+        report = RoundReport()
+        delivered = self._gather(claim)
+        report.events = len(delivered)
+        jobs = self._jobs(delivered, report) if delivered else []
+        report.users = len(jobs)
+        if jobs:
+            t0 = time.perf_counter()
+            adapters, finite, losses = train_round(self.model, self.base.tokenizer, jobs, self.config)
+            report.train_seconds = time.perf_counter() - t0
+            for job, adapter, ok, loss in zip(jobs, adapters, finite, losses, strict=True):
+                self._finish(job, adapter, ok, loss, report)
+        self.rounds += 1
+        report.seconds = time.perf_counter() - start
+        self.last_report = report
+        return report
+
+    def _finish(self, job: UserJob, adapter: Adapter, ok: bool, loss: float, report: RoundReport) -> None:
+        ids = [d.event_id for d in job.events]
+        if not ok:
+            report.failed_users += 1
+            self._retry_or_dead_letter(job, f"loss not finite ({loss})", report)
+            return
+        if not self.stream.pending_ids(job.tenant, job.user_id) & set(ids):
+            return  # the user was deleted during the round: publish nothing
+        seen = (job.record.examples_seen if job.record else 0) + len(ids)
+        adapter = with_replay(adapter, job.examples(self.config.replay))
+        try:
+            last = max(ids, key=event_id_key)
+            published = self.repo.publish(job.tenant, job.user_id, adapter, job.record, seen, last)
+        except Conflict:
+            self._carry += job.events  # another writer won; retrain from its version next round
+            return
+        except PersonalizeError as exc:
+            log.warning("publishing %s failed: %s; events stay pending", job.user_id, exc)
+            self._carry += job.events
+            return
+        if not self.stream.pending_ids(job.tenant, job.user_id) & set(ids):
+            self.repo.delete(job.tenant, job.user_id)  # deleted while publishing: retract
+            return
+        self.stream.ack(job.tenant, job.user_id, ids)
+        for i in ids:
+            self._attempts.pop(i, None)
+        report.published.append((job.tenant, job.user_id, published.record.version))
+        if self.notify is not None:
+            self.notify(job.tenant, job.user_id, published.record.version)
+
+    def _retry_or_dead_letter(self, job: UserJob, reason: str, report: RoundReport) -> None:
+        for d in job.events:
+            self._attempts[d.event_id] += 1
+            if self._attempts[d.event_id] >= self.config.max_attempts:
+                self.stream.dead_letter(d, reason)
+                self._attempts.pop(d.event_id, None)
+                report.dead_lettered += 1
+            else:
+                self._carry.append(d)
+
+    def run_forever(self, stop: threading.Event, claim_every_s: float = 5.0) -> None:
+        """Rounds until `stop` is set; failures of a dependency back off and retry (events stay pending)."""
+        self.stream.ensure_group()
+        last_claim = 0.0
+        while not stop.is_set():
+            try:
+                now = time.monotonic()
+                claim = now - last_claim >= claim_every_s
+                if claim:
+                    last_claim = now
+                self.run_round(claim=claim)
+            except PersonalizeError as exc:
+                log.warning("trainer round failed: %s; retrying", exc)
+                stop.wait(1.0)
