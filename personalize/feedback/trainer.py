@@ -48,7 +48,7 @@ class TrainerConfig:
     """Adam learning rate."""
     lr_ratio_b: float = 4.0
     """Learning-rate multiplier of lora_b over lora_a (LoRA+)."""
-    steps: int = 4
+    steps: int = 8
     """Optimizer steps per round."""
     lora_dropout: float = 0.0
     """Dropout on the adapters' input while training."""
