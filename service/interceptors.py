@@ -1,8 +1,10 @@
-"""Server interceptors: status mapping (+ call metrics), authentication, per-tenant rate limit.
+"""Server interceptors: status mapping (+ call metrics), drain on shutdown, authentication, per-tenant
+rate limit.
 
-Install them with `grpc.server(pool, interceptors=server_interceptors(keys, limiter, metrics))`; the order
-matters and that function fixes it: errors outermost (so it maps what the others raise), then auth (sets
-the tenant), then the rate limit (reads the tenant).
+Install them with `grpc.server(pool, interceptors=server_interceptors(keys, limiter, metrics, drain))`; the
+order matters and that function fixes it: errors outermost (so it maps what the others raise), then the
+drain (refuses calls during shutdown, before any work), then auth (sets the tenant), then the rate limit
+(reads the tenant).
 
 Each interceptor wraps the *behavior* of a method handler (unary or streaming responses alike) rather
 than acting in `intercept_service`, because only the behavior runs in the thread, and for the duration,
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,6 +23,7 @@ from typing import Any, NoReturn
 
 import grpc
 
+from personalize.errors import Unavailable
 from personalize_service.auth import ApiKeys, current_tenant, tenant_context
 from personalize_service.errors import message_of, status_of
 from personalize_service.limits import RateLimiter
@@ -215,10 +219,80 @@ class RateLimitInterceptor(CallInterceptor):
         yield from call()
 
 
+# ---- graceful shutdown -------------------------------------------------------------------------------
+
+class Drain:
+    """Calls in flight, and a draining flag: once draining, new calls are refused with UNAVAILABLE while
+    the ones in flight finish. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._draining = False
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    def enter(self) -> None:
+        """Count a new call; Unavailable if draining."""
+        with self._cond:
+            if self._draining:
+                raise Unavailable("this server is shutting down and takes no new calls; retry (another "
+                                  "node, or this one once it is back, will answer)")
+            self._active += 1
+
+    def exit(self) -> None:
+        with self._cond:
+            self._active -= 1
+            self._cond.notify_all()
+
+    def start(self) -> None:
+        """Refuse new calls from now on."""
+        with self._cond:
+            self._draining = True
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is in flight; False if some still are after `timeout` seconds."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._active == 0, timeout)
+
+
+class DrainInterceptor(CallInterceptor):
+    """Counts calls in a Drain and refuses new ones while it drains. Health and reflection always answer
+    (health then says NOT_SERVING)."""
+
+    def __init__(self, drain: Drain) -> None:
+        self.drain = drain
+
+    def applies_to(self, method: str) -> bool:
+        return not _is_public(method)
+
+    def unary(self, call: Callable[[], Any], context: grpc.ServicerContext, method: str) -> Any:
+        self.drain.enter()
+        try:
+            return call()
+        finally:
+            self.drain.exit()
+
+    def stream(self, call: Callable[[], Iterator[Any]], context: grpc.ServicerContext,
+               method: str) -> Iterator[Any]:
+        self.drain.enter()
+        try:
+            yield from call()
+        finally:
+            self.drain.exit()
+
+
 def server_interceptors(keys: ApiKeys, limiter: RateLimiter | None = None,
-                        metrics: ServiceMetrics | None = None) -> list[grpc.ServerInterceptor]:
-    """The service's interceptors in the order they must run (outermost first)."""
-    chain: list[grpc.ServerInterceptor] = [ErrorInterceptor(metrics), AuthInterceptor(keys)]
+                        metrics: ServiceMetrics | None = None,
+                        drain: Drain | None = None) -> list[grpc.ServerInterceptor]:
+    """The service's interceptors in the order they must run (outermost first): errors, drain (if given),
+    auth, rate limit."""
+    chain: list[grpc.ServerInterceptor] = [ErrorInterceptor(metrics)]
+    if drain is not None:
+        chain.append(DrainInterceptor(drain))
+    chain.append(AuthInterceptor(keys))
     if limiter is not None:
         chain.append(RateLimitInterceptor(limiter))
     return chain

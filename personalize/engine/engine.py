@@ -84,6 +84,8 @@ class RequestHandle:
             yield piece
 
     def result(self, timeout: float | None = None) -> GenerationResult:
+        if timeout is not None and timeout > 86400 * 365:  # gRPC's "no deadline" is ~1e10 s: Event.wait overflows
+            timeout = None
         if not self._req.done.wait(timeout):
             self.cancel()
             raise DeadlineExceeded(f"generation did not finish within {timeout} s")

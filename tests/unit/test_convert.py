@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from personalize.engine.types import GenerationResult, SamplingParams
 from personalize.errors import InvalidArgument
@@ -98,6 +104,31 @@ def test_adapter_info_and_bundle() -> None:
     files = {"adapter_config.json": b"{}", "adapter_model.safetensors": b"\x00\x01"}
     bundle = convert.adapter_bundle(files, info)
     assert dict(bundle.files) == files and bundle.info == message
+
+
+def test_canonical_safetensors_sorts_metadata_and_keeps_the_tensors() -> None:
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4, dtype=torch.float16)}
+    metadata = {f"key{i}": f"value {i} é" for i in range(12)}
+    outputs = {convert.canonical_safetensors(save_safetensors(tensors, metadata=metadata)) for _ in range(10)}
+    assert len(outputs) == 1  # the writer's order varies from call to call; the canonical form does not
+    (canonical,) = outputs
+    assert (len(canonical) - 8) % 8 == 0
+    loaded = load_safetensors(canonical)
+    assert set(loaded) == {"a", "b"} and all(torch.equal(loaded[n], tensors[n]) for n in tensors)
+    header = _header(canonical)
+    assert list(header["__metadata__"]) == sorted(metadata) and header["__metadata__"] == metadata
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00\x01", b"\xff" * 16, (4).to_bytes(8, "little") + b"null",
+                                  (2).to_bytes(8, "little") + b"{}"])
+def test_canonical_safetensors_leaves_other_bytes_alone(data: bytes) -> None:
+    assert convert.canonical_safetensors(data) == data
+
+
+def _header(data: bytes) -> dict[str, Any]:
+    """The parsed JSON header of safetensors bytes."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + size])  # type: ignore[no-any-return]
 
 
 def test_export_and_import_args() -> None:

@@ -1,0 +1,191 @@
+"""Running the server commands: `personalize up` (everything on one machine) and `personalize serve`.
+
+Both check what they can before loading the model (the port is free, the settings parse), wire the parts
+with `personalize.worker.bootstrap`, and serve until SIGTERM/SIGINT (service/worker_server.serve). `up`
+adds an embedded Valkey (its data under DATA_DIR/valkey, stopped last so its AOF is complete) and a
+`file://DATA_DIR/store` store.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from personalize_service import settings
+
+log = logging.getLogger(__name__)
+
+UP_HOST = "127.0.0.1"
+"""`personalize up` listens on loopback only (API.md)."""
+DEFAULT_PORT = 50051
+
+
+class LaunchError(Exception):
+    """A server command cannot start; the message says what to do."""
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a listening socket could bind host:port now (TIME_WAIT leftovers do not count)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def check_ports(host: str, values: Mapping[str, Any]) -> None:
+    """LaunchError naming the flag if the gRPC or metrics port (when not 0) is taken."""
+    for key, flag in (("service.port", "--port"), ("service.metrics_port", "--metrics-port")):
+        port = values[key]
+        if port and not port_is_free(host, port):
+            raise LaunchError(f"port {port} on {host} is already in use (another `personalize up`?): stop "
+                              f"what holds it, or choose another with {flag} N (0 picks a free one)")
+
+
+@contextmanager
+def _stages(names: tuple[str, ...]) -> Iterator[Any]:
+    """A progress bar over start-up stages on stderr (shown on a terminal only); yields `next(stage)`."""
+    bar = tqdm(total=len(names), file=sys.stderr, disable=None, leave=False, bar_format="{desc} {bar} {n}/{total}")
+    done = [0]
+
+    def step() -> None:
+        if done[0]:
+            bar.update(1)
+        if done[0] < len(names):
+            bar.set_description_str(names[done[0]])
+        done[0] += 1
+
+    try:
+        step()
+        yield step
+    finally:
+        bar.close()
+
+
+def run_up(values: Mapping[str, Any]) -> int:
+    """`personalize up` with resolved setting values; blocks until SIGTERM/SIGINT. Returns 0 after a clean
+    shutdown; raises LaunchError (or a domain error) when it cannot start."""
+    if values["workers"] != 1:
+        raise LaunchError(f"--workers {values['workers']}: several workers need the router, which a later "
+                          "release adds; run `personalize up --workers 1` (the default) for now")
+    check_ports(UP_HOST, values)
+    data_dir = Path(values["data_dir"]).expanduser().resolve()
+    resolved = settings.build({**values, "data_dir": str(data_dir)})
+    # Imported here: torch and transformers take seconds, which client commands never pay.
+    from personalize.embedded import EmbeddedValkey, EmbeddedValkeyConfig
+    from personalize.worker import bootstrap
+    from personalize_service.worker_server import serve, stop_on_signals
+
+    service = replace(resolved.service, host=UP_HOST)
+    store_url = (data_dir / "store").as_uri()
+    stop = threading.Event()
+    with stop_on_signals(stop), _stages(("starting valkey", "loading model", "starting server")) as step:
+        valkey = EmbeddedValkey(EmbeddedValkeyConfig(data_dir=data_dir / "valkey")).start()
+        try:
+            step()
+            worker = bootstrap(resolved.config, valkey.url, store_url)
+            step()
+            if stop.is_set():  # interrupted while loading
+                worker.stop()
+                return 0
+
+            def ready(port: int, metrics_port: int) -> None:
+                step()
+                print(up_banner(port, metrics_port, worker.node_id, f"{worker.base.name} on "
+                                f"{resolved.config.model.device}", worker.base.fingerprint, valkey.url,
+                                data_dir, store_url, resolved.service.api_keys.tenants
+                                if resolved.service.api_keys.enabled else ()), flush=True)
+
+            serve(service, worker, stop, on_ready=ready)
+        finally:
+            valkey.stop()
+    print("personalize up: stopped", flush=True)
+    return 0
+
+
+def run_serve(role: str, values: Mapping[str, Any]) -> int:
+    """`personalize serve --role ROLE` with resolved setting values, against external Valkey/Redis and an
+    object store; blocks until SIGTERM/SIGINT."""
+    if role != "worker":
+        raise LaunchError(f"role {role!r} is not available yet; this release serves --role worker")
+    missing = [f"{settings.BY_KEY[k].flag} / {settings.BY_KEY[k].env}" for k in ("registry_url", "store_url")
+               if not values[k]]
+    if missing:
+        raise LaunchError(f"serve needs {' and '.join(missing)}; to run everything on one machine without "
+                          "setup, use `personalize up`")
+    check_ports(values["service.host"], values)
+    resolved = settings.build({**values, "data_dir": str(Path(values["data_dir"]).expanduser().resolve())})
+    from personalize.worker import bootstrap
+    from personalize_service.worker_server import serve, stop_on_signals
+
+    stop = threading.Event()
+    with stop_on_signals(stop), _stages(("loading model", "starting server")) as step:
+        worker = bootstrap(resolved.config, resolved.config.registry_url, resolved.config.store_url)
+        step()
+        if stop.is_set():
+            worker.stop()
+            return 0
+
+        def ready(port: int, metrics_port: int) -> None:
+            step()
+            metrics = f", metrics on :{metrics_port}" if metrics_port else ""
+            print(f"personalize serve: worker {worker.node_id} serving on {resolved.service.host}:{port}"
+                  f"{metrics} ({worker.base.name} on {resolved.config.model.device})", flush=True)
+
+        serve(resolved.service, worker, stop, on_ready=ready)
+    return 0
+
+
+def up_banner(port: int, metrics_port: int, node_id: str, model: str, fingerprint: str, valkey_url: str,
+              data_dir: Path, store_url: str, tenants: tuple[str, ...]) -> str:
+    """What `personalize up` prints once it serves: what runs where, and commands to try.
+
+    `tenants` empty = no API keys configured. The first line, `serving on HOST:PORT`, is stable: scripts
+    (and the e2e tests) read the port from it.
+    """
+    target = f"{UP_HOST}:{port}"
+    target_flag = "" if port == DEFAULT_PORT else f" --target {target}"
+    if tenants:
+        auth = (f"API keys for {len(tenants)} tenant(s) ({', '.join(tenants)}); calls send "
+                "'authorization: Bearer <key>'")
+        key_flag, key_arg, key_note = " --api-key $KEY", ", api_key=KEY", " (KEY: one of your API keys)"
+    else:
+        auth = "no API keys configured: accepting tenant 'default' without a key"
+        key_flag = key_arg = key_note = ""
+    metrics = (f"http://{UP_HOST}:{metrics_port}/metrics" if metrics_port
+               else "off (--metrics-port N serves Prometheus metrics)")
+    return "\n".join([
+        f"personalize up: serving on {target}",
+        f"  node      {node_id}",
+        f"  model     {model} ({fingerprint[:19]}…)",
+        f"  registry  embedded Valkey {valkey_url} (AOF in {data_dir / 'valkey'})",
+        f"  store     {store_url}",
+        f"  metrics   {metrics}",
+        f"  auth      {auth}",
+        "",
+        f"Try it from another terminal{key_note}:",
+        f"  personalize generate{target_flag}{key_flag} alice \"Tell me about LoRA\"",
+        f"  python -c 'from personalize_service.client import PersonalizeClient as C; "
+        f"print(C(\"{target}\"{key_arg}).generate(\"alice\", \"Tell me about LoRA\").text)'",
+        f"  grpcurl -plaintext {target} list",
+        "",
+        f"Stop with Ctrl-C or SIGTERM; adapters and the registry stay in {data_dir}.",
+    ])
+
+
+def configure_logging(level: str) -> None:
+    """Log lines on stderr: `time level logger: message`."""
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,321 @@
+"""Server settings: one table, resolved from flags, environment variables, a config file and defaults.
+
+Every knob of `personalize up` and `personalize serve` is one row of `SETTINGS`: its config key (also
+its key in a `--config` file), command-line flag, environment variable, default and help. The CLI builds
+its flags from the table, the README's configuration table is `markdown_table()` (a test keeps them
+equal), and Kubernetes manifests set the environment variables it names.
+
+Precedence, highest first: flag, environment variable, config file (`--config FILE` or env
+PERSONALIZE_CONFIG; JSON, or TOML by its `.toml` suffix, keys nested by their dots), default.
+
+This module imports no torch: `resolve` gives plain values (fast, for checks that must come before the
+model loads); `build` turns them into the library's `Config` and the server's `ServiceConfig`.
+
+    python -m personalize_service.settings    # print the table as Markdown
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from personalize.config import Config
+    from personalize_service.worker_server import ServiceConfig
+
+CONFIG_ENV = "PERSONALIZE_CONFIG"
+"""Environment variable naming a config file (the `--config` flag wins over it)."""
+UP, SERVE = "up", "serve"
+BOTH = (UP, SERVE)
+
+
+class SettingsError(ValueError):
+    """A setting has a malformed value or the config file cannot be used; the message names the source."""
+
+
+# ---- value parsers (str -> value; ValueError with a short reason) -------------------------------------
+
+_SIZE_RE = re.compile(r"\s*(\d+)\s*(KiB|MiB|GiB|TiB|B)?\s*")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `1234`, `64KiB`, `512MiB`, `8GiB` or `1TiB`."""
+    match = _SIZE_RE.fullmatch(text)
+    if match is None:
+        raise ValueError("not a size: use bytes or a number with KiB, MiB, GiB or TiB (e.g. 512MiB)")
+    return int(match[1]) * _SIZE_UNITS[match[2]]
+
+
+def format_size(size: int) -> str:
+    """The shortest exact form `parse_size` reads back (`512MiB`, `1000`)."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        if size and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return str(size)
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("not an integer") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("not a number") from None
+
+
+def _str(text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value."""
+
+    key: str
+    """Config key: the field path in Config (`model.path`), ServiceConfig (`service.port`) or Limits
+    (`limits.burst`); also its (dotted or nested) key in a config file."""
+    flag: str
+    """Command-line flag."""
+    env: str
+    """Environment variable."""
+    default: Any
+    """Value when nothing sets it (a test holds these equal to the dataclass defaults)."""
+    parse: Callable[[str], Any]
+    """Text (flag, environment) -> value; ValueError says why not."""
+    help: str
+    commands: tuple[str, ...] = BOTH
+    """Commands it applies to."""
+    metavar: str = ""
+
+    def show(self, value: Any) -> str:
+        """A value as it would be typed (sizes with their unit)."""
+        if self.parse is parse_size:
+            return format_size(value)
+        return str(value)
+
+
+def _s(key: str, flag: str, env: str, default: Any, parse: Callable[[str], Any], help: str,
+       commands: tuple[str, ...] = BOTH, metavar: str = "") -> Setting:
+    return Setting(key, flag, env, default, parse, help, commands, metavar)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # -- where state lives
+    _s("data_dir", "--data-dir", "PERSONALIZE_DATA_DIR", "./data", _str,
+       "local state: embedded Valkey AOF (up), file store (up), disk cache", metavar="DIR"),
+    _s("registry_url", "--registry-url", "PERSONALIZE_REGISTRY_URL", "", _str,
+       "redis:// URL of the registry (Valkey/Redis); required", (SERVE,), "URL"),
+    _s("store_url", "--store-url", "PERSONALIZE_STORE_URL", "", _str,
+       "adapter store: file:///abs/path or s3://bucket/prefix?endpoint=host:port; required",
+       (SERVE,), "URL"),
+    _s("node_id", "--node-id", "PERSONALIZE_NODE_ID", "worker-0", _str,
+       "stable node name (the StatefulSet pod name in Kubernetes)", metavar="NAME"),
+    # -- the gRPC server
+    _s("service.host", "--host", "PERSONALIZE_HOST", "127.0.0.1", _str,
+       "address to listen on (0.0.0.0 in a container); up always uses 127.0.0.1", (SERVE,), "ADDR"),
+    _s("service.port", "--port", "PERSONALIZE_PORT", 50051, _int, "gRPC port (0 = pick a free one)",
+       metavar="N"),
+    _s("service.metrics_port", "--metrics-port", "PERSONALIZE_METRICS_PORT", 0, _int,
+       "Prometheus /metrics port (0 = off)", metavar="N"),
+    _s("service.grace_s", "--grace-s", "PERSONALIZE_GRACE_S", 10.0, _float,
+       "on SIGTERM, seconds in-flight calls get to finish", metavar="S"),
+    _s("service.threads", "--threads", "PERSONALIZE_THREADS", 256, _int,
+       "gRPC handler threads (concurrent calls being served)", metavar="N"),
+    _s("service.api_keys_file", "--api-keys-file", "PERSONALIZE_API_KEYS_FILE", "", _str,
+       "file of tenant:key lines; none = tenant 'default' without a key", metavar="FILE"),
+    _s("service.api_keys", "--api-keys", "PERSONALIZE_API_KEYS", "", _str,
+       "tenant:key entries, comma-separated (prefer the env var: flags show in ps)", metavar="KEYS"),
+    # -- the base model
+    _s("model.path", "--model", "PERSONALIZE_MODEL_PATH", "", _str,
+       "local Hugging Face model directory (Llama/Mistral/Qwen2); empty = built-in tiny model",
+       metavar="PATH"),
+    _s("model.device", "--device", "PERSONALIZE_DEVICE", "cpu", _str, "torch device: cpu, cuda, cuda:1",
+       metavar="DEV"),
+    _s("model.dtype", "--dtype", "PERSONALIZE_DTYPE", "float32", _str,
+       "weight dtype: float32, bfloat16, float16", metavar="DTYPE"),
+    # -- adapters and the cache
+    _s("lora.r_max", "--max-rank", "PERSONALIZE_MAX_RANK", 16, _int, "largest adapter rank accepted",
+       metavar="R"),
+    _s("lora.device_bytes", "--device-cache", "PERSONALIZE_DEVICE_CACHE", 512 * 2**20, parse_size,
+       "device slot budget (adapters resident on the GPU/CPU)", metavar="SIZE"),
+    _s("lora.host_bytes", "--host-cache", "PERSONALIZE_HOST_CACHE", 2**30, parse_size,
+       "host RAM budget of parsed adapters", metavar="SIZE"),
+    _s("lora.disk_bytes", "--disk-cache", "PERSONALIZE_DISK_CACHE", 8 * 2**30, parse_size,
+       "local disk budget of adapter files (under DATA_DIR/cache; 0 = off)", metavar="SIZE"),
+    _s("load_timeout_s", "--load-timeout-s", "PERSONALIZE_LOAD_TIMEOUT_S", 30.0, _float,
+       "how long a request waits for its adapter to load", metavar="S"),
+    # -- the engine
+    _s("engine.max_batch", "--max-batch", "PERSONALIZE_MAX_BATCH", 32, _int,
+       "requests decoded together in one step", metavar="N"),
+    _s("engine.max_len", "--max-len", "PERSONALIZE_MAX_LEN", 1024, _int,
+       "tokens per request, prompt plus completion", metavar="N"),
+    _s("engine.max_waiting", "--max-waiting", "PERSONALIZE_MAX_WAITING", 1024, _int,
+       "requests queued before RESOURCE_EXHAUSTED", metavar="N"),
+    # -- request limits
+    _s("limits.max_prompt_bytes", "--max-prompt-bytes", "PERSONALIZE_MAX_PROMPT_BYTES", 16 * 2**10,
+       parse_size, "prompt size limit", metavar="SIZE"),
+    _s("limits.max_new_tokens", "--max-new-tokens-limit", "PERSONALIZE_MAX_NEW_TOKENS", 512, _int,
+       "largest max_new_tokens a request may ask for", metavar="N"),
+    _s("limits.default_new_tokens", "--default-new-tokens", "PERSONALIZE_DEFAULT_NEW_TOKENS", 64, _int,
+       "max_new_tokens of a request that leaves it 0", metavar="N"),
+    _s("limits.max_import_file_bytes", "--max-import-bytes", "PERSONALIZE_MAX_IMPORT_BYTES", 64 * 2**20,
+       parse_size, "size limit of each imported adapter file", metavar="SIZE"),
+    _s("limits.requests_per_second", "--rate", "PERSONALIZE_RATE", 1000.0, _float,
+       "sustained requests/s per tenant", metavar="R"),
+    _s("limits.burst", "--burst", "PERSONALIZE_BURST", 2000, _int,
+       "requests a tenant may make at once above the rate", metavar="N"),
+    _s("limits.max_concurrent_generations", "--max-concurrent", "PERSONALIZE_MAX_CONCURRENT", 256, _int,
+       "generations one tenant may have running or queued", metavar="N"),
+    # -- up only
+    _s("workers", "--workers", "PERSONALIZE_WORKERS", 1, _int,
+       "worker processes behind a router; only 1 for now", (UP,), "N"),
+)
+"""Every server setting, grouped by component (the README and manifests list them in this order)."""
+
+BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+
+
+def settings_for(command: str) -> tuple[Setting, ...]:
+    return tuple(s for s in SETTINGS if command in s.commands)
+
+
+def dest(setting: Setting) -> str:
+    """The argparse destination of a setting's flag."""
+    return setting.flag.lstrip("-").replace("-", "_")
+
+
+# ---- resolution -------------------------------------------------------------------------------------
+
+def resolve(command: str, flags: Mapping[str, Any], environ: Mapping[str, str],
+            config_file: str | None = None) -> dict[str, Any]:
+    """Values of `command`'s settings by key: flag (a `dest(setting)` entry that is not None), else
+    environment, else `config_file` (or the file env PERSONALIZE_CONFIG names), else default.
+
+    Raises SettingsError naming the flag, variable or file entry with a malformed value, and for a
+    config file that is unreadable or holds unknown keys.
+    """
+    path = config_file or environ.get(CONFIG_ENV) or None
+    from_file = load_config_file(path, command) if path else {}
+    values: dict[str, Any] = {}
+    for setting in settings_for(command):
+        given = flags.get(dest(setting))
+        if given is not None:
+            values[setting.key] = _parsed(setting, given, setting.flag)
+        elif environ.get(setting.env, "") != "":
+            values[setting.key] = _parsed(setting, environ[setting.env], f"{setting.env} (environment)")
+        elif setting.key in from_file:
+            values[setting.key] = _parsed(setting, from_file[setting.key], f"{setting.key} in {path}")
+        else:
+            values[setting.key] = setting.default
+    return values
+
+
+def _parsed(setting: Setting, raw: Any, source: str) -> Any:
+    if isinstance(raw, bool) or not isinstance(raw, str | int | float):
+        raise SettingsError(f"{source}: expected a string or a number, got {raw!r:.60}")
+    try:
+        return setting.parse(str(raw))
+    except ValueError as exc:
+        raise SettingsError(f"{source}: {str(raw)!r:.80} is {exc}") from None
+
+
+def load_config_file(path: str | os.PathLike[str], command: str = SERVE) -> dict[str, Any]:
+    """A JSON or TOML (by suffix) config file flattened to {dotted key: value}; SettingsError if it
+    cannot be read or parsed, or names a key that is no setting of `command`."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if file.suffix.lower() == ".toml" else json.loads(text)
+    except OSError as exc:
+        raise SettingsError(f"config file {file}: cannot read it ({exc.strerror})") from None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        kind = "TOML" if file.suffix.lower() == ".toml" else "JSON"
+        raise SettingsError(f"config file {file}: not valid {kind} ({exc})") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {file}: the top level must be an object/table of settings")
+    flat = _flatten(data)
+    known = {s.key for s in settings_for(command)}
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise SettingsError(f"config file {file}: unknown settings {unknown} for `personalize {command}`; "
+                            f"known: {sorted(known)}")
+    return flat
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+# ---- building the config objects ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a server command runs with."""
+
+    config: Config
+    service: ServiceConfig
+    workers: int
+
+
+def _section(values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    return {key.removeprefix(prefix): value for key, value in values.items() if key.startswith(prefix)}
+
+
+def build(values: Mapping[str, Any]) -> Resolved:
+    """The config objects for resolved `values`; the library's own checks raise InvalidArgument."""
+    # Imported here: they pull in torch, which client commands and --help never need.
+    from personalize.config import Config, LoraConfig
+    from personalize.engine.engine import EngineConfig
+    from personalize.model import ModelConfig
+    from personalize_service.auth import ApiKeys, load_api_keys
+    from personalize_service.limits import Limits
+    from personalize_service.worker_server import ServiceConfig
+
+    config = Config(node_id=values["node_id"], data_dir=values["data_dir"],
+                    registry_url=values.get("registry_url", ""), store_url=values.get("store_url", ""),
+                    model=ModelConfig(**_section(values, "model.")), lora=LoraConfig(**_section(values, "lora.")),
+                    engine=EngineConfig(**_section(values, "engine.")), load_timeout_s=values["load_timeout_s"])
+    service_values = _section(values, "service.")
+    keys_file, keys_text = service_values.pop("api_keys_file"), service_values.pop("api_keys")
+    if keys_file and keys_text:
+        raise SettingsError("API keys are given both as a file (--api-keys-file / PERSONALIZE_API_KEYS_FILE) "
+                            "and inline (--api-keys / PERSONALIZE_API_KEYS); use one")
+    api_keys = load_api_keys(keys_file) if keys_file else ApiKeys.parse(keys_text)
+    service = ServiceConfig(**service_values, limits=Limits(**_section(values, "limits.")), api_keys=api_keys)
+    return Resolved(config=config, service=service, workers=values.get("workers", 1))
+
+
+# ---- documentation -----------------------------------------------------------------------------------
+
+def markdown_table() -> str:
+    """The settings as the README's Markdown table."""
+    lines = ["| config key | flag | environment variable | default | meaning |",
+             "|---|---|---|---|---|"]
+    for s in SETTINGS:
+        default = f"`{s.show(s.default)}`" if s.default != "" else "(empty)"
+        only = "" if s.commands == BOTH else f" *({' and '.join(s.commands)} only)*"
+        lines.append(f"| `{s.key}` | `{s.flag}` | `{s.env}` | {default} | {s.help}{only} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
