@@ -69,7 +69,8 @@ Flags win over environment variables, which win over the --config file (JSON or 
 
 _GROUPS = {"data_dir": "state", "registry_url": "state", "store_url": "state", "node_id": "state",
            "service": "server", "model": "model", "lora": "adapters", "load_timeout_s": "adapters",
-           "engine": "engine", "limits": "request limits", "workers": "server"}
+           "engine": "engine", "limits": "request limits", "workers": "server", "feedback": "feedback and training",
+           "trainer": "feedback and training"}
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -87,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "one worker, on 127.0.0.1", UP_EPILOG)
     serve = _add_server_command(commands, settings.SERVE, "run one server role against external Valkey/Redis "
                                 "and S3 (production)", SERVE_EPILOG)
-    serve.add_argument("--role", choices=["worker"], default="worker",
-                       help="what this process serves (router and trainer roles come in later releases)")
+    serve.add_argument("--role", choices=["worker", "trainer"], default="worker",
+                       help="worker: serves generations; trainer: consumes feedback and publishes new versions")
     client = _client_options()
     _add_generate(commands, client)
     _add_feedback(commands, client)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Mapping
@@ -100,6 +101,9 @@ def run_up(values: Mapping[str, Any]) -> int:
             if stop.is_set():  # interrupted while loading
                 worker.stop()
                 return 0
+            assert worker.stream is not None
+            worker.stream.ensure_group()
+            trainer = TrainerSupervisor(values, valkey.url, store_url, data_dir).start()
 
             def ready(port: int, metrics_port: int) -> None:
                 step()
@@ -108,7 +112,10 @@ def run_up(values: Mapping[str, Any]) -> int:
                                 data_dir, store_url, resolved.service.api_keys.tenants
                                 if resolved.service.api_keys.enabled else ()), flush=True)
 
-            serve(service, worker, stop, on_ready=ready)
+            try:
+                serve(service, worker, stop, on_ready=ready)
+            finally:
+                trainer.stop()
         finally:
             valkey.stop()
     print("personalize up: stopped", flush=True)
@@ -118,13 +125,15 @@ def run_up(values: Mapping[str, Any]) -> int:
 def run_serve(role: str, values: Mapping[str, Any]) -> int:
     """`personalize serve --role ROLE` with resolved setting values, against external Valkey/Redis and an
     object store; blocks until SIGTERM/SIGINT."""
-    if role != "worker":
-        raise LaunchError(f"role {role!r} is not available yet; this release serves --role worker")
+    if role not in ("worker", "trainer"):
+        raise LaunchError(f"role {role!r} is not available; choose worker or trainer")
     missing = [f"{settings.BY_KEY[k].flag} / {settings.BY_KEY[k].env}" for k in ("registry_url", "store_url")
                if not values[k]]
     if missing:
         raise LaunchError(f"serve needs {' and '.join(missing)}; to run everything on one machine without "
                           "setup, use `personalize up`")
+    if role == "trainer":
+        return run_trainer(values)
     check_ports(values["service.host"], values)
     resolved = settings.build({**values, "data_dir": str(Path(values["data_dir"]).expanduser().resolve())})
     from personalize.worker import bootstrap
@@ -146,6 +155,77 @@ def run_serve(role: str, values: Mapping[str, Any]) -> int:
 
         serve(resolved.service, worker, stop, on_ready=ready)
     return 0
+
+
+def run_trainer(values: Mapping[str, Any]) -> int:
+    """`personalize serve --role trainer`: consume feedback, train, publish; blocks until SIGTERM/SIGINT.
+
+    The node id names its consumer in the stream's group: keep it stable across restarts (the pod name),
+    so a restarted trainer resumes its own pending events first.
+    """
+    resolved = settings.build({**values, "data_dir": str(Path(values["data_dir"]).expanduser().resolve())})
+    from personalize.feedback.runner import bootstrap_trainer
+    from personalize_service.worker_server import stop_on_signals
+
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        config = resolved.config
+        trainer = bootstrap_trainer(config, config.registry_url, config.store_url, consumer=config.node_id)
+        print(f"personalize serve: trainer {config.node_id} consuming {config.feedback.partitions} feedback "
+              f"partition(s)", flush=True)
+        trainer.run_forever(stop)
+    print("personalize serve: trainer stopped", flush=True)
+    return 0
+
+
+TRAINER_KEYS = ("model.", "lora.r_max", "feedback.", "trainer.")
+"""Settings `up` passes on to the trainer process it supervises."""
+
+
+class TrainerSupervisor:
+    """`up`'s trainer: a child process (so a crash or SIGKILL never takes the worker down), restarted
+    whenever it exits while `up` runs. Its pid is kept in DATA_DIR/trainer.pid."""
+
+    def __init__(self, values: Mapping[str, Any], registry_url: str, store_url: str, data_dir: Path) -> None:
+        self.args = [sys.executable, "-m", "personalize_service.cli", "serve", "--role", "trainer",
+                     "--registry-url", registry_url, "--store-url", store_url, "--data-dir", str(data_dir),
+                     "--node-id", "trainer-0"]
+        for setting in settings.SETTINGS:
+            if setting.key.startswith(TRAINER_KEYS):
+                self.args += [setting.flag, setting.show(values[setting.key])]
+        self.pid_file = data_dir / "trainer.pid"
+        self._stop = threading.Event()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._thread = threading.Thread(target=self._run, name="trainer-supervisor", daemon=True)
+        self.restarts = 0
+
+    def start(self) -> TrainerSupervisor:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL)
+            self.pid_file.write_text(str(self._proc.pid))
+            code = self._proc.wait()
+            if self._stop.is_set():
+                break
+            self.restarts += 1
+            log.warning("trainer exited with %s; restarting it", code)
+            self._stop.wait(0.5)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self._stop.set()
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._thread.join(timeout)
+        self.pid_file.unlink(missing_ok=True)
 
 
 def up_banner(port: int, metrics_port: int, node_id: str, model: str, fingerprint: str, valkey_url: str,

@@ -178,6 +178,18 @@ SETTINGS: tuple[Setting, ...] = (
        "requests a tenant may make at once above the rate", metavar="N"),
     _s("limits.max_concurrent_generations", "--max-concurrent", "PERSONALIZE_MAX_CONCURRENT", 256, _int,
        "generations one tenant may have running or queued", metavar="N"),
+    # -- feedback and training
+    _s("feedback.partitions", "--feedback-partitions", "PERSONALIZE_FEEDBACK_PARTITIONS", 4, _int,
+       "feedback streams; fixed for the life of a deployment", metavar="P"),
+    _s("trainer.steps", "--train-steps", "PERSONALIZE_TRAIN_STEPS", 8, _int,
+       "optimizer steps per training round", metavar="N"),
+    _s("trainer.lr", "--train-lr", "PERSONALIZE_TRAIN_LR", 5e-3, _float, "trainer learning rate", metavar="LR"),
+    _s("trainer.rank", "--train-rank", "PERSONALIZE_TRAIN_RANK", 8, _int, "rank of a new user's adapter",
+       metavar="R"),
+    _s("trainer.max_events", "--train-max-events", "PERSONALIZE_TRAIN_MAX_EVENTS", 512, _int,
+       "most events in one training round", metavar="N"),
+    _s("trainer.claim_idle_ms", "--claim-idle-ms", "PERSONALIZE_CLAIM_IDLE_MS", 30_000, _int,
+       "a dead trainer's events are claimed after this idle time", metavar="MS"),
     # -- up only
     _s("workers", "--workers", "PERSONALIZE_WORKERS", 1, _int,
        "worker processes behind a router; only 1 for now", (UP,), "N"),
@@ -285,6 +297,8 @@ def build(values: Mapping[str, Any]) -> Resolved:
     # Imported here: they pull in torch, which client commands and --help never need.
     from personalize.config import Config, LoraConfig
     from personalize.engine.engine import EngineConfig
+    from personalize.feedback.stream import StreamConfig
+    from personalize.feedback.trainer import TrainerConfig
     from personalize.model import ModelConfig
     from personalize_service.auth import ApiKeys, load_api_keys
     from personalize_service.limits import Limits
@@ -293,7 +307,9 @@ def build(values: Mapping[str, Any]) -> Resolved:
     config = Config(node_id=values["node_id"], data_dir=values["data_dir"],
                     registry_url=values.get("registry_url", ""), store_url=values.get("store_url", ""),
                     model=ModelConfig(**_section(values, "model.")), lora=LoraConfig(**_section(values, "lora.")),
-                    engine=EngineConfig(**_section(values, "engine.")), load_timeout_s=values["load_timeout_s"])
+                    engine=EngineConfig(**_section(values, "engine.")), load_timeout_s=values["load_timeout_s"],
+                    feedback=StreamConfig(**_section(values, "feedback.")),
+                    trainer=TrainerConfig(**_section(values, "trainer.")))
     service_values = _section(values, "service.")
     keys_file, keys_text = service_values.pop("api_keys_file"), service_values.pop("api_keys")
     if keys_file and keys_text:

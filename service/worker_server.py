@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from personalize.errors import InvalidArgument
+from personalize.feedback.events import FeedbackEvent
 from personalize.worker import Generation, Worker
 from personalize_service import convert
 from personalize_service.auth import ApiKeys, current_tenant
@@ -135,11 +136,11 @@ class PersonalizeServicer(pb_grpc.PersonalizeServicer):
         yield convert.final_chunk(result, generation.info)
 
     def SubmitFeedback(self, request: pb.FeedbackRequest, context: grpc.ServicerContext) -> pb.FeedbackAck:
-        convert.feedback_args(request, self.limits)  # bad input is still INVALID_ARGUMENT
-        context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                      "SubmitFeedback is not served by this version: feedback and training come in a later "
-                      "release")
-        raise AssertionError("unreachable: abort raises")
+        a = convert.feedback_args(request, self.limits)
+        event = FeedbackEvent(current_tenant(), a.user_id, a.kind, a.prompt, a.completion, a.correction,
+                              a.rejected, a.event_key)
+        event_id, partition = self.worker.submit_feedback(event)  # returns only after the durable append
+        return convert.feedback_ack(event_id, partition)
 
     def GetAdapter(self, request: pb.GetAdapterRequest, context: grpc.ServicerContext) -> pb.AdapterInfo:
         user_id = check_user_id(request.user_id, self.limits)
