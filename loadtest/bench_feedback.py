@@ -65,9 +65,10 @@ def start_stack(tmp: Path, trainer_cfg: TrainerConfig) -> tuple[EmbeddedValkey, 
     return valkey, worker, trainer
 
 
-def quality(tmp: Path, events_per_user: int, tests_per_user: int) -> dict[str, Any]:
-    rnd = random.Random(0)
-    valkey, worker, trainer = start_stack(tmp, TrainerConfig(steps=8))
+def quality(tmp: Path, events_per_user: int, tests_per_user: int, seed: int = 0,
+            trainer_config: TrainerConfig | None = None) -> dict[str, Any]:
+    rnd = random.Random(seed)
+    valkey, worker, trainer = start_stack(tmp, trainer_config or TrainerConfig())
     try:
         signatures = {n: f"Ciao {n}! " for n in NAMES}
         arrivals = 4  # events reach the trainer over several rounds, as they would in production
@@ -153,7 +154,7 @@ def peft_sequential(worker: Worker, jobs: list[UserJob], folder: Path, cfg: Trai
 def training(tmp: Path, users: int, events: int, steps: int, repeats: int) -> dict[str, Any]:
     valkey, worker, _ = start_stack(tmp, TrainerConfig())
     try:
-        cfg = TrainerConfig(steps=steps, replay=0)
+        cfg = TrainerConfig(steps=steps, min_steps=steps, max_steps=steps, replay=0)  # exactly `steps` steps
         jobs = _round_jobs(worker, users, events, rank=8)
         folder = tmp / "train"
         folder.mkdir()
@@ -173,7 +174,7 @@ def training(tmp: Path, users: int, events: int, steps: int, repeats: int) -> di
 
 
 def freshness(tmp: Path, seconds: float, rate: float, users: int) -> dict[str, Any]:
-    valkey, worker, trainer = start_stack(tmp, TrainerConfig(steps=4, block_ms=50))
+    valkey, worker, trainer = start_stack(tmp, TrainerConfig(block_ms=50))
     stop = threading.Event()
     thread = threading.Thread(target=trainer.run_forever, args=(stop, 2.0), daemon=True)
     thread.start()

@@ -73,3 +73,46 @@ class StackedAdapters:
             b = self.b[(layer, m)]
             weights[module_key(layer, m)] = (a[u, :rank].detach().clone(), b[u, :rank].detach().T.contiguous())
         return Adapter(rank=rank, alpha=alpha, weights=weights, metadata=dict(metadata))
+
+
+class MaskedAdam:
+    """Adam (with decoupled weight decay) over stacked per-user tensors, updating only the users in a mask.
+
+    Dim 0 of every parameter is the user. A user outside the mask is left exactly as it is (moments and step
+    count too), which torch's Adam cannot do: its momentum would keep moving a user whose gradient is zero.
+    That lets each user train for their own number of steps inside one batched round.
+    """
+
+    def __init__(self, groups: list[tuple[list[nn.Parameter], float]], users: int,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        self.groups = groups
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        device = groups[0][0][0].device
+        self.t = torch.zeros(users, device=device)
+        self.m = {id(p): torch.zeros_like(p) for params, _ in groups for p in params}
+        self.v = {id(p): torch.zeros_like(p) for params, _ in groups for p in params}
+
+    def zero_grad(self) -> None:
+        for params, _ in self.groups:
+            for p in params:
+                p.grad = None
+
+    @torch.no_grad()
+    def step(self, active: Tensor) -> None:
+        """One update of the users where `active` (bool [U]) is set."""
+        b1, b2 = self.betas
+        self.t += active.to(self.t.dtype)
+        t = self.t.clamp(min=1)
+        for params, lr in self.groups:
+            for p in params:
+                if p.grad is None:
+                    continue
+                shape = (-1, *([1] * (p.dim() - 1)))
+                keep = active.view(shape)
+                m, v = self.m[id(p)], self.v[id(p)]
+                m.copy_(torch.where(keep, b1 * m + (1 - b1) * p.grad, m))
+                v.copy_(torch.where(keep, b2 * v + (1 - b2) * p.grad.square(), v))
+                m_hat = m / (1 - b1 ** t).view(shape)
+                v_hat = v / (1 - b2 ** t).view(shape)
+                update = lr * (m_hat / (v_hat.sqrt() + self.eps) + self.weight_decay * p)
+                p.sub_(torch.where(keep, update, torch.zeros_like(update)))

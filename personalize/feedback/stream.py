@@ -133,6 +133,12 @@ class FeedbackStream:
                                                           block=block_ms or None))
         return self._parse(reply or [])
 
+    def read_own_pending(self, consumer: str, count: int) -> list[Delivered]:
+        """Events delivered to this consumer name earlier and never acknowledged (it restarted mid-round)."""
+        streams = {self.stream_key(p): "0" for p in range(self.config.partitions)}
+        reply = self._call(lambda: self.client.xreadgroup(self.config.group, consumer, streams, count=count))
+        return self._parse(reply or [])
+
     def claim(self, consumer: str, min_idle_ms: int, count: int = 1000) -> list[Delivered]:
         """Take over events left pending by a dead (or this, restarted) consumer for at least min_idle_ms."""
         out: list[Delivered] = []

@@ -27,7 +27,7 @@ from personalize.errors import Conflict, InvalidArgument, PersonalizeError
 from personalize.feedback.batch import TrainBatch, build_batch
 from personalize.feedback.events import FeedbackEvent, event_id_key
 from personalize.feedback.losses import dpo_loss, sft_loss, token_logprobs, unlikelihood_loss
-from personalize.feedback.stacked import StackedAdapters
+from personalize.feedback.stacked import MaskedAdam, StackedAdapters
 from personalize.feedback.stream import Delivered, FeedbackStream
 from personalize.lora.adapter import Adapter
 from personalize.lora.format import zero_adapter
@@ -44,12 +44,17 @@ class TrainerConfig:
     """Rank of a new user's adapter."""
     alpha: float = 16.0
     """LoRA alpha of a new user's adapter."""
-    lr: float = 5e-3
+    lr: float = 3e-3
     """Adam learning rate."""
     lr_ratio_b: float = 4.0
     """Learning-rate multiplier of lora_b over lora_a (LoRA+)."""
-    steps: int = 8
-    """Optimizer steps per round."""
+    steps: int = 3
+    """Optimizer steps a user gets per new event in a round (replayed examples ride along), so the training
+    an event receives does not depend on how events happened to be split into rounds ..."""
+    min_steps: int = 1
+    """... but at least this many per round ..."""
+    max_steps: int = 48
+    """... and at most this many."""
     lora_dropout: float = 0.0
     """Dropout on the adapters' input while training."""
     weight_decay: float = 0.0
@@ -68,12 +73,21 @@ class TrainerConfig:
     """Pending events idle this long (their trainer died) are claimed."""
     block_ms: int = 200
     """How long a read waits for new events."""
+    linger_ms: int = 250
+    """After the first new events arrive, how long to keep gathering more into the same round (bigger
+    rounds batch better and train each user's burst together)."""
     replay: int = 16
     """Recent examples kept with each adapter and trained on again with new ones (0 = off)."""
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.steps < 1 or self.lr <= 0 or self.max_events < 1:
             raise InvalidArgument("trainer rank, steps, max_events must be >= 1 and lr > 0")
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise InvalidArgument("trainer steps need 1 <= min_steps <= max_steps")
+
+    def steps_for(self, new_events: int) -> int:
+        """Optimizer steps of a user bringing `new_events` new events to a round."""
+        return max(self.min_steps, min(self.max_steps, self.steps * new_events))
 
 
 @dataclass
@@ -116,24 +130,25 @@ def train_round(model: Any, tokenizer: Any, jobs: list[UserJob], config: Trainer
     eject(model)
     state = inject(model, stacked)
     # LoRA+: B learns faster than A (Hayou et al. 2024), which matters when B starts at zero.
-    opt = torch.optim.AdamW([{"params": list(stacked.a.values()), "lr": config.lr},
-                             {"params": list(stacked.b.values()), "lr": config.lr * config.lr_ratio_b}],
-                            weight_decay=config.weight_decay)
+    opt = MaskedAdam([(list(stacked.a.values()), config.lr), (list(stacked.b.values()), config.lr * config.lr_ratio_b)],
+                     users=len(jobs), weight_decay=config.weight_decay)
+    budget = torch.tensor([config.steps_for(len(j.events)) for j in jobs], device=device)
     finite = torch.ones(len(jobs), dtype=torch.bool, device=device)
     ref: torch.Tensor | None = None
     per_user = torch.zeros(len(jobs), device=device)
     try:
-        for _ in range(config.steps):
+        for step in range(int(budget.max())):
             per_user, ref = _user_losses(model, state, batch, config, ref, len(jobs))
             finite &= torch.isfinite(per_user)
-            total = torch.where(finite, per_user, torch.zeros_like(per_user)).sum()
-            opt.zero_grad(set_to_none=True)
-            if not finite.any():
+            active = finite & (budget > step)
+            total = torch.where(active, per_user, torch.zeros_like(per_user)).sum()
+            opt.zero_grad()
+            if not active.any():
                 break
             total.backward()
-            stacked.zero_users(~finite)
+            stacked.zero_users(~active)
             stacked.clip_per_user(config.grad_clip)
-            opt.step()
+            opt.step(active)
     finally:
         eject(model)
     adapters = [stacked.adapter(u, j.adapter.rank, j.adapter.alpha, j.adapter.metadata) for u, j in enumerate(jobs)]
@@ -209,6 +224,13 @@ class Trainer:
         room = max(0, self.config.max_events - len(got))
         if room:
             got += self.stream.read(self.consumer, room, 0 if got else self.config.block_ms)
+        deadline = time.monotonic() + self.config.linger_ms / 1000
+        while got and len(got) < self.config.max_events and time.monotonic() < deadline:
+            more = self.stream.read(self.consumer, self.config.max_events - len(got),
+                                    max(1, int((deadline - time.monotonic()) * 1000)))
+            if not more:
+                break
+            got += more
         unique = {d.event_id + "@" + str(d.partition): d for d in got}
         return sorted(unique.values(), key=lambda d: event_id_key(d.event_id))
 
@@ -301,6 +323,7 @@ class Trainer:
     def run_forever(self, stop: threading.Event, claim_every_s: float = 5.0) -> None:
         """Rounds until `stop` is set; failures of a dependency back off and retry (events stay pending)."""
         self.stream.ensure_group()
+        self._carry = self.stream.read_own_pending(self.consumer, self.config.max_events)  # restarted mid-round?
         last_claim = 0.0
         while not stop.is_set():
             try:

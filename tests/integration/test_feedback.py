@@ -39,7 +39,7 @@ def parts(valkey_url: str, tmp_path: Path, base: BaseModel) -> dict[str, Any]:
 
 
 def _trainer(base: BaseModel, parts: dict[str, Any], name: str, **cfg: Any) -> Trainer:
-    config = TrainerConfig(**{"steps": 2, "block_ms": 50, "claim_idle_ms": 0, **cfg})
+    config = TrainerConfig(**{"steps": 1, "min_steps": 1, "max_steps": 2, "block_ms": 50, "claim_idle_ms": 0, **cfg})
     return Trainer(config, base, parts["repo"], parts["stream"], consumer=name)
 
 
@@ -103,7 +103,7 @@ def test_deleted_users_events_are_dropped_and_nothing_is_published(base: BaseMod
 def test_non_finite_rounds_go_to_dead_letters(base: BaseModel, parts: dict[str, Any]) -> None:
     stream: FeedbackStream = parts["stream"]
     event_id, p = stream.append(_event("gina", 0))
-    trainer = _trainer(base, parts, "t3", lr=float("inf"), steps=2, max_attempts=2)
+    trainer = _trainer(base, parts, "t3", lr=float("inf"), min_steps=2, max_attempts=2)
     first = trainer.run_round()
     assert first.failed_users == 1 and first.published == []
     second = trainer.run_round()

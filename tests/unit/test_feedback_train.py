@@ -61,7 +61,7 @@ def test_batch_labels_cover_only_the_answer(base: BaseModel) -> None:
 
 def test_users_trained_together_equal_users_trained_alone(base: BaseModel) -> None:
     """Gradients never mix: a user's new adapter does not depend on who else shared the round."""
-    cfg = TrainerConfig(steps=3, lr=1e-2)
+    cfg = TrainerConfig(steps=2, min_steps=2, lr=1e-2)  # users get 2, 4 and 6 steps: budgets differ
     model = copy.deepcopy(base.model).requires_grad_(False)
     jobs = [_job(base, "alice", ["correct", "accept"], 1), _job(base, "bob", ["reject", "prefer", "correct"], 2),
             _job(base, "carol", ["prefer"], 3, rank=8)]
@@ -80,8 +80,8 @@ def test_users_trained_together_equal_users_trained_alone(base: BaseModel) -> No
 def test_training_lowers_the_loss_and_keeps_padding_zero(base: BaseModel) -> None:
     model = copy.deepcopy(base.model).requires_grad_(False)
     jobs = [_job(base, "dave", ["correct"] * 4, 4, rank=2), _job(base, "erin", ["correct"] * 4, 5, rank=8)]
-    _, _, first = train_round(model, base.tokenizer, jobs, TrainerConfig(steps=1))
-    adapters, _, later = train_round(model, base.tokenizer, jobs, TrainerConfig(steps=12, lr=1e-2))
+    _, _, first = train_round(model, base.tokenizer, jobs, TrainerConfig(steps=1, min_steps=1, max_steps=1))
+    adapters, _, later = train_round(model, base.tokenizer, jobs, TrainerConfig(steps=3, min_steps=12, lr=1e-2))
     assert all(b < a for a, b in zip(first, later, strict=True))
     assert all(a.shape[0] == 2 for a, _ in adapters[0].weights.values())
 
@@ -89,7 +89,7 @@ def test_training_lowers_the_loss_and_keeps_padding_zero(base: BaseModel) -> Non
 def test_non_finite_loss_publishes_nothing(base: BaseModel) -> None:
     model = copy.deepcopy(base.model).requires_grad_(False)
     jobs = [_job(base, "frank", ["correct"], 6)]
-    _, finite, _ = train_round(model, base.tokenizer, jobs, TrainerConfig(steps=3, lr=float("inf")))
+    _, finite, _ = train_round(model, base.tokenizer, jobs, TrainerConfig(min_steps=3, lr=float("inf")))
     assert finite == [False]
 
 
