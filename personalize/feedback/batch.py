@@ -31,6 +31,15 @@ class TrainBatch:
     """[P, 2] rows (chosen, rejected) of prefer events (DPO)."""
 
 
+def select_rows(batch: TrainBatch, rows: Tensor) -> TrainBatch:
+    """The batch restricted to rows where `rows` (bool [N]) is set; a prefer pair is kept or dropped whole."""
+    new_index = torch.cumsum(rows.long(), 0) - 1
+    keep_pairs = rows[batch.pairs[:, 0]] & rows[batch.pairs[:, 1]] if batch.pairs.numel() else rows[:0]
+    return TrainBatch(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows],
+                      labels=batch.labels[rows], user_index=batch.user_index[rows], is_sft=batch.is_sft[rows],
+                      is_reject=batch.is_reject[rows], pairs=new_index[batch.pairs[keep_pairs]].view(-1, 2))
+
+
 def encode_example(tokenizer: Any, prompt: str, answer: str, max_tokens: int) -> tuple[list[int], list[int]]:
     """(ids, labels) for prompt + answer + EOS; the prompt is context only. Keeps the end if too long."""
     bos = getattr(tokenizer, "bos_token_id", None)

@@ -24,7 +24,7 @@ from personalize.adapters.registry import AdapterRecord
 from personalize.adapters.repository import AdapterRepository
 from personalize.adapters.store.keys import user_digest
 from personalize.errors import Conflict, InvalidArgument, PersonalizeError
-from personalize.feedback.batch import TrainBatch, build_batch
+from personalize.feedback.batch import TrainBatch, build_batch, select_rows
 from personalize.feedback.events import FeedbackEvent, event_id_key
 from personalize.feedback.losses import dpo_loss, sft_loss, token_logprobs, unlikelihood_loss
 from personalize.feedback.stacked import MaskedAdam, StackedAdapters
@@ -44,11 +44,11 @@ class TrainerConfig:
     """Rank of a new user's adapter."""
     alpha: float = 16.0
     """LoRA alpha of a new user's adapter."""
-    lr: float = 3e-3
+    lr: float = 2e-3
     """Adam learning rate."""
     lr_ratio_b: float = 4.0
     """Learning-rate multiplier of lora_b over lora_a (LoRA+)."""
-    steps: int = 3
+    steps: int = 4
     """Optimizer steps a user gets per new event in a round (replayed examples ride along), so the training
     an event receives does not depend on how events happened to be split into rounds ..."""
     min_steps: int = 1
@@ -59,7 +59,7 @@ class TrainerConfig:
     """Dropout on the adapters' input while training."""
     weight_decay: float = 0.0
     """Decoupled weight decay (AdamW) on the adapters."""
-    max_events: int = 512
+    max_events: int = 256
     """Most events taken into one round."""
     max_tokens: int = 256
     """Longest training example (prompt + answer), in tokens; longer ones keep their end."""
@@ -77,13 +77,19 @@ class TrainerConfig:
     """After the first new events arrive, how long to keep gathering more into the same round (bigger
     rounds batch better and train each user's burst together)."""
     replay: int = 16
-    """Recent examples kept with each adapter and trained on again with new ones (0 = off)."""
+    """Recent examples kept with each adapter and trained on again with new ones (0 = off) ..."""
+    replay_per_event: int = 3
+    """... at most this many of them per new event in a round (keeps rounds of trickling feedback small)."""
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.steps < 1 or self.lr <= 0 or self.max_events < 1:
             raise InvalidArgument("trainer rank, steps, max_events must be >= 1 and lr > 0")
         if not 1 <= self.min_steps <= self.max_steps:
             raise InvalidArgument("trainer steps need 1 <= min_steps <= max_steps")
+
+    def replay_for(self, new_events: int) -> int:
+        """Examples (new plus replayed) a user with `new_events` new events trains on in a round."""
+        return new_events + min(self.replay, self.replay_per_event * new_events)
 
     def steps_for(self, new_events: int) -> int:
         """Optimizer steps of a user bringing `new_events` new events to a round."""
@@ -125,7 +131,7 @@ def train_round(model: Any, tokenizer: Any, jobs: list[UserJob], config: Trainer
                 device: torch.device | str = "cpu") -> tuple[list[Adapter], list[bool], list[float]]:
     """Train every job's adapter together. Returns (new adapters, finite flags, last loss) per job."""
     stacked = StackedAdapters([j.adapter for j in jobs], model.config, device=device)
-    batch = build_batch(tokenizer, [j.examples(max(config.replay, len(j.events))) for j in jobs],
+    batch = build_batch(tokenizer, [j.examples(config.replay_for(len(j.events))) for j in jobs],
                         config.max_tokens, device)
     eject(model)
     state = inject(model, stacked)
@@ -138,9 +144,16 @@ def train_round(model: Any, tokenizer: Any, jobs: list[UserJob], config: Trainer
     per_user = torch.zeros(len(jobs), device=device)
     try:
         for step in range(int(budget.max())):
-            per_user, ref = _user_losses(model, state, batch, config, ref, len(jobs))
-            finite &= torch.isfinite(per_user)
             active = finite & (budget > step)
+            if not active.any():
+                break
+            rows = active[batch.user_index]  # only users with steps left pay for a forward/backward
+            sub = batch if bool(rows.all()) else select_rows(batch, rows)
+            per_user, sub_ref = _user_losses(model, state, sub, config, None if ref is None else ref[rows],
+                                             len(jobs))
+            ref = sub_ref if ref is None else ref  # step 0 runs every row: the reference is complete
+            finite &= torch.isfinite(per_user) | ~active
+            active &= finite
             total = torch.where(active, per_user, torch.zeros_like(per_user)).sum()
             opt.zero_grad()
             if not active.any():

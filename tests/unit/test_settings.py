@@ -27,7 +27,7 @@ UNEXPOSED = {"model.seed", "lora.target_modules", "engine.max_prefill_tokens", "
              "feedback.namespace", "feedback.group", "feedback.idempotency_ttl_s", "feedback.max_len",
              "trainer.alpha", "trainer.lr_ratio_b", "trainer.max_tokens", "trainer.beta", "trainer.grad_clip",
              "trainer.max_attempts", "trainer.block_ms", "trainer.replay", "trainer.lora_dropout",
-             "trainer.weight_decay"}
+             "trainer.weight_decay", "trainer.replay_per_event", "trainer.linger_ms"}
 """Dataclass fields deliberately left at their defaults (no flag): changing them needs code review."""
 ROOTS: dict[str, Any] = {"": Config(), "service.": ServiceConfig(), "limits.": Limits()}
 
