@@ -39,3 +39,37 @@ run: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# ---- deployment: Dockerfile and k8s/ (docs/deploy.md) ---------------------------------------------
+CHECKOV := checkov==3.3.30
+CHECKOV_VENV := .venv-checkov
+
+.PHONY: wheel checkov-venv k8s-check
+
+# The package wheel (library, service, generated stubs), built as the Dockerfile builds it.
+wheel: venv
+	$(BIN)/pip wheel --no-deps --wheel-dir dist .
+
+# checkov pins old versions of common packages, so it gets a virtualenv of its own; the stamp holds the
+# pin, and a new pin rebuilds it. tests/unit/test_k8s.py runs this target when it needs checkov.
+checkov-venv:
+	@test "$$(cat $(CHECKOV_VENV)/.installed 2>/dev/null)" = "$(CHECKOV)" || { \
+		rm -rf $(CHECKOV_VENV) && $(PY) -m venv $(CHECKOV_VENV) \
+		&& $(CHECKOV_VENV)/bin/pip install -q $(CHECKOV) \
+		&& echo "$(CHECKOV)" > $(CHECKOV_VENV)/.installed; }
+
+# Render every overlay, validate it against the Kubernetes schemas, scan it with checkov, and check the
+# manifests and the Dockerfile against the service's settings (also part of `make test`'s pytest run).
+k8s-check: venv checkov-venv
+	$(BIN)/python -m pytest -q tests/unit/test_k8s.py tests/unit/test_k8s_image.py
+
+# Load test (docs/benchmarks.md): `personalize up --workers 2` on a temp data dir (one worker while `up`
+# refuses more), locust headless for DURATION seconds with USERS users, report in loadtest/results/<time>/.
+DURATION ?= 60
+USERS ?= 20
+SPAWN_RATE ?= 5
+LOADTEST_ARGS ?=
+.PHONY: loadtest
+loadtest: venv
+	$(BIN)/python loadtest/loadtest_run.py --duration $(DURATION) --users $(USERS) --spawn-rate $(SPAWN_RATE) \
+		$(LOADTEST_ARGS)

@@ -133,7 +133,9 @@ def main() -> None:
         "peft_mixed": lambda: run_peft_mixed(peft, prompt_t.to(dev), names, n),
         "peft_sequential": lambda: run_peft_sequential(peft, prompt_t[:seq_n].to(dev), names[:seq_n], n),
     }
-    run_engine(engine, prompts[:2], [0, 1], 2)  # warm-up
+    run_engine(engine, prompts[:2], [0, 1], 2)  # warm-up: first calls pay for allocation and thread start
+    run_engine(base_engine, prompts[:2], [None, None], 2)
+    run_peft_mixed(peft, prompt_t[:2].to(dev), names[:2], 2)
     samples: dict[str, list[float]] = {m: [] for m in modes}
     for rep in range(repeats):
         for mode, fn in modes.items():

@@ -6,12 +6,18 @@ ring            lookup cost (route_key + owner / pick / balancer acquire+release
 cache_hit_rate  each worker an LRU of adapters; the same Zipf request stream routed by the ring (bounded
                 loads, sticky spill), by the ring with stateless spill, by round robin, and to one ideal
                 LRU with the whole capacity. miss_ratio = round-robin misses / consistent-hash misses.
-cluster         (--cluster) real workers and router: not implemented yet, reported as null.
+cluster         (--cluster) `personalize up --workers 3` on the tiny model with 30 imported adapters, each
+                worker's device tier sized for a third of them: the real per-tier hit rates (Admin.Stats
+                counter deltas) of one Zipf stream sent through the router (consistent_hash), to the
+                workers in turn (round_robin), and to one extra worker with all three device budgets
+                (ideal); miss_ratio = round-robin device misses / consistent-hash device misses. Then
+                router_overhead_ms_p50: p50 Generate(max_new_tokens=1) via the router minus straight to
+                the owner, interleaved (and the same for the SDK's routing client). --quick: < 2 minutes.
 
     python loadtest/bench_routing.py [--quick] [--json loadtest/results/bench_routing.json] [--cluster]
 
-Pure CPU, one process. Zipf samples are a bounded Zipf over the user ranks (inverse CDF, seeded); the
-load of a worker is the number of requests assigned to it so far (no request ever finishes).
+The simulation is pure CPU, one process. Zipf samples are a bounded Zipf over the user ranks (inverse CDF,
+seeded); the load of a worker is the number of requests assigned to it so far (no request ever finishes).
 """
 
 from __future__ import annotations
@@ -19,19 +25,26 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from personalize.routing.ring import DEFAULT_STICKY_KEYS, DEFAULT_VNODES, BoundedLoadBalancer, Ring, route_key
+from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
+from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
 
 TENANT = "bench"
 TARGETS: dict[str, tuple[str, float]] = {
@@ -40,6 +53,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "ring.max_over_avg_load": ("<=", 1.25),
     "cache_hit_rate.consistent_hash_over_ideal": (">=", 0.97),
     "cache_hit_rate.miss_ratio": (">=", 1.5),
+    "cache_hit_rate_cluster.miss_ratio": (">=", 1.5),
 }
 
 
@@ -176,12 +190,202 @@ def simulate(cfg: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
     return loads, hits
 
 
-# ---- real cluster (later) -----------------------------------------------------------------------
+# ---- real cluster ---------------------------------------------------------------------------------
 
-def measure_cluster(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Router overhead and hit rates on real worker processes behind the router. Not implemented
-    yet: returns None, and the figures it will provide are reported as null."""
-    return None
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The --cluster run: `personalize up --workers 3` on the tiny model, Zipf traffic over imported adapters."""
+
+    workers: int = 3
+    adapters: int = 30
+    rank: int = 8
+    requests: int = 1500
+    """Measured Generate calls per routing strategy."""
+    warmup: int = 300
+    """Unmeasured calls before each strategy's measurement (same distribution, another seed)."""
+    concurrency: int = 4
+    zipf_s: float = 1.1
+    overhead_pairs: int = 300
+    seed: int = 0
+
+    @property
+    def slots_per_worker(self) -> int:
+        return math.ceil(self.adapters / self.workers)
+
+
+def _cache_flags(base: Any, cfg: ClusterConfig, slots: int) -> list[str]:
+    """Device and host budgets of `slots` adapters of rank cfg.rank (disk holds them all)."""
+    from personalize.adapters.cache import slot_nbytes
+    from personalize.lora.adapter import TARGET_MODULES
+    device = slots * slot_nbytes(base.config, cfg.rank, TARGET_MODULES, base.dtype)
+    return ["--max-rank", str(cfg.rank), "--device-cache", str(device), "--host-cache", str(device),
+            "--disk-cache", "64MiB"]
+
+
+def _import_adapters(client: Any, base: Any, cfg: ClusterConfig) -> list[str]:
+    """cfg.adapters users with a random PEFT adapter each, imported through `client`; their ids."""
+    import torch
+
+    from personalize.lora.format import AdapterSpec, random_adapter, write_peft
+    spec = AdapterSpec.for_model(base, cfg.rank)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    users = [f"user-{i}" for i in range(cfg.adapters)]
+    for user in users:
+        client.import_adapter(user, write_peft(random_adapter(spec, cfg.rank, 2.0 * cfg.rank, generator), spec))
+    return users
+
+
+def _tier_counts(admin: Any, nodes: set[str]) -> Counter[str]:
+    """Summed hit/miss counters of `nodes` from Admin.Stats: keys `hits.<tier>`, `misses.<tier>`."""
+    counts: Counter[str] = Counter()
+    for node in admin.Stats(pb.StatsRequest(), timeout=60).nodes:
+        if node.node_id in nodes:
+            for kind in ("hits", "misses"):
+                counts.update({f"{kind}.{tier}": n for tier, n in getattr(node, kind).items()})
+    return counts
+
+
+def _tier_rates(before: Counter[str], after: Counter[str]) -> dict[str, float | None]:
+    """Per tier: hits / (hits + misses) over the counter deltas (device: of all acquires; lower tiers: of
+    the loads that reached them); None for a tier nothing reached."""
+    rates: dict[str, float | None] = {}
+    for tier in ("device", "host", "disk", "store"):
+        hits = after[f"hits.{tier}"] - before[f"hits.{tier}"]
+        misses = after[f"misses.{tier}"] - before[f"misses.{tier}"]
+        rates[tier] = hits / (hits + misses) if hits + misses else None
+    return rates
+
+
+def _drive(cfg: ClusterConfig, calls: list[tuple[Any, str]]) -> None:
+    """Generate(max_new_tokens=1) for each (stub, user), cfg.concurrency at a time; failures raise."""
+    def one(call: tuple[Any, str]) -> None:
+        stub, user = call
+        stub.Generate(pb.GenerateRequest(user_id=user, prompt="Hello", max_new_tokens=1), timeout=120)
+    with ThreadPoolExecutor(cfg.concurrency) as pool:
+        list(pool.map(one, calls))
+
+
+def _strategy(cfg: ClusterConfig, admin: Any, nodes: set[str], route: Callable[[int, str], Any],
+              users: list[str]) -> dict[str, float | None]:
+    """Warm up, then measure per-tier hit rates of the Zipf stream sent where route(index, user) says."""
+    warm = [users[r] for r in zipf_ranks(len(users), cfg.warmup, cfg.zipf_s, cfg.seed + 1)]
+    _drive(cfg, [(route(i, u), u) for i, u in enumerate(warm)])
+    stream = [users[r] for r in zipf_ranks(len(users), cfg.requests, cfg.zipf_s, cfg.seed)]
+    before = _tier_counts(admin, nodes)
+    _drive(cfg, [(route(i, u), u) for i, u in enumerate(stream)])
+    return _tier_rates(before, _tier_counts(admin, nodes))
+
+
+def _p50_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def _overhead(cfg: ClusterConfig, router: Any, direct: dict[str, Any], routing_client: Any,
+              users: list[str]) -> dict[str, float]:
+    """p50 Generate(max_new_tokens=1) latency via the router, via the SDK's routing client and straight
+    to the owner, interleaved call by call (each user's adapter resident)."""
+    times: dict[str, list[float]] = {"router": [], "routing_client": [], "direct": []}
+    request = pb.GenerateRequest(prompt="Hello", max_new_tokens=1)
+    for i in range(cfg.overhead_pairs):
+        request.user_id = users[i % len(users)]
+        start = time.perf_counter()
+        owner = router.Generate(request, timeout=60).node_id
+        times["router"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        routing_client.generate(request.user_id, "Hello", max_new_tokens=1)
+        times["routing_client"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        direct[owner].Generate(request, timeout=60)
+        times["direct"].append(time.perf_counter() - start)
+    p50 = {name: _p50_ms(samples) for name, samples in times.items()}
+    return {"router_ms_p50": p50["router"], "routing_client_ms_p50": p50["routing_client"],
+            "direct_ms_p50": p50["direct"], "router_overhead_ms_p50": p50["router"] - p50["direct"],
+            "routing_client_overhead_ms_p50": p50["routing_client"] - p50["direct"]}
+
+
+class _Stages:
+    """Seconds per stage of the run, for the report."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 1)
+        self._last = now
+
+
+def measure_cluster(args: argparse.Namespace) -> dict[str, Any]:
+    """Real per-tier cache hit rates of one Zipf request stream on `personalize up --workers 3` (each
+    worker's device tier holds a third of the adapters): routed by the router (consistent hashing), sent
+    to the workers in turn (round robin), and sent to one extra worker with the devices of all three
+    (ideal; started during the round-robin phase, which does not use the router); then the router's
+    overhead. Rates come from Admin.Stats counter deltas."""
+    from personalize.model import ModelConfig, load_base_model
+    from personalize_service.client import PersonalizeClient
+    from tests.e2e.upserver import start_server, start_up
+
+    cfg = ClusterConfig(requests=300 if args.quick else 1500, warmup=90 if args.quick else 300,
+                        overhead_pairs=60 if args.quick else 300, seed=args.seed)
+    base = load_base_model(ModelConfig())
+    stages = _Stages()
+    with tempfile.TemporaryDirectory(prefix="bench-routing-") as tmp, ThreadPoolExecutor(1) as background:
+        root = Path(tmp)
+        up = start_up(root / "data", root / "up.log", "--workers", str(cfg.workers), "--threads", "64",
+                      *_cache_flags(base, cfg, cfg.slots_per_worker))
+        stages.done("start_cluster")
+        ideal = None
+        try:
+            registry = re.search(r"embedded Valkey (redis://\S+)", up.log())
+            assert registry is not None, up.log()
+            with up.channel() as channel, PersonalizeClient(up.target, timeout=120) as client:
+                router, admin = pb_grpc.PersonalizeStub(channel), pb_grpc.AdminStub(channel)
+                users = _import_adapters(client, base, cfg)
+                nodes = {n.node_id: n.address for n in admin.ListNodes(pb.ListNodesRequest(), timeout=10).nodes}
+                direct = {n: pb_grpc.PersonalizeStub(grpc.insecure_channel(a)) for n, a in nodes.items()}
+                order = sorted(direct)
+                stages.done("import_adapters")
+                rates = {"consistent_hash": _strategy(cfg, admin, set(nodes), lambda i, u: router, users)}
+                stages.done("consistent_hash")
+                starting = background.submit(start_server, _ideal_command(base, cfg, registry[1], up.data_dir, root),
+                                             root / "ideal", root / "ideal.log")
+                rates["round_robin"] = _strategy(cfg, admin, set(nodes), lambda i, u: direct[order[i % len(order)]],
+                                                 users)
+                stages.done("round_robin")
+                ideal = starting.result()
+                ideal_stub = pb_grpc.PersonalizeStub(grpc.insecure_channel(ideal.target))
+                rates["ideal"] = _strategy(cfg, admin, {"ideal"}, lambda i, u: ideal_stub, users)
+                stages.done("ideal")
+                direct["ideal"] = ideal_stub  # it joined the ring too: the router now routes to it as well
+                with PersonalizeClient.discover(registry[1], timeout=60) as routing_client:
+                    overhead = _overhead(cfg, router, direct, routing_client, users)
+                stages.done("overhead")
+        finally:
+            if ideal is not None:
+                ideal.process.terminate()
+            up.stop()
+            if ideal is not None:
+                ideal.stop()
+            stages.done("stop")
+    return _cluster_result(cfg, rates, overhead, stages.seconds)
+
+
+def _ideal_command(base: Any, cfg: ClusterConfig, registry_url: str, data_dir: Path, root: Path) -> list[str]:
+    """One more worker with the device and host budgets of all the cluster's workers together."""
+    return [sys.executable, "-m", "personalize_service.cli", "serve", "--role", "worker", "--node-id", "ideal",
+            "--registry-url", registry_url, "--store-url", (data_dir / "store").as_uri(), "--data-dir",
+            str(root / "ideal"), "--port", "0", "--threads", "64",
+            *_cache_flags(base, cfg, cfg.slots_per_worker * cfg.workers)]
+
+
+def _cluster_result(cfg: ClusterConfig, rates: dict[str, dict[str, float | None]], overhead: dict[str, float],
+                    stages: dict[str, float]) -> dict[str, Any]:
+    device = {name: tiers["device"] for name, tiers in rates.items()}
+    ch, rr = device["consistent_hash"], device["round_robin"]
+    miss_ratio = (1 - rr) / (1 - ch) if ch is not None and rr is not None and ch < 1 else None
+    return {"config": asdict(cfg), "cache_hit_rate_cluster": {**device, "miss_ratio": miss_ratio},
+            "tiers": rates, **overhead, "stage_seconds": stages, "seconds": round(sum(stages.values()), 1)}
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -199,7 +403,9 @@ def flatten(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def check_targets(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
     checks = {}
     for name, (op, bound) in TARGETS.items():
-        value = flat[name]
+        value = flat.get(name)
+        if value is None:  # not measured in this run (--cluster figures)
+            continue
         ok = value <= bound if op == "<=" else value >= bound
         checks[name] = {"target": f"{op} {bound}", "value": value, "ok": bool(ok)}
     return checks
@@ -209,7 +415,7 @@ def print_table(flat: dict[str, Any], checks: dict[str, dict[str, Any]]) -> None
     width = max(len(k) for k in flat)
     print(f"{'routing benchmark':<{width}}  {'value':>12}  target")
     for name, value in flat.items():
-        if name.startswith(("config.", "targets.")):
+        if name.startswith(("config.", "targets.", "cluster.config.")):
             continue
         shown = "null" if value is None else f"{value:12.6f}" if isinstance(value, float) else f"{value!s:>12}"
         check = checks.get(name)
@@ -221,7 +427,8 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer lookup timings and join users (same stream)")
     ap.add_argument("--json", type=Path, help="write the result here")
-    ap.add_argument("--cluster", action="store_true", help="also measure a real router + workers (not yet)")
+    ap.add_argument("--cluster", action="store_true",
+                    help="also measure `personalize up --workers 3`: real hit rates and the router's overhead")
     ap.add_argument("--requests", type=int, default=1_000_000)
     ap.add_argument("--users", type=int, default=1_000_000)
     ap.add_argument("--eps", type=float, default=0.25)
@@ -244,12 +451,10 @@ def main() -> None:
     loads, hits = simulate(cfg)
     ring.update(loads)
     cluster = measure_cluster(args) if args.cluster else None
-    if args.cluster and cluster is None:
-        print("--cluster: the real-cluster measurement is not implemented yet; its figures are null",
-              file=sys.stderr)
-    overhead = None if cluster is None else cluster.get("router_overhead_ms_p50")
     result: dict[str, Any] = {"bench": "routing", "config": cfg, "ring": ring, "cache_hit_rate": hits,
-                              "router_overhead_ms_p50": overhead, "cluster": cluster}
+                              "cache_hit_rate_cluster": cluster.pop("cache_hit_rate_cluster") if cluster else None,
+                              "router_overhead_ms_p50": cluster.pop("router_overhead_ms_p50") if cluster else None,
+                              "cluster": cluster}
     checks = check_targets(flatten(result))
     result["targets"] = checks
     result["seconds"] = round(time.perf_counter() - started, 1)

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -118,6 +118,9 @@ class Worker:
         self.repo = AdapterRepository(registry, store, spec)
         self.stream = stream
         self.updates = updates
+        self.owns: Callable[[str, str], bool] | None = None
+        """(tenant, user_id) -> whether routing sends this user here; None = every user (one node). Set by
+        the service from membership, so only a user's owner loads their new versions eagerly."""
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -152,8 +155,10 @@ class Worker:
 
     # -- adapters ---------------------------------------------------------------------------------------------
     def _on_update(self, tenant: str, user_id: str, version: int) -> None:
-        """A trainer published a version: load it now, so the user's next request is a device hit."""
-        self.cache.prefetch(tenant, user_id, version)
+        """A trainer published a version: the user's owner loads it now, so their next request is a device
+        hit (other nodes would only evict their own users' adapters for it)."""
+        if self.owns is None or self.owns(tenant, user_id):
+            self.cache.prefetch(tenant, user_id, version)
 
     # -- feedback -----------------------------------------------------------------------------------------------
     def submit_feedback(self, event: FeedbackEvent) -> tuple[str, int]:

@@ -53,6 +53,7 @@ examples:
   personalize up                          # 127.0.0.1:50051, state in ./data
   personalize up --data-dir /tmp/pz --port 50052
   personalize up --model ./my-llama --device cuda
+  personalize up --workers 3              # 3 worker processes behind a consistent-hash router
   PERSONALIZE_API_KEYS="acme:s3cret,globex:t0ken" personalize up
 
 Every option can also come from its environment variable or a --config file (JSON or TOML);
@@ -64,6 +65,9 @@ example (the settings usually come from environment variables in a container):
   PERSONALIZE_STORE_URL='s3://adapters/prod?endpoint=minio:9000' \\
   PERSONALIZE_NODE_ID=worker-0 PERSONALIZE_HOST=0.0.0.0 PERSONALIZE_DEVICE=cuda \\
   personalize serve --role worker
+
+and the router in front of the workers (it finds them through the same registry):
+  PERSONALIZE_REGISTRY_URL=redis://valkey:6379/0 PERSONALIZE_HOST=0.0.0.0 personalize serve --role router
 
 Flags win over environment variables, which win over the --config file (JSON or TOML)."""
 
@@ -85,11 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {personalize.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_server_command(commands, settings.UP, "run everything on this machine: embedded Valkey, file store, "
-                        "one worker, on 127.0.0.1", UP_EPILOG)
+                        "one worker (or --workers N behind a router), on 127.0.0.1", UP_EPILOG)
     serve = _add_server_command(commands, settings.SERVE, "run one server role against external Valkey/Redis "
                                 "and S3 (production)", SERVE_EPILOG)
-    serve.add_argument("--role", choices=["worker", "trainer"], default="worker",
-                       help="worker: serves generations; trainer: consumes feedback and publishes new versions")
+    serve.add_argument("--role", choices=list(launcher.ROLES), default="worker",
+                       help="worker: serves generations; router: forwards each call to the worker owning its "
+                            "user; trainer: consumes feedback and publishes new versions")
     client = _client_options()
     _add_generate(commands, client)
     _add_feedback(commands, client)

@@ -12,6 +12,8 @@ Contract:
   ListNodes, and SubmitFeedback — which is made idempotent by always sending an `event_key` (a random one
   if the caller gives none; the server stores a repeated key once). ImportAdapter is never retried (each
   import makes a new version).
+- `PersonalizeClient.discover(registry_url, ...)` gives a RoutingClient (service/routing_client.py) that
+  sends each call straight to the worker owning its user instead of through the router.
 - Every failure raises `PersonalizeClientError` (a `grpc.RpcError` with `.code()` and `.details()`); the
   subclass for a status also derives from the matching `personalize.errors` class, so
   `except personalize.errors.NotFound` works on both sides of the wire.
@@ -26,7 +28,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
 import grpc
 
@@ -34,6 +36,9 @@ from personalize import errors
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
 from personalize_service.limits import IMPORT_FILE_NAMES
+
+if TYPE_CHECKING:
+    from personalize_service.routing_client import RoutingClient
 
 T = TypeVar("T")
 FeedbackKind = Literal["accept", "reject", "correct", "prefer"]
@@ -237,13 +242,7 @@ class PersonalizeClient:
     def __init__(self, target: str = "127.0.0.1:50051", api_key: str | None = None, timeout: float = 30.0,
                  tls: bool | bytes | grpc.ChannelCredentials | None = None, *, retries: int = 2,
                  backoff: float = 0.05) -> None:
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        self.timeout = timeout
-        self._metadata: tuple[tuple[str, str], ...] = ()
-        if api_key:
-            self._metadata = (("authorization", f"Bearer {api_key}"),)
-        self._retry = _Retry(retries=retries, backoff=backoff)
+        self._configure(api_key, timeout, _Retry(retries=retries, backoff=backoff))
         self._channel = _open_channel(target, tls)
         self._api = pb_grpc.PersonalizeStub(self._channel)
         self._admin = pb_grpc.AdminStub(self._channel)
@@ -256,7 +255,7 @@ class PersonalizeClient:
         """One completion with the user's current adapter (temperature 0 = greedy)."""
         request = _generate_request(user_id, prompt, max_new_tokens, temperature, top_p, seed, stop,
                                     use_base_model)
-        return self._unary(self._api.Generate, request, idempotent=True)
+        return self._call("Generate", request, idempotent=True)
 
     def generate_stream(self, user_id: str, prompt: str, *, max_new_tokens: int = 64,
                         temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
@@ -264,10 +263,7 @@ class PersonalizeClient:
         """The same as `generate`, as text pieces while they are produced; see GenerationStream."""
         request = _generate_request(user_id, prompt, max_new_tokens, temperature, top_p, seed, stop,
                                     use_base_model)
-        deadline = time.monotonic() + self.timeout
-        return GenerationStream(
-            lambda: self._api.GenerateStream(request, timeout=_remaining(deadline), metadata=self._metadata),
-            self._retry)
+        return self._stream(request)
 
     # -- feedback and adapters --
 
@@ -281,20 +277,20 @@ class PersonalizeClient:
         request = pb.FeedbackRequest(user_id=user_id, prompt=prompt, completion=completion,
                                      kind=_KINDS[kind], correction=correction, rejected=rejected,
                                      event_key=event_key or uuid.uuid4().hex)
-        return self._unary(self._api.SubmitFeedback, request, idempotent=True)
+        return self._call("SubmitFeedback", request, idempotent=True)
 
     def get_adapter(self, user_id: str) -> pb.AdapterInfo:
         """What the system knows of the user's adapter; NotFoundError for an unknown user."""
-        return self._unary(self._api.GetAdapter, pb.GetAdapterRequest(user_id=user_id), idempotent=True)
+        return self._call("GetAdapter", pb.GetAdapterRequest(user_id=user_id), idempotent=True)
 
     def delete_user(self, user_id: str) -> pb.DeleteUserResponse:
         """Forget the user entirely (adapter versions, record, cached copies, pending events)."""
-        return self._unary(self._api.DeleteUser, pb.DeleteUserRequest(user_id=user_id), idempotent=True)
+        return self._call("DeleteUser", pb.DeleteUserRequest(user_id=user_id), idempotent=True)
 
     def export_adapter(self, user_id: str, version: int = 0) -> ExportedAdapter:
         """The PEFT files of the user's adapter (version 0 = current)."""
-        bundle = self._unary(self._api.ExportAdapter,
-                             pb.ExportAdapterRequest(user_id=user_id, version=version), idempotent=True)
+        bundle = self._call("ExportAdapter", pb.ExportAdapterRequest(user_id=user_id, version=version),
+                            idempotent=True)
         return ExportedAdapter(files=dict(bundle.files), info=bundle.info)
 
     def import_adapter(self, user_id: str,
@@ -303,7 +299,7 @@ class PersonalizeClient:
         adapter_config.json and adapter_model.safetensors (other files there are ignored). Not retried."""
         payload = _read_adapter_dir(files) if isinstance(files, str | os.PathLike) else dict(files)
         request = pb.ImportAdapterRequest(user_id=user_id, files=payload)
-        return self._unary(self._api.ImportAdapter, request, idempotent=False)
+        return self._call("ImportAdapter", request, idempotent=False)
 
     # -- admin --
 
@@ -318,11 +314,38 @@ class PersonalizeClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> PersonalizeClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    @classmethod
+    def discover(cls, registry_url: str, api_key: str | None = None, *, tenant: str | None = None,
+                 **options: Any) -> RoutingClient:
+        """A RoutingClient: calls go straight to the worker owning each user, found through the membership
+        the workers announce in the registry at `registry_url` (no router hop). See routing_client.py."""
+        from personalize_service.routing_client import RoutingClient
+        return RoutingClient(registry_url, api_key, tenant=tenant, **options)
+
+    def _configure(self, api_key: str | None, timeout: float, retry: _Retry) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.timeout = timeout
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        if api_key:
+            self._metadata = (("authorization", f"Bearer {api_key}"),)
+        self._retry = retry
+
+    def _call(self, rpc: str, request: Any, *, idempotent: bool) -> Any:
+        """One unary Personalize call by method name (the routing client overrides where it goes)."""
+        return self._unary(getattr(self._api, rpc), request, idempotent=idempotent)
+
+    def _stream(self, request: pb.GenerateRequest) -> GenerationStream:
+        deadline = time.monotonic() + self.timeout
+        return GenerationStream(
+            lambda: self._api.GenerateStream(request, timeout=_remaining(deadline), metadata=self._metadata),
+            self._retry)
 
     def _unary(self, method: Callable[..., T], request: Any, *, idempotent: bool) -> T:
         deadline = time.monotonic() + self.timeout

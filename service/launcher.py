@@ -1,9 +1,10 @@
 """Running the server commands: `personalize up` (everything on one machine) and `personalize serve`.
 
 Both check what they can before loading the model (the port is free, the settings parse), wire the parts
-with `personalize.worker.bootstrap`, and serve until SIGTERM/SIGINT (service/worker_server.serve). `up`
-adds an embedded Valkey (its data under DATA_DIR/valkey, stopped last so its AOF is complete) and a
-`file://DATA_DIR/store` store.
+with `personalize.worker.bootstrap`, and serve until SIGTERM/SIGINT (service/worker_server.serve; the
+router role: service/router_server.serve_router). `up` adds an embedded Valkey (its data under
+DATA_DIR/valkey, stopped last so its AOF is complete) and a `file://DATA_DIR/store` store, and with
+`--workers N` runs N worker processes behind the router (service/local_cluster.py).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from personalize_service import settings
 
 log = logging.getLogger(__name__)
 
+ROLES = ("worker", "router", "trainer")
+"""Roles of `personalize serve`."""
 UP_HOST = "127.0.0.1"
 """`personalize up` listens on loopback only (API.md)."""
 DEFAULT_PORT = 50051
@@ -77,66 +80,148 @@ def _stages(names: tuple[str, ...]) -> Iterator[Any]:
 
 def run_up(values: Mapping[str, Any]) -> int:
     """`personalize up` with resolved setting values; blocks until SIGTERM/SIGINT. Returns 0 after a clean
-    shutdown; raises LaunchError (or a domain error) when it cannot start."""
-    if values["workers"] != 1:
-        raise LaunchError(f"--workers {values['workers']}: several workers need the router, which a later "
-                          "release adds; run `personalize up --workers 1` (the default) for now")
+    shutdown; raises LaunchError (or a domain error) when it cannot start.
+
+    `--workers 1`: one worker in this process, no router. `--workers N`: N worker processes behind the
+    router, which serves in this process (service/local_cluster.py).
+    """
+    workers = values["workers"]
+    if workers < 1:
+        raise LaunchError(f"--workers {workers}: up needs at least 1 worker")
     check_ports(UP_HOST, values)
     data_dir = Path(values["data_dir"]).expanduser().resolve()
     resolved = settings.build({**values, "data_dir": str(data_dir)})
     # Imported here: torch and transformers take seconds, which client commands never pay.
     from personalize.embedded import EmbeddedValkey, EmbeddedValkeyConfig
-    from personalize.worker import bootstrap
-    from personalize_service.worker_server import serve, stop_on_signals
+    from personalize_service.worker_server import stop_on_signals
 
-    service = replace(resolved.service, host=UP_HOST)
-    store_url = (data_dir / "store").as_uri()
-    stop = threading.Event()
-    with stop_on_signals(stop), _stages(("starting valkey", "loading model", "starting server")) as step:
+    up = _Up(values, resolved, data_dir, (data_dir / "store").as_uri(), threading.Event())
+    stages = (("starting valkey", "loading model", "starting server") if workers == 1 else
+              ("starting valkey", f"starting {workers} workers", "starting router"))
+    with stop_on_signals(up.stop), _stages(stages) as step:
         valkey = EmbeddedValkey(EmbeddedValkeyConfig(data_dir=data_dir / "valkey")).start()
         try:
             step()
-            worker = bootstrap(resolved.config, valkey.url, store_url)
-            step()
-            if stop.is_set():  # interrupted while loading
-                worker.stop()
-                return 0
-            assert worker.stream is not None
-            worker.stream.ensure_group()
-            trainer = TrainerSupervisor(values, valkey.url, store_url, data_dir).start()
-
-            def ready(port: int, metrics_port: int) -> None:
-                step()
-                print(up_banner(port, metrics_port, worker.node_id, f"{worker.base.name} on "
-                                f"{resolved.config.model.device}", worker.base.fingerprint, valkey.url,
-                                data_dir, store_url, resolved.service.api_keys.tenants
-                                if resolved.service.api_keys.enabled else ()), flush=True)
-
-            try:
-                serve(service, worker, stop, on_ready=ready)
-            finally:
-                trainer.stop()
+            up.registry_url = valkey.url
+            _forget_stale_nodes(valkey.url)
+            if workers == 1:
+                _up_one_worker(up, step)
+            else:
+                _up_cluster(up, workers, step)
         finally:
             valkey.stop()
     print("personalize up: stopped", flush=True)
     return 0
 
 
+def _forget_stale_nodes(registry_url: str) -> None:
+    """Membership records in up's own (just started) Valkey are a previous run's: drop them."""
+    from personalize.routing.membership import MembershipConfig
+    from personalize_service.cluster import membership_client
+    from personalize_service.local_cluster import forget_nodes
+
+    client = membership_client(registry_url)
+    try:
+        forget_nodes(client, MembershipConfig())
+    finally:
+        client.close()
+
+
+@dataclass
+class _Up:
+    """What the parts of `personalize up` share."""
+
+    values: Mapping[str, Any]
+    resolved: settings.Resolved
+    data_dir: Path
+    store_url: str
+    stop: threading.Event
+    registry_url: str = ""
+
+    def banner(self, port: int, metrics_port: int, node_id: str, model: str, fingerprint: str,
+               workers: Mapping[str, str] | None = None) -> str:
+        keys = self.resolved.service.api_keys
+        return up_banner(port, metrics_port, node_id, model, fingerprint, self.registry_url, self.data_dir,
+                         self.store_url, keys.tenants if keys.enabled else (), workers=workers)
+
+
+def _up_one_worker(up: _Up, step: Callable[[], None]) -> None:
+    """One worker serving in this process (it still heartbeats, so a router could be pointed at it)."""
+    from personalize.worker import bootstrap
+    from personalize_service.announce import AnnounceConfig
+    from personalize_service.worker_server import serve
+
+    config = up.resolved.config
+    worker = bootstrap(config, up.registry_url, up.store_url)
+    step()
+    if up.stop.is_set():  # interrupted while loading
+        worker.stop()
+        return
+    assert worker.stream is not None
+    worker.stream.ensure_group()
+    trainer = TrainerSupervisor(up.values, up.registry_url, up.store_url, up.data_dir).start()
+
+    def ready(port: int, metrics_port: int) -> None:
+        step()
+        print(up.banner(port, metrics_port, worker.node_id, f"{worker.base.name} on {config.model.device}",
+                        worker.base.fingerprint), flush=True)
+
+    try:  # no router watches this worker: it need not wait for one to see it draining
+        serve(replace(up.resolved.service, host=UP_HOST), worker, up.stop, on_ready=ready,
+              announce=AnnounceConfig(up.registry_url, drain_notice_s=0.0))
+    finally:
+        trainer.stop()
+
+
+def _up_cluster(up: _Up, count: int, step: Callable[[], None]) -> None:
+    """`count` worker processes and the trainer, then the router in this process until `up.stop`."""
+    from personalize.routing.membership import Membership, MembershipConfig
+    from personalize_service.cluster import Cluster, membership_client
+    from personalize_service.local_cluster import WorkerProcesses
+    from personalize_service.router_server import serve_router, worker_channel_opener
+
+    service, membership = replace(up.resolved.service, host=UP_HOST), MembershipConfig()
+    workers = WorkerProcesses(up.values, count, up.registry_url, up.store_url, up.data_dir).start()
+    trainer = TrainerSupervisor(up.values, up.registry_url, up.store_url, up.data_dir).start()
+    try:
+        nodes = workers.wait_joined(membership, up.stop)
+        step()
+        if up.stop.is_set():
+            return
+        model = f"{up.values['model.path'] or 'built-in tiny model'} on {up.values['model.device']}"
+        cluster = Cluster(Membership(membership_client(up.registry_url), membership),
+                          worker_channel_opener(service.limits))
+
+        def ready(port: int, metrics_port: int) -> None:
+            step()
+            print(up.banner(port, metrics_port, "router", model, "",
+                            workers={node_id: node.address for node_id, node in nodes.items()}), flush=True)
+
+        serve_router(service, cluster, up.stop, on_ready=ready)
+    finally:
+        workers.terminate()  # they drain while the trainer stops
+        trainer.stop()
+        workers.stop(service.grace_s)
+
+
 def run_serve(role: str, values: Mapping[str, Any]) -> int:
     """`personalize serve --role ROLE` with resolved setting values, against external Valkey/Redis and an
     object store; blocks until SIGTERM/SIGINT."""
-    if role not in ("worker", "trainer"):
-        raise LaunchError(f"role {role!r} is not available; choose worker or trainer")
-    missing = [f"{settings.BY_KEY[k].flag} / {settings.BY_KEY[k].env}" for k in ("registry_url", "store_url")
-               if not values[k]]
+    if role not in ROLES:
+        raise LaunchError(f"role {role!r} is not available; choose one of {', '.join(ROLES)}")
+    needed = ("registry_url",) if role == "router" else ("registry_url", "store_url")
+    missing = [f"{settings.BY_KEY[k].flag} / {settings.BY_KEY[k].env}" for k in needed if not values[k]]
     if missing:
         raise LaunchError(f"serve needs {' and '.join(missing)}; to run everything on one machine without "
                           "setup, use `personalize up`")
     if role == "trainer":
         return run_trainer(values)
+    if role == "router":
+        return run_router(values)
     check_ports(values["service.host"], values)
     resolved = settings.build({**values, "data_dir": str(Path(values["data_dir"]).expanduser().resolve())})
     from personalize.worker import bootstrap
+    from personalize_service.announce import AnnounceConfig
     from personalize_service.worker_server import serve, stop_on_signals
 
     stop = threading.Event()
@@ -153,7 +238,32 @@ def run_serve(role: str, values: Mapping[str, Any]) -> int:
             print(f"personalize serve: worker {worker.node_id} serving on {resolved.service.host}:{port}"
                   f"{metrics} ({worker.base.name} on {resolved.config.model.device})", flush=True)
 
-        serve(resolved.service, worker, stop, on_ready=ready)
+        serve(resolved.service, worker, stop, on_ready=ready, announce=AnnounceConfig(resolved.config.registry_url))
+    return 0
+
+
+def run_router(values: Mapping[str, Any]) -> int:
+    """`personalize serve --role router`: forward every call to the worker owning its user, over the
+    workers that heartbeat into the registry's Valkey; blocks until SIGTERM/SIGINT."""
+    check_ports(values["service.host"], values)
+    resolved = settings.build({**values, "data_dir": str(Path(values["data_dir"]).expanduser().resolve())})
+    from personalize.routing.membership import Membership, MembershipConfig
+    from personalize_service.cluster import Cluster, membership_client
+    from personalize_service.router_server import serve_router, worker_channel_opener
+    from personalize_service.worker_server import stop_on_signals
+
+    service = resolved.service
+    cluster = Cluster(Membership(membership_client(resolved.config.registry_url), MembershipConfig()),
+                      worker_channel_opener(service.limits))
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        def ready(port: int, metrics_port: int) -> None:
+            metrics = f", metrics on :{metrics_port}" if metrics_port else ""
+            print(f"personalize serve: router serving on {service.host}:{port}{metrics} over "
+                  f"{len(cluster.ring())} workers", flush=True)
+
+        serve_router(service, cluster, stop, on_ready=ready)
+    print("personalize serve: router stopped", flush=True)
     return 0
 
 
@@ -184,7 +294,8 @@ TRAINER_KEYS = ("model.", "lora.r_max", "feedback.", "trainer.")
 
 class TrainerSupervisor:
     """`up`'s trainer: a child process (so a crash or SIGKILL never takes the worker down), restarted
-    whenever it exits while `up` runs. Its pid is kept in DATA_DIR/trainer.pid."""
+    whenever it exits while `up` runs, and sent SIGTERM if `up` dies. Its pid is kept in
+    DATA_DIR/trainer.pid."""
 
     def __init__(self, values: Mapping[str, Any], registry_url: str, store_url: str, data_dir: Path) -> None:
         self.args = [sys.executable, "-m", "personalize_service.cli", "serve", "--role", "trainer",
@@ -204,8 +315,10 @@ class TrainerSupervisor:
         return self
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL)
+        from personalize_service.local_cluster import die_with_parent
+        while not self._stop.is_set():  # own session: a Ctrl-C reaches `up` only, which stops it last
+            self._proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, start_new_session=True,
+                                          preexec_fn=die_with_parent)
             self.pid_file.write_text(str(self._proc.pid))
             code = self._proc.wait()
             if self._stop.is_set():
@@ -229,11 +342,13 @@ class TrainerSupervisor:
 
 
 def up_banner(port: int, metrics_port: int, node_id: str, model: str, fingerprint: str, valkey_url: str,
-              data_dir: Path, store_url: str, tenants: tuple[str, ...]) -> str:
+              data_dir: Path, store_url: str, tenants: tuple[str, ...], *,
+              workers: Mapping[str, str] | None = None) -> str:
     """What `personalize up` prints once it serves: what runs where, and commands to try.
 
-    `tenants` empty = no API keys configured. The first line, `serving on HOST:PORT`, is stable: scripts
-    (and the e2e tests) read the port from it.
+    `tenants` empty = no API keys configured; `fingerprint` empty = not shown. `workers` (node id ->
+    address) = a cluster behind the router, shown instead of `node_id`. The first line, `serving on
+    HOST:PORT`, is stable: scripts (and the e2e tests) read the port from it.
     """
     target = f"{UP_HOST}:{port}"
     target_flag = "" if port == DEFAULT_PORT else f" --target {target}"
@@ -248,8 +363,8 @@ def up_banner(port: int, metrics_port: int, node_id: str, model: str, fingerprin
                else "off (--metrics-port N serves Prometheus metrics)")
     return "\n".join([
         f"personalize up: serving on {target}",
-        f"  node      {node_id}",
-        f"  model     {model} ({fingerprint[:19]}…)",
+        *_nodes_lines(node_id, workers, data_dir),
+        f"  model     {model}" + (f" ({fingerprint[:19]}…)" if fingerprint else ""),
         f"  registry  embedded Valkey {valkey_url} (AOF in {data_dir / 'valkey'})",
         f"  store     {store_url}",
         f"  metrics   {metrics}",
@@ -263,6 +378,15 @@ def up_banner(port: int, metrics_port: int, node_id: str, model: str, fingerprin
         "",
         f"Stop with Ctrl-C or SIGTERM; adapters and the registry stay in {data_dir}.",
     ])
+
+
+def _nodes_lines(node_id: str, workers: Mapping[str, str] | None, data_dir: Path) -> list[str]:
+    if workers is None:
+        return [f"  node      {node_id}"]
+    listed = ", ".join(f"{node} {address}" for node, address in sorted(workers.items()))
+    return [f"  router    consistent hashing on (tenant, user) over {len(workers)} workers",
+            f"  workers   {listed}",
+            f"  logs      {data_dir / 'workers'}/<node>/worker.log (pids and ports in {data_dir / 'workers.json'})"]
 
 
 def configure_logging(level: str) -> None:

@@ -127,6 +127,9 @@ SETTINGS: tuple[Setting, ...] = (
        "address to listen on (0.0.0.0 in a container); up always uses 127.0.0.1", (SERVE,), "ADDR"),
     _s("service.port", "--port", "PERSONALIZE_PORT", 50051, _int, "gRPC port (0 = pick a free one)",
        metavar="N"),
+    _s("service.advertise", "--advertise-address", "PERSONALIZE_ADVERTISE_ADDRESS", "", _str,
+       "host:port routers dial to reach this worker (the pod's DNS name); empty = host:port "
+       "(hostname for 0.0.0.0)", (SERVE,), "HOST:PORT"),
     _s("service.metrics_port", "--metrics-port", "PERSONALIZE_METRICS_PORT", 0, _int,
        "Prometheus /metrics port (0 = off)", metavar="N"),
     _s("service.grace_s", "--grace-s", "PERSONALIZE_GRACE_S", 10.0, _float,
@@ -181,18 +184,23 @@ SETTINGS: tuple[Setting, ...] = (
     # -- feedback and training
     _s("feedback.partitions", "--feedback-partitions", "PERSONALIZE_FEEDBACK_PARTITIONS", 4, _int,
        "feedback streams; fixed for the life of a deployment", metavar="P"),
-    _s("trainer.steps", "--train-steps", "PERSONALIZE_TRAIN_STEPS", 8, _int,
-       "optimizer steps per training round", metavar="N"),
-    _s("trainer.lr", "--train-lr", "PERSONALIZE_TRAIN_LR", 5e-3, _float, "trainer learning rate", metavar="LR"),
+    _s("trainer.steps", "--train-steps", "PERSONALIZE_TRAIN_STEPS", 4, _int,
+       "optimizer steps a user gets per new feedback event", metavar="N"),
+    _s("trainer.min_steps", "--train-min-steps", "PERSONALIZE_TRAIN_MIN_STEPS", 1, _int,
+       "fewest optimizer steps of a user in a round", metavar="N"),
+    _s("trainer.max_steps", "--train-max-steps", "PERSONALIZE_TRAIN_MAX_STEPS", 48, _int,
+       "most optimizer steps of a user in a round", metavar="N"),
+    _s("trainer.lr", "--train-lr", "PERSONALIZE_TRAIN_LR", 2e-3, _float, "trainer learning rate", metavar="LR"),
     _s("trainer.rank", "--train-rank", "PERSONALIZE_TRAIN_RANK", 8, _int, "rank of a new user's adapter",
        metavar="R"),
-    _s("trainer.max_events", "--train-max-events", "PERSONALIZE_TRAIN_MAX_EVENTS", 512, _int,
+    _s("trainer.max_events", "--train-max-events", "PERSONALIZE_TRAIN_MAX_EVENTS", 256, _int,
        "most events in one training round", metavar="N"),
     _s("trainer.claim_idle_ms", "--claim-idle-ms", "PERSONALIZE_CLAIM_IDLE_MS", 30_000, _int,
        "a dead trainer's events are claimed after this idle time", metavar="MS"),
     # -- up only
     _s("workers", "--workers", "PERSONALIZE_WORKERS", 1, _int,
-       "worker processes behind a router; only 1 for now", (UP,), "N"),
+       "worker processes behind a consistent-hash router; 1 = one worker in the up process, no router",
+       (UP,), "N"),
 )
 """Every server setting, grouped by component (the README and manifests list them in this order)."""
 

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import FrameType
 
 import grpc
@@ -27,6 +27,7 @@ from personalize.errors import InvalidArgument
 from personalize.feedback.events import FeedbackEvent
 from personalize.worker import Generation, Worker
 from personalize_service import convert
+from personalize_service.announce import AnnounceConfig, Announcement, advertised_address
 from personalize_service.auth import ApiKeys, current_tenant
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
@@ -68,6 +69,8 @@ class ServiceConfig:
     """On shutdown, seconds in-flight calls get to finish before they are cancelled."""
     threads: int = 256
     """Handler threads, i.e. calls served at once (a Generate holds one until its result)."""
+    advertise: str = ""
+    """host:port routers dial to reach this server; empty = host:port (the hostname for a wildcard host)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
@@ -89,7 +92,7 @@ _NO_DEADLINE_S = 365 * 24 * 3600.0
 """Beyond this, a call's remaining time means "no deadline" (grpc reports ~9e18 s, which waits reject)."""
 
 
-def _remaining(context: grpc.ServicerContext) -> float | None:
+def time_remaining(context: grpc.ServicerContext) -> float | None:
     """Seconds until the call's deadline, None if it has none."""
     remaining = context.time_remaining()
     return None if remaining is None or remaining > _NO_DEADLINE_S else remaining
@@ -116,7 +119,7 @@ class PersonalizeServicer(pb_grpc.PersonalizeServicer):
         with self.concurrency.hold(tenant):
             generation = self.worker.generate(tenant, args.user_id, args.prompt, args.params, args.use_base_model)
             _cancel_with_call(context, generation)
-            result = generation.result(timeout=_remaining(context))
+            result = generation.result(timeout=time_remaining(context))
         return convert.generate_response(result, generation.info)
 
     def GenerateStream(self, request: pb.GenerateRequest,
@@ -132,7 +135,7 @@ class PersonalizeServicer(pb_grpc.PersonalizeServicer):
             except GeneratorExit:  # grpc dropped the stream (client gone): stop generating at once
                 generation.cancel()
                 raise
-            result = generation.result(timeout=_remaining(context))
+            result = generation.result(timeout=time_remaining(context))
         yield convert.final_chunk(result, generation.info)
 
     def SubmitFeedback(self, request: pb.FeedbackRequest, context: grpc.ServicerContext) -> pb.FeedbackAck:
@@ -227,7 +230,8 @@ def create_server(config: ServiceConfig, worker: Worker, metrics: ServiceMetrics
         raise OSError(f"cannot listen on {config.address}: the port is in use or the address is not "
                       f"local") from exc
     pb_grpc.add_PersonalizeServicer_to_server(PersonalizeServicer(worker, config.limits), server)
-    pb_grpc.add_AdminServicer_to_server(AdminServicer(worker, replace(config, port=port).address, state), server)
+    address = advertised_address(config.host, port, config.advertise)
+    pb_grpc.add_AdminServicer_to_server(AdminServicer(worker, address, state), server)
     health_pb2_grpc.add_HealthServicer_to_server(state.health, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME), server)
     return server, port
@@ -304,7 +308,7 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _metrics_http(config: ServiceConfig, metrics: ServiceMetrics, server: grpc.Server) -> MetricsServer | None:
+def start_metrics_http(config: ServiceConfig, metrics: ServiceMetrics, server: grpc.Server) -> MetricsServer | None:
     """The /metrics endpoint if configured; OSError (after stopping `server`) if its port is taken."""
     if not config.metrics_port:
         return None
@@ -319,44 +323,69 @@ _REFUSAL_GRACE_S = 1.0
 """Time that refusals already in progress get to reach their callers when the server stops."""
 
 
-def serve(config: ServiceConfig, worker: Worker, stop: threading.Event, metrics: ServiceMetrics | None = None,
-          on_ready: Callable[[int, int], None] | None = None) -> None:
-    """Start the worker and the server, report SERVING, and block until `stop` is set; then shut down
-    gracefully: health NOT_SERVING and new calls refused with UNAVAILABLE, calls in flight finish (those
-    still running after grace_s are cancelled), the server stops listening, then the worker stops.
-    `on_ready(port, metrics_port)` runs once SERVING (metrics_port 0 = off). The worker is stopped when
-    this returns or raises.
+def drain_and_stop(server: grpc.Server, state: NodeState, grace_s: float) -> None:
+    """Graceful stop: health NOT_SERVING and new calls refused with UNAVAILABLE, calls in flight get up to
+    `grace_s` to finish (the rest are cancelled), then the server stops listening."""
+    state.draining()
+    log.info("draining: refusing new calls, waiting up to %gs for %d in flight", grace_s, state.drain.active)
+    idle = state.drain.wait_idle(grace_s)
+    if not idle:
+        log.warning("grace period over: cancelling %d calls still in flight", state.drain.active)
+    server.stop(_REFUSAL_GRACE_S if idle else 0).wait()  # 0 cancels what is left
 
-    Raises OSError if the port or metrics port cannot be bound (nothing is left running then).
+
+def serve(config: ServiceConfig, worker: Worker, stop: threading.Event, metrics: ServiceMetrics | None = None,
+          on_ready: Callable[[int, int], None] | None = None, announce: AnnounceConfig | None = None) -> None:
+    """Start the worker and the server, report SERVING, and block until `stop` is set; then shut down
+    gracefully: announce DRAINING (with `announce`), health NOT_SERVING and new calls refused with
+    UNAVAILABLE, calls in flight finish (those still running after grace_s are cancelled), the server stops
+    listening, the node leaves membership, then the worker stops. `on_ready(port, metrics_port)` runs once
+    SERVING (metrics_port 0 = off). The worker is stopped when this returns or raises.
+
+    With `announce`, the node heartbeats into membership (node id = the worker's, address = the advertised
+    one, capacity = engine max_batch, load = running + queued) so routers put it on their ring.
+
+    Raises OSError if the port or metrics port cannot be bound (nothing is left running then), Unavailable
+    if membership cannot be reached at start.
     """
     metrics = metrics or ServiceMetrics()
     state = NodeState()
     try:
         server, port = create_server(config, worker, metrics, state)
-        http = _metrics_http(config, metrics, server)
+        http = start_metrics_http(config, metrics, server)
     except BaseException:
         worker.stop()
         raise
     refresher = MetricsRefresher(metrics, worker).start()
     worker.start()
     server.start()
-    state.serving()
-    log.info("serving on %s:%d (node %s)", config.host, port, worker.node_id)
+    announcement: Announcement | None = None
     try:
+        if announce is not None:
+            announcement = _announce(announce, worker, advertised_address(config.host, port, config.advertise))
+        state.serving()
+        log.info("serving on %s:%d (node %s)", config.host, port, worker.node_id)
         if on_ready is not None:
             on_ready(port, http.port if http else 0)
         while not stop.wait(0.5):
             pass
     finally:
-        state.draining()
-        log.info("draining: refusing new calls, waiting up to %gs for %d in flight", config.grace_s,
-                 state.drain.active)
-        idle = state.drain.wait_idle(config.grace_s)
-        if not idle:
-            log.warning("grace period over: cancelling %d calls still in flight", state.drain.active)
-        server.stop(_REFUSAL_GRACE_S if idle else 0).wait()  # 0 cancels what is left
+        if announcement is not None:
+            announcement.drain()
+        drain_and_stop(server, state, config.grace_s)
+        if announcement is not None:
+            announcement.leave()
         refresher.stop()
         worker.stop()
         if http is not None:
             http.stop()
         log.info("stopped")
+
+
+def _announce(config: AnnounceConfig, worker: Worker, address: str) -> Announcement:
+    """Join membership as `worker` at `address`; from then on only the users it owns are prefetched."""
+    engine = worker.engine
+    announcement = Announcement(config, worker.node_id, float(engine.config.max_batch),
+                                load_fn=lambda: float(engine.running + engine.queue_depth)).start(address)
+    worker.owns = announcement.owns
+    return announcement

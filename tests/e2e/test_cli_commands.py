@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,9 +80,12 @@ def test_stats_and_nodes(up_server: UpServer) -> None:
     assert f"worker-0  {up_server.target}  up" in nodes.stdout
 
 
-def test_feedback_says_unimplemented(up_server: UpServer) -> None:
+def test_feedback_is_acknowledged_with_an_event_id(up_server: UpServer) -> None:
     done = personalize(up_server, "feedback", "cli-user", "--prompt", "p", "--completion", "c", "--kind", "accept")
-    assert done.returncode == 1 and "UNIMPLEMENTED" in done.stderr
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"\d+-\d+", done.stdout), done.stdout
+    bad = personalize(up_server, "feedback", "cli-user", "--prompt", "p", "--completion", "c", "--kind", "correct")
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "correction" in bad.stderr
 
 
 def test_errors_print_the_status_and_exit_nonzero(up_server: UpServer) -> None:

@@ -117,8 +117,13 @@ def test_list_nodes_shows_this_node(stubs: Stubs, up_server: UpServer) -> None:
     assert nodes[0].capacity == 32
 
 
-def test_feedback_is_unimplemented_for_now(stubs: Stubs) -> None:
-    request = pb.FeedbackRequest(user_id="u", prompt="p", completion="c", kind=pb.FeedbackRequest.ACCEPT)
+def test_feedback_is_durable_and_idempotent_per_event_key(stubs: Stubs) -> None:
+    request = pb.FeedbackRequest(user_id="fb-u", prompt="p", completion="c", kind=pb.FeedbackRequest.ACCEPT,
+                                 event_key="k-1")
+    first = stubs.api.SubmitFeedback(request, timeout=10)
+    again = stubs.api.SubmitFeedback(request, timeout=10)
+    assert first.event_id and first.event_id == again.event_id and first.partition == again.partition
     with pytest.raises(grpc.RpcError) as raised:
-        stubs.api.SubmitFeedback(request, timeout=10)
-    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        stubs.api.SubmitFeedback(pb.FeedbackRequest(user_id="fb-u", prompt="p", completion="c",
+                                                    kind=pb.FeedbackRequest.PREFER), timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT

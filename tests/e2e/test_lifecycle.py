@@ -27,9 +27,10 @@ def test_taken_port_is_refused_before_anything_starts(up_server: UpServer, tmp_p
     assert not (tmp_path / "data").exists()  # no Valkey, no model: the check came first
 
 
-def test_more_than_one_worker_is_refused_for_now(tmp_path: Path) -> None:
-    done = _run_up(tmp_path / "data", "--workers", "3")
-    assert done.returncode != 0 and "router" in done.stderr and "--workers 1" in done.stderr
+def test_zero_workers_is_refused(tmp_path: Path) -> None:
+    done = _run_up(tmp_path / "data", "--workers", "0")
+    assert done.returncode != 0 and "--workers 0: up needs at least 1 worker" in done.stderr
+    assert not (tmp_path / "data").exists()
 
 
 def test_bad_setting_is_a_usage_error(tmp_path: Path) -> None:

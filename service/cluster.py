@@ -1,0 +1,347 @@
+"""The live workers as a router (or the SDK) sees them: membership -> ring -> balancer -> one channel per
+worker, and the failover rule for one call. Shared by service/router_server.py and the SDK's RoutingClient.
+
+    cluster = Cluster(Membership(membership_client(url), MembershipConfig()), open_channel).start()
+    response = cluster.call(route_key(tenant, user_id),
+                            lambda upstream: upstream.api.Generate(request, timeout=5), retry=True)
+    cluster.stop()
+
+Placement: a key goes to its ring owner while this cluster object has fewer than `owner_share x capacity`
+calls of the owner's own keys in flight there, so at light load a user never leaves its worker (plain
+bounded loads would spill the second concurrent call: with 3 workers and 1 call in flight the bound is
+1). Past that floor, `BoundedLoadBalancer` places the overflow calls: bounded loads with sticky spill.
+
+Failover: an idempotent call whose node answers UNAVAILABLE (it died, or is draining) is sent once more,
+to the next node of the key's spill order (the first one excluded). The failed node is then *suspect*
+for `suspect_s`: every call avoids it while another node is left, so the users of a dead worker stop
+paying for a failed attempt before its membership key expires.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import redis
+
+from personalize.errors import Unavailable
+from personalize.routing.membership import DRAINING, Membership, NodeInfo, Watcher, ring_of
+from personalize.routing.ring import DEFAULT_EPS, DEFAULT_STICKY_KEYS, DEFAULT_VNODES, BoundedLoadBalancer, Ring
+from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
+from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def membership_client(registry_url: str) -> Any:
+    """A binary-safe redis client for membership reads and beats, with short timeouts (a beat that
+    hangs longer than the TTL is worthless)."""
+    return redis.Redis.from_url(registry_url, socket_timeout=2.0, socket_connect_timeout=2.0,
+                                decode_responses=False)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` is a failed gRPC call with status UNAVAILABLE."""
+    code = getattr(exc, "code", None)
+    return isinstance(exc, grpc.RpcError) and callable(code) and code() == grpc.StatusCode.UNAVAILABLE
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """How calls are spread over the workers and how fast a failing one is avoided."""
+
+    eps: float = DEFAULT_EPS
+    """Bounded loads: no worker takes more than (1 + eps) x the average of the overflow calls."""
+    owner_share: float = 0.5
+    """A worker's own keys stay on it until this fraction of its capacity (engine max_batch) is in flight
+    from here; 0 = plain bounded loads from the first call."""
+    sticky_keys: int = DEFAULT_STICKY_KEYS
+    """Spilled keys remembered, so a hot user spills to one other worker, not several."""
+    vnodes: int = DEFAULT_VNODES
+    """Ring points per unit of weight; every router and client of a deployment must agree."""
+    poll_s: float = 0.5
+    """Membership poll interval."""
+    suspect_s: float = 3.0
+    """How long a worker that answered UNAVAILABLE is avoided (about the membership TTL)."""
+
+    def __post_init__(self) -> None:
+        for name in ("eps", "owner_share", "poll_s", "suspect_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.poll_s <= 0:
+            raise ValueError(f"poll_s must be > 0, got {self.poll_s!r}")
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One worker and the channel (with stubs) this process uses for it."""
+
+    node_id: str
+    address: str
+    channel: grpc.Channel
+    api: pb_grpc.PersonalizeStub
+    admin: pb_grpc.AdminStub
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A call counted as in flight on `upstream` until `Cluster.release(ticket)`."""
+
+    upstream: Upstream
+    on_owner: bool
+    """Counted against the owner's floor (True) or by the balancer (False)."""
+
+
+class Cluster:
+    """Routing state over the live workers; thread-safe. `start()` watches membership; `apply(nodes)`
+    sets a view directly (tests, or a caller with its own source of membership)."""
+
+    def __init__(self, membership: Membership | None, open_channel: Callable[[str], grpc.Channel],
+                 config: RouteConfig = RouteConfig(), clock: Callable[[], float] = time.monotonic,
+                 on_change: Callable[[dict[str, NodeInfo]], None] | None = None) -> None:
+        self.config = config
+        self._membership = membership
+        self._open_channel = open_channel
+        self._clock = clock
+        self._on_change = on_change
+        self._lock = threading.Lock()  # guards everything below; the balancer is only used under it
+        self._balancer = BoundedLoadBalancer(Ring({}, config.vnodes), config.eps, config.sticky_keys)
+        self._nodes: dict[str, NodeInfo] = {}
+        self._upstreams: dict[str, Upstream] = {}  # by address
+        self._on_owner: dict[str, int] = {}  # node -> calls in flight under its owner floor
+        self._suspects: dict[str, float] = {}  # node -> clock reading until which it is avoided
+        self._watcher: Watcher | None = None
+
+    # -- membership ------------------------------------------------------------------------------------
+    def start(self) -> Cluster:
+        """Read membership now (a failed read leaves the view empty), then keep polling it."""
+        if self._membership is None:
+            raise RuntimeError("this cluster has no membership to watch; use apply()")
+        self._watcher = Watcher(self._membership, self.apply, self.config.poll_s).start()
+        return self
+
+    def stop(self) -> None:
+        """Stop watching and close every channel (calls still running on them are cancelled)."""
+        if self._watcher is not None:
+            self._watcher.stop()
+        with self._lock:
+            upstreams, self._upstreams = list(self._upstreams.values()), {}
+        for upstream in upstreams:
+            upstream.channel.close()
+
+    def apply(self, nodes: Mapping[str, NodeInfo]) -> None:
+        """Route on `nodes` (serving ones go on the ring) from now on; channels of addresses no node has
+        any more are closed."""
+        ring = ring_of(nodes, self.config.vnodes)
+        addresses = {node.address for node in nodes.values()}
+        with self._lock:
+            self._nodes = dict(nodes)
+            self._balancer.set_ring(ring)
+            gone = [self._upstreams.pop(a) for a in list(self._upstreams) if a not in addresses]
+        for upstream in gone:
+            upstream.channel.close()
+        log.info("ring: %s", ", ".join(f"{n.node_id}={n.address} ({n.state})" for n in nodes.values()) or "empty")
+        if self._on_change is not None:
+            self._on_change(dict(nodes))
+
+    def nodes(self) -> dict[str, NodeInfo]:
+        """Every live node (serving or draining) with its latest announced load."""
+        if self._watcher is not None:
+            return self._watcher.current()
+        with self._lock:
+            return dict(self._nodes)
+
+    def ring(self) -> Ring:
+        return self._balancer.ring
+
+    def upstream(self, node_id: str) -> Upstream:
+        """The channel to a live node; Unavailable if it is not in the view."""
+        with self._lock:
+            return self._upstream_locked(node_id)
+
+    # -- placement -------------------------------------------------------------------------------------
+    def acquire(self, key: str, exclude: Collection[str] = ()) -> Ticket:
+        """The worker for one call of `key`, counted until `release`. Suspects are avoided unless only
+        they are left; nodes in `exclude` never get it. Unavailable when no node is left."""
+        with self._lock:
+            avoid = self._avoid(exclude)
+            ring = self._balancer.ring
+            owner = next((n for n in ring.owners(key, len(avoid) + 1) if n not in avoid), None)
+            if owner is not None and self._on_owner.get(owner, 0) < self._floor(owner):
+                self._on_owner[owner] = self._on_owner.get(owner, 0) + 1
+                return Ticket(self._upstream_locked(owner), on_owner=True)
+            node = self._balancer.acquire(key, avoid)
+            try:
+                return Ticket(self._upstream_locked(node), on_owner=False)
+            except Unavailable:
+                self._balancer.release(node)
+                raise
+
+    def release(self, ticket: Ticket) -> None:
+        node = ticket.upstream.node_id
+        with self._lock:
+            if not ticket.on_owner:
+                self._balancer.release(node)
+            elif self._on_owner.get(node, 0) <= 1:
+                self._on_owner.pop(node, None)
+            else:
+                self._on_owner[node] -= 1
+
+    def suspect(self, node_id: str) -> None:
+        """Avoid `node_id` for suspect_s (it answered UNAVAILABLE)."""
+        with self._lock:
+            self._suspects[node_id] = self._clock() + self.config.suspect_s
+
+    def suspects(self) -> set[str]:
+        with self._lock:
+            now = self._clock()
+            return {node for node, until in self._suspects.items() if until > now}
+
+    def in_flight(self) -> dict[str, int]:
+        """Calls from here in flight per node (owner floor and balancer together)."""
+        with self._lock:
+            counts = dict(self._balancer.loads())
+            for node, count in self._on_owner.items():
+                counts[node] = counts.get(node, 0) + count
+            return {node: count for node, count in counts.items() if count}
+
+    # -- calls -----------------------------------------------------------------------------------------
+    def attempts(self, key: str, *, retry: bool) -> Iterator[Attempt]:
+        """The attempts of one call, used as `for attempt in ...: with attempt as upstream: ...; return`.
+
+        An attempt whose body raises UNAVAILABLE before `commit()` swallows the error and the loop goes
+        on to a second attempt on the next node (only when `retry`, only once); any other exit ends it.
+        If no other node is left, the second attempt raises the first one's error.
+        """
+        tried: list[str] = []
+        first = Attempt(self, key, tried, may_retry=retry)
+        yield first
+        if first.failed is not None:
+            yield Attempt(self, key, tried, may_retry=False, first_error=first.failed)
+
+    def call(self, key: str, fn: Callable[[Upstream], T], *, retry: bool) -> T:
+        """fn(upstream) on the key's worker; once more on the next worker after UNAVAILABLE if `retry`."""
+        for attempt in self.attempts(key, retry=retry):
+            with attempt as upstream:
+                return fn(upstream)
+        raise AssertionError("unreachable: the last attempt never swallows its error")
+
+    # -- internals (self._lock held) -------------------------------------------------------------------
+    def _avoid(self, exclude: Collection[str]) -> set[str]:
+        now = self._clock()
+        self._suspects = {node: until for node, until in self._suspects.items() if until > now}
+        avoid = set(exclude) | set(self._suspects)
+        if all(node in avoid for node in self._balancer.ring.nodes):
+            return set(exclude)  # only suspects left: trying one beats refusing the call
+        return avoid
+
+    def _floor(self, node_id: str) -> int:
+        node = self._nodes.get(node_id)
+        return 0 if node is None else int(self.config.owner_share * node.capacity)
+
+    def _upstream_locked(self, node_id: str) -> Upstream:
+        node = self._nodes.get(node_id)
+        if node is None:
+            raise Unavailable(f"worker {node_id!r} is not in the membership view")
+        upstream = self._upstreams.get(node.address)
+        if upstream is None or upstream.node_id != node_id:
+            channel = upstream.channel if upstream is not None else self._open_channel(node.address)
+            upstream = Upstream(node_id, node.address, channel, pb_grpc.PersonalizeStub(channel),
+                                pb_grpc.AdminStub(channel))
+            self._upstreams[node.address] = upstream
+        return upstream
+
+
+class Attempt:
+    """One try of a call on one worker: a context manager yielding its Upstream (see Cluster.attempts)."""
+
+    def __init__(self, cluster: Cluster, key: str, tried: list[str], *, may_retry: bool,
+                 first_error: BaseException | None = None) -> None:
+        self._cluster = cluster
+        self._key = key
+        self._tried = tried
+        self._may_retry = may_retry
+        self._first_error = first_error
+        self._ticket: Ticket | None = None
+        self._committed = False
+        self.failed: BaseException | None = None
+        """The error this attempt swallowed so that the next one runs."""
+
+    @property
+    def number(self) -> int:
+        """0 for the first attempt, 1 for the retry."""
+        return 0 if self._first_error is None else 1
+
+    def commit(self) -> None:
+        """Part of the answer went out (a stream chunk): an error from now on is never retried."""
+        self._committed = True
+
+    def __enter__(self) -> Upstream:
+        try:
+            self._ticket = self._cluster.acquire(self._key, self._tried)
+        except Unavailable:
+            if self._first_error is not None:  # nobody left to retry on: the caller gets the real failure
+                raise self._first_error from None
+            raise
+        return self._ticket.upstream
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        assert self._ticket is not None
+        self._cluster.release(self._ticket)
+        node = self._ticket.upstream.node_id
+        if exc is None or not is_unavailable(exc):
+            return False
+        self._cluster.suspect(node)
+        if not self._may_retry or self._committed:
+            return False
+        log.info("worker %s unavailable (%s); retrying on the next worker", node, _details(exc))
+        self._tried.append(node)
+        self.failed = exc
+        return True
+
+
+def _details(exc: BaseException) -> str:
+    details = getattr(exc, "details", None)
+    return str(details()) if callable(details) else str(exc)
+
+
+# ---- Admin over every worker -------------------------------------------------------------------------
+
+def gather_stats(cluster: Cluster, timeout: float, metadata: Sequence[tuple[str, Any]] = ()) -> pb.StatsResponse:
+    """Admin.Stats of every live worker, asked in parallel, their nodes in one response; `degraded` when
+    some did not answer within `timeout` seconds."""
+    response = pb.StatsResponse()
+    calls: dict[str, Any] = {}
+    for node_id in sorted(cluster.nodes()):
+        try:
+            calls[node_id] = cluster.upstream(node_id).admin.Stats.future(pb.StatsRequest(), timeout=timeout,
+                                                                          metadata=metadata)
+        except Unavailable:  # it left between the two reads
+            response.degraded = True
+    for node_id, call in calls.items():
+        try:
+            response.nodes.extend(call.result().nodes)
+        except grpc.RpcError as exc:
+            log.warning("Stats: worker %s did not answer: %s", node_id, _details(exc))
+            response.degraded = True
+    return response
+
+
+def node_list(cluster: Cluster) -> list[pb.Node]:
+    """ListNodes' view of membership by node id: state up, draining, or down for a node that failed calls
+    just now; load as the node last announced it."""
+    suspects = cluster.suspects()
+    return [pb.Node(node_id=node_id, address=node.address,
+                    state="down" if node_id in suspects else "draining" if node.state == DRAINING else "up",
+                    load=round(node.load), capacity=round(node.capacity))
+            for node_id, node in sorted(cluster.nodes().items())]

@@ -1,0 +1,211 @@
+"""`personalize up --workers N` (N > 1): a cluster on one machine. `up` keeps the embedded Valkey, the
+supervised trainer and the router in its own process, and runs N `personalize serve --role worker`
+children (node ids worker-0 .. worker-N-1, free loopback ports, the same Valkey and file:// store, each
+its own DATA_DIR/workers/<node id> for its disk cache and its log).
+
+A worker that dies is not restarted: the router routes its users to the others (tests kill one on
+purpose). Their pids and ports are in DATA_DIR/workers.json, `{node_id: {"pid": P, "port": N}}`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from personalize.errors import Unavailable
+from personalize.routing.membership import SERVING, Membership, MembershipConfig, NodeInfo
+from personalize_service import settings
+from personalize_service.cluster import membership_client
+
+log = logging.getLogger(__name__)
+
+WORKER_KEYS = ("model.", "lora.", "load_timeout_s", "engine.", "limits.", "feedback.", "service.grace_s",
+               "service.threads")
+"""Settings `up` passes on to its worker processes (API keys go by environment, never on a command line)."""
+JOIN_TIMEOUT_S = 300.0
+"""How long `up` waits for its workers to load the model and join the ring."""
+STOP_TIMEOUT_S = 30.0
+"""Beyond the workers' grace period, how long `up` waits for them to exit before killing them."""
+_PR_SET_PDEATHSIG = 1
+_prctl: Any = None
+with contextlib.suppress(Exception):  # resolved here: the child between fork and exec only makes the call
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+@dataclass
+class WorkerProcess:
+    """One worker child of `up`."""
+
+    node_id: str
+    process: subprocess.Popen[bytes]
+    data_dir: Path
+    """Its own data dir: disk cache and worker.log."""
+    port: int = 0
+    """Known once it has joined the ring."""
+    terminated: bool = False
+    """SIGTERM sent (a second one would interrupt its graceful stop)."""
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "worker.log"
+
+    def log_tail(self, chars: int = 3000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_path.read_text(errors="replace")[-chars:]
+        return ""
+
+
+def worker_command(values: Mapping[str, Any], node_id: str, registry_url: str, store_url: str,
+                   data_dir: Path) -> list[str]:
+    """The `personalize serve --role worker` command line of one of up's workers (port 0: it picks one
+    and announces it)."""
+    args = [sys.executable, "-m", "personalize_service.cli", "serve", "--role", "worker", "--node-id", node_id,
+            "--registry-url", registry_url, "--store-url", store_url, "--data-dir", str(data_dir),
+            "--host", "127.0.0.1", "--port", "0"]
+    for setting in settings.SETTINGS:
+        if setting.key.startswith(WORKER_KEYS) and settings.SERVE in setting.commands:
+            args += [setting.flag, setting.show(values[setting.key])]
+    return args
+
+
+def worker_environment(values: Mapping[str, Any]) -> dict[str, str]:
+    """This process's environment without PERSONALIZE_* (flags carry the resolved settings), plus the
+    API keys so every worker authenticates the tenants the router does."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONALIZE_")}
+    if values["service.api_keys_file"]:
+        env[settings.BY_KEY["service.api_keys_file"].env] = str(values["service.api_keys_file"])
+    if values["service.api_keys"]:
+        env[settings.BY_KEY["service.api_keys"].env] = str(values["service.api_keys"])
+    return env
+
+
+def die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when `up` dies, even by SIGKILL (Linux; elsewhere a no-op)."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
+def forget_nodes(client: Any, membership: MembershipConfig) -> None:
+    """Delete every node record of the namespace: for `up`'s own Valkey at start, where any record is a
+    previous run's (persisted in the AOF), so that no one routes to it or mistakes it for a new worker."""
+    ids = [raw.decode() for raw in client.zrange(membership.index_key, 0, -1)]
+    client.delete(membership.index_key, *(membership.node_key(node_id) for node_id in ids))
+
+
+class WorkerProcesses:
+    """up's worker children: started together, waited for until they are on the ring, stopped together.
+
+    Each runs in its own session, so a Ctrl-C reaches only `up`, which then stops them in order (the
+    router first); if `up` itself is killed, the kernel sends them SIGTERM.
+    """
+
+    def __init__(self, values: Mapping[str, Any], count: int, registry_url: str, store_url: str,
+                 data_dir: Path) -> None:
+        self.values = values
+        self.count = count
+        self.registry_url = registry_url
+        self.store_url = store_url
+        self.data_dir = data_dir
+        self.workers: dict[str, WorkerProcess] = {}
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._watch_exits, name="worker-monitor", daemon=True)
+
+    @property
+    def pids_file(self) -> Path:
+        return self.data_dir / "workers.json"
+
+    def start(self) -> WorkerProcesses:
+        env = worker_environment(self.values)
+        for index in range(self.count):
+            node_id = f"worker-{index}"
+            own = self.data_dir / "workers" / node_id
+            own.mkdir(parents=True, exist_ok=True)
+            command = worker_command(self.values, node_id, self.registry_url, self.store_url, own)
+            with open(own / "worker.log", "ab") as out:
+                process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                           env=env, start_new_session=True, preexec_fn=die_with_parent)
+            self.workers[node_id] = WorkerProcess(node_id, process, own)
+        return self
+
+    def wait_joined(self, membership: MembershipConfig, stop: threading.Event,
+                    timeout_s: float = JOIN_TIMEOUT_S) -> dict[str, NodeInfo]:
+        """Block until every worker serves on the ring; returns their membership records. RuntimeError
+        (with the log tail) if one exits first or they take longer than `timeout_s`; {} if `stop` is set."""
+        reader = Membership(membership_client(self.registry_url), membership)
+        deadline = time.monotonic() + timeout_s
+        while not stop.wait(0.2):
+            self._check_alive()
+            with contextlib.suppress(Unavailable):
+                nodes = {n: info for n, info in reader.nodes().items() if n in self.workers and info.state == SERVING}
+                if len(nodes) == len(self.workers):
+                    for node_id, info in nodes.items():
+                        self.workers[node_id].port = int(info.address.rsplit(":", 1)[1])
+                    self._record()
+                    self._monitor.start()
+                    return nodes
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"workers did not join within {timeout_s:.0f}s; see their logs under "
+                                   f"{self.data_dir / 'workers'}")
+        return {}
+
+    def terminate(self) -> None:
+        """SIGTERM every live worker, once (each drains, then leaves membership); returns at once."""
+        self._stop.set()
+        for worker in self.workers.values():
+            if worker.process.poll() is None and not worker.terminated:
+                worker.terminated = True
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.terminate()
+
+    def stop(self, grace_s: float) -> None:
+        """terminate(), then wait for the workers to exit, killing those still running after grace_s plus
+        STOP_TIMEOUT_S."""
+        self.terminate()
+        deadline = time.monotonic() + grace_s + STOP_TIMEOUT_S
+        for worker in self.workers.values():
+            try:
+                worker.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in time; killing it", worker.node_id)
+                worker.process.kill()
+                worker.process.wait()
+        self.pids_file.unlink(missing_ok=True)
+
+    def _check_alive(self) -> None:
+        for worker in self.workers.values():
+            code = worker.process.poll()
+            if code is not None:
+                raise RuntimeError(f"{worker.node_id} exited with status {code} while starting; the end of "
+                                   f"{worker.log_path}:\n{worker.log_tail()}")
+
+    def _record(self) -> None:
+        """Write workers.json (atomically: tests read it while up runs)."""
+        record = {w.node_id: {"pid": w.process.pid, "port": w.port} for w in self.workers.values()}
+        tmp = self.pids_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(self.pids_file)
+
+    def _watch_exits(self) -> None:
+        """Log each worker that exits while up runs (it is not restarted)."""
+        reported: set[str] = set()
+        while not self._stop.wait(1.0):
+            for worker in self.workers.values():
+                code = worker.process.poll()
+                if code is not None and worker.node_id not in reported and not self._stop.is_set():
+                    reported.add(worker.node_id)
+                    log.warning("%s (pid %d) exited with status %s and is not restarted: the router sends its "
+                                "users to the other workers (log: %s)", worker.node_id, worker.process.pid, code,
+                                worker.log_path)
+

@@ -1,0 +1,107 @@
+"""Client-side routing: the SDK sends each call straight to the worker that owns its user, skipping the
+router hop (DESIGN.md, Routing).
+
+    from personalize_service.client import PersonalizeClient
+    with PersonalizeClient.discover("redis://valkey:6379/0", api_key=KEY, tenant="acme") as client:
+        print(client.generate("alice", "Say hi").text)
+
+A RoutingClient watches the membership the workers announce in the registry's Valkey and routes exactly
+as the router does (service/cluster.py: the same ring on `route_key(tenant, user_id)`, owner first,
+bounded loads past a floor): an idempotent call whose worker answers UNAVAILABLE is sent once more, to the
+next worker of the user's spill order. It has PersonalizeClient's methods and errors; `stats()` asks every
+worker and `list_nodes()` shows the membership it routes on.
+
+The tenant is part of the routing key, and the client cannot learn it from its API key: pass the tenant
+your key selects (`default` when the servers run without keys). A wrong tenant still gets correct
+answers (each worker authenticates the key itself), only from a worker that is not the user's owner.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+
+from personalize import errors
+from personalize.routing.membership import Membership, MembershipConfig
+from personalize.routing.ring import route_key
+from personalize_service.auth import DEFAULT_TENANT
+from personalize_service.client import (
+    GenerationStream,
+    PersonalizeClient,
+    UnavailableError,
+    _open_channel,
+    _remaining,
+    _Retry,
+    error_from,
+)
+from personalize_service.cluster import Cluster, RouteConfig, Upstream, gather_stats, membership_client, node_list
+from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
+
+
+class RoutingClient(PersonalizeClient):
+    """PersonalizeClient over every worker of a deployment, routing each call to its user's owner.
+
+    registry_url: redis:// URL of the registry where workers heartbeat. api_key, timeout, tls: as for
+    PersonalizeClient (tls applies to the workers' channels). tenant: the tenant the key selects (required
+    with a key; `default` without). route, membership: must match the deployment's routers (defaults do).
+    """
+
+    def __init__(self, registry_url: str, api_key: str | None = None, timeout: float = 30.0,
+                 tls: bool | bytes | grpc.ChannelCredentials | None = None, *, tenant: str | None = None,
+                 route: RouteConfig | None = None, membership: MembershipConfig | None = None) -> None:
+        if tenant is None and api_key:
+            raise ValueError("tenant= is needed to route with an API key: pass the tenant your key selects")
+        self._configure(api_key, timeout, _Retry(retries=1, backoff=0.0))
+        self.tenant = tenant or DEFAULT_TENANT
+        self._cluster = Cluster(Membership(membership_client(registry_url), membership or MembershipConfig()),
+                                lambda address: _open_channel(address, tls), route or RouteConfig()).start()
+
+    @property
+    def cluster(self) -> Cluster:
+        """The routing state (ring, in-flight calls, suspects)."""
+        return self._cluster
+
+    def stats(self) -> pb.StatsResponse:
+        """Stats of every live worker; `degraded` when some did not answer."""
+        return gather_stats(self._cluster, self.timeout, self._metadata)
+
+    def list_nodes(self) -> pb.ListNodesResponse:
+        """The membership this client routes on."""
+        return pb.ListNodesResponse(nodes=node_list(self._cluster))
+
+    def close(self) -> None:
+        self._cluster.stop()
+
+    def _call(self, rpc: str, request: Any, *, idempotent: bool) -> Any:
+        deadline = time.monotonic() + self.timeout
+
+        def send(upstream: Upstream) -> Any:
+            return getattr(upstream.api, rpc)(request, timeout=_remaining(deadline), metadata=self._metadata)
+        try:
+            return self._cluster.call(route_key(self.tenant, request.user_id), send, retry=idempotent)
+        except grpc.RpcError as exc:
+            raise error_from(exc) from None
+        except errors.Unavailable as exc:  # no worker on the ring
+            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+
+    def _stream(self, request: pb.GenerateRequest) -> GenerationStream:
+        """A stream on the owner; restarted once on the next worker if UNAVAILABLE before its first chunk."""
+        deadline = time.monotonic() + self.timeout
+        key = route_key(self.tenant, request.user_id)
+        tried: list[str] = []
+
+        def start() -> Any:
+            if tried:
+                self._cluster.suspect(tried[-1])
+            try:
+                ticket = self._cluster.acquire(key, tried)
+            except errors.Unavailable as exc:
+                raise UnavailableError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+            tried.append(ticket.upstream.node_id)
+            call = ticket.upstream.api.GenerateStream(request, timeout=_remaining(deadline), metadata=self._metadata)
+            call.add_done_callback(lambda _call: self._cluster.release(ticket))
+            return call
+
+        return GenerationStream(start, self._retry)

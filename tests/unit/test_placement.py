@@ -1,0 +1,133 @@
+"""Placement in service/cluster.py over a real small ring (no servers: channels are opened, never used),
+and the pure helpers of the worker side and of `up --workers N`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from personalize.errors import Unavailable
+from personalize.routing.membership import DRAINING, NodeInfo
+from personalize.routing.ring import route_key
+from personalize_service import launcher, settings
+from personalize_service.announce import advertised_address
+from personalize_service.cluster import Cluster, RouteConfig
+from personalize_service.local_cluster import worker_command, worker_environment
+
+NODES = ("w0", "w1", "w2")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def cluster_of(capacity: float = 4.0, clock: Clock | None = None, **route: float) -> Cluster:
+    cluster = Cluster(None, grpc.insecure_channel, RouteConfig(**route), clock=clock or Clock())  # type: ignore[arg-type]
+    cluster.apply({n: NodeInfo(n, f"127.0.0.1:{7000 + i}", capacity) for i, n in enumerate(NODES)})
+    return cluster
+
+
+def owners(cluster: Cluster, user: str) -> list[str]:
+    return cluster.ring().owners(route_key("t", user))
+
+
+def test_a_users_calls_stay_on_its_owner_up_to_the_floor_then_bounded_loads_place_them() -> None:
+    cluster = cluster_of(capacity=4.0, owner_share=0.5)  # floor: 2 calls of the owner's own keys
+    key = route_key("t", "alice")
+    first = [cluster.acquire(key) for _ in range(2)]
+    assert [t.upstream.node_id for t in first] == [owners(cluster, "alice")[0]] * 2
+    assert all(t.on_owner for t in first)
+    third = cluster.acquire(key)  # past the floor: the balancer's own count starts at 0 -> owner again
+    assert not third.on_owner and third.upstream.node_id == owners(cluster, "alice")[0]
+    fourth = cluster.acquire(key)  # the balancer now spills: 1 overflow call in flight on the owner
+    assert fourth.upstream.node_id == owners(cluster, "alice")[1]
+    assert cluster.in_flight() == {owners(cluster, "alice")[0]: 3, owners(cluster, "alice")[1]: 1}
+    for ticket in (*first, third, fourth):
+        cluster.release(ticket)
+    assert cluster.in_flight() == {}
+
+
+def test_owner_share_zero_is_plain_bounded_loads() -> None:
+    cluster = cluster_of(owner_share=0.0)
+    key = route_key("t", "alice")
+    tickets = [cluster.acquire(key) for _ in range(2)]
+    assert not tickets[0].on_owner and tickets[0].upstream.node_id == owners(cluster, "alice")[0]
+    assert tickets[1].upstream.node_id == owners(cluster, "alice")[1]  # 3 nodes, 1 in flight: bound is 1
+
+
+def test_suspects_are_avoided_until_they_expire_unless_only_they_are_left() -> None:
+    clock = Clock()
+    cluster = cluster_of(clock=clock, suspect_s=3.0)
+    order = owners(cluster, "bob")
+    cluster.suspect(order[0])
+    assert cluster.acquire(route_key("t", "bob")).upstream.node_id == order[1]
+    cluster.suspect(order[1])
+    cluster.suspect(order[2])
+    assert cluster.acquire(route_key("t", "bob")).upstream.node_id == order[0]  # all suspect: try the owner
+    assert cluster.acquire(route_key("t", "bob"), exclude=[order[0]]).upstream.node_id == order[1]
+    clock.now += 3.5
+    assert cluster.suspects() == set()
+    with pytest.raises(Unavailable, match="no worker left"):
+        cluster.acquire(route_key("t", "bob"), exclude=NODES)
+
+
+def test_draining_nodes_leave_the_ring_and_departed_channels_close() -> None:
+    cluster = cluster_of()
+    channel = cluster.upstream("w1").channel
+    view = {n: NodeInfo(n, f"127.0.0.1:{7000 + i}", 4.0) for i, n in enumerate(NODES)}
+    cluster.apply({**view, "w1": NodeInfo("w1", view["w1"].address, 4.0, 0.0, DRAINING)})
+    assert sorted(cluster.ring().nodes) == ["w0", "w2"] and cluster.upstream("w1").channel is channel
+    cluster.apply({n: view[n] for n in ("w0", "w2")})
+    with pytest.raises(Unavailable):
+        cluster.upstream("w1")
+    with pytest.raises(ValueError, match="closed channel"):
+        channel.unary_unary("/x/y")(b"", timeout=1)
+    cluster.apply({})
+    with pytest.raises(Unavailable, match="ring is empty"):
+        cluster.acquire(route_key("t", "bob"))
+
+
+@pytest.mark.parametrize(("host", "port", "advertise", "expected"), [
+    ("127.0.0.1", 5, "", "127.0.0.1:5"),
+    ("::1", 5, "", "[::1]:5"),
+    ("0.0.0.0", 5, "worker-3.workers:50051", "worker-3.workers:50051"),
+])
+def test_advertised_address(host: str, port: int, advertise: str, expected: str) -> None:
+    assert advertised_address(host, port, advertise) == expected
+
+
+def test_a_wildcard_host_advertises_the_hostname() -> None:
+    assert not advertised_address("0.0.0.0", 5).startswith("0.0.0.0")
+
+
+def test_up_workers_get_the_resolved_settings_and_keys_only_by_environment(tmp_path: Path) -> None:
+    values = settings.resolve(settings.UP, {"device_cache": "64MiB", "max_batch": "8"},
+                              {"PERSONALIZE_API_KEYS": "acme:s3cret", "PERSONALIZE_PORT": "1"})
+    command = worker_command(values, "worker-1", "redis://h:1/0", "file:///s", tmp_path)
+    text = " ".join(command)
+    assert "--role worker --node-id worker-1" in text and "--port 0" in text and "--device-cache 64MiB" in text
+    assert "--max-batch 8" in text and "s3cret" not in text and "--workers" not in text
+    env = worker_environment(values)
+    assert env["PERSONALIZE_API_KEYS"] == "acme:s3cret" and "PERSONALIZE_PORT" not in env
+
+
+def test_cluster_banner_lists_the_workers(tmp_path: Path) -> None:
+    text = launcher.up_banner(50051, 0, "router", "built-in tiny model on cpu", "", "redis://h:1/0", tmp_path,
+                              "file:///x", (), workers={"worker-1": "127.0.0.1:2", "worker-0": "127.0.0.1:1"})
+    assert text.splitlines()[0] == "personalize up: serving on 127.0.0.1:50051"
+    assert "over 2 workers" in text and "worker-0 127.0.0.1:1, worker-1 127.0.0.1:2" in text
+    assert "workers.json" in text and "  model     built-in tiny model on cpu\n" in text
+
+
+def test_router_role_needs_only_the_registry() -> None:
+    values = settings.resolve(settings.SERVE, {}, {})
+    with pytest.raises(launcher.LaunchError, match="--registry-url / PERSONALIZE_REGISTRY_URL;"):
+        launcher.run_serve("router", values)
+    with pytest.raises(launcher.LaunchError, match="choose one of worker, router, trainer"):
+        launcher.run_serve("proxy", values)
