@@ -19,7 +19,7 @@ from personalize.adapters.store import ObjectStore, open_store
 from personalize.config import Config
 from personalize.engine.engine import Engine
 from personalize.engine.types import GenerationResult, SamplingParams
-from personalize.errors import NotFound, Unavailable
+from personalize.errors import NotFound, PersonalizeError, Unavailable
 from personalize.feedback.events import FeedbackEvent
 from personalize.feedback.notify import UpdateListener, redis_client
 from personalize.feedback.stream import FeedbackStream
@@ -154,6 +154,16 @@ class Worker:
         return _Running(handle, GenerationInfo(record.version, lease.tier, self.node_id))
 
     # -- adapters ---------------------------------------------------------------------------------------------
+    def warm(self, tenant: str, user_id: str) -> None:
+        """Start loading the user's current adapter into a device slot (rebalancing: a user who just moved
+        here was hot on their old owner). Best effort: failures only mean a lazy load later."""
+        try:
+            record = self.registry.get(tenant, user_id)
+            if record is not None and record.fingerprint == self.base.fingerprint:
+                self.cache.prefetch(tenant, user_id, record.version)
+        except PersonalizeError:
+            pass
+
     def _on_update(self, tenant: str, user_id: str, version: int) -> None:
         """A trainer published a version: the user's owner loads it now, so their next request is a device
         hit (other nodes would only evict their own users' adapters for it)."""

@@ -9,12 +9,16 @@ key) once it has stopped. It also watches membership itself, to know which users
     announcement.drain()                  # routers stop sending new users; waits drain_notice_s
     announcement.leave()
 
-Rebalancing is lazy: when a worker joins or leaves, the users that move are loaded by their new owner on
-their first call (from its host RAM, disk or the store); nothing is pushed between workers.
+Rebalancing: every worker keeps a list of its hottest users in the registry (`{ns}:hot:<node>`, refreshed
+each heartbeat-ish period, expiring a minute after its last refresh so a dead worker's list outlives it).
+When the ring changes, each worker reads the other workers' lists and starts loading the adapters of the
+listed users it now owns, so the hottest moved users find their adapter resident on their first call;
+everyone else is loaded lazily on first call (host RAM, disk or the store). Nothing is pushed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -28,6 +32,10 @@ from personalize_service.cluster import membership_client
 
 log = logging.getLogger(__name__)
 
+HOT_USERS = 64
+"""Users each worker lists as its hottest, for new owners to warm when the ring changes."""
+HOT_TTL_MS = 60_000
+HOT_PERIOD_S = 2.0
 DRAIN_NOTICE_S = 1.0
 """Time between announcing DRAINING and refusing new calls: two polls of a router's watcher."""
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
@@ -71,6 +79,11 @@ class Announcement:
         self._watcher: Watcher | None = None
         self._ring: Ring | None = None
         self._lock = threading.Lock()  # guards _ring
+        self.hot_fn: Callable[[int], list[tuple[str, str]]] | None = None
+        """This worker's hottest users (set before start): published for rebalancing."""
+        self.warm_fn: Callable[[str, str], None] | None = None
+        """Start loading a user's adapter here (set before start): called for hot users that moved here."""
+        self._stop_hot = threading.Event()
 
     def start(self, address: str) -> Announcement:
         """Beat once (Unavailable if the registry cannot be reached), keep beating, and watch the ring."""
@@ -78,6 +91,8 @@ class Announcement:
         self._heartbeat = Heartbeat(self._client, self.config.membership, node, self._load_fn).start()
         membership = Membership(self._client, self.config.membership)
         self._watcher = membership.watch(self._on_change)
+        if self.hot_fn is not None:
+            threading.Thread(target=self._publish_hot, name="hot-users", daemon=True).start()
         log.info("announced %s at %s (capacity %g) in namespace %r", self.node_id, address, self.capacity,
                  self.config.membership.namespace)
         return self
@@ -103,8 +118,39 @@ class Announcement:
         if self.config.drain_notice_s > 0:
             time.sleep(self.config.drain_notice_s)
 
+    def _hot_key(self, node_id: str) -> str:
+        return f"{{{self.config.membership.namespace}}}:hot:{node_id}"
+
+    def _publish_hot(self) -> None:
+        while not self._stop_hot.wait(HOT_PERIOD_S):
+            try:
+                users = self.hot_fn(HOT_USERS) if self.hot_fn is not None else []
+                if users:
+                    self._client.set(self._hot_key(self.node_id), json.dumps(users), px=HOT_TTL_MS)
+            except Exception as exc:  # registry briefly unreachable: the next period retries
+                log.debug("publishing hot users failed: %s", exc)
+
+    def _warm_moved(self, old: Ring | None, new: Ring) -> None:
+        """Load the adapters of other workers' hottest users that `new` makes ours."""
+        if self.warm_fn is None or old is None:
+            return
+        others = sorted((set(old.nodes) | set(new.nodes)) - {self.node_id})
+        if not others:
+            return
+        try:
+            lists = self._client.mget([self._hot_key(n) for n in others])
+        except Exception as exc:
+            log.debug("reading hot users failed: %s", exc)
+            return
+        for raw in lists:
+            for tenant, user_id in json.loads(raw) if raw else []:
+                key = route_key(tenant, user_id)
+                if new.owner(key) == self.node_id and old.owner(key) != self.node_id:
+                    self.warm_fn(tenant, user_id)
+
     def leave(self) -> None:
         """Stop beating and watching and delete the node's key. Never raises."""
+        self._stop_hot.set()
         if self._watcher is not None:
             self._watcher.stop()
         if self._heartbeat is not None:
@@ -114,4 +160,8 @@ class Announcement:
     def _on_change(self, nodes: dict[str, NodeInfo]) -> None:
         ring = ring_of(nodes, self.config.vnodes)
         with self._lock:
-            self._ring = ring
+            old, self._ring = self._ring, ring
+        if old is None and self.node_id in ring.nodes and len(ring.nodes) > 1:
+            old = ring.without_node(self.node_id)  # just joined: the users we take over were the others'
+        if old is not None and set(old.nodes) != set(ring.nodes):
+            threading.Thread(target=self._warm_moved, args=(old, ring), name="warm-moved", daemon=True).start()

@@ -19,6 +19,7 @@ failed calls just now), announced load and capacity.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -113,6 +114,39 @@ def _cancel_with_call(context: grpc.ServicerContext, cancel: Callable[[], Any]) 
         cancel()
 
 
+_END = object()
+
+
+def _relay(call: Any, context: grpc.ServicerContext, poll_s: float = 0.05) -> Iterator[Any]:
+    """The upstream stream's messages, read on a helper thread so that a caller going away is noticed while
+    the worker is still thinking (grpc does not always run termination callbacks of a handler blocked on
+    another call): then the upstream call is cancelled and the relay ends."""
+    messages: queue.Queue[Any] = queue.Queue()
+
+    def pump() -> None:
+        try:
+            for message in call:
+                messages.put(message)
+            messages.put(_END)
+        except grpc.RpcError as exc:
+            messages.put(exc)
+
+    threading.Thread(target=pump, name="relay", daemon=True).start()
+    while True:
+        try:
+            item = messages.get(timeout=poll_s)
+        except queue.Empty:
+            if not context.is_active():
+                call.cancel()
+                return
+            continue
+        if item is _END:
+            return
+        if isinstance(item, grpc.RpcError):
+            raise item
+        yield item
+
+
 class RouterServicer(pb_grpc.PersonalizeServicer):
     """The app-facing API, forwarded to the owning worker."""
 
@@ -134,7 +168,7 @@ class RouterServicer(pb_grpc.PersonalizeServicer):
                 call = upstream.api.GenerateStream(request, timeout=time_remaining(context), metadata=metadata)
                 _cancel_with_call(context, call.cancel)
                 try:
-                    for chunk in call:
+                    for chunk in _relay(call, context):
                         attempt.commit()  # part of the answer went out: never resend
                         yield chunk
                     return

@@ -386,6 +386,9 @@ def _announce(config: AnnounceConfig, worker: Worker, address: str) -> Announcem
     """Join membership as `worker` at `address`; from then on only the users it owns are prefetched."""
     engine = worker.engine
     announcement = Announcement(config, worker.node_id, float(engine.config.max_batch),
-                                load_fn=lambda: float(engine.running + engine.queue_depth)).start(address)
+                                load_fn=lambda: float(engine.running + engine.queue_depth))
+    announcement.hot_fn = worker.cache.hottest
+    announcement.warm_fn = worker.warm
+    announcement.start(address)
     worker.owns = announcement.owns
     return announcement

@@ -344,6 +344,20 @@ class AdapterCache:
             if freed and self._slot_waiters:
                 self._slot_freed.notify_all()
 
+    def hottest(self, limit: int) -> list[tuple[str, str]]:
+        """Users with an adapter in a device slot, busiest first: in use now, then most recently used."""
+        with self._lock:
+            pinned = [slot for slot, pins in enumerate(self._slots.pins) if pins > 0]
+            order = pinned + self._slots.lru_order()[::-1]
+            users: dict[tuple[str, str], None] = {}
+            for slot in order:
+                key = self._slots.keys[slot]
+                if key is not None:
+                    users.setdefault((key[0], key[1]), None)
+                if len(users) >= limit:
+                    break
+        return list(users)
+
     def latest_version(self, tenant: str, user_id: str) -> int | None:
         """Newest version of the user held in any tier (device, host or disk), or None."""
         with self._lock:

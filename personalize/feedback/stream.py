@@ -129,18 +129,24 @@ class FeedbackStream:
     def read(self, consumer: str, count: int, block_ms: int) -> list[Delivered]:
         """New events for this consumer across all partitions (blocks up to block_ms when there are none)."""
         streams = {self.stream_key(p): ">" for p in range(self.config.partitions)}
-        reply = self._call(lambda: self.client.xreadgroup(self.config.group, consumer, streams, count=count,
-                                                          block=block_ms or None))
+        reply = self._call(lambda: self.client.xreadgroup(self.config.group, consumer, streams,
+                                                          count=self._per_stream(count), block=block_ms or None))
         return self._parse(reply or [])
+
+    def _per_stream(self, count: int) -> int:
+        """XREADGROUP's COUNT applies to each stream: share `count` out so a read returns at most about it."""
+        return max(1, -(-count // self.config.partitions))
 
     def read_own_pending(self, consumer: str, count: int) -> list[Delivered]:
         """Events delivered to this consumer name earlier and never acknowledged (it restarted mid-round)."""
         streams = {self.stream_key(p): "0" for p in range(self.config.partitions)}
-        reply = self._call(lambda: self.client.xreadgroup(self.config.group, consumer, streams, count=count))
+        reply = self._call(lambda: self.client.xreadgroup(self.config.group, consumer, streams,
+                                                          count=self._per_stream(count)))
         return self._parse(reply or [])
 
     def claim(self, consumer: str, min_idle_ms: int, count: int = 1000) -> list[Delivered]:
         """Take over events left pending by a dead (or this, restarted) consumer for at least min_idle_ms."""
+        count = self._per_stream(count)
         out: list[Delivered] = []
         for p in range(self.config.partitions):
             reply = self._call(functools.partial(self.client.xautoclaim, self.stream_key(p), self.config.group,

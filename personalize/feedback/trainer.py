@@ -233,7 +233,7 @@ class Trainer:
         got = list(self._carry)
         self._carry = []
         if claim:
-            got += self.stream.claim(self.consumer, self.config.claim_idle_ms)
+            got += self.stream.claim(self.consumer, self.config.claim_idle_ms, self.config.max_events)
         room = max(0, self.config.max_events - len(got))
         if room:
             got += self.stream.read(self.consumer, room, 0 if got else self.config.block_ms)

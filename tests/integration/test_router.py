@@ -341,7 +341,7 @@ def test_a_caller_going_away_cancels_the_upstream_stream(router: Router, fleet: 
     stream = router.api.GenerateStream(pb.GenerateRequest(user_id=user, prompt="hi"), timeout=30)
     assert next(stream).text == "Hel"
     stream.cancel()
-    assert fleet.workers["w2"].stream_cancelled.wait(10)
+    assert fleet.workers["w2"].stream_cancelled.wait(10), (fleet.answered(), router.cluster.suspects())
 
 
 # ---- admin -----------------------------------------------------------------------------------------
@@ -441,3 +441,34 @@ def test_routing_client_needs_a_tenant_with_a_key_and_a_ring(valkey_url: str, na
             client.generate("alice", "hi")
         with pytest.raises(UnavailableError), client.generate_stream("alice", "hi") as stream:
             list(stream)
+
+
+def test_a_joining_worker_warms_the_hot_users_it_takes_over(valkey_url: str, namespace: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rebalancing: the old owner lists its hottest users; the new owner loads the ones that moved to it."""
+    import personalize_service.announce as announce
+
+    monkeypatch.setattr(announce, "HOT_PERIOD_S", 0.1)
+    membership = MembershipConfig(namespace=namespace, ttl_s=2.0, heartbeat_s=0.1)
+    config = AnnounceConfig(valkey_url, membership, drain_notice_s=0.0)
+    hot = [("acme", f"hot{i}") for i in range(60)]
+    old = Announcement(config, "old", 16.0)
+    old.hot_fn = lambda limit: hot[:limit]
+    old.start("127.0.0.1:1")
+    warmed: list[tuple[str, str]] = []
+    new = Announcement(config, "new", 16.0)
+    new.hot_fn = lambda limit: []
+    new.warm_fn = lambda tenant, user_id: warmed.append((tenant, user_id))
+    try:
+        time.sleep(0.5)  # the old owner has published its list before the new one joins
+        new.start("127.0.0.1:2")
+        ring = ring_of({"old": NodeInfo("old", "a", 16.0), "new": NodeInfo("new", "b", 16.0)})
+        moved = [u for u in hot if ring.owner(route_key(*u)) == "new"]
+        deadline = time.monotonic() + 5
+        while sorted(warmed) != sorted(moved) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 10 < len(moved) < 50
+        assert sorted(warmed) == sorted(moved)  # exactly the hot users it took over, none it did not
+    finally:
+        new.leave()
+        old.leave()
