@@ -31,8 +31,13 @@ pytest: venv
 
 test: venv lint typecheck pytest
 
+# Every benchmark, full size (BENCH_ARGS=--quick for a short pass); JSON under loadtest/results/.
+BENCH_ARGS ?=
 bench: venv
-	$(BIN)/python loadtest/bench_engine.py --json loadtest/results/bench_engine.json
+	$(BIN)/python loadtest/bench_engine.py $(BENCH_ARGS) --json loadtest/results/bench_engine.json
+	$(BIN)/python loadtest/bench_cache.py $(BENCH_ARGS) --json loadtest/results/bench_cache.json
+	$(BIN)/python loadtest/bench_feedback.py $(BENCH_ARGS) --json loadtest/results/bench_feedback.json
+	$(BIN)/python loadtest/bench_routing.py $(BENCH_ARGS) --cluster --json loadtest/results/bench_routing.json
 
 run: venv
 	$(BIN)/personalize up
