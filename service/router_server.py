@@ -48,6 +48,7 @@ from personalize_service.limits import (
     user_id_of,
 )
 from personalize_service.metrics import PREFIX, ServiceMetrics
+from personalize_service.tls import bind
 from personalize_service.worker_server import (
     SERVICE_NAMES,
     NodeState,
@@ -263,11 +264,7 @@ def create_router(config: ServiceConfig, cluster: Cluster, metrics: ServiceMetri
                          interceptors=server_interceptors(config.api_keys, RateLimiter(config.limits), metrics,
                                                           state.drain),
                          options=options)
-    try:
-        port = server.add_insecure_port(config.address)
-    except RuntimeError as exc:
-        raise OSError(f"cannot listen on {config.address}: the port is in use or the address is not "
-                      f"local") from exc
+    port = bind(server, config.address, config.tls_cert, config.tls_key, config.tls_client_ca)
     pb_grpc.add_PersonalizeServicer_to_server(RouterServicer(cluster, config.limits, router_metrics), server)
     pb_grpc.add_AdminServicer_to_server(RouterAdminServicer(cluster), server)
     health_pb2_grpc.add_HealthServicer_to_server(state.health, server)

@@ -138,6 +138,12 @@ SETTINGS: tuple[Setting, ...] = (
        "gRPC handler threads (concurrent calls being served)", metavar="N"),
     _s("service.api_keys_file", "--api-keys-file", "PERSONALIZE_API_KEYS_FILE", "", _str,
        "file of tenant:key lines; none = tenant 'default' without a key", metavar="FILE"),
+    _s("service.tls_cert", "--tls-cert", "PERSONALIZE_TLS_CERT", "", _str,
+       "PEM certificate chain: serve TLS (with --tls-key)", metavar="FILE"),
+    _s("service.tls_key", "--tls-key", "PERSONALIZE_TLS_KEY", "", _str, "PEM private key of --tls-cert",
+       metavar="FILE"),
+    _s("service.tls_client_ca", "--tls-client-ca", "PERSONALIZE_TLS_CLIENT_CA", "", _str,
+       "PEM CA: require client certificates it signed (mutual TLS)", metavar="FILE"),
     _s("service.api_keys", "--api-keys", "PERSONALIZE_API_KEYS", "", _str,
        "tenant:key entries, comma-separated (prefer the env var: flags show in ps)", metavar="KEYS"),
     # -- the base model

@@ -41,6 +41,7 @@ from personalize_service.limits import (
     grpc_message_options,
 )
 from personalize_service.metrics import MetricsServer, ServiceMetrics, start_metrics_server
+from personalize_service.tls import bind
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,12 @@ class ServiceConfig:
     """Handler threads, i.e. calls served at once (a Generate holds one until its result)."""
     advertise: str = ""
     """host:port routers dial to reach this server; empty = host:port (the hostname for a wildcard host)."""
+    tls_cert: str = ""
+    """PEM certificate chain file; set with tls_key to serve TLS instead of plaintext."""
+    tls_key: str = ""
+    """PEM private key file of tls_cert."""
+    tls_client_ca: str = ""
+    """PEM CA file: callers must present a certificate it signed (mutual TLS); empty = no client certs."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
@@ -224,11 +231,7 @@ def create_server(config: ServiceConfig, worker: Worker, metrics: ServiceMetrics
                          interceptors=server_interceptors(config.api_keys, RateLimiter(config.limits), metrics,
                                                           state.drain),
                          options=options)
-    try:
-        port = server.add_insecure_port(config.address)
-    except RuntimeError as exc:  # grpc's "Failed to bind to address"
-        raise OSError(f"cannot listen on {config.address}: the port is in use or the address is not "
-                      f"local") from exc
+    port = bind(server, config.address, config.tls_cert, config.tls_key, config.tls_client_ca)
     pb_grpc.add_PersonalizeServicer_to_server(PersonalizeServicer(worker, config.limits), server)
     address = advertised_address(config.host, port, config.advertise)
     pb_grpc.add_AdminServicer_to_server(AdminServicer(worker, address, state), server)

@@ -1,0 +1,91 @@
+"""TLS and mutual TLS on a gRPC port, with certificates generated for the test by openssl."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from personalize.errors import InvalidArgument
+from personalize_service.tls import bind
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _signed(name: str, cn: str, ext: str, cwd: Path) -> None:
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-subj", f"/CN={cn}",
+             "-out", f"{name}.csr", cwd=cwd)
+    (cwd / f"{name}.ext").write_text(ext)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("certs")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+             "-subj", "/CN=personalize test CA", cwd=d)
+    _signed("server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n", d)
+    _signed("client", "app-backend", "extendedKeyUsage=clientAuth\n", d)
+    return d
+
+
+def _serve(certs: Path, mutual: bool) -> Iterator[int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = bind(server, "127.0.0.1:0", str(certs / "server.pem"), str(certs / "server.key"),
+                str(certs / "ca.pem") if mutual else "")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(0)
+
+
+def _check(port: int, credentials: grpc.ChannelCredentials | None) -> int:
+    target = f"localhost:{port}"
+    channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    with channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    return reply.status
+
+
+def test_tls_serves_clients_that_trust_the_ca_and_refuses_plaintext(certs: Path) -> None:
+    for port in _serve(certs, mutual=False):
+        trusted = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes())
+        assert _check(port, trusted) == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as raised:
+            _check(port, None)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.RpcError):  # a client that does not trust our CA
+            _check(port, grpc.ssl_channel_credentials((certs / "client.pem").read_bytes()))
+
+
+def test_mutual_tls_needs_a_client_certificate_signed_by_the_ca(certs: Path) -> None:
+    ca = (certs / "ca.pem").read_bytes()
+    for port in _serve(certs, mutual=True):
+        with pytest.raises(grpc.RpcError):
+            _check(port, grpc.ssl_channel_credentials(ca))
+        with_cert = grpc.ssl_channel_credentials(ca, (certs / "client.key").read_bytes(),
+                                                 (certs / "client.pem").read_bytes())
+        assert _check(port, with_cert) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_misconfigured_tls_is_a_clear_error(certs: Path, tmp_path: Path) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    with pytest.raises(InvalidArgument, match="--tls-key"):
+        bind(server, "127.0.0.1:0", str(certs / "server.pem"), "")
+    with pytest.raises(InvalidArgument, match="cannot read"):
+        bind(server, "127.0.0.1:0", str(tmp_path / "missing.pem"), str(tmp_path / "missing.key"))
+    with pytest.raises(InvalidArgument, match="mutual TLS"):
+        bind(server, "127.0.0.1:0", "", "", str(certs / "ca.pem"))
