@@ -45,6 +45,7 @@ from personalize.lora.adapter import TARGET_MODULES, Adapter, module_key
 from personalize.lora.format import AdapterSpec, adapter_from_bytes, random_adapter
 from personalize.lora.slots import SlotPool, module_shapes
 from personalize.model import build_random_llama, default_llama_config
+from tests.helpers import holds
 
 BENCH_SHAPE = dict(hidden_size=2048, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16,
                    intermediate_size=5632, initializer_range=0.02)
@@ -65,17 +66,6 @@ def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
-
-def holds(pool: SlotPool, slot: int, adapter: Adapter) -> bool:
-    """Whether `slot` holds exactly `adapter` (checked on every module)."""
-    r = adapter.rank
-    for layer in range(pool.num_layers):
-        for m in TARGET_MODULES:
-            lora_a, lora_b = pool.module_view(layer, m)
-            a, b = adapter.weights[module_key(layer, m)]
-            if not (torch.equal(lora_a[slot, :r], a) and torch.equal(lora_b[slot, :r], b.T)):
-                return False
-    return True
 
 
 def memory_cache(pool: SlotPool, adapters: list[Adapter], **config: Any) -> AdapterCache:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,9 +206,7 @@ class Worker:
 
     def export_adapter(self, tenant: str, user_id: str, version: int = 0) -> tuple[dict[str, bytes], AdapterInfo]:
         """PEFT files of the current (version 0) or a named version."""
-        record = self.registry.get(tenant, user_id)
-        if record is None:
-            raise NotFound(f"user {user_id!r} has no adapter")
+        record = self.repo.require(tenant, user_id)
         wanted = version or record.version
         if wanted > record.version:
             raise NotFound(f"user {user_id!r} has no adapter version {wanted} (current is {record.version})")
@@ -216,7 +215,7 @@ class Worker:
         adapter = adapter_from_bytes(data, self.spec, dtype=torch.float32)
         info = self._info(user_id, record)
         if wanted != record.version:
-            info = AdapterInfo(**{**info.__dict__, "version": wanted})
+            info = dataclasses.replace(info, version=wanted)
         return write_peft(adapter, self.spec), info
 
     def delete_user(self, tenant: str, user_id: str) -> tuple[int, int]:
@@ -224,7 +223,7 @@ class Worker:
         self.registry.delete(tenant, user_id)
         events = self.stream.delete_user(tenant, user_id) if self.stream is not None else 0
         self.cache.invalidate(tenant, user_id)
-        versions = self.repo.delete(tenant, user_id)
+        versions = self.repo.delete_versions(tenant, user_id)
         return versions, events
 
     # -- figures ----------------------------------------------------------------------------------------------

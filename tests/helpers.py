@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from personalize.lora.adapter import TARGET_MODULES, Adapter, module_key
-from personalize.lora.slots import module_shapes
+from personalize.lora.slots import SlotPool, module_shapes
 
 
 def make_adapter(hf_config: Any, rank: int, seed: int, alpha: float | None = None,
@@ -38,3 +38,16 @@ def peft_model(base_model: Any, adapter: Adapter) -> Any:
             module.lora_A["default"].weight.copy_(a)
             module.lora_B["default"].weight.copy_(b)
     return model.eval()
+
+
+def holds(pool: SlotPool, slot: int, adapter: Adapter) -> bool:
+    """Whether `slot` of the pool holds exactly `adapter` (its rank zero-padded, its scaling)."""
+    r = adapter.rank
+    for layer in range(pool.num_layers):
+        for m in TARGET_MODULES:
+            lora_a, lora_b = pool.module_view(layer, m)
+            a, b = adapter.weights[module_key(layer, m)]
+            if not (torch.equal(lora_a[slot, :r], a) and torch.equal(lora_b[slot, :r], b.T)
+                    and not lora_a[slot, r:].any()):
+                return False
+    return bool(pool.scaling[slot] == adapter.scaling)

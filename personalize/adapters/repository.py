@@ -93,4 +93,8 @@ class AdapterRepository:
     def delete(self, tenant: str, user_id: str) -> int:
         """Remove the registry record (nothing new is served), then every stored version. Returns versions."""
         self.registry.delete(tenant, user_id)
+        return self.delete_versions(tenant, user_id)
+
+    def delete_versions(self, tenant: str, user_id: str) -> int:
+        """Remove every stored version of the user (call after the record is gone). Returns how many."""
         return self.store.delete_prefix(user_prefix(tenant, user_id))

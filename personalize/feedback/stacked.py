@@ -48,13 +48,6 @@ class StackedAdapters:
         return [*self.a.values(), *self.b.values()]
 
     @torch.no_grad()
-    def zero_users(self, users: Tensor) -> None:
-        """Drop the gradients of the masked users (bool [U]): their adapters will not move this step."""
-        for p in self.parameters():
-            if p.grad is not None:
-                p.grad[users] = 0
-
-    @torch.no_grad()
     def clip_per_user(self, max_norm: float) -> None:
         """Scale each user's gradient (over all modules) to norm <= max_norm, independently of other users."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]

@@ -158,8 +158,7 @@ def train_round(model: Any, tokenizer: Any, jobs: list[UserJob], config: Trainer
             opt.zero_grad()
             if not active.any():
                 break
-            total.backward()
-            stacked.zero_users(~active)
+            total.backward()  # inactive users get no loss term, and MaskedAdam leaves them untouched
             stacked.clip_per_user(config.grad_clip)
             opt.step(active)
     finally:

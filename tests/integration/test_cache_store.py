@@ -6,25 +6,24 @@ from __future__ import annotations
 import dataclasses
 import io
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 import torch
-from s3server import S3Server
 
 from personalize.adapters.cache import AdapterCache, CacheConfig, store_fetch
 from personalize.adapters.registry import Registry
 from personalize.adapters.repository import AdapterRepository
-from personalize.adapters.store import FileStore, ObjectStore, S3Store, open_store
+from personalize.adapters.store import FileStore, ObjectStore, S3Store
 from personalize.adapters.store.s3 import CHECKSUM_HEADER
 from personalize.errors import CorruptObject, IncompatibleAdapter, NotFound
-from personalize.lora.adapter import TARGET_MODULES, Adapter, module_key
+from personalize.lora.adapter import Adapter
 from personalize.lora.format import AdapterSpec, adapter_from_bytes, random_adapter
 from personalize.lora.slots import SlotPool
 from personalize.model import BaseModel, ModelConfig, load_base_model
+from tests.helpers import holds
 
 T = "acme"
 R_MAX = 8
@@ -38,17 +37,6 @@ def base() -> BaseModel:
 @pytest.fixture(scope="module")
 def spec(base: BaseModel) -> AdapterSpec:
     return AdapterSpec.for_model(base, r_max=R_MAX)
-
-
-@pytest.fixture(params=["file", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
-    if request.param == "file":
-        yield open_store((tmp_path / "objects").as_uri())
-    else:
-        server: S3Server = request.getfixturevalue("s3_server")
-        s3 = open_store(server.s3_url("pz-tests", f"cache/{uuid.uuid4().hex[:12]}"))
-        yield s3
-        s3.close()
 
 
 @pytest.fixture
@@ -88,16 +76,6 @@ def corrupt_behind_the_back(store: ObjectStore, key: str, data: bytes, request: 
         stale = raw.stat_object(store.config.bucket, name).metadata[CHECKSUM_HEADER]
         raw.put_object(store.config.bucket, name, io.BytesIO(data), len(data), metadata={CHECKSUM_HEADER: stale})
 
-
-def holds(pool: SlotPool, slot: int, adapter: Adapter) -> bool:
-    r = adapter.rank
-    for layer in range(pool.num_layers):
-        for m in TARGET_MODULES:
-            lora_a, lora_b = pool.module_view(layer, m)
-            a, b = adapter.weights[module_key(layer, m)]
-            if not (torch.equal(lora_a[slot, :r], a) and torch.equal(lora_b[slot, :r], b.T)):
-                return False
-    return True
 
 
 def served_anywhere(cache: AdapterCache, adapter: Adapter) -> bool:

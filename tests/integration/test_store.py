@@ -8,7 +8,6 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,19 +27,6 @@ from personalize.errors import CorruptObject, InvalidArgument, NotFound, Unavail
 
 HOSTILE_USERS = [("acme", "../../etc"), ("acme", "a\x00b"), ("acme", "x" * 10_000), ("acme", "🦙👩‍👩‍👧"),
                  ("", "alice"), ("../..", "/etc/passwd"), ("acme", "")]
-
-
-@pytest.fixture(params=["file", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
-    """A fresh, empty store of each backend."""
-    if request.param == "file":
-        yield open_store((tmp_path / "objects").as_uri())
-    else:
-        server: S3Server = request.getfixturevalue("s3_server")
-        # One shared bucket (creating one costs ~0.2 s in SeaweedFS), a fresh prefix per test.
-        s3 = open_store(server.s3_url("pz-tests", f"deploy/{uuid.uuid4().hex[:12]}"))
-        yield s3
-        s3.close()
 
 
 def _corrupt_behind_the_back(store: ObjectStore, key: str, data: bytes,

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from personalize.adapters.cache import AdapterCache, CacheConfig, Lease, slot_nbytes, slots_for_budget
 from personalize.adapters.lru import EVICTABLE, FREED, KEPT, ByteLRU, SlotTable
@@ -27,10 +26,10 @@ from personalize.errors import (
     NotFound,
     ResourceExhausted,
 )
-from personalize.lora.adapter import TARGET_MODULES, Adapter, module_key
+from personalize.lora.adapter import TARGET_MODULES, Adapter
 from personalize.lora.slots import SlotPool
 from personalize.model import default_llama_config
-from tests.helpers import make_adapter
+from tests.helpers import holds, make_adapter
 
 CFG = default_llama_config()
 R_MAX = 8
@@ -92,18 +91,6 @@ def cache(store: FakeStore) -> Iterator[AdapterCache]:
     yield c
     c.close()
 
-
-def holds(pool: SlotPool, slot: int, adapter: Adapter) -> bool:
-    """Whether `slot` of the pool holds exactly `adapter` (its rank zero-padded)."""
-    r = adapter.rank
-    for layer in range(pool.num_layers):
-        for m in TARGET_MODULES:
-            lora_a, lora_b = pool.module_view(layer, m)
-            a, b = adapter.weights[module_key(layer, m)]
-            if not (torch.equal(lora_a[slot, :r], a) and torch.equal(lora_b[slot, :r], b.T)
-                    and not lora_a[slot, r:].any()):
-                return False
-    return bool(pool.scaling[slot] == adapter.scaling)
 
 
 def use(cache: AdapterCache, user_id: str, version: int = 1) -> Lease:
