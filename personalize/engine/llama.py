@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from personalize.lora.slots import LoraGroup, SlotPool
+from personalize.lora.slots import LoraGroup, SlotPool, llama_groups
 
 
 @dataclass
@@ -70,6 +70,8 @@ class FastLlama:
         self.act: Any = {"silu": F.silu, "gelu": F.gelu}[cfg.hidden_act]
         self.max_batch, self.max_len = max_batch, max_len
         self.lanes = lanes
+        self.groups = lanes.groups if lanes is not None else llama_groups(cfg, ())
+        """Fused projection groups of a layer (which members carry LoRA), fixed for the model's life."""
         inner = hf_model.model
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight
@@ -125,12 +127,6 @@ class FastLlama:
         mid = self.act(gate_up[..., :inter]) * gate_up[..., inter:]
         return h + self._proj(mid, i, down_g, rows)
 
-    def _groups(self) -> tuple[LoraGroup, ...]:
-        if self.lanes is not None:
-            return self.lanes.groups
-        from personalize.lora.slots import llama_groups
-
-        return llama_groups(self.cfg, ())
 
     def _logits(self, h: Tensor) -> Tensor:
         return F.linear(rms_norm(h, self.final_norm, self.eps), self.lm_head).float()
@@ -153,7 +149,7 @@ class FastLlama:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
 
         h = F.embedding(ids, self.embed)
-        groups = self._groups()
+        groups = self.groups
         for i in range(len(self.layers)):
             h = self._layer(h, i, rows, attend, groups)
         last = h[torch.arange(n, device=h.device), lengths - 1]  # [N, hidden]
@@ -178,7 +174,7 @@ class FastLlama:
                                                   enable_gqa=self.kv_heads != self.heads)
 
         h = F.embedding(ids.view(b, 1), self.embed)
-        groups = self._groups()
+        groups = self.groups
         for i in range(len(self.layers)):
             h = self._layer(h, i, rows, attend, groups)
         return self._logits(h[:, 0])
