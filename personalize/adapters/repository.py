@@ -6,6 +6,7 @@ version comes to exist: put the immutable object, then CAS the registry from the
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -15,9 +16,11 @@ from personalize.adapters.registry import AdapterRecord, Registry
 from personalize.adapters.store import ObjectStore
 from personalize.adapters.store.base import checksum_of
 from personalize.adapters.store.keys import adapter_key, adapter_version, user_prefix
-from personalize.errors import Conflict, IncompatibleAdapter, NotFound
+from personalize.errors import AdapterError, Conflict, CorruptObject, IncompatibleAdapter, NotFound
 from personalize.lora.adapter import Adapter
 from personalize.lora.format import AdapterSpec, adapter_from_bytes, adapter_to_bytes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,27 @@ class AdapterRepository:
         data = self.read_bytes(tenant, user_id, record.version, record.checksum)
         return adapter_from_bytes(data, self.spec, dtype=dtype)
 
+    def load_intact(self, tenant: str, user_id: str, below: int,
+                    dtype: torch.dtype = torch.float32) -> tuple[Adapter, int] | None:
+        """The newest stored version of the user older than `below` whose object is intact, with that version;
+        None when there is none. For recovery when the current version's object is corrupt or missing.
+
+        Older versions' checksums are not in the registry: an object is intact when it hashes to the checksum
+        its key names and parses for this base. Corrupt, unparsable or vanished ones are skipped;
+        Unavailable propagates (nothing can be decided while the store is down).
+        """
+        keys = [(v, k) for k in self.store.list(user_prefix(tenant, user_id))
+                if (v := adapter_version(k)) is not None and v < below]
+        for version, key in sorted(keys, key=lambda vk: vk[0], reverse=True):
+            try:
+                data = self.store.get(key)
+                if adapter_key(tenant, user_id, version, checksum_of(data)) != key:
+                    raise CorruptObject(f"object {key!r} does not hash to the checksum its name carries")
+                return adapter_from_bytes(data, self.spec, dtype=dtype), version
+            except (CorruptObject, NotFound, AdapterError) as exc:
+                log.warning("user %r: skipping stored adapter v%d: %s", user_id, version, exc)
+        return None
+
     def publish(self, tenant: str, user_id: str, adapter: Adapter, based_on: AdapterRecord | None,
                 examples_seen: int, last_event_id: str = "") -> Published:
         """Write version based_on.version + 1 and CAS it in; raises Conflict if another writer got there first."""
@@ -86,6 +110,9 @@ class AdapterRepository:
         try:
             self.registry.compare_and_set(tenant, user_id, based_on.version if based_on else 0, record)
         except Conflict:
+            current = self.registry.get(tenant, user_id)
+            if current is not None and current.checksum == checksum:
+                return Published(current, key)  # ours after all: the CAS took effect, the client retried it
             self.store.delete(key)  # never visible: the winner's object has another name
             raise
         return Published(record, key)

@@ -4,6 +4,11 @@ A round reads events (its own and dead consumers' pending first), drops events a
 (id <= the user's last_event_id), trains every user's adapter together in one forward/backward per step
 (row n uses its user's slot of a stacked, trainable adapter tensor; users' parameters are disjoint, so
 gradients never mix), publishes each user's new version by CAS, and only then acknowledges the events.
+
+Faults stay with the user they hit: a user whose adapter the store cannot serve right now waits for a later
+round; one whose current object is corrupt or missing is retrained from its newest intact older version.
+A user's events are published only as an unbroken prefix: an older unapplied event held by another trainer
+makes the newer ones wait, since publishing past it would mark it applied.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 from personalize.adapters.registry import AdapterRecord
 from personalize.adapters.repository import AdapterRepository
 from personalize.adapters.store.keys import user_digest
-from personalize.errors import Conflict, InvalidArgument, PersonalizeError
+from personalize.errors import Conflict, CorruptObject, InvalidArgument, NotFound, PersonalizeError, Unavailable
 from personalize.feedback.batch import TrainBatch, build_batch, select_rows
 from personalize.feedback.events import FeedbackEvent, event_id_key
 from personalize.feedback.losses import dpo_loss, sft_loss, token_logprobs, unlikelihood_loss
@@ -122,6 +127,10 @@ class RoundReport:
     published: list[tuple[str, str, int]] = field(default_factory=list)
     skipped_applied: int = 0
     failed_users: int = 0
+    deferred_users: int = 0
+    """Users whose fresh events wait for a later round (store unavailable, an older event held elsewhere)."""
+    recovered_users: int = 0
+    """Users retrained from an older intact version because their current object was corrupt or missing."""
     dead_lettered: int = 0
     seconds: float = 0.0
     train_seconds: float = 0.0
@@ -228,9 +237,8 @@ class Trainer:
         self.rounds = 0
         self.last_report = RoundReport()
 
-    def _gather(self, claim: bool) -> list[Delivered]:
-        got = list(self._carry)
-        self._carry = []
+    def _gather(self, got: list[Delivered], claim: bool) -> list[Delivered]:
+        """Add claimed and new events to `got` (in place, so a failed read loses nothing gathered)."""
         if claim:
             got += self.stream.claim(self.consumer, self.config.claim_idle_ms, self.config.max_events)
         room = max(0, self.config.max_events - len(got))
@@ -243,8 +251,7 @@ class Trainer:
             if not more:
                 break
             got += more
-        unique = {d.event_id + "@" + str(d.partition): d for d in got}
-        return sorted(unique.values(), key=lambda d: event_id_key(d.event_id))
+        return _unique(got)
 
     def _jobs(self, delivered: list[Delivered], report: RoundReport) -> list[UserJob]:
         by_user: dict[tuple[str, str], list[Delivered]] = defaultdict(list)
@@ -261,32 +268,88 @@ class Trainer:
                                and d.event_id not in live]
             self.stream.ack(tenant, user_id, stale)  # already applied, or deleted with the user
             report.skipped_applied += len(applied)
+            fresh = self._unbroken(fresh, live, done_id, report)
             if fresh:
-                adapter = self._start_adapter(tenant, user_id, record)
-                jobs.append(UserJob(tenant, user_id, record, adapter, fresh, replay_of(adapter)))
+                job = self._job(tenant, user_id, record, fresh, report)
+                if job is not None:
+                    jobs.append(job)
         return jobs
 
-    def _start_adapter(self, tenant: str, user_id: str, record: AdapterRecord | None) -> Adapter:
-        if record is not None:
+    def _unbroken(self, fresh: list[Delivered], live: set[str], done_id: tuple[int, int],
+                  report: RoundReport) -> list[Delivered]:
+        """The fresh events older than any unapplied event of the user this trainer does not hold; the rest
+        wait. Publishing last_event_id past such an event would make its holder skip it as applied."""
+        held = {d.event_id for d in fresh}
+        others = [k for i in live if i not in held and (k := event_id_key(i)) > done_id]
+        if not fresh or not others:
+            return fresh
+        gap = min(others)
+        waiting = [d for d in fresh if event_id_key(d.event_id) > gap]
+        if waiting:
+            self._carry += waiting
+            report.deferred_users += 1
+        return [d for d in fresh if event_id_key(d.event_id) < gap]
+
+    def _job(self, tenant: str, user_id: str, record: AdapterRecord | None, events: list[Delivered],
+             report: RoundReport) -> UserJob | None:
+        """The user's share of the round, or None when its adapter cannot be had now (events wait or fail)."""
+        try:
+            adapter = self._start_adapter(tenant, user_id, record, report)
+        except Unavailable as exc:
+            log.warning("user %r: adapter unavailable (%s); its events wait for a later round", user_id, exc)
+            self._carry += events
+            report.deferred_users += 1
+            return None
+        except PersonalizeError as exc:  # e.g. trained on another base: retrying will not help
+            log.warning("user %r: cannot train on its adapter: %s", user_id, exc)
+            report.failed_users += 1
+            self._retry_or_dead_letter(events, f"adapter unusable: {exc}", report)
+            return None
+        return UserJob(tenant, user_id, record, adapter, events, replay_of(adapter))
+
+    def _start_adapter(self, tenant: str, user_id: str, record: AdapterRecord | None,
+                       report: RoundReport) -> Adapter:
+        """The adapter the user's training starts from: the current version, or after losing it (corrupt or
+        missing object) the newest intact older one, or the seeded zero adapter."""
+        if record is None:
+            return self._fresh_adapter(tenant, user_id)
+        try:
             return self.repo.load(tenant, user_id, record)
+        except (CorruptObject, NotFound) as exc:
+            found = self.repo.load_intact(tenant, user_id, record.version)
+            adapter, version = found if found is not None else (self._fresh_adapter(tenant, user_id), 0)
+            log.warning("user %r: adapter v%d is lost (%s); training v%d from %s", user_id, record.version, exc,
+                        record.version + 1, f"intact v{version}" if version else "a fresh adapter")
+            report.recovered_users += 1
+            return adapter
+
+    def _fresh_adapter(self, tenant: str, user_id: str) -> Adapter:
         # Seeded by the user's hash: a new user's starting point is the same on every trainer.
         g = torch.Generator().manual_seed(int.from_bytes(user_digest(tenant, user_id)[:4], "little"))
         return zero_adapter(self.repo.spec, self.config.rank, self.config.alpha, generator=g)
 
     def run_round(self, claim: bool = True) -> RoundReport:
-        """Read, train, publish, acknowledge. Returns what happened (empty if no events arrived)."""
+        """Read, train, publish, acknowledge. Returns what happened (empty if no events arrived).
+
+        If the round fails (the registry or stream unreachable), every event it held is carried to the next:
+        those not yet acknowledged are then trained, the others recognised as applied."""
         start = time.perf_counter()
         report = RoundReport()
-        delivered = self._gather(claim)
-        report.events = len(delivered)
-        jobs = self._jobs(delivered, report) if delivered else []
-        report.users = len(jobs)
-        if jobs:
-            t0 = time.perf_counter()
-            adapters, finite, losses = train_round(self.model, self.base.tokenizer, jobs, self.config)
-            report.train_seconds = time.perf_counter() - t0
-            for job, adapter, ok, loss in zip(jobs, adapters, finite, losses, strict=True):
-                self._finish(job, adapter, ok, loss, report)
+        got, self._carry = self._carry, []
+        try:
+            delivered = self._gather(got, claim)
+            report.events = len(delivered)
+            jobs = self._jobs(delivered, report) if delivered else []
+            report.users = len(jobs)
+            if jobs:
+                t0 = time.perf_counter()
+                adapters, finite, losses = train_round(self.model, self.base.tokenizer, jobs, self.config)
+                report.train_seconds = time.perf_counter() - t0
+                for job, adapter, ok, loss in zip(jobs, adapters, finite, losses, strict=True):
+                    self._finish(job, adapter, ok, loss, report)
+        except BaseException:
+            self._carry = _unique([*got, *self._carry])
+            raise
         self.rounds += 1
         report.seconds = time.perf_counter() - start
         self.last_report = report
@@ -296,7 +359,7 @@ class Trainer:
         ids = [d.event_id for d in job.events]
         if not ok:
             report.failed_users += 1
-            self._retry_or_dead_letter(job, f"loss not finite ({loss})", report)
+            self._retry_or_dead_letter(job.events, f"loss not finite ({loss})", report)
             return
         if not self.stream.pending_ids(job.tenant, job.user_id) & set(ids):
             return  # the user was deleted during the round: publish nothing
@@ -322,8 +385,8 @@ class Trainer:
         if self.notify is not None:
             self.notify(job.tenant, job.user_id, published.record.version)
 
-    def _retry_or_dead_letter(self, job: UserJob, reason: str, report: RoundReport) -> None:
-        for d in job.events:
+    def _retry_or_dead_letter(self, events: list[Delivered], reason: str, report: RoundReport) -> None:
+        for d in events:
             self._attempts[d.event_id] += 1
             if self._attempts[d.event_id] >= self.config.max_attempts:
                 self.stream.dead_letter(d, reason)
@@ -347,3 +410,9 @@ class Trainer:
             except PersonalizeError as exc:
                 log.warning("trainer round failed: %s; retrying", exc)
                 stop.wait(1.0)
+
+
+def _unique(delivered: list[Delivered]) -> list[Delivered]:
+    """One of each event, oldest first (a carried event may also come back by claim or read)."""
+    by_id = {d.event_id + "@" + str(d.partition): d for d in delivered}
+    return sorted(by_id.values(), key=lambda d: event_id_key(d.event_id))
