@@ -70,7 +70,7 @@ def percentile(samples: list[float], q: float) -> float:
 
 def memory_cache(pool: SlotPool, adapters: list[Adapter], **config: Any) -> AdapterCache:
     """A cache whose store is a dict: user `u<i>` gets adapters[i % len]; no I/O (for the switch and fill)."""
-    def fetch(tenant: str, user_id: str, version: int) -> bytes:
+    def fetch(tenant: str, user_id: str, version: int, checksum: str) -> bytes:
         return user_id.encode()
 
     def parse(data: bytes) -> Adapter:

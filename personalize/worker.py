@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from personalize.adapters.store import ObjectStore, open_store
 from personalize.config import Config
 from personalize.engine.engine import Engine
 from personalize.engine.types import GenerationResult, SamplingParams
-from personalize.errors import NotFound, PersonalizeError, Unavailable
+from personalize.errors import CorruptObject, DeadlineExceeded, NotFound, PersonalizeError, Unavailable
 from personalize.feedback.events import FeedbackEvent
 from personalize.feedback.notify import UpdateListener, redis_client
 from personalize.feedback.stream import FeedbackStream
@@ -28,6 +29,12 @@ from personalize.lora.adapter import Adapter
 from personalize.lora.format import AdapterSpec, adapter_from_bytes, read_peft, write_peft
 from personalize.lora.slots import SlotPool
 from personalize.model import BaseModel, load_base_model
+
+log = logging.getLogger(__name__)
+
+_UNLOADABLE = (Unavailable, CorruptObject, DeadlineExceeded)
+"""Failures to load a user's current adapter that `degrade_to_base` answers with the base model: store or
+registry unreachable, a corrupt object or record, the load not done within load_timeout_s."""
 
 
 @dataclass(frozen=True)
@@ -49,10 +56,14 @@ class GenerationInfo:
     """Which adapter served a generation and where it was found."""
 
     adapter_version: int
-    """0 = the base model served (no adapter, or use_base_model)."""
+    """0 = the base model served (no adapter, use_base_model, or degraded)."""
     cache_tier: str
     """device, host, disk, store or none."""
     node_id: str
+    degraded: bool = False
+    """The user's adapter could not be loaded and the base model served instead (config.degrade_to_base)."""
+    degraded_reason: str = ""
+    """Why it is degraded: which adapter and the cause; "" when not degraded."""
 
 
 @dataclass(frozen=True)
@@ -139,13 +150,28 @@ class Worker:
     # -- generation -------------------------------------------------------------------------------------------
     def generate(self, tenant: str, user_id: str, prompt: str, params: SamplingParams,
                  use_base_model: bool = False) -> Generation:
-        """Start a generation with the user's current adapter (or the base model); returns at once."""
-        record = None if use_base_model else self.registry.get(tenant, user_id)
+        """Start a generation with the user's current adapter (or the base model); returns at once.
+
+        When the adapter cannot be loaded (Unavailable, CorruptObject, DeadlineExceeded of the load), that
+        error is raised, or with config.degrade_to_base the base model serves and the info says degraded."""
+        if use_base_model:
+            return self._base(prompt, params)
+        try:
+            record = self.registry.get(tenant, user_id)
+        except _UNLOADABLE as exc:
+            if not self.config.degrade_to_base:
+                raise
+            return self._degraded(prompt, params, f"adapter of user {user_id!r}", exc)
         if record is None:
-            handle = self.engine.submit(prompt, params)
-            return _Running(handle, GenerationInfo(0, "none", self.node_id))
+            return self._base(prompt, params)
         self.repo.check_base(user_id, record)
-        lease = self.cache.acquire(tenant, user_id, record.version, timeout=self.config.load_timeout_s)
+        try:
+            lease = self.cache.acquire(tenant, user_id, record.version, timeout=self.config.load_timeout_s,
+                                       checksum=record.checksum)
+        except _UNLOADABLE as exc:
+            if not self.config.degrade_to_base:
+                raise
+            return self._degraded(prompt, params, f"adapter v{record.version} of user {user_id!r}", exc)
         try:
             handle = self.engine.submit(prompt, params, slot=lease.slot,
                                         on_done=lambda _result: self.cache.release(lease))
@@ -154,6 +180,18 @@ class Worker:
             raise
         return _Running(handle, GenerationInfo(record.version, lease.tier, self.node_id))
 
+    def _base(self, prompt: str, params: SamplingParams, reason: str = "") -> Generation:
+        handle = self.engine.submit(prompt, params)
+        return _Running(handle, GenerationInfo(0, "none", self.node_id, degraded=bool(reason),
+                                               degraded_reason=reason))
+
+    def _degraded(self, prompt: str, params: SamplingParams, what: str, exc: PersonalizeError) -> Generation:
+        """The base model, flagged degraded, for a request whose adapter (`what`) failed to load with `exc`."""
+        cause = "is corrupt" if isinstance(exc, CorruptObject) else "unavailable"
+        reason = f"{what} {cause}: {exc}"
+        log.warning("serving the base model instead (degrade_to_base): %s", reason)
+        return self._base(prompt, params, reason)
+
     # -- adapters ---------------------------------------------------------------------------------------------
     def warm(self, tenant: str, user_id: str) -> None:
         """Start loading the user's current adapter into a device slot (rebalancing: a user who just moved
@@ -161,15 +199,16 @@ class Worker:
         try:
             record = self.registry.get(tenant, user_id)
             if record is not None and record.fingerprint == self.base.fingerprint:
-                self.cache.prefetch(tenant, user_id, record.version)
+                self.cache.prefetch(tenant, user_id, record.version, checksum=record.checksum)
         except PersonalizeError:
             pass
 
     def _on_update(self, tenant: str, user_id: str, version: int) -> None:
-        """A trainer published a version: the user's owner loads it now, so their next request is a device
-        hit (other nodes would only evict their own users' adapters for it)."""
+        """A trainer published a version: the user's owner loads the current one now (the announcement names
+        no object; the registry record has its checksum), so their next request is a device hit (other
+        nodes would only evict their own users' adapters for it)."""
         if self.owns is None or self.owns(tenant, user_id):
-            self.cache.prefetch(tenant, user_id, version)
+            self.warm(tenant, user_id)
 
     # -- feedback -----------------------------------------------------------------------------------------------
     def submit_feedback(self, event: FeedbackEvent) -> tuple[str, int]:

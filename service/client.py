@@ -252,7 +252,11 @@ class PersonalizeClient:
     def generate(self, user_id: str, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
                  use_base_model: bool = False) -> pb.GenerateResponse:
-        """One completion with the user's current adapter (temperature 0 = greedy)."""
+        """One completion with the user's current adapter (temperature 0 = greedy).
+
+        The response says which adapter served (`adapter_version`, 0 = the base model) and where it was
+        found (`cache_tier`); `degraded` is true (with `degraded_reason`) when the user's adapter could not
+        be loaded and the base model served instead (a server running with degrade_to_base)."""
         request = _generate_request(user_id, prompt, max_new_tokens, temperature, top_p, seed, stop,
                                     use_base_model)
         return self._call("Generate", request, idempotent=True)
@@ -260,7 +264,8 @@ class PersonalizeClient:
     def generate_stream(self, user_id: str, prompt: str, *, max_new_tokens: int = 64,
                         temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                         stop: Sequence[str] = (), use_base_model: bool = False) -> GenerationStream:
-        """The same as `generate`, as text pieces while they are produced; see GenerationStream."""
+        """The same as `generate`, as text pieces while they are produced; see GenerationStream (its
+        `response`, with `degraded`, is set after the last piece)."""
         request = _generate_request(user_id, prompt, max_new_tokens, temperature, top_p, seed, stop,
                                     use_base_model)
         return self._stream(request)

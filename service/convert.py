@@ -119,6 +119,7 @@ def generate_response(result: GenerationResult, info: GenerationInfo) -> pb.Gene
         text=result.text, adapter_version=info.adapter_version, node_id=info.node_id,
         cache_tier=info.cache_tier, prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens, finish_reason=result.finish_reason,
+        degraded=info.degraded, degraded_reason=info.degraded_reason,
     )
 
 

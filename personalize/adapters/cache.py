@@ -1,7 +1,10 @@
 """The tiered adapter cache: device slots <- host RAM <- local disk <- object store.
 
-`acquire(tenant, user_id, version)` returns a `Lease` on the device slot holding that adapter; a device
-hit is a dict lookup and a pin. A miss reserves a slot (evicting the least recently used unpinned one),
+`acquire(tenant, user_id, version, checksum=...)` returns a `Lease` on the device slot holding that
+adapter; a device hit is a dict lookup and a pin. Every tier keys an adapter by (tenant, user_id, version,
+checksum): after DeleteUser a user's versions restart at 1, so the version alone could name an old,
+deleted object on a node that missed the delete; the checksum names the object itself (old entries age
+out by LRU). A miss reserves a slot (evicting the least recently used unpinned one),
 and one load per key runs on a small thread pool: host RAM (parsed adapters), else the disk tier (object
 bytes in files named by a hash of the user, never by a user id), else `fetch` from the object store; the
 bytes are validated by `parse`, written into the slot, then promoted to the faster tiers. Every waiter of
@@ -16,6 +19,7 @@ Disk renames and unlinks run under `_lock`, so an invalidation can never race a 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -55,14 +59,15 @@ DEVICE, HOST, DISK, STORE = "device", "host", "disk", "store"
 TIERS = (DEVICE, HOST, DISK, STORE)
 """Tier names, fastest first."""
 
-Key = tuple[str, str, int]
-"""(tenant, user_id, version)."""
-Fetch = Callable[[str, str, int], bytes]
-"""(tenant, user_id, version) -> verified object bytes; raises NotFound, CorruptObject, Unavailable."""
+Key = tuple[str, str, int, str]
+"""(tenant, user_id, version, checksum): the checksum (AdapterRecord.checksum, "" = unknown) tells apart two
+objects with one version number (a user deleted and created again)."""
+Fetch = Callable[[str, str, int, str], bytes]
+"""(tenant, user_id, version, checksum) -> verified object bytes; raises NotFound, CorruptObject, Unavailable."""
 Parse = Callable[[bytes], Adapter]
 """Object bytes -> validated adapter; raises AdapterError / IncompatibleAdapter."""
 
-_BITS = {DEVICE: 1, HOST: 2, DISK: 4}  # which tiers hold a version, in the per-user index
+_BITS = {DEVICE: 1, HOST: 2, DISK: 4}  # which tiers hold a (version, checksum), in the per-user index
 _LOADING, _DONE, _FAILED = 0, 1, 2
 
 
@@ -120,10 +125,10 @@ class Lease:
 
     Device hits share one Lease object per slot: release each acquire's lease exactly once."""
 
-    __slots__ = ("key", "slot", "tier", "version")
+    __slots__ = ("checksum", "key", "slot", "tier", "version")
 
     def __init__(self, key: Key, slot: int, tier: str) -> None:
-        self.key, self.slot, self.tier, self.version = key, slot, tier, key[2]
+        self.key, self.slot, self.tier, self.version, self.checksum = key, slot, tier, key[2], key[3]
 
     def __repr__(self) -> str:
         return f"Lease(slot={self.slot}, version={self.version}, tier={self.tier!r})"
@@ -148,11 +153,11 @@ class _Load:
 
 
 class _DiskFiles:
-    """Object bytes as files `<root>/<32 hex of the user hash>/v<version>.adapter`; temporaries in
-    `<root>/.tmp`. No locking: the cache orders the calls."""
+    """Object bytes as files `<root>/<32 hex of the user hash>/v<version>[-<32 hex of the checksum>].adapter`;
+    temporaries in `<root>/.tmp`. No locking: the cache orders the calls."""
 
     _USER_DIR = re.compile(r"[0-9a-f]{32}")
-    _FILE = re.compile(r"v\d+\.adapter")
+    _FILE = re.compile(r"v\d+(-[0-9a-f]{32})?\.adapter")
 
     def __init__(self, root: str) -> None:
         self.root = Path(root)
@@ -176,7 +181,8 @@ class _DiskFiles:
         return self.root / user_digest(tenant, user_id)[:16].hex()
 
     def path(self, key: Key) -> Path:
-        return self.user_dir(key[0], key[1]) / f"v{key[2]:012d}.adapter"
+        tag = "-" + hashlib.sha256(key[3].encode()).hexdigest()[:32] if key[3] else ""
+        return self.user_dir(key[0], key[1]) / f"v{key[2]:012d}{tag}.adapter"
 
     def write_temp(self, data: bytes) -> Path:
         fd, name = tempfile.mkstemp(dir=self.tmp)
@@ -214,9 +220,9 @@ def _rmdir_if_empty(path: Path) -> None:
 
 
 def _check_key(key: Key) -> None:
-    tenant, user_id, version = key
-    if not isinstance(tenant, str) or not isinstance(user_id, str):
-        raise InvalidArgument("tenant and user_id must be strings")
+    tenant, user_id, version, checksum = key
+    if not isinstance(tenant, str) or not isinstance(user_id, str) or not isinstance(checksum, str):
+        raise InvalidArgument("tenant, user_id and checksum must be strings")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise InvalidArgument(f"adapter version must be an int >= 1, got {version!r}")
 
@@ -233,15 +239,16 @@ def _resolved(slot: int | None = None, error: BaseException | None = None) -> Fu
 def store_fetch(store: ObjectStore, registry: Registry) -> Fetch:
     """A `fetch` reading the object the registry's current record names, verified against its checksum.
 
-    Only the current version has a checksum (and so an object key) to go by: an older version, or a user
-    without a record (deleted), raises NotFound rather than serving unverified bytes."""
-    def fetch(tenant: str, user_id: str, version: int) -> bytes:
+    Only the current object is served: an older version, another object under the same version number (a
+    checksum other than the record's; "" accepts the record's), or a user without a record (deleted)
+    raises NotFound rather than serving bytes the registry no longer vouches for."""
+    def fetch(tenant: str, user_id: str, version: int, checksum: str) -> bytes:
         record = registry.get(tenant, user_id)
         if record is None:
             raise NotFound(f"user {user_id!r} of tenant {tenant!r} has no adapter")
-        if record.version != version:
+        if record.version != version or (checksum and record.checksum != checksum):
             raise NotFound(f"adapter version {version} of user {user_id!r} is not current (the registry "
-                           f"has version {record.version}): look the version up again")
+                           f"has version {record.version}, another object): look the version up again")
         return store.get(adapter_key(tenant, user_id, version, record.checksum), record.checksum)
     return fetch
 
@@ -264,12 +271,13 @@ class AdapterCache:
         self._slot_waiters = 0  # acquires waiting for a slot to become free or evictable
         self._slots: SlotTable[Key] = SlotTable(pool.num_slots)
         self._slot_nbytes = pool.slot_nbytes
-        none = Lease(("", "", 0), -1, DEVICE)
+        none = Lease(("", "", 0, ""), -1, DEVICE)
         self._leases: list[Lease] = [none] * pool.num_slots  # slot -> its shared device-hit lease
         self._host: ByteLRU[Key, Adapter] = ByteLRU(config.host_bytes)
         self._disk = _DiskFiles(config.disk_dir) if config.disk_dir else None
         self._disk_lru: ByteLRU[Key, int] = ByteLRU(config.disk_bytes if self._disk else 0)
-        self._index: dict[tuple[str, str], dict[int, int]] = {}  # (tenant, user_id) -> version -> tier bits
+        # (tenant, user_id) -> (version, checksum) -> tier bits
+        self._index: dict[tuple[str, str], dict[tuple[int, str], int]] = {}
         self._loading: dict[Key, _Load] = {}
         self._device_hits = 0
         self._device_misses = 0
@@ -280,14 +288,16 @@ class AdapterCache:
         self._closed = False
 
     # -- public API ------------------------------------------------------------------------------------
-    def acquire(self, tenant: str, user_id: str, version: int, timeout: float | None = None) -> Lease:
+    def acquire(self, tenant: str, user_id: str, version: int, timeout: float | None = None, *,
+                checksum: str = "") -> Lease:
         """Pin the slot holding this adapter, loading it first if needed (waiting at most `timeout`
         seconds, default config.wait_timeout_s). Release the lease when the request is done with it.
+        `checksum` is the record's (AdapterRecord.checksum): only that object is served.
 
         Raises the load's error (NotFound, CorruptObject, Unavailable, AdapterError, IncompatibleAdapter),
         ResourceExhausted when every slot stays pinned, DeadlineExceeded when the load is not done in time.
         """
-        key = (tenant, user_id, version)
+        key = (tenant, user_id, version, checksum)
         with self._lock:  # the hot path: a dict lookup and a pin
             slot = self._slots.by_key.get(key)
             if slot is not None:
@@ -306,10 +316,10 @@ class AdapterCache:
                 if self._slot_waiters:
                     self._slot_freed.notify_all()
 
-    def prefetch(self, tenant: str, user_id: str, version: int) -> Future[int]:
+    def prefetch(self, tenant: str, user_id: str, version: int, *, checksum: str = "") -> Future[int]:
         """Start loading an adapter into a device slot without waiting; the future resolves to the slot
         (not pinned: it may be evicted later) or to the load's error (ResourceExhausted if no slot is free)."""
-        key = (tenant, user_id, version)
+        key = (tenant, user_id, version, checksum)
         _check_key(key)
         with self._lock:
             self._check_open()
@@ -330,8 +340,8 @@ class AdapterCache:
         pinned slots when released (they serve no new acquire); loads in flight fail with NotFound."""
         with self._lock:
             freed = False
-            for version in self._index.pop((tenant, user_id), {}):
-                key = (tenant, user_id, version)
+            for version, checksum in self._index.pop((tenant, user_id), {}):
+                key = (tenant, user_id, version, checksum)
                 slot = self._slots.by_key.get(key)
                 if slot is not None:
                     freed |= self._slots.retire(slot, unmap=True)
@@ -362,7 +372,7 @@ class AdapterCache:
         """Newest version of the user held in any tier (device, host or disk), or None."""
         with self._lock:
             versions = self._index.get((tenant, user_id))
-            return max(versions) if versions else None
+            return max(version for version, _ in versions) if versions else None
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Counters: `resident` and `bytes` per tier holding adapters, `hits` and `misses` per tier.
@@ -476,31 +486,32 @@ class AdapterCache:
 
     def _mark(self, key: Key, tier: str) -> None:
         versions = self._index.setdefault((key[0], key[1]), {})
-        versions[key[2]] = versions.get(key[2], 0) | _BITS[tier]
+        versions[key[2:]] = versions.get(key[2:], 0) | _BITS[tier]
 
     def _unmark(self, key: Key, tier: str) -> None:
         versions = self._index.get((key[0], key[1]))
         if versions is None:
             return
-        bits = versions.get(key[2], 0) & ~_BITS[tier]
+        bits = versions.get(key[2:], 0) & ~_BITS[tier]
         if bits:
-            versions[key[2]] = bits
+            versions[key[2:]] = bits
         else:
-            versions.pop(key[2], None)
+            versions.pop(key[2:], None)
             if not versions:
                 del self._index[(key[0], key[1])]
 
     def _supersede(self, key: Key) -> bool:
-        """Retire the user's older versions on the device; True when a newer one is already there."""
-        tenant, user_id, version = key
+        """Retire the user's older versions on the device (and another object of the same version: the user
+        was deleted and created again); True when a newer version is already there."""
+        tenant, user_id, version, checksum = key
         newer = False
-        for other, bits in list(self._index.get((tenant, user_id), {}).items()):
-            if not bits & _BITS[DEVICE] or other == version:
+        for (other, other_checksum), bits in list(self._index.get((tenant, user_id), {}).items()):
+            if not bits & _BITS[DEVICE] or (other, other_checksum) == (version, checksum):
                 continue
             if other > version:
                 newer = True
                 continue
-            old = (tenant, user_id, other)
+            old = (tenant, user_id, other, other_checksum)
             slot = self._slots.by_key.get(old)
             if slot is not None and self._slots.retire(slot, unmap=False):
                 self._unmark(old, DEVICE)

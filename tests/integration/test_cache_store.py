@@ -134,4 +134,4 @@ def test_hot_swap_to_a_published_version(cache: AdapterCache, store: ObjectStore
     cache.release(late)
     assert cache.stats()["resident"]["device"] == 1  # superseded: freed at once
     with pytest.raises(NotFound, match="not current"):  # from the store, v1 is unverifiable now
-        store_fetch(store, registry)(T, "alice", 1)
+        store_fetch(store, registry)(T, "alice", 1, "")

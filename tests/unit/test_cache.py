@@ -54,7 +54,7 @@ class FakeStore:
         self.adapters[(T, user_id, version)] = adapter
         return adapter
 
-    def fetch(self, tenant: str, user_id: str, version: int) -> bytes:
+    def fetch(self, tenant: str, user_id: str, version: int, checksum: str) -> bytes:
         key = (tenant, user_id, version)
         with self._lock:
             self.calls[key] += 1

@@ -28,7 +28,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., use_base_model: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "adapter_version", "node_id", "cache_tier", "prompt_tokens", "completion_tokens", "finish_reason")
+    __slots__ = ("text", "adapter_version", "node_id", "cache_tier", "prompt_tokens", "completion_tokens", "finish_reason", "degraded", "degraded_reason")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,8 @@ class GenerateResponse(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_REASON_FIELD_NUMBER: _ClassVar[int]
     text: str
     adapter_version: int
     node_id: str
@@ -43,7 +45,9 @@ class GenerateResponse(_message.Message):
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
-    def __init__(self, text: _Optional[str] = ..., adapter_version: _Optional[int] = ..., node_id: _Optional[str] = ..., cache_tier: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    degraded: bool
+    degraded_reason: str
+    def __init__(self, text: _Optional[str] = ..., adapter_version: _Optional[int] = ..., node_id: _Optional[str] = ..., cache_tier: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("text", "done", "final")
