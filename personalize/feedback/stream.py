@@ -3,8 +3,10 @@
 Keys of partition p share the hash tag `{fb<p>}`, so each script touches one Redis Cluster slot:
     {ns}:{fb<p>}:s           the stream (entries: FeedbackEvent fields)
     {ns}:{fb<p>}:dead        dead letters (event fields + reason + original id)
-    {ns}:{fb<p>}:k:<hash>    idempotency key -> event id (TTL)
+    {ns}:{fb<p>}:i:<user>    hash of the user's idempotency keys: hash(event_key) -> event id, each field
+                             expiring after idempotency_ttl_s (HEXPIRE: Valkey >= 9.0, Redis >= 7.4)
     {ns}:{fb<p>}:p:<user>    set of the user's event ids not yet applied (pending count, DeleteUser)
+DeleteUser drops the user's idempotency keys with the user: a key resent after the delete is a new event.
 An event is acknowledged (XACK + XDEL + SREM) only after the adapter version that includes it is published.
 """
 
@@ -24,14 +26,17 @@ from personalize.feedback.events import FeedbackEvent
 
 T = TypeVar("T")
 
-# KEYS: stream, idempotency key, pending set. ARGV: ttl_s, use_key ("1"/"0"), field, value, ...
+# KEYS: stream, the user's idempotency hash, pending set. ARGV: ttl_s, key hash ("" = none), field, value, ...
 _APPEND_LUA = """
-if ARGV[2] == '1' then
-  local existing = redis.call('GET', KEYS[2])
+if ARGV[2] ~= '' then
+  local existing = redis.call('HGET', KEYS[2], ARGV[2])
   if existing then return existing end
 end
 local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
-if ARGV[2] == '1' then redis.call('SET', KEYS[2], id, 'EX', tonumber(ARGV[1])) end
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[2], ARGV[2], id)
+  redis.call('HEXPIRE', KEYS[2], tonumber(ARGV[1]), 'FIELDS', 1, ARGV[2])
+end
 redis.call('SADD', KEYS[3], id)
 return id
 """
@@ -100,18 +105,19 @@ class FeedbackStream:
         p = self.partition_of(tenant, user_id)
         return p, self._key(p, "p:" + user_digest(tenant, user_id).hex())
 
+    def _idempotency_key(self, tenant: str, user_id: str) -> str:
+        p = self.partition_of(tenant, user_id)
+        return self._key(p, "i:" + user_digest(tenant, user_id).hex())
+
     # -- producers --------------------------------------------------------------------------------------------
     def append(self, event: FeedbackEvent) -> tuple[str, int]:
         """Durably append; returns (event id, partition). A repeated event_key returns the first id."""
         p, pending = self._pending_key(event.tenant, event.user_id)
-        idem = ""
-        if event.event_key:
-            h = hashlib.sha256(f"{event.tenant}\0{event.user_id}\0{event.event_key}".encode()).hexdigest()[:32]
-            idem = self._key(p, "k:" + h)
-        args: list[Any] = [self.config.idempotency_ttl_s, "1" if idem else "0"]
+        key_hash = hashlib.sha256(event.event_key.encode()).hexdigest()[:32] if event.event_key else ""
+        args: list[Any] = [self.config.idempotency_ttl_s, key_hash]
         for k, v in event.to_fields().items():
             args += [k, v]
-        keys = [self.stream_key(p), idem or self._key(p, "k:-"), pending]
+        keys = [self.stream_key(p), self._idempotency_key(event.tenant, event.user_id), pending]
         event_id = self._call(lambda: self._append(keys=keys, args=args))
         return _s(event_id), p
 
@@ -192,9 +198,11 @@ class FeedbackStream:
         return int(self._call(lambda: self.client.scard(pending)))
 
     def delete_user(self, tenant: str, user_id: str) -> int:
-        """Drop every not-yet-applied event of the user; returns how many."""
+        """Drop every not-yet-applied event of the user and the user's idempotency keys; returns how many
+        events."""
         ids = sorted(self.pending_ids(tenant, user_id), key=_id_key)
         self.ack(tenant, user_id, ids)
+        self._call(functools.partial(self.client.delete, self._idempotency_key(tenant, user_id)))
         return len(ids)
 
     def lag(self) -> int:

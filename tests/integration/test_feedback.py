@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,18 @@ def test_deleted_users_events_are_dropped_and_nothing_is_published(base: BaseMod
     report = _trainer(base, parts, "t2").run_round()
     assert [u for _, u, _ in report.published] == ["frank"]
     assert parts["repo"].record("acme", "erin") is None
+
+
+def test_an_event_key_resent_after_delete_user_is_a_new_event(parts: dict[str, Any]) -> None:
+    stream: FeedbackStream = parts["stream"]
+    first, _ = stream.append(_event("gina", 1, key="k1"))
+    kept, _ = stream.append(_event("hank", 1, key="k1"))  # the same key of another user is another event
+    assert stream.delete_user("acme", "gina") == 1
+    again, _ = stream.append(_event("gina", 1, key="k1"))
+    assert again != first and stream.pending_ids("acme", "gina") == {again}
+    assert stream.append(_event("hank", 1, key="k1"))[0] == kept
+    ttl = parts["client"].httl(stream._idempotency_key("acme", "gina"), hashlib.sha256(b"k1").hexdigest()[:32])
+    assert 0 < ttl[0] <= stream.config.idempotency_ttl_s  # each key expires on its own
 
 
 def test_non_finite_rounds_go_to_dead_letters(base: BaseModel, parts: dict[str, Any]) -> None:
