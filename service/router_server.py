@@ -48,7 +48,7 @@ from personalize_service.limits import (
     user_id_of,
 )
 from personalize_service.metrics import PREFIX, ServiceMetrics
-from personalize_service.tls import bind
+from personalize_service.tls import bind, channel_credentials
 from personalize_service.worker_server import (
     SERVICE_NAMES,
     NodeState,
@@ -272,13 +272,14 @@ def create_router(config: ServiceConfig, cluster: Cluster, metrics: ServiceMetri
     return server, port
 
 
-def worker_channel_opener(limits: Limits) -> Callable[[str], grpc.Channel]:
-    """How the router dials a worker: plaintext, messages as large as an import may be."""
-    options: Sequence[tuple[str, Any]] = grpc_message_options(limits)
-
-    def open_channel(address: str) -> grpc.Channel:
-        return grpc.insecure_channel(address, options=list(options))
-    return open_channel
+def worker_channel_opener(config: ServiceConfig) -> Callable[[str], grpc.Channel]:
+    """How the router dials a worker: messages as large as an import may be; TLS when
+    `config.upstream_ca` is set (mutual with upstream_cert/upstream_key), else plaintext."""
+    options: Sequence[tuple[str, Any]] = grpc_message_options(config.limits)
+    if not config.upstream_ca and not config.upstream_cert and not config.upstream_key:
+        return lambda address: grpc.insecure_channel(address, options=list(options))
+    credentials = channel_credentials(config.upstream_ca, config.upstream_cert, config.upstream_key)
+    return lambda address: grpc.secure_channel(address, credentials, options=list(options))
 
 
 def serve_router(config: ServiceConfig, cluster: Cluster, stop: threading.Event,

@@ -79,6 +79,16 @@ def _str(text: str) -> str:
     return text
 
 
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def _bool(text: str) -> bool:
+    try:
+        return _BOOLS[text.strip().lower()]
+    except KeyError:
+        raise ValueError("not a boolean: use true or false") from None
+
+
 @dataclass(frozen=True)
 class Setting:
     """One configurable value."""
@@ -100,9 +110,11 @@ class Setting:
     metavar: str = ""
 
     def show(self, value: Any) -> str:
-        """A value as it would be typed (sizes with their unit)."""
+        """A value as it would be typed (sizes with their unit, booleans as true/false)."""
         if self.parse is parse_size:
             return format_size(value)
+        if self.parse is _bool:
+            return "true" if value else "false"
         return str(value)
 
 
@@ -118,8 +130,8 @@ SETTINGS: tuple[Setting, ...] = (
     _s("registry_url", "--registry-url", "PERSONALIZE_REGISTRY_URL", "", _str,
        "redis:// URL of the registry (Valkey/Redis); required", (SERVE,), "URL"),
     _s("store_url", "--store-url", "PERSONALIZE_STORE_URL", "", _str,
-       "adapter store: file:///abs/path or s3://bucket/prefix?endpoint=host:port; required",
-       (SERVE,), "URL"),
+       "adapter store: file:///abs/path or s3://bucket/prefix?endpoint=host:port; required by serve, "
+       "up defaults to file://DATA_DIR/store", metavar="URL"),
     _s("node_id", "--node-id", "PERSONALIZE_NODE_ID", "worker-0", _str,
        "stable node name (the StatefulSet pod name in Kubernetes)", metavar="NAME"),
     # -- the gRPC server
@@ -144,6 +156,12 @@ SETTINGS: tuple[Setting, ...] = (
        metavar="FILE"),
     _s("service.tls_client_ca", "--tls-client-ca", "PERSONALIZE_TLS_CLIENT_CA", "", _str,
        "PEM CA: require client certificates it signed (mutual TLS)", metavar="FILE"),
+    _s("service.upstream_ca", "--upstream-ca", "PERSONALIZE_UPSTREAM_CA", "", _str,
+       "PEM CA that signed the workers' certificates: the router dials workers over TLS", metavar="FILE"),
+    _s("service.upstream_cert", "--upstream-cert", "PERSONALIZE_UPSTREAM_CERT", "", _str,
+       "PEM client certificate the router presents to workers that require mutual TLS", metavar="FILE"),
+    _s("service.upstream_key", "--upstream-key", "PERSONALIZE_UPSTREAM_KEY", "", _str,
+       "PEM private key of --upstream-cert", metavar="FILE"),
     _s("service.api_keys", "--api-keys", "PERSONALIZE_API_KEYS", "", _str,
        "tenant:key entries, comma-separated (prefer the env var: flags show in ps)", metavar="KEYS"),
     # -- the base model
@@ -165,6 +183,9 @@ SETTINGS: tuple[Setting, ...] = (
        "local disk budget of adapter files (under DATA_DIR/cache; 0 = off)", metavar="SIZE"),
     _s("load_timeout_s", "--load-timeout-s", "PERSONALIZE_LOAD_TIMEOUT_S", 30.0, _float,
        "how long a request waits for its adapter to load", metavar="S"),
+    _s("degrade_to_base", "--degrade-to-base", "PERSONALIZE_DEGRADE_TO_BASE", False, _bool,
+       "when a user's adapter cannot be loaded (store down, corrupt object), serve the base model and flag "
+       "the response degraded instead of failing UNAVAILABLE / DATA_LOSS", metavar="BOOL"),
     # -- the engine
     _s("engine.max_batch", "--max-batch", "PERSONALIZE_MAX_BATCH", 32, _int,
        "requests decoded together in one step", metavar="N"),
@@ -207,6 +228,12 @@ SETTINGS: tuple[Setting, ...] = (
     _s("workers", "--workers", "PERSONALIZE_WORKERS", 1, _int,
        "worker processes behind a consistent-hash router; 1 = one worker in the up process, no router",
        (UP,), "N"),
+    _s("worker_restarts", "--worker-restarts", "PERSONALIZE_WORKER_RESTARTS", 10, _int,
+       "times up restarts a worker process that dies (backoff 1 s doubling to 30 s); 0 = never",
+       (UP,), "N"),
+    _s("worker_advertise", "--worker-advertise", "PERSONALIZE_WORKER_ADVERTISE", "", _str,
+       "comma-separated host:port per worker, the address each announces and the router dials (a proxy "
+       "or sidecar in front of it); empty = its own port", (UP,), "ADDRS"),
 )
 """Every server setting, grouped by component (the README and manifests list them in this order)."""
 
@@ -249,6 +276,8 @@ def resolve(command: str, flags: Mapping[str, Any], environ: Mapping[str, str],
 
 
 def _parsed(setting: Setting, raw: Any, source: str) -> Any:
+    if isinstance(raw, bool) and setting.parse is _bool:  # `true` in a TOML/JSON config file
+        return raw
     if isinstance(raw, bool) or not isinstance(raw, str | int | float):
         raise SettingsError(f"{source}: expected a string or a number, got {raw!r:.60}")
     try:
@@ -322,6 +351,7 @@ def build(values: Mapping[str, Any]) -> Resolved:
                     registry_url=values.get("registry_url", ""), store_url=values.get("store_url", ""),
                     model=ModelConfig(**_section(values, "model.")), lora=LoraConfig(**_section(values, "lora.")),
                     engine=EngineConfig(**_section(values, "engine.")), load_timeout_s=values["load_timeout_s"],
+                    degrade_to_base=values["degrade_to_base"],
                     feedback=StreamConfig(**_section(values, "feedback.")),
                     trainer=TrainerConfig(**_section(values, "trainer.")))
     service_values = _section(values, "service.")

@@ -32,3 +32,19 @@ def bind(server: grpc.Server, address: str, cert: str = "", key: str = "", clien
         return server.add_insecure_port(address)
     except RuntimeError as exc:  # grpc's "Failed to bind to address"
         raise OSError(f"cannot listen on {address}: the port is in use or the address is not local") from exc
+
+
+def channel_credentials(ca: str, cert: str = "", key: str = "") -> grpc.ChannelCredentials:
+    """Client credentials from PEM files: trust `ca`; with `cert` and `key`, present that certificate
+    (for servers that require mutual TLS)."""
+    if bool(cert) != bool(key):
+        raise InvalidArgument("a client certificate (--upstream-cert) needs its private key (--upstream-key), "
+                              "and the other way round")
+    if (cert or key) and not ca:
+        raise InvalidArgument("--upstream-cert needs --upstream-ca (the CA that signed the workers' certificates)")
+    try:
+        root = Path(ca).read_bytes()
+        pair = (Path(key).read_bytes(), Path(cert).read_bytes()) if cert else (None, None)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read a TLS file: {exc}") from exc
+    return grpc.ssl_channel_credentials(root, *pair)

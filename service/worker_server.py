@@ -78,6 +78,12 @@ class ServiceConfig:
     """PEM private key file of tls_cert."""
     tls_client_ca: str = ""
     """PEM CA file: callers must present a certificate it signed (mutual TLS); empty = no client certs."""
+    upstream_ca: str = ""
+    """Router: PEM CA that signed the workers' certificates; set = dial workers over TLS."""
+    upstream_cert: str = ""
+    """Router: PEM client certificate presented to workers (mutual TLS), with upstream_key."""
+    upstream_key: str = ""
+    """Router: PEM private key of upstream_cert."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:

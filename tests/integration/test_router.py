@@ -164,7 +164,7 @@ class Router:
 
 def _start_router(fleet: Fleet, keys: ApiKeys | None = None) -> Iterator[Router]:
     fleet.reset()
-    cluster = Cluster(None, worker_channel_opener(ServiceConfig().limits))
+    cluster = Cluster(None, worker_channel_opener(ServiceConfig()))
     cluster.apply(fleet.view())
     server, port = create_router(ServiceConfig(port=0, api_keys=keys or ApiKeys()), cluster, ServiceMetrics())
     server.start()

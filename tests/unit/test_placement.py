@@ -14,7 +14,7 @@ from personalize.routing.ring import route_key
 from personalize_service import launcher, settings
 from personalize_service.announce import advertised_address
 from personalize_service.cluster import Cluster, RouteConfig
-from personalize_service.local_cluster import worker_command, worker_environment
+from personalize_service.local_cluster import advertise_list, worker_command, worker_environment
 
 NODES = ("w0", "w1", "w2")
 
@@ -106,15 +106,26 @@ def test_a_wildcard_host_advertises_the_hostname() -> None:
     assert not advertised_address("0.0.0.0", 5).startswith("0.0.0.0")
 
 
-def test_up_workers_get_the_resolved_settings_and_keys_only_by_environment(tmp_path: Path) -> None:
+def test_up_workers_get_the_resolved_settings_and_secrets_only_by_environment(tmp_path: Path) -> None:
     values = settings.resolve(settings.UP, {"device_cache": "64MiB", "max_batch": "8"},
                               {"PERSONALIZE_API_KEYS": "acme:s3cret", "PERSONALIZE_PORT": "1"})
-    command = worker_command(values, "worker-1", "redis://h:1/0", "file:///s", tmp_path)
+    store = "s3://b/p?endpoint=h:9&access_key=a&secret_key=topsecret"
+    command = worker_command(values, "worker-1", "redis://h:1/0", tmp_path, 4321, "127.0.0.1:9999")
     text = " ".join(command)
-    assert "--role worker --node-id worker-1" in text and "--port 0" in text and "--device-cache 64MiB" in text
-    assert "--max-batch 8" in text and "s3cret" not in text and "--workers" not in text
-    env = worker_environment(values)
+    assert "--role worker --node-id worker-1" in text and "--port 4321" in text and "--device-cache 64MiB" in text
+    assert "--advertise-address 127.0.0.1:9999" in text
+    assert "--max-batch 8" in text and "s3cret" not in text and "--workers" not in text and "--store-url" not in text
+    env = worker_environment(values, store)
     assert env["PERSONALIZE_API_KEYS"] == "acme:s3cret" and "PERSONALIZE_PORT" not in env
+    assert env["PERSONALIZE_STORE_URL"] == store
+
+
+def test_worker_advertise_names_one_address_per_worker() -> None:
+    assert advertise_list("", 3) == ["", "", ""]
+    assert advertise_list("127.0.0.1:1, h:2,[::1]:3", 3) == ["127.0.0.1:1", "h:2", "[::1]:3"]
+    for bad in ("127.0.0.1:1,127.0.0.1:2", "a:1,b:2,c", "a:1,b:x,c:3"):
+        with pytest.raises(ValueError, match="give 3 comma-separated host:port"):
+            advertise_list(bad, 3)
 
 
 def test_cluster_banner_lists_the_workers(tmp_path: Path) -> None:

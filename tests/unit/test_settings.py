@@ -19,9 +19,10 @@ from personalize_service.settings import SETTINGS, SettingsError, build, parse_s
 from personalize_service.worker_server import ServiceConfig
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-NOT_FIELDS = {"service.api_keys": "", "service.api_keys_file": "", "workers": 1}
-"""Settings that are not one dataclass field (API keys become ServiceConfig.api_keys; workers is up's)."""
-UNEXPOSED = {"model.seed", "lora.target_modules", "engine.max_prefill_tokens", "degrade_to_base",
+NOT_FIELDS = {"service.api_keys": "", "service.api_keys_file": "", "workers": 1, "worker_restarts": 10,
+              "worker_advertise": ""}
+"""Settings that are not one dataclass field (API keys become ServiceConfig.api_keys; the worker_* are up's)."""
+UNEXPOSED = {"model.seed", "lora.target_modules", "engine.max_prefill_tokens",
              "limits.max_stop_strings", "limits.max_stop_bytes", "limits.max_feedback_text_bytes",
              "limits.max_event_key_bytes", "limits.max_user_id_bytes", "service.limits",
              "feedback.namespace", "feedback.group", "feedback.idempotency_ttl_s", "feedback.max_len",
@@ -161,3 +162,21 @@ def test_api_keys_from_a_file_or_inline_but_not_both(tmp_path: Path) -> None:
 def test_the_library_checks_the_built_values(flags: dict[str, str], message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         build(resolve(settings.UP, flags, {}))
+
+
+@pytest.mark.parametrize(("flags", "env", "file_text", "expected"), [
+    ({}, {}, None, False),
+    ({"degrade_to_base": "true"}, {}, None, True),
+    ({}, {"PERSONALIZE_DEGRADE_TO_BASE": "yes"}, None, True),
+    ({"degrade_to_base": "off"}, {"PERSONALIZE_DEGRADE_TO_BASE": "1"}, None, False),
+    ({}, {}, '{"degrade_to_base": true}', True),
+])
+def test_degrade_to_base_is_a_boolean_setting(tmp_path: Path, flags: dict[str, str], env: dict[str, str],
+                                              file_text: str | None, expected: bool) -> None:
+    file = _write(tmp_path, "c.json", file_text) if file_text is not None else None
+    assert build(resolve(settings.UP, flags, env, file)).config.degrade_to_base is expected
+
+
+def test_a_malformed_boolean_names_its_source() -> None:
+    with pytest.raises(SettingsError, match="--degrade-to-base: 'maybe' is not a boolean"):
+        resolve(settings.UP, {"degrade_to_base": "maybe"}, {})

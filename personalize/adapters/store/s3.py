@@ -78,7 +78,7 @@ class S3Config:
         env = os.environ if env is None else env
         parts = urlsplit(url)
         if parts.scheme != "s3":
-            raise InvalidArgument(f"not an s3:// URL: {_redact(url)!r}")
+            raise InvalidArgument(f"not an s3:// URL: {redact_url(url)!r}")
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         unknown = set(query) - _QUERY_KEYS
         if unknown:
@@ -254,7 +254,8 @@ def _is_key(name: str) -> bool:
     return True
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
+    """`url` with its secret_key query value masked (for logs and banners)."""
     parts = urlsplit(url)
     query = {k: ("***" if k == "secret_key" else v[-1]) for k, v in parse_qs(parts.query).items()}
     return parts._replace(query=urlencode(query)).geturl()
