@@ -78,3 +78,14 @@ LOADTEST_ARGS ?=
 loadtest: venv
 	$(BIN)/python loadtest/loadtest_run.py --duration $(DURATION) --users $(USERS) --spawn-rate $(SPAWN_RATE) \
 		$(LOADTEST_ARGS)
+
+# Fault injection (loadtest/chaos.py): a hypothesis fuzz of every RPC with FUZZ_EXAMPLES cases, then
+# `personalize up --workers 3` on SeaweedFS under load while worker/trainer/Valkey kills, S3 down, a
+# corrupted adapter and a partition are injected in turn; JSON summary in loadtest/results/chaos.json.
+# Exits non-zero when an acked event is lost or applied twice, or a call fails outside a fault window.
+FUZZ_EXAMPLES ?= 2000
+CHAOS_ARGS ?=
+.PHONY: chaos
+chaos: venv
+	PERSONALIZE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/e2e/test_fuzz.py
+	$(BIN)/python loadtest/chaos.py --json loadtest/results/chaos.json $(CHAOS_ARGS)

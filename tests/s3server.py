@@ -4,6 +4,8 @@ wheel, every listener on 127.0.0.1 on a free port, with one admin identity.
     server = start_weed_mini(Path("/tmp/s3data"))
     store = open_store(server.s3_url("adapters", "pz"))
     ...
+    server.kill()       # or stop(): S3 is down (chaos runs)
+    server.restart()    # the same weed mini again: same ports, credentials and data; returns once S3 answers
     server.stop()
 
 Importable from tests/conftest.py and (via sys.path) from loadtest/.
@@ -11,6 +13,7 @@ Importable from tests/conftest.py and (via sys.path) from loadtest/.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -44,6 +47,8 @@ class S3Server:
     secret_key: str = field(repr=False)
     data_dir: Path
     process: subprocess.Popen[bytes] = field(repr=False)
+    command: list[str] = field(default_factory=list, repr=False)
+    """The weed mini command line: restart() runs it again."""
 
     def s3_url(self, bucket: str, prefix: str = "") -> str:
         """An `s3://` store URL for `bucket`/`prefix` on this server, credentials included."""
@@ -62,6 +67,10 @@ class S3Server:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM (weed stops its parts in order), then SIGKILL if it is still up after `timeout_s`."""
         if self.process.poll() is None:
@@ -69,8 +78,34 @@ class S3Server:
             try:
                 self.process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL weed and every process of its session (a crash: nothing is flushed or stopped in order)."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)  # its own session: start_new_session below
+            self.process.wait()
+
+    def restart(self, timeout_s: float = 60.0) -> None:
+        """Start the same weed mini again (same ports, credentials and data dir) after stop() or kill(),
+        and return once S3 answers an authenticated call. RuntimeError if it does not within `timeout_s`."""
+        if self.running:
+            raise RuntimeError(f"weed mini at {self.endpoint} is still running; stop() or kill() it first")
+        if not self.command:
+            raise RuntimeError("this S3Server has no command line to run again")
+        deadline = time.monotonic() + timeout_s
+        while True:  # the old process's listeners may take a moment to be gone
+            busy = [port for port in self._ports() if not _bindable(port, reuse=True)]
+            if not busy or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        self.process = _spawn(self.command, self.data_dir)
+        _wait_ready(self, max(1.0, deadline - time.monotonic()))
+
+    def _ports(self) -> list[int]:
+        return [int(arg.split("=", 1)[1]) for arg in self.command
+                if arg.split("=", 1)[0].lstrip("-") in (*_PORT_FLAGS, "admin.port", "admin.port.grpc")]
 
 
 def weed_binary() -> Path:
@@ -101,17 +136,19 @@ def start_weed_mini(data_dir: Path, timeout_s: float = 60.0) -> S3Server:
             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-master.telemetry=false", "-volume.preStopSeconds=0", f"-s3.config={config}",
             f"-filer.localSocket={data_dir / 'filer.sock'}", f"-s3.localSocket={data_dir / 's3.sock'}"]
-    with open(data_dir / "weed.log", "ab") as log:
-        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   cwd=data_dir, start_new_session=True,
-                                   env={**os.environ, "HOME": str(data_dir)})
-    server = S3Server(f"{HOST}:{ports['s3.port']}", access_key, secret_key, data_dir, process)
+    server = S3Server(f"{HOST}:{ports['s3.port']}", access_key, secret_key, data_dir, _spawn(args, data_dir), args)
     try:
         _wait_ready(server, timeout_s)
     except BaseException:
         server.stop(timeout_s=5)
         raise
     return server
+
+
+def _spawn(args: list[str], data_dir: Path) -> subprocess.Popen[bytes]:
+    with open(data_dir / "weed.log", "ab") as log:
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=data_dir, start_new_session=True, env={**os.environ, "HOME": str(data_dir)})
 
 
 def _wait_ready(server: S3Server, timeout_s: float) -> None:
@@ -156,8 +193,12 @@ def _free_port_pair(offset: int, avoid: set[int]) -> int:
     raise RuntimeError(f"no free loopback port pair {offset} apart")
 
 
-def _bindable(port: int) -> bool:
+def _bindable(port: int, reuse: bool = False) -> bool:
+    """Whether `port` can be bound; with `reuse`, as a server binds it (SO_REUSEADDR: connections left in
+    TIME_WAIT by a previous listener do not count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        if reuse:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError:
