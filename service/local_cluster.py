@@ -36,8 +36,8 @@ from personalize_service.cluster import membership_client
 
 log = logging.getLogger(__name__)
 
-WORKER_KEYS = ("model.", "lora.", "load_timeout_s", "engine.", "limits.", "feedback.", "service.grace_s",
-               "service.threads")
+WORKER_KEYS = ("model.", "lora.", "load_timeout_s", "degrade_to_base", "engine.", "limits.", "feedback.",
+               "service.grace_s", "service.threads")
 """Settings `up` passes on to its worker processes (API keys go by environment, never on a command line)."""
 JOIN_TIMEOUT_S = 300.0
 """How long `up` waits for its workers to load the model and join the ring."""

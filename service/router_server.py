@@ -272,10 +272,16 @@ def create_router(config: ServiceConfig, cluster: Cluster, metrics: ServiceMetri
     return server, port
 
 
+RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+                     ("grpc.max_reconnect_backoff_ms", 2000))
+"""A worker the router could not reach (restarting, partitioned) is tried again within 2 s, not gRPC's
+default of up to 120 s of backoff: its users go back to it soon after it answers again."""
+
+
 def worker_channel_opener(config: ServiceConfig) -> Callable[[str], grpc.Channel]:
     """How the router dials a worker: messages as large as an import may be; TLS when
     `config.upstream_ca` is set (mutual with upstream_cert/upstream_key), else plaintext."""
-    options: Sequence[tuple[str, Any]] = grpc_message_options(config.limits)
+    options: Sequence[tuple[str, Any]] = [*grpc_message_options(config.limits), *RECONNECT_OPTIONS]
     if not config.upstream_ca and not config.upstream_cert and not config.upstream_key:
         return lambda address: grpc.insecure_channel(address, options=list(options))
     credentials = channel_credentials(config.upstream_ca, config.upstream_cert, config.upstream_key)
