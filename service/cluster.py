@@ -19,6 +19,7 @@ paying for a failed attempt before its membership key expires.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -30,6 +31,7 @@ from typing import Any, TypeVar
 
 import grpc
 import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from personalize.errors import Unavailable
 from personalize.routing.membership import DRAINING, Membership, NodeInfo, Watcher, ring_of
@@ -254,11 +256,34 @@ class Cluster:
             raise Unavailable(f"worker {node_id!r} is not in the membership view")
         upstream = self._upstreams.get(node.address)
         if upstream is None or upstream.node_id != node_id:
-            channel = upstream.channel if upstream is not None else self._open_channel(node.address)
+            if upstream is not None:
+                channel = upstream.channel
+            else:
+                channel = self._open_channel(node.address)
+                keep_warm(channel)
             upstream = Upstream(node_id, node.address, channel, pb_grpc.PersonalizeStub(channel),
                                 pb_grpc.AdminStub(channel))
             self._upstreams[node.address] = upstream
         return upstream
+
+
+def keep_warm(channel: grpc.Channel) -> None:
+    """Hold one long-lived call (a health Watch) open on `channel` for as long as the channel lives.
+
+    grpc Python polls a channel's calls on a thread it starts when the first call begins and ends when
+    the last one finishes, so a forwarded call at low concurrency paid for starting a thread (1-2 ms in
+    the router, contending for the GIL). With a call always open the thread stays. The watch waits for
+    the worker (wait_for_ready) and is opened again if the worker ends it (restart, drain); it ends
+    for good when the channel closes (CANCELLED).
+    """
+    call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), wait_for_ready=True)
+
+    def again(done: Any) -> None:
+        if done.code() != grpc.StatusCode.CANCELLED:
+            with contextlib.suppress(ValueError, RuntimeError):  # the channel closed meanwhile
+                keep_warm(channel)
+
+    call.add_done_callback(again)
 
 
 class Attempt:
