@@ -36,10 +36,15 @@ class ModelConfig:
     """torch device: cpu, cuda, cuda:1, ..."""
     seed: int = DEFAULT_SEED
     """Seed of the built-in default model's weights (every node must use the same one)."""
+    threads: int = 0
+    """torch intra-op threads of this process; 0 = torch's default (one per core). Several processes on
+    one machine must share its cores: oversubscribed, their threads spin against each other."""
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise InvalidArgument(f"model dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.threads < 0:
+            raise InvalidArgument(f"model threads must be >= 0 (0 = torch's default), got {self.threads}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -117,7 +122,10 @@ def fingerprint(model: torch.nn.Module) -> str:
 
 
 def load_base_model(config: ModelConfig) -> BaseModel:
-    """Load the configured base model onto its device, with its tokenizer and fingerprint."""
+    """Load the configured base model onto its device, with its tokenizer and fingerprint (and set this
+    process's torch threads when `config.threads` asks for a number)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
     model: Any
     tokenizer: Any
     if config.path:

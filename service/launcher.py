@@ -91,6 +91,7 @@ def run_up(values: Mapping[str, Any]) -> int:
     if workers < 1:
         raise LaunchError(f"--workers {workers}: up needs at least 1 worker")
     check_ports(UP_HOST, values)
+    values = share_cores(values, workers + 1 if workers > 1 else 2)  # the workers (or up's own) + the trainer
     data_dir = Path(values["data_dir"]).expanduser().resolve()
     resolved = settings.build({**values, "data_dir": str(data_dir)})
     # Imported here: torch and transformers take seconds, which client commands never pay.
@@ -119,6 +120,19 @@ def run_up(values: Mapping[str, Any]) -> int:
             valkey.stop()
     print("personalize up: stopped", flush=True)
     return 0
+
+
+def share_cores(values: Mapping[str, Any], processes: int) -> dict[str, Any]:
+    """`values` with torch threads per process set to this machine's cores split over `processes` (at
+    least 1), unless --torch-threads names a number. torch's default, one thread per core in every
+    process, oversubscribes the cores: measured on 2 cores with `up --workers 3` under generate load, the
+    trainer applied 48 events in 23.5 s with the default and in 4.5 s with one thread each, at about the
+    same generate throughput."""
+    out = dict(values)
+    if not out.get("model.threads"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        out["model.threads"] = max(1, cores // max(1, processes))
+    return out
 
 
 def _keep_alive(valkey: Any, stop: threading.Event, poll_s: float = 0.5) -> None:

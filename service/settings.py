@@ -172,6 +172,9 @@ SETTINGS: tuple[Setting, ...] = (
        metavar="DEV"),
     _s("model.dtype", "--dtype", "PERSONALIZE_DTYPE", "float32", _str,
        "weight dtype: float32, bfloat16, float16", metavar="DTYPE"),
+    _s("model.threads", "--torch-threads", "PERSONALIZE_TORCH_THREADS", 0, _int,
+       "torch threads per process (0 = one per core; up with several processes splits the cores)",
+       metavar="N"),
     # -- adapters and the cache
     _s("lora.r_max", "--max-rank", "PERSONALIZE_MAX_RANK", 16, _int, "largest adapter rank accepted",
        metavar="R"),

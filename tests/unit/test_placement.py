@@ -3,6 +3,7 @@ and the pure helpers of the worker side and of `up --workers N`."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import grpc
@@ -142,3 +143,14 @@ def test_router_role_needs_only_the_registry() -> None:
         launcher.run_serve("router", values)
     with pytest.raises(launcher.LaunchError, match="choose one of worker, router, trainer"):
         launcher.run_serve("proxy", values)
+
+
+def test_up_splits_the_cores_over_its_processes_unless_told() -> None:
+    cores = len(os.sched_getaffinity(0))
+    values = settings.resolve(settings.UP, {}, {})
+    assert values["model.threads"] == 0
+    assert launcher.share_cores(values, 4)["model.threads"] == max(1, cores // 4)
+    assert launcher.share_cores(values, 1)["model.threads"] == cores
+    assert launcher.share_cores({**values, "model.threads": 3}, 4)["model.threads"] == 3
+    command = worker_command(launcher.share_cores(values, 10_000), "worker-0", "redis://h:1/0", Path("/d"), 1)
+    assert "--torch-threads 1" in " ".join(command)
