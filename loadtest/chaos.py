@@ -608,13 +608,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-timeout", type=float, default=240.0)
     parser.add_argument("--faults", default=",".join(FAULTS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--feedback-per-s", type=float, default=ChaosConfig.feedback_per_s,
+                        help="new feedback events per second over all load threads")
     parser.add_argument("--quick", action="store_true", help="a smaller run: 8 users, 2 clients, 4 s holds")
     parser.add_argument("--work-dir", help="keep everything here (default: a temp dir, removed on success)")
     parser.add_argument("--json", default=str(ROOT / "loadtest" / "results" / "chaos.json"))
     args = parser.parse_args(argv)
     config = ChaosConfig(workers=args.workers, users=args.users, clients=args.clients, hold_s=args.hold_s,
                          settle_timeout_s=args.settle_timeout, drain_timeout_s=args.drain_timeout,
-                         faults=tuple(f for f in args.faults.split(",") if f), seed=args.seed)
+                         faults=tuple(f for f in args.faults.split(",") if f), seed=args.seed,
+                         feedback_per_s=args.feedback_per_s)
     if args.quick:
         config = ChaosConfig(**{**asdict(config), "users": 8, "clients": 2, "hold_s": 4.0, "calm_s": 2.0})
     with work_directory(args.work_dir) as work_dir:

@@ -38,8 +38,9 @@ class ChaosConfig:
     calm_s: float = 4.0
     """Load runs this long before each fault."""
     max_new_tokens: int = 8
-    feedback_per_s: float = 2.0
-    """New feedback events per second, all load threads together (what the trainer keeps up with here)."""
+    feedback_per_s: float = 4.0
+    """New feedback events per second, all load threads together (what the trainer keeps up with on two
+    cores beside three workers under load)."""
     think_s: float = 0.1
     """Pause between a load thread's iterations (keeps a 2-core machine responsive)."""
     feedback_retry_s: float = 90.0
