@@ -306,6 +306,7 @@ def serve_router(config: ServiceConfig, cluster: Cluster, stop: threading.Event,
     server.start()
     state.serving()
     log.info("router serving on %s:%d over %d workers", config.host, port, len(cluster.ring()))
+    router_metrics.workers.set(len(cluster.ring()))  # before anyone is told it serves: never a stale 0
     try:
         if on_ready is not None:
             on_ready(port, http.port if http else 0)
