@@ -26,6 +26,10 @@ class LoraConfig:
     """Byte budget of parsed adapters kept in host RAM."""
     disk_bytes: int = 8 * 2**30
     """Byte budget of the local-disk tier (under the data directory)."""
+    keep_versions: int = 4
+    """Stored versions kept per user: every keep_versions-th publish deletes the versions older than the
+    newest keep_versions (the corrupt-object recovery rebuilds from them) and objects of lost races at the
+    current version; 0 = keep every version."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.r_max <= 256:
@@ -33,6 +37,8 @@ class LoraConfig:
         bad = set(self.target_modules) - set(TARGET_MODULES)
         if bad or not self.target_modules:
             raise InvalidArgument(f"lora target_modules must be a non-empty subset of {TARGET_MODULES}")
+        if self.keep_versions < 0:
+            raise InvalidArgument(f"lora keep_versions must be >= 0 (0 = keep all), got {self.keep_versions}")
         if min(self.device_bytes, self.host_bytes, self.disk_bytes) < 0:
             raise InvalidArgument("cache byte budgets must be >= 0")
 

@@ -127,7 +127,7 @@ class Worker:
         self.cache = cache
         self.engine = engine
         self.spec = spec
-        self.repo = AdapterRepository(registry, store, spec)
+        self.repo = AdapterRepository(registry, store, spec, config.lora.keep_versions)
         self.stream = stream
         self.updates = updates
         self.owns: Callable[[str, str], bool] | None = None

@@ -324,7 +324,7 @@ def run_trainer(values: Mapping[str, Any]) -> int:
     return 0
 
 
-TRAINER_KEYS = ("model.", "lora.r_max", "feedback.", "trainer.")
+TRAINER_KEYS = ("model.", "lora.r_max", "lora.keep_versions", "feedback.", "trainer.")
 """Settings `up` passes on to the trainer process it supervises."""
 
 

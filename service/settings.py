@@ -184,6 +184,9 @@ SETTINGS: tuple[Setting, ...] = (
        "host RAM budget of parsed adapters", metavar="SIZE"),
     _s("lora.disk_bytes", "--disk-cache", "PERSONALIZE_DISK_CACHE", 8 * 2**30, parse_size,
        "local disk budget of adapter files (under DATA_DIR/cache; 0 = off)", metavar="SIZE"),
+    _s("lora.keep_versions", "--keep-versions", "PERSONALIZE_KEEP_VERSIONS", 4, _int,
+       "stored adapter versions kept per user (older ones are deleted as new ones are published; "
+       "0 = keep all)", metavar="N"),
     _s("load_timeout_s", "--load-timeout-s", "PERSONALIZE_LOAD_TIMEOUT_S", 30.0, _float,
        "how long a request waits for its adapter to load", metavar="S"),
     _s("degrade_to_base", "--degrade-to-base", "PERSONALIZE_DEGRADE_TO_BASE", False, _bool,

@@ -16,7 +16,7 @@ from personalize.adapters.registry import AdapterRecord, Registry
 from personalize.adapters.store import ObjectStore
 from personalize.adapters.store.base import checksum_of
 from personalize.adapters.store.keys import adapter_key, adapter_version, user_prefix
-from personalize.errors import AdapterError, Conflict, CorruptObject, IncompatibleAdapter, NotFound
+from personalize.errors import AdapterError, Conflict, CorruptObject, IncompatibleAdapter, NotFound, PersonalizeError
 from personalize.lora.adapter import Adapter
 from personalize.lora.format import AdapterSpec, adapter_from_bytes, adapter_to_bytes
 
@@ -34,10 +34,12 @@ class Published:
 class AdapterRepository:
     """Read, publish and delete users' adapter versions for one base model (`spec.base_fingerprint`)."""
 
-    def __init__(self, registry: Registry, store: ObjectStore, spec: AdapterSpec) -> None:
+    def __init__(self, registry: Registry, store: ObjectStore, spec: AdapterSpec, keep_versions: int = 0) -> None:
         self.registry = registry
         self.store = store
         self.spec = spec
+        self.keep_versions = keep_versions
+        """Versions kept per user (see prune); 0 = keep every version."""
 
     @property
     def fingerprint(self) -> str:
@@ -112,10 +114,37 @@ class AdapterRepository:
         except Conflict:
             current = self.registry.get(tenant, user_id)
             if current is not None and current.checksum == checksum:
+                self._prune_if_due(tenant, user_id, current)
                 return Published(current, key)  # ours after all: the CAS took effect, the client retried it
             self.store.delete(key)  # never visible: the winner's object has another name
             raise
+        self._prune_if_due(tenant, user_id, record)
         return Published(record, key)
+
+    def prune(self, tenant: str, user_id: str, current: AdapterRecord) -> int:
+        """Delete the user's stored versions older than the newest `keep_versions` (counting `current`), and
+        objects at the current version other than the current one (writers that lost the race and died before
+        cleaning up). Versions above `current` (a publish in flight) are never touched. Returns how many."""
+        if not self.keep_versions:
+            return 0
+        current_key = adapter_key(tenant, user_id, current.version, current.checksum)
+        doomed = [k for k in self.store.list(user_prefix(tenant, user_id))
+                  if (v := adapter_version(k)) is not None
+                  and (v <= current.version - self.keep_versions or (v == current.version and k != current_key))]
+        for key in doomed:
+            self.store.delete(key)
+        return len(doomed)
+
+    def _prune_if_due(self, tenant: str, user_id: str, current: AdapterRecord) -> None:
+        """prune() every keep_versions-th version (amortized: one listing per keep_versions publishes);
+        best effort: the version is published whatever happens here."""
+        if not self.keep_versions or current.version % self.keep_versions:
+            return
+        try:
+            self.prune(tenant, user_id, current)
+        except PersonalizeError as exc:
+            log.warning("user %r: pruning old adapter versions failed (retried at a later version): %s",
+                        user_id, exc)
 
     def delete(self, tenant: str, user_id: str) -> int:
         """Remove the registry record (nothing new is served), then every stored version. Returns versions."""

@@ -22,7 +22,8 @@ def bootstrap_trainer(config: Config, registry_url: str, store_url: str, consume
     base = load_base_model(config.model)
     spec = AdapterSpec.for_model(base.model, config.lora.r_max, config.lora.target_modules, base.fingerprint)
     client = redis_client(registry_url)
-    repo = AdapterRepository(Registry(client, namespace=config.feedback.namespace), open_store(store_url), spec)
+    repo = AdapterRepository(Registry(client, namespace=config.feedback.namespace), open_store(store_url), spec,
+                             config.lora.keep_versions)
     stream = FeedbackStream(client, config.feedback)
     stream.ensure_group()
     namespace = config.feedback.namespace

@@ -14,6 +14,7 @@ import torch
 from personalize.adapters.registry import AdapterRecord, Registry
 from personalize.adapters.repository import AdapterRepository
 from personalize.adapters.store import FileStore, ObjectStore, user_prefix
+from personalize.adapters.store.keys import adapter_key, adapter_version
 from personalize.errors import Conflict, CorruptObject, NotFound, Unavailable
 from personalize.feedback.events import FeedbackEvent
 from personalize.feedback.notify import redis_client
@@ -341,3 +342,29 @@ def test_unreachable_stream_server_fails_the_round_and_keeps_the_events(
     assert [d.event_id for d in trainer._carry] == [held[0].event_id]
     trainer.stream = good
     assert trainer.run_round(claim=False).published == [("acme", "a", 1)]
+
+
+# -- retention of stored versions ----------------------------------------------------------------------------------
+
+
+def test_old_versions_and_lost_race_objects_are_pruned_every_keep_versions_publishes(
+        store: ObjectStore, valkey_url: str, base: BaseModel) -> None:
+    spec = AdapterSpec.for_model(base.model, 16, base_fingerprint=base.fingerprint)
+    repo = AdapterRepository(Registry(redis_client(valkey_url), namespace=f"tf{next(_ns)}"), store, spec,
+                             keep_versions=3)
+
+    def stored() -> list[int]:
+        return sorted(v for k in store.list(user_prefix("acme", "u")) if (v := adapter_version(k)) is not None)
+
+    record = None
+    for seed in range(1, 6):
+        record = repo.publish("acme", "u", make_adapter(base.config, 2, seed=seed), record, seed).record
+    assert stored() == [1, 2, 3, 4, 5]  # v3 pruned nothing older than the newest three
+    orphan = adapter_key("acme", "u", 6, "sha256:" + "0" * 64)  # a writer that lost the race for v6 and died
+    store.put(orphan, b"never visible")
+    store.put(adapter_key("acme", "u", 9, "sha256:" + "f" * 64), b"a publish in flight")  # above current: untouched
+    assert record is not None
+    record = repo.publish("acme", "u", make_adapter(base.config, 2, seed=6), record, 6).record
+    assert record.version == 6 and stored() == [4, 5, 6, 9]  # the orphan at v6 went too
+    assert repo.load("acme", "u", record) is not None and repo.load_intact("acme", "u", 6) is not None
+    assert AdapterRepository(repo.registry, store, spec).prune("acme", "u", record) == 0  # keep all
