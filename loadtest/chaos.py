@@ -337,9 +337,15 @@ class Chaos:
         fault.injected_at = time.monotonic()
         os.kill(old, signal.SIGKILL)
         fault.detail = {"pid": old, "pending_at_kill": dict(pending)}
-        self.wait("a new trainer", lambda: None if read_pid(self.data_dir / "trainer.pid") not in (0, old)
-                  and pid_alive(read_pid(self.data_dir / "trainer.pid")) else "trainer not restarted")
-        fault.detail["new_pid"] = read_pid(self.data_dir / "trainer.pid")
+
+        def restarted() -> str | None:
+            pid = read_pid(self.data_dir / "trainer.pid")
+            if pid in (0, old) or not pid_alive(pid):
+                return "trainer not restarted"
+            fault.detail["new_pid"] = pid
+            return None
+
+        self.wait("a new trainer", restarted)
 
     def _valkey_restart(self, fault: Fault) -> None:
         old = valkey_pids(self.data_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
@@ -14,6 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/s3server.py, also import
 from s3server import S3Server, start_weed_mini
 
 from personalize.embedded import EmbeddedValkey, EmbeddedValkeyConfig
+
+if TYPE_CHECKING:
+    from personalize.model import BaseModel
 
 # --------------------------------------------------------------------------------------------------
 # Storage layer: one embedded Valkey and one SeaweedFS S3 server per test session, loopback only,
@@ -50,3 +54,17 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     server = start_weed_mini(tmp_path_factory.mktemp("s3"))
     yield server
     server.stop()
+
+
+# --------------------------------------------------------------------------------------------------
+# Base model: the built-in tiny default (config + seed), loaded once per test module that asks for it
+# (tests/e2e has a session-wide one; tests needing another model define their own `base`).
+#   base  BaseModel
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base() -> BaseModel:
+    from personalize.model import ModelConfig, load_base_model  # torch: only for the tests that use it
+
+    return load_base_model(ModelConfig())

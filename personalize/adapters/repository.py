@@ -61,11 +61,15 @@ class AdapterRepository:
                 f"user {user_id!r}'s adapter v{record.version} was trained on base {record.fingerprint[:19]}..., "
                 f"this node serves {self.fingerprint[:19]}...; re-import or retrain it for this base")
 
+    def stored(self, tenant: str, user_id: str) -> list[tuple[int, str]]:
+        """(version, object key) of every stored object of the user, in the store's listing order."""
+        return [(v, k) for k in self.store.list(user_prefix(tenant, user_id)) if (v := adapter_version(k)) is not None]
+
     def read_bytes(self, tenant: str, user_id: str, version: int, checksum: str | None) -> bytes:
         """A version's object: by its checksum-named key when the checksum is known, else found by listing."""
         if checksum:
             return self.store.get(adapter_key(tenant, user_id, version, checksum), checksum)
-        keys = [k for k in self.store.list(user_prefix(tenant, user_id)) if adapter_version(k) == version]
+        keys = [k for v, k in self.stored(tenant, user_id) if v == version]
         if not keys:
             raise NotFound(f"user {user_id!r} has no stored adapter version {version}")
         return self.store.get(keys[0])
@@ -85,9 +89,8 @@ class AdapterRepository:
         its key names and parses for this base. Corrupt, unparsable or vanished ones are skipped;
         Unavailable propagates (nothing can be decided while the store is down).
         """
-        keys = [(v, k) for k in self.store.list(user_prefix(tenant, user_id))
-                if (v := adapter_version(k)) is not None and v < below]
-        for version, key in sorted(keys, key=lambda vk: vk[0], reverse=True):
+        older = [(v, k) for v, k in self.stored(tenant, user_id) if v < below]
+        for version, key in sorted(older, key=lambda vk: vk[0], reverse=True):
             try:
                 data = self.store.get(key)
                 if adapter_key(tenant, user_id, version, checksum_of(data)) != key:
@@ -128,9 +131,8 @@ class AdapterRepository:
         if not self.keep_versions:
             return 0
         current_key = adapter_key(tenant, user_id, current.version, current.checksum)
-        doomed = [k for k in self.store.list(user_prefix(tenant, user_id))
-                  if (v := adapter_version(k)) is not None
-                  and (v <= current.version - self.keep_versions or (v == current.version and k != current_key))]
+        doomed = [k for v, k in self.stored(tenant, user_id)
+                  if v <= current.version - self.keep_versions or (v == current.version and k != current_key)]
         for key in doomed:
             self.store.delete(key)
         return len(doomed)

@@ -22,16 +22,11 @@ from personalize.errors import CorruptObject, IncompatibleAdapter, NotFound
 from personalize.lora.adapter import Adapter
 from personalize.lora.format import AdapterSpec, adapter_from_bytes, random_adapter
 from personalize.lora.slots import SlotPool
-from personalize.model import BaseModel, ModelConfig, load_base_model
+from personalize.model import BaseModel
 from tests.helpers import holds
 
 T = "acme"
 R_MAX = 8
-
-
-@pytest.fixture(scope="module")
-def base() -> BaseModel:
-    return load_base_model(ModelConfig())
 
 
 @pytest.fixture(scope="module")

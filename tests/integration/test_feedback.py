@@ -18,14 +18,9 @@ from personalize.feedback.notify import redis_client
 from personalize.feedback.stream import FeedbackStream, StreamConfig
 from personalize.feedback.trainer import Trainer, TrainerConfig
 from personalize.lora.format import AdapterSpec
-from personalize.model import BaseModel, ModelConfig, load_base_model
+from personalize.model import BaseModel
 
 _ns = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def base() -> BaseModel:
-    return load_base_model(ModelConfig())
 
 
 @pytest.fixture

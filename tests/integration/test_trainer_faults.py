@@ -22,7 +22,7 @@ from personalize.feedback.stream import Delivered, FeedbackStream, StreamConfig
 from personalize.feedback.trainer import Trainer, TrainerConfig, UserJob, replay_of, train_round
 from personalize.lora.adapter import Adapter
 from personalize.lora.format import AdapterSpec
-from personalize.model import BaseModel, ModelConfig, load_base_model
+from personalize.model import BaseModel
 from tests.helpers import make_adapter
 
 _ns = itertools.count()
@@ -72,11 +72,6 @@ class CutStream(FeedbackStream):
     def _check(self, op: str) -> None:
         if op in self.cut:
             raise Unavailable(f"feedback stream unreachable ({op})")
-
-
-@pytest.fixture(scope="module")
-def base() -> BaseModel:
-    return load_base_model(ModelConfig())
 
 
 @pytest.fixture

@@ -10,16 +10,11 @@ from personalize.engine.llama import FastLlama
 from personalize.engine.types import SamplingParams
 from personalize.lora.layers import inject, slots_tensor, use_slots
 from personalize.lora.slots import SlotPool
-from personalize.model import BaseModel, ModelConfig, load_base_model
+from personalize.model import BaseModel
 from tests.helpers import make_adapter, peft_model
 
 RANKS = [8, 2, 4, 1, 8]
 PROMPTS = ["Hello there", "abc", "The quick brown fox jumps", "x", "personalize me"]
-
-
-@pytest.fixture(scope="module")
-def base() -> BaseModel:
-    return load_base_model(ModelConfig())
 
 
 @pytest.fixture(scope="module")

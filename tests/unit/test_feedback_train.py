@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 
 from personalize.feedback.batch import build_batch, encode_example
@@ -13,13 +12,8 @@ from personalize.feedback.losses import dpo_loss, sft_loss, token_logprobs, unli
 from personalize.feedback.stream import Delivered
 from personalize.feedback.trainer import TrainerConfig, UserJob, replay_of, train_round, with_replay
 from personalize.lora.format import AdapterSpec, zero_adapter
-from personalize.model import BaseModel, ModelConfig, load_base_model
+from personalize.model import BaseModel
 from tests.helpers import make_adapter
-
-
-@pytest.fixture(scope="module")
-def base() -> BaseModel:
-    return load_base_model(ModelConfig())
 
 
 def _event(user: str, kind: str, i: int) -> FeedbackEvent:
