@@ -48,7 +48,7 @@ RUN groupadd --system --gid 10001 personalize \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin personalize \
     && mkdir -p /var/lib/personalize && chown 10001:10001 /var/lib/personalize
-# Settings a container needs (service/settings.py): listen on all interfaces, state in a volume.
+# Settings a container needs (service/cli/settings.py): listen on all interfaces, state in a volume.
 # HOME is /tmp so caches (~/.cache, torch, Hugging Face) land on the emptyDir: the root filesystem is
 # read-only in Kubernetes. Models are local directories: never reach for the Hub.
 ENV PERSONALIZE_HOST=0.0.0.0 \

@@ -40,11 +40,11 @@ from personalize.adapters.cache import AdapterCache, CacheConfig, Fetch, store_f
 from personalize.adapters.registry import Registry
 from personalize.adapters.repository import AdapterRepository
 from personalize.adapters.store import ObjectStore, open_store
-from personalize.embedded import EmbeddedValkey, EmbeddedValkeyConfig
 from personalize.lora.adapter import TARGET_MODULES, Adapter, module_key
 from personalize.lora.format import AdapterSpec, adapter_from_bytes, random_adapter
 from personalize.lora.slots import SlotPool, module_shapes
 from personalize.model import build_random_llama, default_llama_config
+from personalize_service.cli.embedded import EmbeddedValkey, EmbeddedValkeyConfig
 from tests.helpers import holds
 
 BENCH_SHAPE = dict(hidden_size=2048, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16,

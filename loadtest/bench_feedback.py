@@ -28,7 +28,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from personalize.config import Config, LoraConfig
-from personalize.embedded import EmbeddedValkey, EmbeddedValkeyConfig
 from personalize.engine.types import SamplingParams
 from personalize.feedback.batch import build_batch
 from personalize.feedback.events import FeedbackEvent, event_id_key
@@ -37,6 +36,7 @@ from personalize.feedback.stream import Delivered
 from personalize.feedback.trainer import Trainer, TrainerConfig, UserJob, train_round
 from personalize.lora.format import adapter_from_bytes, adapter_to_bytes, zero_adapter
 from personalize.worker import Worker, bootstrap
+from personalize_service.cli.embedded import EmbeddedValkey, EmbeddedValkeyConfig
 
 NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi"]
 WORDS = ("the a cat dog sky blue run fast slow tree house car why how what when is are you me "

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from personalize.adapters.registry import AdapterRecord, CasUpdate, Registry
 from personalize.adapters.store.keys import user_digest
-from personalize.embedded import EmbeddedValkey, EmbeddedValkeyConfig
+from personalize_service.cli.embedded import EmbeddedValkey, EmbeddedValkeyConfig
 
 FINGERPRINT = "sha256:" + "5e" * 32
 FILL_BATCH = 10_000

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/s3server.py, also import
 
 from s3server import S3Server, start_weed_mini
 
-from personalize.embedded import EmbeddedValkey, EmbeddedValkeyConfig
+from personalize_service.cli.embedded import EmbeddedValkey, EmbeddedValkeyConfig
 
 if TYPE_CHECKING:
     from personalize.model import BaseModel

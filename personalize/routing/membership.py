@@ -33,6 +33,13 @@ from personalize.routing.ring import DEFAULT_VNODES, Ring
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+def membership_client(registry_url: str) -> Any:
+    """A binary-safe redis client for membership reads and beats, with short timeouts (a beat that
+    hangs longer than the TTL is worthless)."""
+    return redis.Redis.from_url(registry_url, socket_timeout=2.0, socket_connect_timeout=2.0,
+                                decode_responses=False)
+
+
 SERVING = "serving"
 DRAINING = "draining"
 STATES = (SERVING, DRAINING)

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from personalize.embedded import find_free_port
 from personalize.model import BaseModel, ModelConfig, load_base_model
+from personalize_service.net import find_free_port
 from tests.e2e.upserver import Stubs, UpServer, start_up
 
 

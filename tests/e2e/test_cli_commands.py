@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from personalize.embedded import find_free_port
 from personalize.model import BaseModel
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
+from personalize_service.net import find_free_port
 from tests.e2e.upserver import Stubs, UpServer, make_peft_adapter
 
 

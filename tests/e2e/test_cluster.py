@@ -21,9 +21,9 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from personalize.embedded import find_free_port
 from personalize_service.client import PersonalizeClient
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
+from personalize_service.net import find_free_port
 from tests.e2e.upserver import TEST_FLAGS, Stubs, UpServer, start_server, start_up
 
 TTL_S = 3.0

@@ -6,8 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from personalize.embedded import EmbeddedValkey, EmbeddedValkeyConfig
 from personalize.model import BaseModel
+from personalize_service.cli.embedded import EmbeddedValkey, EmbeddedValkeyConfig
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from tests.e2e.upserver import TEST_FLAGS, Stubs, adapter_files, greedy_reference, make_peft_adapter, start_server
 

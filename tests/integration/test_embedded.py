@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from personalize.embedded import EmbeddedValkey, EmbeddedValkeyConfig, EmbeddedValkeyError, find_free_port
+from personalize_service.cli.embedded import EmbeddedValkey, EmbeddedValkeyConfig, EmbeddedValkeyError
+from personalize_service.net import find_free_port
 
 
 def _server(data_dir: Path, **kwargs: object) -> EmbeddedValkey:

@@ -17,13 +17,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from personalize import errors
-from personalize_service.auth import ApiKeys, current_tenant
 from personalize_service.client import NotFoundError
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
-from personalize_service.interceptors import ErrorInterceptor, server_interceptors
-from personalize_service.limits import Limits, RateLimiter
-from personalize_service.metrics import ServiceMetrics
+from personalize_service.server.auth import ApiKeys, current_tenant
+from personalize_service.server.interceptors import ErrorInterceptor, server_interceptors
+from personalize_service.server.limits import Limits, RateLimiter
+from personalize_service.server.metrics import ServiceMetrics
 
 DOMAIN_ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
@@ -150,7 +150,7 @@ def test_success_is_ok_and_counted(stub: pb_grpc.PersonalizeStub, metrics: Servi
 @pytest.mark.parametrize("streaming", [False, True])
 def test_unexpected_exception_is_internal_and_logged(stub: pb_grpc.PersonalizeStub, streaming: bool,
                                                      caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.ERROR, logger="personalize_service.interceptors"), \
+    with caplog.at_level(logging.ERROR, logger="personalize_service.server.interceptors"), \
             pytest.raises(grpc.RpcError) as raised:
         _stream(stub, "crash") if streaming else _generate(stub, "crash")
     assert raised.value.code() == grpc.StatusCode.INTERNAL

@@ -1,4 +1,4 @@
-"""The router keeps one health Watch open on each worker channel (service/cluster.py keep_warm), so grpc
+"""The router keeps one health Watch open on each worker channel (service/client/cluster.py keep_warm), so grpc
 Python's per-channel polling thread is not started for every forwarded call: the watch is open while the
 worker serves, let go when it drains (its shutdown must not wait for it), taken again when it serves
 after a restart, and never again once the channel is closed."""
@@ -14,8 +14,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from personalize.embedded import find_free_port
-from personalize_service.cluster import keep_warm
+from personalize_service.client.cluster import keep_warm
+from personalize_service.net import find_free_port
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -12,7 +12,6 @@ import pytest
 import redis
 import redis.cluster
 
-from personalize.embedded import EmbeddedValkey, EmbeddedValkeyConfig, find_free_port
 from personalize.errors import InvalidArgument, Unavailable
 from personalize.routing.membership import (
     DRAINING,
@@ -25,6 +24,8 @@ from personalize.routing.membership import (
     unpack_node,
 )
 from personalize.routing.ring import Ring
+from personalize_service.cli.embedded import EmbeddedValkey, EmbeddedValkeyConfig
+from personalize_service.net import find_free_port
 
 FAST = dict(ttl_s=2.0, heartbeat_s=0.1)  # a generous TTL: a busy test machine must not drop live nodes
 

@@ -21,8 +21,9 @@ from personalize.adapters.registry import (
     open_registry,
     pack_record,
 )
-from personalize.embedded import EmbeddedValkey, EmbeddedValkeyConfig, find_free_port
 from personalize.errors import Conflict, InvalidArgument, Unavailable
+from personalize_service.cli.embedded import EmbeddedValkey, EmbeddedValkeyConfig
+from personalize_service.net import find_free_port
 
 FP = "sha256:" + "ab" * 32
 

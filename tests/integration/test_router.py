@@ -19,19 +19,27 @@ from typing import Any
 import grpc
 import pytest
 
-from personalize.embedded import find_free_port
-from personalize.routing.membership import DRAINING, Heartbeat, Membership, MembershipConfig, NodeInfo, ring_of
+from personalize.routing.announce import AnnounceConfig, Announcement
+from personalize.routing.membership import (
+    DRAINING,
+    Heartbeat,
+    Membership,
+    MembershipConfig,
+    NodeInfo,
+    membership_client,
+    ring_of,
+)
 from personalize.routing.ring import route_key
-from personalize_service.announce import AnnounceConfig, Announcement
-from personalize_service.auth import ApiKeys
 from personalize_service.client import PersonalizeClient, UnavailableError
-from personalize_service.cluster import Cluster, RouteConfig, membership_client
+from personalize_service.client.cluster import Cluster, RouteConfig
+from personalize_service.client.routing import RoutingClient
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
-from personalize_service.metrics import ServiceMetrics
-from personalize_service.router_server import create_router, worker_channel_opener
-from personalize_service.routing_client import RoutingClient
-from personalize_service.worker_server import ServiceConfig
+from personalize_service.net import find_free_port
+from personalize_service.server.auth import ApiKeys
+from personalize_service.server.metrics import ServiceMetrics
+from personalize_service.server.router import create_router, worker_channel_opener
+from personalize_service.server.worker import ServiceConfig
 
 LIVE = ("w0", "w1", "w2")
 DEAD = "dead"
@@ -446,7 +454,7 @@ def test_routing_client_needs_a_tenant_with_a_key_and_a_ring(valkey_url: str, na
 def test_a_joining_worker_warms_the_hot_users_it_takes_over(valkey_url: str, namespace: str,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Rebalancing: the old owner lists its hottest users; the new owner loads the ones that moved to it."""
-    import personalize_service.announce as announce
+    import personalize.routing.announce as announce
 
     monkeypatch.setattr(announce, "HOT_PERIOD_S", 0.1)
     membership = MembershipConfig(namespace=namespace, ttl_s=2.0, heartbeat_s=0.1)

@@ -13,9 +13,9 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from personalize.errors import InvalidArgument
-from personalize_service.router_server import worker_channel_opener
-from personalize_service.tls import bind
-from personalize_service.worker_server import ServiceConfig
+from personalize_service.server.router import worker_channel_opener
+from personalize_service.server.tls import bind
+from personalize_service.server.worker import ServiceConfig
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from personalize.errors import InvalidArgument, Unauthenticated
-from personalize_service.auth import ApiKeys, bearer_key, current_tenant, load_api_keys, tenant_context
+from personalize_service.server.auth import ApiKeys, bearer_key, current_tenant, load_api_keys, tenant_context
 
 
 def test_parse_maps_keys_to_tenants() -> None:

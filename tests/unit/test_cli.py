@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from personalize_service import cli, launcher, settings
+from personalize_service.cli import commands as cli
+from personalize_service.cli import launcher, settings
 
 
 def test_help_explains_the_commands_with_examples() -> None:

@@ -19,7 +19,6 @@ import grpc
 import pytest
 
 from personalize import errors
-from personalize_service.auth import ApiKeys, current_tenant
 from personalize_service.client import (
     DeadlineExceededError,
     ExportedAdapter,
@@ -31,7 +30,8 @@ from personalize_service.client import (
 )
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
-from personalize_service.interceptors import server_interceptors
+from personalize_service.server.auth import ApiKeys, current_tenant
+from personalize_service.server.interceptors import server_interceptors
 
 NO_KEYS = ApiKeys()
 FILES = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": b"\x00weights"}

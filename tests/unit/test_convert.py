@@ -13,9 +13,9 @@ from safetensors.torch import save as save_safetensors
 from personalize.engine.types import GenerationResult, SamplingParams
 from personalize.errors import InvalidArgument
 from personalize.worker import AdapterInfo, GenerationInfo, NodeStats
-from personalize_service import convert
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
-from personalize_service.limits import Limits
+from personalize_service.server import convert
+from personalize_service.server.limits import Limits
 
 LIMITS = Limits()
 RESULT = GenerationResult(text="Hello!", prompt_tokens=7, completion_tokens=3, finish_reason="stop")

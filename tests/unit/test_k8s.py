@@ -26,11 +26,12 @@ import redis
 import yaml
 
 from personalize.feedback.stream import FeedbackStream, StreamConfig
-from personalize_service import cli, settings
-from personalize_service.announce import DRAIN_NOTICE_S
-from personalize_service.limits import USER_ID_METADATA_KEY
-from personalize_service.metrics import ServiceMetrics
-from personalize_service.router_server import RouterMetrics
+from personalize.routing.announce import DRAIN_NOTICE_S
+from personalize_service.cli import commands as cli
+from personalize_service.cli import settings
+from personalize_service.server.limits import USER_ID_METADATA_KEY
+from personalize_service.server.metrics import ServiceMetrics
+from personalize_service.server.router import RouterMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
@@ -257,7 +258,7 @@ def test_environment_names_only_real_settings_of_serve(overlay: str) -> None:
         for name, value in env.items():
             if not name.startswith("PERSONALIZE_") or name in NOT_SETTINGS:
                 continue
-            assert name in by_env, f"{where}: {name} is no setting of service/settings.py"
+            assert name in by_env, f"{where}: {name} is no setting of service/cli/settings.py"
             setting = by_env[name]
             assert settings.SERVE in setting.commands, f"{where}: {name} does not apply to `personalize serve`"
             if value is not None and "$(" not in value:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from personalize_service import protogen, settings
+from personalize_service import protogen
+from personalize_service.cli import settings
 
 REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -130,7 +131,7 @@ def test_dockerignore_sends_the_package_sources_only() -> None:
     sources = {src for args in copies for src in args.split()[:-1]}
     assert sources == SOURCES
     for path in ("pyproject.toml", "README.md", "proto/personalize/v1/personalize.proto", "personalize/worker.py",
-                 "service/cli.py", "service/gen/personalize/v1/personalize_pb2.py"):
+                 "service/cli/commands.py", "service/gen/personalize/v1/personalize_pb2.py"):
         assert _sent(path, patterns), f"{path} is not sent to the builder"
     for path in ("tests/unit/test_k8s.py", "loadtest/locustfile.py", ".venv/bin/python", ".git/HEAD", "data/x",
                  "k8s/base/worker.yaml", "service/__pycache__/cli.cpython-311.pyc", "Dockerfile"):

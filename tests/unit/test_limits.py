@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from personalize.errors import InvalidArgument, ResourceExhausted
-from personalize_service.limits import (
+from personalize_service.server.limits import (
     ConcurrencyLimiter,
     Limits,
     RateLimiter,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import urllib.request
 
-from personalize_service.metrics import ServiceMetrics, start_metrics_server
+from personalize_service.server.metrics import ServiceMetrics, start_metrics_server
 
 NAMES = ("personalize_requests_total", "personalize_request_seconds", "personalize_cache_hits_total",
          "personalize_cache_misses_total", "personalize_adapter_load_seconds", "personalize_batch_occupancy",

@@ -1,4 +1,4 @@
-"""Placement in service/cluster.py over a real small ring (no servers: channels are opened, never used),
+"""Placement in service/client/cluster.py over a real small ring (no servers: channels are opened, never used),
 and the pure helpers of the worker side and of `up --workers N`."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import grpc
 import pytest
 
 from personalize.errors import Unavailable
+from personalize.routing.announce import advertised_address
 from personalize.routing.membership import DRAINING, NodeInfo
 from personalize.routing.ring import route_key
-from personalize_service import launcher, settings
-from personalize_service.announce import advertised_address
-from personalize_service.cluster import Cluster, RouteConfig
-from personalize_service.local_cluster import advertise_list, worker_command, worker_environment
+from personalize_service.cli import launcher, settings
+from personalize_service.cli.local_cluster import advertise_list, worker_command, worker_environment
+from personalize_service.client.cluster import Cluster, RouteConfig
 
 NODES = ("w0", "w1", "w2")
 

@@ -12,11 +12,11 @@ import pytest
 
 from personalize.config import Config
 from personalize.errors import InvalidArgument
-from personalize_service import settings
-from personalize_service.auth import ApiKeys
-from personalize_service.limits import Limits
-from personalize_service.settings import SETTINGS, SettingsError, build, parse_size, resolve
-from personalize_service.worker_server import ServiceConfig
+from personalize_service.cli import settings
+from personalize_service.cli.settings import SETTINGS, SettingsError, build, parse_size, resolve
+from personalize_service.server.auth import ApiKeys
+from personalize_service.server.limits import Limits
+from personalize_service.server.worker import ServiceConfig
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 NOT_FIELDS = {"service.api_keys": "", "service.api_keys_file": "", "workers": 1, "worker_restarts": 10,

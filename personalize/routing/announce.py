@@ -26,9 +26,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from personalize.routing.membership import Heartbeat, Membership, MembershipConfig, NodeInfo, Watcher, ring_of
+from personalize.routing.membership import (
+    Heartbeat,
+    Membership,
+    MembershipConfig,
+    NodeInfo,
+    Watcher,
+    membership_client,
+    ring_of,
+)
 from personalize.routing.ring import DEFAULT_VNODES, Ring, route_key
-from personalize_service.cluster import membership_client
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The worker's gRPC server: Personalize and Admin handlers over a `personalize.worker.Worker`.
 
-Handlers are thin: translate the request (service/convert.py, which also enforces the limits), call the
+Handlers are thin: translate the request (service/server/convert.py, which also enforces the limits), call the
 worker with the caller's tenant (`current_tenant()`, set by the auth interceptor), translate back. Domain
 errors become status codes in the error interceptor, never here.
 
@@ -25,14 +25,14 @@ from grpc_reflection.v1alpha import reflection
 
 from personalize.errors import InvalidArgument
 from personalize.feedback.events import FeedbackEvent
+from personalize.routing.announce import AnnounceConfig, Announcement, advertised_address
 from personalize.worker import Generation, Worker
-from personalize_service import convert
-from personalize_service.announce import AnnounceConfig, Announcement, advertised_address
-from personalize_service.auth import ApiKeys, current_tenant
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
-from personalize_service.interceptors import Drain, server_interceptors
-from personalize_service.limits import (
+from personalize_service.server import convert
+from personalize_service.server.auth import ApiKeys, current_tenant
+from personalize_service.server.interceptors import Drain, server_interceptors
+from personalize_service.server.limits import (
     DEFAULT_LIMITS,
     ConcurrencyLimiter,
     Limits,
@@ -40,8 +40,8 @@ from personalize_service.limits import (
     check_user_id,
     grpc_message_options,
 )
-from personalize_service.metrics import MetricsServer, ServiceMetrics, start_metrics_server
-from personalize_service.tls import bind
+from personalize_service.server.metrics import MetricsServer, ServiceMetrics, start_metrics_server
+from personalize_service.server.tls import bind
 
 log = logging.getLogger(__name__)
 

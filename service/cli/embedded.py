@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from personalize_service.net import find_free_port
+
 HOST = "127.0.0.1"
 LOCK_FILE = "valkey.lock"
 LOG_FILE = "valkey.log"
@@ -59,13 +61,6 @@ class EmbeddedValkeyConfig:
         for name in ("bind", "port", "dir", "daemonize", "protected-mode"):
             if name in self.settings:
                 raise ValueError(f"setting {name!r} is managed by EmbeddedValkey and cannot be overridden")
-
-
-def find_free_port(host: str = HOST) -> int:
-    """A TCP port nothing listens on right now (the OS picks it; another process may take it later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def valkey_binary() -> Path:

@@ -1,7 +1,7 @@
 """The `personalize` command: run the service, and talk to it over gRPC.
 
-Server commands (`up`, `serve`) take their settings from service/settings.py; client commands use the
-SDK (service/client.py). Exit status: 0 success, 1 failure (a call's status code and message are
+Server commands (`up`, `serve`) take their settings from service/cli/settings.py; client commands use the
+SDK (service/client/sdk.py). Exit status: 0 success, 1 failure (a call's status code and message are
 printed), 2 bad usage or settings, 130 interrupted.
 """
 
@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import personalize
 from personalize.errors import PersonalizeError
-from personalize_service import launcher, settings
+from personalize_service.cli import launcher, settings
 from personalize_service.client import PersonalizeClient, PersonalizeClientError
 
 PROG = "personalize"

@@ -28,11 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from personalize.embedded import find_free_port
 from personalize.errors import Unavailable
-from personalize.routing.membership import SERVING, Membership, MembershipConfig, NodeInfo
-from personalize_service import settings
-from personalize_service.cluster import membership_client
+from personalize.routing.membership import SERVING, Membership, MembershipConfig, NodeInfo, membership_client
+from personalize_service.cli import settings
+from personalize_service.net import find_free_port
 
 log = logging.getLogger(__name__)
 

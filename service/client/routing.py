@@ -1,12 +1,12 @@
 """Client-side routing: the SDK sends each call straight to the worker that owns its user, skipping the
 router hop (DESIGN.md, Routing).
 
-    from personalize_service.client import PersonalizeClient
+    from personalize_service.client.sdk import PersonalizeClient
     with PersonalizeClient.discover("redis://valkey:6379/0", api_key=KEY, tenant="acme") as client:
         print(client.generate("alice", "Say hi").text)
 
 A RoutingClient watches the membership the workers announce in the registry's Valkey and routes exactly
-as the router does (service/cluster.py: the same ring on `route_key(tenant, user_id)`, owner first,
+as the router does (service/client/cluster.py: the same ring on `route_key(tenant, user_id)`, owner first,
 bounded loads past a floor): an idempotent call whose worker answers UNAVAILABLE is sent once more, to the
 next worker of the user's spill order. It has PersonalizeClient's methods and errors; `stats()` asks every
 worker and `list_nodes()` shows the membership it routes on.
@@ -24,10 +24,10 @@ from typing import Any
 import grpc
 
 from personalize import errors
-from personalize.routing.membership import Membership, MembershipConfig
+from personalize.routing.membership import Membership, MembershipConfig, membership_client
 from personalize.routing.ring import route_key
-from personalize_service.auth import DEFAULT_TENANT
-from personalize_service.client import (
+from personalize_service.client.cluster import Cluster, RouteConfig, Upstream, gather_stats, node_list
+from personalize_service.client.sdk import (
     GenerationStream,
     PersonalizeClient,
     UnavailableError,
@@ -36,8 +36,8 @@ from personalize_service.client import (
     _Retry,
     error_from,
 )
-from personalize_service.cluster import Cluster, RouteConfig, Upstream, gather_stats, membership_client, node_list
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
+from personalize_service.server.auth import DEFAULT_TENANT
 
 
 class RoutingClient(PersonalizeClient):

@@ -4,7 +4,7 @@ user (DESIGN.md, Routing). `personalize serve --role router`, and the front of `
 Per call: the router's own interceptors refuse it while draining, authenticate it (the tenant) and count
 it against the tenant's rate; the handler takes the user from `x-user-id` metadata if present, else the
 request's `user_id` (a request without `user_id` gets the header's), routes on `route_key(tenant,
-user_id)` (service/cluster.py: owner first, bounded loads past a floor), and forwards the request with the
+user_id)` (service/client/cluster.py: owner first, bounded loads past a floor), and forwards the request with the
 caller's `authorization` and `x-user-id` metadata unchanged, so the worker authenticates the same tenant.
 The outgoing timeout is the incoming call's remaining time; a caller that goes away cancels the upstream
 call. Idempotent calls (everything but ImportAdapter; GenerateStream until its first chunk;
@@ -34,12 +34,12 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from personalize.errors import DeadlineExceeded
 from personalize.routing.ring import route_key
-from personalize_service.auth import METADATA_KEY, current_tenant
-from personalize_service.cluster import Cluster, Upstream, gather_stats, node_list
+from personalize_service.client.cluster import Cluster, Upstream, gather_stats, node_list
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
-from personalize_service.interceptors import server_interceptors
-from personalize_service.limits import (
+from personalize_service.server.auth import METADATA_KEY, current_tenant
+from personalize_service.server.interceptors import server_interceptors
+from personalize_service.server.limits import (
     DEFAULT_LIMITS,
     USER_ID_METADATA_KEY,
     Limits,
@@ -47,9 +47,9 @@ from personalize_service.limits import (
     grpc_message_options,
     user_id_of,
 )
-from personalize_service.metrics import PREFIX, ServiceMetrics
-from personalize_service.tls import bind, channel_credentials
-from personalize_service.worker_server import (
+from personalize_service.server.metrics import PREFIX, ServiceMetrics
+from personalize_service.server.tls import bind, channel_credentials
+from personalize_service.server.worker import (
     SERVICE_NAMES,
     NodeState,
     ServiceConfig,

@@ -14,7 +14,7 @@ from personalize.engine.types import GenerationResult, SamplingParams
 from personalize.errors import InvalidArgument
 from personalize.worker import AdapterInfo, GenerationInfo, NodeStats
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
-from personalize_service.limits import (
+from personalize_service.server.limits import (
     Limits,
     check_event_key,
     check_feedback_text,

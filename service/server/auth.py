@@ -5,7 +5,7 @@ file with one entry per line). Only the SHA-256 of each key is kept in memory, a
 compared against every stored digest with `hmac.compare_digest`, so neither the keys nor their order
 leak through timing. With no keys configured the server has one tenant, `default`, and needs no key.
 
-Handlers read the caller's tenant with `current_tenant()`; `AuthInterceptor` (service/interceptors.py)
+Handlers read the caller's tenant with `current_tenant()`; `AuthInterceptor` (service/server/interceptors.py)
 sets it for the duration of each call.
 """
 

@@ -24,10 +24,10 @@ from typing import Any, NoReturn
 import grpc
 
 from personalize.errors import Unavailable
-from personalize_service.auth import ApiKeys, current_tenant, tenant_context
-from personalize_service.errors import message_of, status_of
-from personalize_service.limits import RateLimiter
-from personalize_service.metrics import ServiceMetrics
+from personalize_service.server.auth import ApiKeys, current_tenant, tenant_context
+from personalize_service.server.errors import message_of, status_of
+from personalize_service.server.limits import RateLimiter
+from personalize_service.server.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _is_public(method: str) -> bool:
 # ---- status mapping ----------------------------------------------------------------------------------
 
 class ErrorInterceptor(CallInterceptor):
-    """Maps exceptions to status codes (service/errors.py) and counts every call's final status.
+    """Maps exceptions to status codes (service/server/errors.py) and counts every call's final status.
 
     - a domain error (personalize.errors) -> its code, with its message as details;
     - a grpc.RpcError from a downstream call (the router's) -> that call's code and details;

@@ -11,7 +11,7 @@ PERSONALIZE_CONFIG; JSON, or TOML by its `.toml` suffix, keys nested by their do
 This module imports no torch: `resolve` gives plain values (fast, for checks that must come before the
 model loads); `build` turns them into the library's `Config` and the server's `ServiceConfig`.
 
-    python -m personalize_service.settings    # print the table as Markdown
+    python -m personalize_service.cli.settings    # print the table as Markdown
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from personalize.config import Config
-    from personalize_service.worker_server import ServiceConfig
+    from personalize_service.server.worker import ServiceConfig
 
 CONFIG_ENV = "PERSONALIZE_CONFIG"
 """Environment variable naming a config file (the `--config` flag wins over it)."""
@@ -349,9 +349,9 @@ def build(values: Mapping[str, Any]) -> Resolved:
     from personalize.feedback.stream import StreamConfig
     from personalize.feedback.trainer import TrainerConfig
     from personalize.model import ModelConfig
-    from personalize_service.auth import ApiKeys, load_api_keys
-    from personalize_service.limits import Limits
-    from personalize_service.worker_server import ServiceConfig
+    from personalize_service.server.auth import ApiKeys, load_api_keys
+    from personalize_service.server.limits import Limits
+    from personalize_service.server.worker import ServiceConfig
 
     config = Config(node_id=values["node_id"], data_dir=values["data_dir"],
                     registry_url=values.get("registry_url", ""), store_url=values.get("store_url", ""),

@@ -12,7 +12,7 @@ Contract:
   ListNodes, and SubmitFeedback — which is made idempotent by always sending an `event_key` (a random one
   if the caller gives none; the server stores a repeated key once). ImportAdapter is never retried (each
   import makes a new version).
-- `PersonalizeClient.discover(registry_url, ...)` gives a RoutingClient (service/routing_client.py) that
+- `PersonalizeClient.discover(registry_url, ...)` gives a RoutingClient (service/client/routing.py) that
   sends each call straight to the worker owning its user instead of through the router.
 - Every failure raises `PersonalizeClientError` (a `grpc.RpcError` with `.code()` and `.details()`); the
   subclass for a status also derives from the matching `personalize.errors` class, so
@@ -35,10 +35,10 @@ import grpc
 from personalize import errors
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
-from personalize_service.limits import IMPORT_FILE_NAMES
+from personalize_service.server.limits import IMPORT_FILE_NAMES
 
 if TYPE_CHECKING:
-    from personalize_service.routing_client import RoutingClient
+    from personalize_service.client.routing import RoutingClient
 
 T = TypeVar("T")
 FeedbackKind = Literal["accept", "reject", "correct", "prefer"]
@@ -330,7 +330,7 @@ class PersonalizeClient:
                  **options: Any) -> RoutingClient:
         """A RoutingClient: calls go straight to the worker owning each user, found through the membership
         the workers announce in the registry at `registry_url` (no router hop). See routing_client.py."""
-        from personalize_service.routing_client import RoutingClient
+        from personalize_service.client.routing import RoutingClient
         return RoutingClient(registry_url, api_key, tenant=tenant, **options)
 
     def _configure(self, api_key: str | None, timeout: float, retry: _Retry) -> None:

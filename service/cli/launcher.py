@@ -5,7 +5,7 @@ with `personalize.worker.bootstrap`, and serve until SIGTERM/SIGINT (service/wor
 router role: service/router_server.serve_router). `up` adds an embedded Valkey (its data under
 DATA_DIR/valkey, restarted on its AOF if it dies, stopped last so its AOF is complete) and a
 `file://DATA_DIR/store` store (or `--store-url`), and with `--workers N` runs N worker processes behind
-the router (service/local_cluster.py).
+the router (service/cli/local_cluster.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from personalize_service import settings
+from personalize_service.cli import settings
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def run_up(values: Mapping[str, Any]) -> int:
     shutdown; raises LaunchError (or a domain error) when it cannot start.
 
     `--workers 1`: one worker in this process, no router. `--workers N`: N worker processes behind the
-    router, which serves in this process (service/local_cluster.py).
+    router, which serves in this process (service/cli/local_cluster.py).
     """
     workers = values["workers"]
     if workers < 1:
@@ -95,8 +95,8 @@ def run_up(values: Mapping[str, Any]) -> int:
     data_dir = Path(values["data_dir"]).expanduser().resolve()
     resolved = settings.build({**values, "data_dir": str(data_dir)})
     # Imported here: torch and transformers take seconds, which client commands never pay.
-    from personalize.embedded import EmbeddedValkey, EmbeddedValkeyConfig
-    from personalize_service.worker_server import stop_on_signals
+    from personalize_service.cli.embedded import EmbeddedValkey, EmbeddedValkeyConfig
+    from personalize_service.server.worker import stop_on_signals
 
     up = _Up(values, resolved, data_dir, values["store_url"] or (data_dir / "store").as_uri(), threading.Event())
     stages = (("starting valkey", "loading model", "starting server") if workers == 1 else
@@ -138,7 +138,7 @@ def share_cores(values: Mapping[str, Any], processes: int) -> dict[str, Any]:
 def _keep_alive(valkey: Any, stop: threading.Event, poll_s: float = 0.5) -> None:
     """Until `stop`: restart the embedded Valkey on its port and AOF whenever it dies (a crash, kill -9).
     Clients reconnect on their next command; nothing acknowledged is lost (appendfsync always)."""
-    from personalize.embedded import EmbeddedValkeyError
+    from personalize_service.cli.embedded import EmbeddedValkeyError
 
     while not stop.wait(poll_s):
         try:
@@ -150,9 +150,8 @@ def _keep_alive(valkey: Any, stop: threading.Event, poll_s: float = 0.5) -> None
 
 def _forget_stale_nodes(registry_url: str) -> None:
     """Membership records in up's own (just started) Valkey are a previous run's: drop them."""
-    from personalize.routing.membership import MembershipConfig
-    from personalize_service.cluster import membership_client
-    from personalize_service.local_cluster import forget_nodes
+    from personalize.routing.membership import MembershipConfig, membership_client
+    from personalize_service.cli.local_cluster import forget_nodes
 
     client = membership_client(registry_url)
     try:
@@ -183,9 +182,9 @@ class _Up:
 
 def _up_one_worker(up: _Up, step: Callable[[], None]) -> None:
     """One worker serving in this process (it still heartbeats, so a router could be pointed at it)."""
+    from personalize.routing.announce import AnnounceConfig
     from personalize.worker import bootstrap
-    from personalize_service.announce import AnnounceConfig
-    from personalize_service.worker_server import serve
+    from personalize_service.server.worker import serve
 
     config = up.resolved.config
     worker = bootstrap(config, up.registry_url, up.store_url)
@@ -211,10 +210,10 @@ def _up_one_worker(up: _Up, step: Callable[[], None]) -> None:
 
 def _up_cluster(up: _Up, count: int, step: Callable[[], None]) -> None:
     """`count` worker processes and the trainer, then the router in this process until `up.stop`."""
-    from personalize.routing.membership import Membership, MembershipConfig
-    from personalize_service.cluster import Cluster, membership_client
-    from personalize_service.local_cluster import WorkerProcesses
-    from personalize_service.router_server import serve_router, worker_channel_opener
+    from personalize.routing.membership import Membership, MembershipConfig, membership_client
+    from personalize_service.cli.local_cluster import WorkerProcesses
+    from personalize_service.client.cluster import Cluster
+    from personalize_service.server.router import serve_router, worker_channel_opener
 
     service, membership = replace(up.resolved.service, host=UP_HOST), MembershipConfig()
     workers = WorkerProcesses(up.values, count, up.registry_url, up.store_url, up.data_dir).start()
@@ -256,9 +255,9 @@ def run_serve(role: str, values: Mapping[str, Any]) -> int:
         return run_router(values)
     check_ports(values["service.host"], values)
     resolved = settings.build({**values, "data_dir": str(Path(values["data_dir"]).expanduser().resolve())})
+    from personalize.routing.announce import AnnounceConfig
     from personalize.worker import bootstrap
-    from personalize_service.announce import AnnounceConfig
-    from personalize_service.worker_server import serve, stop_on_signals
+    from personalize_service.server.worker import serve, stop_on_signals
 
     stop = threading.Event()
     with stop_on_signals(stop), _stages(("loading model", "starting server")) as step:
@@ -283,10 +282,10 @@ def run_router(values: Mapping[str, Any]) -> int:
     workers that heartbeat into the registry's Valkey; blocks until SIGTERM/SIGINT."""
     check_ports(values["service.host"], values)
     resolved = settings.build({**values, "data_dir": str(Path(values["data_dir"]).expanduser().resolve())})
-    from personalize.routing.membership import Membership, MembershipConfig
-    from personalize_service.cluster import Cluster, membership_client
-    from personalize_service.router_server import serve_router, worker_channel_opener
-    from personalize_service.worker_server import stop_on_signals
+    from personalize.routing.membership import Membership, MembershipConfig, membership_client
+    from personalize_service.client.cluster import Cluster
+    from personalize_service.server.router import serve_router, worker_channel_opener
+    from personalize_service.server.worker import stop_on_signals
 
     service = resolved.service
     cluster = Cluster(Membership(membership_client(resolved.config.registry_url), MembershipConfig()),
@@ -311,7 +310,7 @@ def run_trainer(values: Mapping[str, Any]) -> int:
     """
     resolved = settings.build({**values, "data_dir": str(Path(values["data_dir"]).expanduser().resolve())})
     from personalize.feedback.runner import bootstrap_trainer
-    from personalize_service.worker_server import stop_on_signals
+    from personalize_service.server.worker import stop_on_signals
 
     stop = threading.Event()
     with stop_on_signals(stop):
@@ -351,7 +350,7 @@ class TrainerSupervisor:
         return self
 
     def _run(self) -> None:
-        from personalize_service.local_cluster import die_with_parent
+        from personalize_service.cli.local_cluster import die_with_parent
         while not self._stop.is_set():  # own session: a Ctrl-C reaches `up` only, which stops it last
             self._proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, start_new_session=True,
                                           env=self.env, preexec_fn=die_with_parent)

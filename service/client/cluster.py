@@ -1,5 +1,5 @@
 """The live workers as a router (or the SDK) sees them: membership -> ring -> balancer -> one channel per
-worker, and the failover rule for one call. Shared by service/router_server.py and the SDK's RoutingClient.
+worker, and the failover rule for one call. Shared by service/server/router.py and the SDK's RoutingClient.
 
     cluster = Cluster(Membership(membership_client(url), MembershipConfig()), open_channel).start()
     response = cluster.call(route_key(tenant, user_id),
@@ -29,7 +29,6 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
-import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from personalize.errors import Unavailable
@@ -40,13 +39,6 @@ from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_gr
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def membership_client(registry_url: str) -> Any:
-    """A binary-safe redis client for membership reads and beats, with short timeouts (a beat that
-    hangs longer than the TTL is worthless)."""
-    return redis.Redis.from_url(registry_url, socket_timeout=2.0, socket_connect_timeout=2.0,
-                                decode_responses=False)
 
 
 def is_unavailable(exc: BaseException) -> bool:
