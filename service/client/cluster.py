@@ -6,21 +6,15 @@ worker, and the failover rule for one call. Shared by service/server/router.py a
                             lambda upstream: upstream.api.Generate(request, timeout=5), retry=True)
     cluster.stop()
 
-Placement: a key goes to its ring owner while this cluster object has fewer than `owner_share x capacity`
-calls of the owner's own keys in flight there, so at light load a user never leaves its worker (plain
-bounded loads would spill the second concurrent call: with 3 workers and 1 call in flight the bound is
-1). Past that floor, `BoundedLoadBalancer` places the overflow calls: bounded loads with sticky spill.
-
-Failover: an idempotent call whose node answers UNAVAILABLE (it died, or is draining) is sent once more,
-to the next node of the key's spill order (the first one excluded). The failed node is then *suspect*
-for `suspect_s`: every call avoids it while another node is left, so the users of a dead worker stop
-paying for a failed attempt before its membership key expires.
+Placement (the owner floor, bounded loads, suspects) is `personalize.routing.placement.Placement`; this
+module adds a channel per worker and the failover rule: an idempotent call whose node answers UNAVAILABLE
+(it died, or is draining) is sent once more, to the next node of the key's spill order (the first one
+excluded), and the failed node becomes a suspect.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -32,46 +26,21 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from personalize.errors import Unavailable
-from personalize.routing.membership import DRAINING, Membership, NodeInfo, Watcher, ring_of
-from personalize.routing.ring import DEFAULT_EPS, DEFAULT_STICKY_KEYS, DEFAULT_VNODES, BoundedLoadBalancer, Ring
+from personalize.routing.membership import DRAINING, Membership, NodeInfo, Watcher
+from personalize.routing.placement import Placement, RouteConfig
+from personalize.routing.ring import Ring
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+DEFAULT_ROUTE = RouteConfig()
 
 
 def is_unavailable(exc: BaseException) -> bool:
     """Whether `exc` is a failed gRPC call with status UNAVAILABLE."""
     code = getattr(exc, "code", None)
     return isinstance(exc, grpc.RpcError) and callable(code) and code() == grpc.StatusCode.UNAVAILABLE
-
-
-@dataclass(frozen=True)
-class RouteConfig:
-    """How calls are spread over the workers and how fast a failing one is avoided."""
-
-    eps: float = DEFAULT_EPS
-    """Bounded loads: no worker takes more than (1 + eps) x the average of the overflow calls."""
-    owner_share: float = 0.5
-    """A worker's own keys stay on it until this fraction of its capacity (engine max_batch) is in flight
-    from here; 0 = plain bounded loads from the first call."""
-    sticky_keys: int = DEFAULT_STICKY_KEYS
-    """Spilled keys remembered, so a hot user spills to one other worker, not several."""
-    vnodes: int = DEFAULT_VNODES
-    """Ring points per unit of weight; every router and client of a deployment must agree."""
-    poll_s: float = 0.5
-    """Membership poll interval."""
-    suspect_s: float = 3.0
-    """How long a worker that answered UNAVAILABLE is avoided (about the membership TTL)."""
-
-    def __post_init__(self) -> None:
-        for name in ("eps", "owner_share", "poll_s", "suspect_s"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.poll_s <= 0:
-            raise ValueError(f"poll_s must be > 0, got {self.poll_s!r}")
 
 
 @dataclass(frozen=True)
@@ -99,19 +68,15 @@ class Cluster:
     sets a view directly (tests, or a caller with its own source of membership)."""
 
     def __init__(self, membership: Membership | None, open_channel: Callable[[str], grpc.Channel],
-                 config: RouteConfig = RouteConfig(), clock: Callable[[], float] = time.monotonic,
+                 config: RouteConfig = DEFAULT_ROUTE, clock: Callable[[], float] = time.monotonic,
                  on_change: Callable[[dict[str, NodeInfo]], None] | None = None) -> None:
         self.config = config
+        self.placement = Placement(config, clock)
         self._membership = membership
         self._open_channel = open_channel
-        self._clock = clock
         self._on_change = on_change
-        self._lock = threading.Lock()  # guards everything below; the balancer is only used under it
-        self._balancer = BoundedLoadBalancer(Ring({}, config.vnodes), config.eps, config.sticky_keys)
-        self._nodes: dict[str, NodeInfo] = {}
+        self._lock = threading.Lock()  # guards _upstreams
         self._upstreams: dict[str, Upstream] = {}  # by address
-        self._on_owner: dict[str, int] = {}  # node -> calls in flight under its owner floor
-        self._suspects: dict[str, float] = {}  # node -> clock reading until which it is avoided
         self._watcher: Watcher | None = None
 
     # -- membership ------------------------------------------------------------------------------------
@@ -134,11 +99,9 @@ class Cluster:
     def apply(self, nodes: Mapping[str, NodeInfo]) -> None:
         """Route on `nodes` (serving ones go on the ring) from now on; channels of addresses no node has
         any more are closed."""
-        ring = ring_of(nodes, self.config.vnodes)
         addresses = {node.address for node in nodes.values()}
         with self._lock:
-            self._nodes = dict(nodes)
-            self._balancer.set_ring(ring)
+            self.placement.set_nodes(nodes)
             gone = [self._upstreams.pop(a) for a in list(self._upstreams) if a not in addresses]
         for upstream in gone:
             upstream.channel.close()
@@ -150,62 +113,50 @@ class Cluster:
         """Every live node (serving or draining) with its latest announced load."""
         if self._watcher is not None:
             return self._watcher.current()
-        with self._lock:
-            return dict(self._nodes)
+        return self.placement.nodes()
 
     def ring(self) -> Ring:
-        return self._balancer.ring
+        return self.placement.ring()
 
     def upstream(self, node_id: str) -> Upstream:
         """The channel to a live node; Unavailable if it is not in the view."""
+        node = self.placement.node(node_id)
+        if node is None:
+            raise Unavailable(f"worker {node_id!r} is not in the membership view")
         with self._lock:
-            return self._upstream_locked(node_id)
+            upstream = self._upstreams.get(node.address)
+            if upstream is None or upstream.node_id != node_id:
+                if upstream is not None:
+                    channel = upstream.channel
+                else:
+                    channel = self._open_channel(node.address)
+                    keep_warm(channel)
+                upstream = Upstream(node_id, node.address, channel, pb_grpc.PersonalizeStub(channel),
+                                    pb_grpc.AdminStub(channel))
+                self._upstreams[node.address] = upstream
+            return upstream
 
-    # -- placement -------------------------------------------------------------------------------------
+    # -- placement (personalize.routing.placement) -----------------------------------------------------
     def acquire(self, key: str, exclude: Collection[str] = ()) -> Ticket:
-        """The worker for one call of `key`, counted until `release`. Suspects are avoided unless only
-        they are left; nodes in `exclude` never get it. Unavailable when no node is left."""
-        with self._lock:
-            avoid = self._avoid(exclude)
-            ring = self._balancer.ring
-            owner = next((n for n in ring.owners(key, len(avoid) + 1) if n not in avoid), None)
-            if owner is not None and self._on_owner.get(owner, 0) < self._floor(owner):
-                self._on_owner[owner] = self._on_owner.get(owner, 0) + 1
-                return Ticket(self._upstream_locked(owner), on_owner=True)
-            node = self._balancer.acquire(key, avoid)
-            try:
-                return Ticket(self._upstream_locked(node), on_owner=False)
-            except Unavailable:
-                self._balancer.release(node)
-                raise
+        """The worker for one call of `key`, counted until `release` (see Placement.acquire)."""
+        node, on_owner = self.placement.acquire(key, exclude)
+        try:
+            return Ticket(self.upstream(node), on_owner)
+        except Unavailable:  # it left the view between the two reads
+            self.placement.release(node, on_owner)
+            raise
 
     def release(self, ticket: Ticket) -> None:
-        node = ticket.upstream.node_id
-        with self._lock:
-            if not ticket.on_owner:
-                self._balancer.release(node)
-            elif self._on_owner.get(node, 0) <= 1:
-                self._on_owner.pop(node, None)
-            else:
-                self._on_owner[node] -= 1
+        self.placement.release(ticket.upstream.node_id, ticket.on_owner)
 
     def suspect(self, node_id: str) -> None:
-        """Avoid `node_id` for suspect_s (it answered UNAVAILABLE)."""
-        with self._lock:
-            self._suspects[node_id] = self._clock() + self.config.suspect_s
+        self.placement.suspect(node_id)
 
     def suspects(self) -> set[str]:
-        with self._lock:
-            now = self._clock()
-            return {node for node, until in self._suspects.items() if until > now}
+        return self.placement.suspects()
 
     def in_flight(self) -> dict[str, int]:
-        """Calls from here in flight per node (owner floor and balancer together)."""
-        with self._lock:
-            counts = dict(self._balancer.loads())
-            for node, count in self._on_owner.items():
-                counts[node] = counts.get(node, 0) + count
-            return {node: count for node, count in counts.items() if count}
+        return self.placement.in_flight()
 
     # -- calls -----------------------------------------------------------------------------------------
     def attempts(self, key: str, *, retry: bool) -> Iterator[Attempt]:
@@ -227,35 +178,6 @@ class Cluster:
             with attempt as upstream:
                 return fn(upstream)
         raise AssertionError("unreachable: the last attempt never swallows its error")
-
-    # -- internals (self._lock held) -------------------------------------------------------------------
-    def _avoid(self, exclude: Collection[str]) -> set[str]:
-        now = self._clock()
-        self._suspects = {node: until for node, until in self._suspects.items() if until > now}
-        avoid = set(exclude) | set(self._suspects)
-        if all(node in avoid for node in self._balancer.ring.nodes):
-            return set(exclude)  # only suspects left: trying one beats refusing the call
-        return avoid
-
-    def _floor(self, node_id: str) -> int:
-        node = self._nodes.get(node_id)
-        return 0 if node is None else int(self.config.owner_share * node.capacity)
-
-    def _upstream_locked(self, node_id: str) -> Upstream:
-        node = self._nodes.get(node_id)
-        if node is None:
-            raise Unavailable(f"worker {node_id!r} is not in the membership view")
-        upstream = self._upstreams.get(node.address)
-        if upstream is None or upstream.node_id != node_id:
-            if upstream is not None:
-                channel = upstream.channel
-            else:
-                channel = self._open_channel(node.address)
-                keep_warm(channel)
-            upstream = Upstream(node_id, node.address, channel, pb_grpc.PersonalizeStub(channel),
-                                pb_grpc.AdminStub(channel))
-            self._upstreams[node.address] = upstream
-        return upstream
 
 
 def keep_warm(channel: grpc.Channel, poll_s: float = 0.5) -> threading.Thread:

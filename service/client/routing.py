@@ -25,16 +25,17 @@ import grpc
 
 from personalize import errors
 from personalize.routing.membership import Membership, MembershipConfig, membership_client
+from personalize.routing.placement import RouteConfig
 from personalize.routing.ring import route_key
-from personalize_service.client.cluster import Cluster, RouteConfig, Upstream, gather_stats, node_list
+from personalize_service.client.cluster import Cluster, Upstream, gather_stats, node_list
 from personalize_service.client.sdk import (
     GenerationStream,
     PersonalizeClient,
+    RetryPolicy,
     UnavailableError,
-    _open_channel,
-    _remaining,
-    _Retry,
     error_from,
+    open_channel,
+    time_left,
 )
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.server.auth import DEFAULT_TENANT
@@ -53,10 +54,10 @@ class RoutingClient(PersonalizeClient):
                  route: RouteConfig | None = None, membership: MembershipConfig | None = None) -> None:
         if tenant is None and api_key:
             raise ValueError("tenant= is needed to route with an API key: pass the tenant your key selects")
-        self._configure(api_key, timeout, _Retry(retries=1, backoff=0.0))
+        self._configure(api_key, timeout, RetryPolicy(retries=1, backoff=0.0))
         self.tenant = tenant or DEFAULT_TENANT
         self._cluster = Cluster(Membership(membership_client(registry_url), membership or MembershipConfig()),
-                                lambda address: _open_channel(address, tls), route or RouteConfig()).start()
+                                lambda address: open_channel(address, tls), route or RouteConfig()).start()
 
     @property
     def cluster(self) -> Cluster:
@@ -78,7 +79,7 @@ class RoutingClient(PersonalizeClient):
         deadline = time.monotonic() + self.timeout
 
         def send(upstream: Upstream) -> Any:
-            return getattr(upstream.api, rpc)(request, timeout=_remaining(deadline), metadata=self._metadata)
+            return getattr(upstream.api, rpc)(request, timeout=time_left(deadline), metadata=self._metadata)
         try:
             return self._cluster.call(route_key(self.tenant, request.user_id), send, retry=idempotent)
         except grpc.RpcError as exc:
@@ -100,7 +101,7 @@ class RoutingClient(PersonalizeClient):
             except errors.Unavailable as exc:
                 raise UnavailableError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
             tried.append(ticket.upstream.node_id)
-            call = ticket.upstream.api.GenerateStream(request, timeout=_remaining(deadline), metadata=self._metadata)
+            call = ticket.upstream.api.GenerateStream(request, timeout=time_left(deadline), metadata=self._metadata)
             call.add_done_callback(lambda _call: self._cluster.release(ticket))
             return call
 

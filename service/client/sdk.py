@@ -149,7 +149,7 @@ class GenerationStream:
     `response` holds the whole GenerateResponse. Use as a context manager (or call `cancel()`) to stop
     early. Iterating raises PersonalizeClientError on failure."""
 
-    def __init__(self, start: Callable[[], Any], retry: _Retry) -> None:
+    def __init__(self, start: Callable[[], Any], retry: RetryPolicy) -> None:
         self._start = start
         self._retry = retry
         self._call: Any = None
@@ -202,7 +202,7 @@ class GenerationStream:
 # ---- retry -------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class _Retry:
+class RetryPolicy:
     """Retry policy: up to `retries` more attempts on UNAVAILABLE, sleeping backoff * 2**n (+ jitter)."""
 
     retries: int
@@ -242,8 +242,8 @@ class PersonalizeClient:
     def __init__(self, target: str = "127.0.0.1:50051", api_key: str | None = None, timeout: float = 30.0,
                  tls: bool | bytes | grpc.ChannelCredentials | None = None, *, retries: int = 2,
                  backoff: float = 0.05) -> None:
-        self._configure(api_key, timeout, _Retry(retries=retries, backoff=backoff))
-        self._channel = _open_channel(target, tls)
+        self._configure(api_key, timeout, RetryPolicy(retries=retries, backoff=backoff))
+        self._channel = open_channel(target, tls)
         self._api = pb_grpc.PersonalizeStub(self._channel)
         self._admin = pb_grpc.AdminStub(self._channel)
 
@@ -333,7 +333,7 @@ class PersonalizeClient:
         from personalize_service.client.routing import RoutingClient
         return RoutingClient(registry_url, api_key, tenant=tenant, **options)
 
-    def _configure(self, api_key: str | None, timeout: float, retry: _Retry) -> None:
+    def _configure(self, api_key: str | None, timeout: float, retry: RetryPolicy) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.timeout = timeout
@@ -349,16 +349,16 @@ class PersonalizeClient:
     def _stream(self, request: pb.GenerateRequest) -> GenerationStream:
         deadline = time.monotonic() + self.timeout
         return GenerationStream(
-            lambda: self._api.GenerateStream(request, timeout=_remaining(deadline), metadata=self._metadata),
+            lambda: self._api.GenerateStream(request, timeout=time_left(deadline), metadata=self._metadata),
             self._retry)
 
     def _unary(self, method: Callable[..., T], request: Any, *, idempotent: bool) -> T:
         deadline = time.monotonic() + self.timeout
         return self._retry.run(
-            lambda: method(request, timeout=_remaining(deadline), metadata=self._metadata), idempotent)
+            lambda: method(request, timeout=time_left(deadline), metadata=self._metadata), idempotent)
 
 
-def _remaining(deadline: float) -> float:
+def time_left(deadline: float) -> float:
     """Seconds left until `deadline` (a tiny positive number once past, so grpc fails it at once)."""
     return max(deadline - time.monotonic(), 0.001)
 
@@ -380,7 +380,7 @@ def _read_adapter_dir(directory: str | os.PathLike[str]) -> dict[str, bytes]:
     return {name: (path / name).read_bytes() for name in IMPORT_FILE_NAMES}
 
 
-def _open_channel(target: str, tls: bool | bytes | grpc.ChannelCredentials | None) -> grpc.Channel:
+def open_channel(target: str, tls: bool | bytes | grpc.ChannelCredentials | None) -> grpc.Channel:
     options = [("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)]
     if tls is None or tls is False:

@@ -29,9 +29,10 @@ from personalize.routing.membership import (
     membership_client,
     ring_of,
 )
+from personalize.routing.placement import RouteConfig
 from personalize.routing.ring import route_key
 from personalize_service.client import PersonalizeClient, UnavailableError
-from personalize_service.client.cluster import Cluster, RouteConfig
+from personalize_service.client.cluster import Cluster
 from personalize_service.client.routing import RoutingClient
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc

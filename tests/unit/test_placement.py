@@ -12,10 +12,11 @@ import pytest
 from personalize.errors import Unavailable
 from personalize.routing.announce import advertised_address
 from personalize.routing.membership import DRAINING, NodeInfo
+from personalize.routing.placement import RouteConfig
 from personalize.routing.ring import route_key
 from personalize_service.cli import launcher, settings
 from personalize_service.cli.local_cluster import advertise_list, worker_command, worker_environment
-from personalize_service.client.cluster import Cluster, RouteConfig
+from personalize_service.client.cluster import Cluster
 
 NODES = ("w0", "w1", "w2")
 
