@@ -96,7 +96,7 @@ def run_up(values: Mapping[str, Any]) -> int:
     resolved = settings.build({**values, "data_dir": str(data_dir)})
     # Imported here: torch and transformers take seconds, which client commands never pay.
     from personalize_service.cli.embedded import EmbeddedValkey, EmbeddedValkeyConfig
-    from personalize_service.server.worker import stop_on_signals
+    from personalize_service.server.base import stop_on_signals
 
     up = _Up(values, resolved, data_dir, values["store_url"] or (data_dir / "store").as_uri(), threading.Event())
     stages = (("starting valkey", "loading model", "starting server") if workers == 1 else
@@ -225,7 +225,7 @@ def _up_cluster(up: _Up, count: int, step: Callable[[], None]) -> None:
             return
         model = f"{up.values['model.path'] or 'built-in tiny model'} on {up.values['model.device']}"
         cluster = Cluster(Membership(membership_client(up.registry_url), membership),
-                          worker_channel_opener(service))
+                          worker_channel_opener(up.resolved.router, service.limits))
 
         def ready(port: int, metrics_port: int) -> None:
             step()
@@ -257,7 +257,8 @@ def run_serve(role: str, values: Mapping[str, Any]) -> int:
     resolved = settings.build({**values, "data_dir": str(Path(values["data_dir"]).expanduser().resolve())})
     from personalize.routing.announce import AnnounceConfig
     from personalize.worker import bootstrap
-    from personalize_service.server.worker import serve, stop_on_signals
+    from personalize_service.server.base import stop_on_signals
+    from personalize_service.server.worker import serve
 
     stop = threading.Event()
     with stop_on_signals(stop), _stages(("loading model", "starting server")) as step:
@@ -284,12 +285,12 @@ def run_router(values: Mapping[str, Any]) -> int:
     resolved = settings.build({**values, "data_dir": str(Path(values["data_dir"]).expanduser().resolve())})
     from personalize.routing.membership import Membership, MembershipConfig, membership_client
     from personalize_service.client.cluster import Cluster
+    from personalize_service.server.base import stop_on_signals
     from personalize_service.server.router import serve_router, worker_channel_opener
-    from personalize_service.server.worker import stop_on_signals
 
     service = resolved.service
     cluster = Cluster(Membership(membership_client(resolved.config.registry_url), MembershipConfig()),
-                      worker_channel_opener(service))
+                      worker_channel_opener(resolved.router, service.limits))
     stop = threading.Event()
     with stop_on_signals(stop):
         def ready(port: int, metrics_port: int) -> None:
@@ -310,7 +311,7 @@ def run_trainer(values: Mapping[str, Any]) -> int:
     """
     resolved = settings.build({**values, "data_dir": str(Path(values["data_dir"]).expanduser().resolve())})
     from personalize.feedback.runner import bootstrap_trainer
-    from personalize_service.server.worker import stop_on_signals
+    from personalize_service.server.base import stop_on_signals
 
     stop = threading.Event()
     with stop_on_signals(stop):

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from personalize.config import Config
-    from personalize_service.server.worker import ServiceConfig
+    from personalize_service.server.base import ServiceConfig
+    from personalize_service.server.router import RouterConfig
 
 CONFIG_ENV = "PERSONALIZE_CONFIG"
 """Environment variable naming a config file (the `--config` flag wins over it)."""
@@ -156,11 +157,11 @@ SETTINGS: tuple[Setting, ...] = (
        metavar="FILE"),
     _s("service.tls_client_ca", "--tls-client-ca", "PERSONALIZE_TLS_CLIENT_CA", "", _str,
        "PEM CA: require client certificates it signed (mutual TLS)", metavar="FILE"),
-    _s("service.upstream_ca", "--upstream-ca", "PERSONALIZE_UPSTREAM_CA", "", _str,
+    _s("router.upstream_ca", "--upstream-ca", "PERSONALIZE_UPSTREAM_CA", "", _str,
        "PEM CA that signed the workers' certificates: the router dials workers over TLS", metavar="FILE"),
-    _s("service.upstream_cert", "--upstream-cert", "PERSONALIZE_UPSTREAM_CERT", "", _str,
+    _s("router.upstream_cert", "--upstream-cert", "PERSONALIZE_UPSTREAM_CERT", "", _str,
        "PEM client certificate the router presents to workers that require mutual TLS", metavar="FILE"),
-    _s("service.upstream_key", "--upstream-key", "PERSONALIZE_UPSTREAM_KEY", "", _str,
+    _s("router.upstream_key", "--upstream-key", "PERSONALIZE_UPSTREAM_KEY", "", _str,
        "PEM private key of --upstream-cert", metavar="FILE"),
     _s("service.api_keys", "--api-keys", "PERSONALIZE_API_KEYS", "", _str,
        "tenant:key entries, comma-separated (prefer the env var: flags show in ps)", metavar="KEYS"),
@@ -334,6 +335,7 @@ class Resolved:
 
     config: Config
     service: ServiceConfig
+    router: RouterConfig
     workers: int
 
 
@@ -350,8 +352,9 @@ def build(values: Mapping[str, Any]) -> Resolved:
     from personalize.feedback.trainer import TrainerConfig
     from personalize.model import ModelConfig
     from personalize_service.server.auth import ApiKeys, load_api_keys
+    from personalize_service.server.base import ServiceConfig
     from personalize_service.server.limits import Limits
-    from personalize_service.server.worker import ServiceConfig
+    from personalize_service.server.router import RouterConfig
 
     config = Config(node_id=values["node_id"], data_dir=values["data_dir"],
                     registry_url=values.get("registry_url", ""), store_url=values.get("store_url", ""),
@@ -367,7 +370,8 @@ def build(values: Mapping[str, Any]) -> Resolved:
                             "and inline (--api-keys / PERSONALIZE_API_KEYS); use one")
     api_keys = load_api_keys(keys_file) if keys_file else ApiKeys.parse(keys_text)
     service = ServiceConfig(**service_values, limits=Limits(**_section(values, "limits.")), api_keys=api_keys)
-    return Resolved(config=config, service=service, workers=values.get("workers", 1))
+    router = RouterConfig(**_section(values, "router."))
+    return Resolved(config=config, service=service, router=router, workers=values.get("workers", 1))
 
 
 # ---- documentation -----------------------------------------------------------------------------------

@@ -24,12 +24,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent import futures
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Gauge, Histogram
 
 from personalize.errors import DeadlineExceeded
@@ -37,26 +35,18 @@ from personalize.routing.ring import route_key
 from personalize_service.client.cluster import Cluster, Upstream, gather_stats, node_list
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
+from personalize_service.server import base
 from personalize_service.server.auth import METADATA_KEY, current_tenant
-from personalize_service.server.interceptors import server_interceptors
+from personalize_service.server.base import NodeState, ServiceConfig, cancel_with_call, create, time_remaining
 from personalize_service.server.limits import (
     DEFAULT_LIMITS,
     USER_ID_METADATA_KEY,
     Limits,
-    RateLimiter,
     grpc_message_options,
     user_id_of,
 )
 from personalize_service.server.metrics import PREFIX, ServiceMetrics
-from personalize_service.server.tls import bind, channel_credentials
-from personalize_service.server.worker import (
-    SERVICE_NAMES,
-    NodeState,
-    ServiceConfig,
-    drain_and_stop,
-    start_metrics_http,
-    time_remaining,
-)
+from personalize_service.server.tls import channel_credentials
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -107,12 +97,6 @@ def _code_of(exc: BaseException | None) -> grpc.StatusCode:
         return grpc.StatusCode.OK
     code = getattr(exc, "code", None)
     return code() if isinstance(exc, grpc.RpcError) and callable(code) else grpc.StatusCode.UNKNOWN
-
-
-def _cancel_with_call(context: grpc.ServicerContext, cancel: Callable[[], Any]) -> None:
-    """Cancel the upstream call when the incoming one ends early (client gone, deadline, server stop)."""
-    if not context.add_callback(cancel):
-        cancel()
 
 
 _END = object()
@@ -167,7 +151,7 @@ class RouterServicer(pb_grpc.PersonalizeServicer):
             with attempt as upstream:
                 start, error = time.perf_counter(), None
                 call = upstream.api.GenerateStream(request, timeout=time_remaining(context), metadata=metadata)
-                _cancel_with_call(context, call.cancel)
+                cancel_with_call(context, call.cancel)
                 try:
                     for chunk in _relay(call, context):
                         attempt.commit()  # part of the answer went out: never resend
@@ -213,7 +197,7 @@ class RouterServicer(pb_grpc.PersonalizeServicer):
                 start, error = time.perf_counter(), None
                 future = getattr(upstream.api, rpc).future(request, timeout=time_remaining(context),
                                                            metadata=metadata)
-                _cancel_with_call(context, future.cancel)
+                cancel_with_call(context, future.cancel)
                 try:
                     return future.result()
                 except grpc.RpcError as exc:
@@ -256,20 +240,27 @@ def create_router(config: ServiceConfig, cluster: Cluster, metrics: ServiceMetri
 
     Raises OSError if the address cannot be bound.
     """
-    state = state or NodeState()
     if router_metrics is None and metrics is not None:
         router_metrics = RouterMetrics(metrics)
-    options = [*grpc_message_options(config.limits), ("grpc.so_reuseport", 0)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="router"),
-                         interceptors=server_interceptors(config.api_keys, RateLimiter(config.limits), metrics,
-                                                          state.drain),
-                         options=options)
-    port = bind(server, config.address, config.tls_cert, config.tls_key, config.tls_client_ca)
-    pb_grpc.add_PersonalizeServicer_to_server(RouterServicer(cluster, config.limits, router_metrics), server)
-    pb_grpc.add_AdminServicer_to_server(RouterAdminServicer(cluster), server)
-    health_pb2_grpc.add_HealthServicer_to_server(state.health, server)
-    reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME), server)
-    return server, port
+    servicer = RouterServicer(cluster, config.limits, router_metrics)
+
+    def register(server: grpc.Server, port: int, state: NodeState) -> None:
+        pb_grpc.add_PersonalizeServicer_to_server(servicer, server)
+        pb_grpc.add_AdminServicer_to_server(RouterAdminServicer(cluster), server)
+
+    return create(config, register, metrics, state, "router")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How the router dials its workers (how it listens is its ServiceConfig, as for a worker)."""
+
+    upstream_ca: str = ""
+    """PEM CA that signed the workers' certificates; set = dial workers over TLS."""
+    upstream_cert: str = ""
+    """PEM client certificate presented to workers (mutual TLS), with upstream_key."""
+    upstream_key: str = ""
+    """PEM private key of upstream_cert."""
 
 
 RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
@@ -278,44 +269,53 @@ RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reco
 default of up to 120 s of backoff: its users go back to it soon after it answers again."""
 
 
-def worker_channel_opener(config: ServiceConfig) -> Callable[[str], grpc.Channel]:
-    """How the router dials a worker: messages as large as an import may be; TLS when
-    `config.upstream_ca` is set (mutual with upstream_cert/upstream_key), else plaintext."""
-    options: Sequence[tuple[str, Any]] = [*grpc_message_options(config.limits), *RECONNECT_OPTIONS]
-    if not config.upstream_ca and not config.upstream_cert and not config.upstream_key:
+def worker_channel_opener(router: RouterConfig, limits: Limits = DEFAULT_LIMITS) -> Callable[[str], grpc.Channel]:
+    """How the router dials a worker: messages as large as an import may be (`limits`); TLS when
+    `router.upstream_ca` is set (mutual with upstream_cert/upstream_key), else plaintext."""
+    options: Sequence[tuple[str, Any]] = [*grpc_message_options(limits), *RECONNECT_OPTIONS]
+    if not router.upstream_ca and not router.upstream_cert and not router.upstream_key:
         return lambda address: grpc.insecure_channel(address, options=list(options))
-    credentials = channel_credentials(config.upstream_ca, config.upstream_cert, config.upstream_key)
+    credentials = channel_credentials(router.upstream_ca, router.upstream_cert, router.upstream_key)
     return lambda address: grpc.secure_channel(address, credentials, options=list(options))
+
+
+class RouterRole:
+    """The router around the shared server lifecycle (base.serve): the membership watch and its gauge."""
+
+    name = "router"
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.metrics: RouterMetrics | None = None
+
+    def create(self, config: ServiceConfig, metrics: ServiceMetrics, state: NodeState) -> tuple[grpc.Server, int]:
+        self.metrics = RouterMetrics(metrics)
+        return create_router(config, self.cluster, metrics, state, self.metrics)
+
+    def start(self) -> None:
+        self.cluster.start()
+
+    def started(self, port: int) -> None:
+        log.info("router over %d workers", len(self.cluster.ring()))
+
+    def tick(self) -> None:
+        if self.metrics is not None:
+            self.metrics.workers.set(len(self.cluster.ring()))
+
+    def draining(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.cluster.stop()
 
 
 def serve_router(config: ServiceConfig, cluster: Cluster, stop: threading.Event,
                  metrics: ServiceMetrics | None = None,
                  on_ready: Callable[[int, int], None] | None = None) -> None:
     """Start watching membership and serving, report SERVING, block until `stop` is set, then drain (like
-    a worker: new calls refused, calls in flight get grace_s) and stop watching. `on_ready(port,
+    a worker: new calls refused, calls in flight get grace_s) and stop watching (base.serve). `on_ready(port,
     metrics_port)` runs once SERVING.
 
     Raises OSError if a port cannot be bound.
     """
-    metrics = metrics or ServiceMetrics()
-    state = NodeState()
-    router_metrics = RouterMetrics(metrics)
-    server, port = create_router(config, cluster, metrics, state, router_metrics)
-    http = start_metrics_http(config, metrics, server)
-    cluster.start()
-    server.start()
-    state.serving()
-    log.info("router serving on %s:%d over %d workers", config.host, port, len(cluster.ring()))
-    router_metrics.workers.set(len(cluster.ring()))  # before anyone is told it serves: never a stale 0
-    try:
-        if on_ready is not None:
-            on_ready(port, http.port if http else 0)
-        while not stop.wait(0.5):
-            router_metrics.workers.set(len(cluster.ring()))
-    finally:
-        drain_and_stop(server, state, config.grace_s)
-        cluster.stop()
-        if http is not None:
-            http.stop()
-        log.info("router stopped")
-
+    base.serve(config, RouterRole(cluster), stop, metrics, on_ready)

@@ -11,112 +11,23 @@ errors become status codes in the error interceptor, never here.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 from collections.abc import Callable, Iterator
-from concurrent import futures
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from types import FrameType
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from personalize.errors import InvalidArgument
 from personalize.feedback.events import FeedbackEvent
 from personalize.routing.announce import AnnounceConfig, Announcement, advertised_address
-from personalize.worker import Generation, Worker
+from personalize.worker import Worker
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
-from personalize_service.server import convert
-from personalize_service.server.auth import ApiKeys, current_tenant
-from personalize_service.server.interceptors import Drain, server_interceptors
-from personalize_service.server.limits import (
-    DEFAULT_LIMITS,
-    ConcurrencyLimiter,
-    Limits,
-    RateLimiter,
-    check_user_id,
-    grpc_message_options,
-)
-from personalize_service.server.metrics import MetricsServer, ServiceMetrics, start_metrics_server
-from personalize_service.server.tls import bind
+from personalize_service.server import base, convert
+from personalize_service.server.auth import current_tenant
+from personalize_service.server.base import NodeState, ServiceConfig, cancel_with_call, create, time_remaining
+from personalize_service.server.limits import DEFAULT_LIMITS, ConcurrencyLimiter, Limits, check_user_id
+from personalize_service.server.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
-
-PERSONALIZE_SERVICE = pb.DESCRIPTOR.services_by_name["Personalize"].full_name
-ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["Admin"].full_name
-HEALTH_SERVICE = health.SERVICE_NAME
-SERVICE_NAMES = (PERSONALIZE_SERVICE, ADMIN_SERVICE, HEALTH_SERVICE)
-"""Services this server registers (and lists through reflection)."""
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    """How the worker's gRPC server listens and what it lets callers do."""
-
-    host: str = "127.0.0.1"
-    """Address to listen on."""
-    port: int = 50051
-    """TCP port; 0 picks a free one (create_server returns it)."""
-    limits: Limits = DEFAULT_LIMITS
-    """Request size, rate and concurrency limits."""
-    api_keys: ApiKeys = field(default_factory=ApiKeys)
-    """API key -> tenant; empty = every caller is tenant `default`."""
-    metrics_port: int = 0
-    """Prometheus /metrics HTTP port on `host`; 0 = off."""
-    grace_s: float = 10.0
-    """On shutdown, seconds in-flight calls get to finish before they are cancelled."""
-    threads: int = 256
-    """Handler threads, i.e. calls served at once (a Generate holds one until its result)."""
-    advertise: str = ""
-    """host:port routers dial to reach this server; empty = host:port (the hostname for a wildcard host)."""
-    tls_cert: str = ""
-    """PEM certificate chain file; set with tls_key to serve TLS instead of plaintext."""
-    tls_key: str = ""
-    """PEM private key file of tls_cert."""
-    tls_client_ca: str = ""
-    """PEM CA file: callers must present a certificate it signed (mutual TLS); empty = no client certs."""
-    upstream_ca: str = ""
-    """Router: PEM CA that signed the workers' certificates; set = dial workers over TLS."""
-    upstream_cert: str = ""
-    """Router: PEM client certificate presented to workers (mutual TLS), with upstream_key."""
-    upstream_key: str = ""
-    """Router: PEM private key of upstream_cert."""
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
-            raise InvalidArgument(f"ports must be in [0, 65535], got port={self.port}, "
-                                  f"metrics_port={self.metrics_port}")
-        if not self.grace_s >= 0:
-            raise InvalidArgument(f"grace_s must be >= 0 seconds, got {self.grace_s}")
-        if self.threads < 1:
-            raise InvalidArgument(f"threads must be >= 1, got {self.threads}")
-        if not self.host:
-            raise InvalidArgument("host must be an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
-
-    @property
-    def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-_NO_DEADLINE_S = 365 * 24 * 3600.0
-"""Beyond this, a call's remaining time means "no deadline" (grpc reports ~9e18 s, which waits reject)."""
-
-
-def time_remaining(context: grpc.ServicerContext) -> float | None:
-    """Seconds until the call's deadline, None if it has none."""
-    remaining = context.time_remaining()
-    return None if remaining is None or remaining > _NO_DEADLINE_S else remaining
-
-
-def _cancel_with_call(context: grpc.ServicerContext, generation: Generation) -> None:
-    """Cancel `generation` when the call ends early (client cancel, deadline, server stop): the engine
-    drops it at its next step. A call that already ended cancels it now."""
-    if not context.add_callback(generation.cancel):
-        generation.cancel()
-
 
 class PersonalizeServicer(pb_grpc.PersonalizeServicer):
     """The app-facing API over one worker."""
@@ -131,7 +42,7 @@ class PersonalizeServicer(pb_grpc.PersonalizeServicer):
         tenant = current_tenant()
         with self.concurrency.hold(tenant):
             generation = self.worker.generate(tenant, args.user_id, args.prompt, args.params, args.use_base_model)
-            _cancel_with_call(context, generation)
+            cancel_with_call(context, generation.cancel)
             result = generation.result(timeout=time_remaining(context))
         return convert.generate_response(result, generation.info)
 
@@ -141,7 +52,7 @@ class PersonalizeServicer(pb_grpc.PersonalizeServicer):
         tenant = current_tenant()
         with self.concurrency.hold(tenant):
             generation = self.worker.generate(tenant, args.user_id, args.prompt, args.params, args.use_base_model)
-            _cancel_with_call(context, generation)
+            cancel_with_call(context, generation.cancel)
             try:
                 for piece in generation:
                     yield convert.text_chunk(piece)
@@ -179,33 +90,6 @@ class PersonalizeServicer(pb_grpc.PersonalizeServicer):
         return convert.adapter_info(self.worker.import_adapter(current_tenant(), args.user_id, args.files))
 
 
-class NodeState:
-    """Whether this node takes calls: drives the gRPC health service, ListNodes' `state`, and the drain
-    that refuses new calls (UNAVAILABLE) during shutdown."""
-
-    def __init__(self) -> None:
-        self.health = health.HealthServicer()
-        self.drain = Drain()
-        self.state = "starting"
-        self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
-
-    def serving(self) -> None:
-        """The model is loaded and the worker started."""
-        self.state = "up"
-        self._set(health_pb2.HealthCheckResponse.SERVING)
-
-    def draining(self) -> None:
-        """Shutting down: health says NOT_SERVING so balancers stop sending calls, new calls are refused,
-        in-flight ones finish."""
-        self.state = "draining"
-        self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.drain.start()
-
-    def _set(self, status: int) -> None:
-        for name in ("", *SERVICE_NAMES):
-            self.health.set(name, status)  # type: ignore[arg-type]
-
-
 class AdminServicer(pb_grpc.AdminServicer):
     """Operator API for this one node (the router's Admin aggregates nodes)."""
 
@@ -231,19 +115,12 @@ def create_server(config: ServiceConfig, worker: Worker, metrics: ServiceMetrics
 
     Raises OSError if the address cannot be bound (port taken).
     """
-    state = state or NodeState()
-    options = [*grpc_message_options(config.limits), ("grpc.so_reuseport", 0)]  # a taken port must fail
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="grpc"),
-                         interceptors=server_interceptors(config.api_keys, RateLimiter(config.limits), metrics,
-                                                          state.drain),
-                         options=options)
-    port = bind(server, config.address, config.tls_cert, config.tls_key, config.tls_client_ca)
-    pb_grpc.add_PersonalizeServicer_to_server(PersonalizeServicer(worker, config.limits), server)
-    address = advertised_address(config.host, port, config.advertise)
-    pb_grpc.add_AdminServicer_to_server(AdminServicer(worker, address, state), server)
-    health_pb2_grpc.add_HealthServicer_to_server(state.health, server)
-    reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME), server)
-    return server, port
+    def register(server: grpc.Server, port: int, state: NodeState) -> None:
+        pb_grpc.add_PersonalizeServicer_to_server(PersonalizeServicer(worker, config.limits), server)
+        address = advertised_address(config.host, port, config.advertise)
+        pb_grpc.add_AdminServicer_to_server(AdminServicer(worker, address, state), server)
+
+    return create(config, register, metrics, state, "grpc")
 
 
 # ---- metrics -----------------------------------------------------------------------------------------
@@ -297,59 +174,60 @@ class MetricsRefresher:
         m.feedback_stream_lag.set(stats.stream_lag)
 
 
-# ---- running until a signal ----------------------------------------------------------------------------
+# ---- running until stopped -------------------------------------------------------------------------
 
-@contextmanager
-def stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """Within the block, SIGTERM and SIGINT set `stop`; a second signal raises KeyboardInterrupt (so an
-    impatient Ctrl-C still unwinds and cleans up). Main thread only; previous handlers are restored."""
-    def handle(signum: int, frame: FrameType | None) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        log.info("received %s: shutting down", signal.Signals(signum).name)
-        stop.set()
+class WorkerRole:
+    """The worker around the shared server lifecycle (base.serve): the engine, the metrics refresher and,
+    with `announce`, its place in membership."""
 
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    name = "worker"
 
+    def __init__(self, worker: Worker, announce: AnnounceConfig | None) -> None:
+        self.worker = worker
+        self.announce = announce
+        self.announcement: Announcement | None = None
+        self._config: ServiceConfig | None = None
+        self._metrics: ServiceMetrics | None = None
+        self._refresher: MetricsRefresher | None = None
 
-def start_metrics_http(config: ServiceConfig, metrics: ServiceMetrics, server: grpc.Server) -> MetricsServer | None:
-    """The /metrics endpoint if configured; OSError (after stopping `server`) if its port is taken."""
-    if not config.metrics_port:
-        return None
-    try:
-        return start_metrics_server(metrics.registry, config.metrics_port, config.host)
-    except OSError as exc:
-        server.stop(None)
-        raise OSError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc.strerror}") from exc
+    def create(self, config: ServiceConfig, metrics: ServiceMetrics, state: NodeState) -> tuple[grpc.Server, int]:
+        self._config, self._metrics = config, metrics
+        return create_server(config, self.worker, metrics, state)
 
+    def start(self) -> None:
+        assert self._metrics is not None
+        self._refresher = MetricsRefresher(self._metrics, self.worker).start()
+        self.worker.start()
 
-_REFUSAL_GRACE_S = 1.0
-"""Time that refusals already in progress get to reach their callers when the server stops."""
+    def started(self, port: int) -> None:
+        if self.announce is not None:
+            assert self._config is not None
+            address = advertised_address(self._config.host, port, self._config.advertise)
+            self.announcement = _announce(self.announce, self.worker, address)
+        log.info("node %s", self.worker.node_id)
 
+    def tick(self) -> None:
+        pass
 
-def drain_and_stop(server: grpc.Server, state: NodeState, grace_s: float) -> None:
-    """Graceful stop: health NOT_SERVING and new calls refused with UNAVAILABLE, calls in flight get up to
-    `grace_s` to finish (the rest are cancelled), then the server stops listening."""
-    state.draining()
-    log.info("draining: refusing new calls, waiting up to %gs for %d in flight", grace_s, state.drain.active)
-    idle = state.drain.wait_idle(grace_s)
-    if not idle:
-        log.warning("grace period over: cancelling %d calls still in flight", state.drain.active)
-    server.stop(_REFUSAL_GRACE_S if idle else 0).wait()  # 0 cancels what is left
+    def draining(self) -> None:
+        if self.announcement is not None:
+            self.announcement.drain()
+
+    def stop(self) -> None:
+        if self.announcement is not None:
+            self.announcement.leave()
+        if self._refresher is not None:
+            self._refresher.stop()
+        self.worker.stop()
 
 
 def serve(config: ServiceConfig, worker: Worker, stop: threading.Event, metrics: ServiceMetrics | None = None,
           on_ready: Callable[[int, int], None] | None = None, announce: AnnounceConfig | None = None) -> None:
     """Start the worker and the server, report SERVING, and block until `stop` is set; then shut down
-    gracefully: announce DRAINING (with `announce`), health NOT_SERVING and new calls refused with
-    UNAVAILABLE, calls in flight finish (those still running after grace_s are cancelled), the server stops
-    listening, the node leaves membership, then the worker stops. `on_ready(port, metrics_port)` runs once
-    SERVING (metrics_port 0 = off). The worker is stopped when this returns or raises.
+    gracefully (base.serve): announce DRAINING (with `announce`), health NOT_SERVING and new calls refused
+    with UNAVAILABLE, calls in flight finish (those still running after grace_s are cancelled), the server
+    stops listening, the node leaves membership, then the worker stops. `on_ready(port, metrics_port)` runs
+    once SERVING (metrics_port 0 = off). The worker is stopped when this returns or raises.
 
     With `announce`, the node heartbeats into membership (node id = the worker's, address = the advertised
     one, capacity = engine max_batch, load = running + queued) so routers put it on their ring.
@@ -357,38 +235,7 @@ def serve(config: ServiceConfig, worker: Worker, stop: threading.Event, metrics:
     Raises OSError if the port or metrics port cannot be bound (nothing is left running then), Unavailable
     if membership cannot be reached at start.
     """
-    metrics = metrics or ServiceMetrics()
-    state = NodeState()
-    try:
-        server, port = create_server(config, worker, metrics, state)
-        http = start_metrics_http(config, metrics, server)
-    except BaseException:
-        worker.stop()
-        raise
-    refresher = MetricsRefresher(metrics, worker).start()
-    worker.start()
-    server.start()
-    announcement: Announcement | None = None
-    try:
-        if announce is not None:
-            announcement = _announce(announce, worker, advertised_address(config.host, port, config.advertise))
-        state.serving()
-        log.info("serving on %s:%d (node %s)", config.host, port, worker.node_id)
-        if on_ready is not None:
-            on_ready(port, http.port if http else 0)
-        while not stop.wait(0.5):
-            pass
-    finally:
-        if announcement is not None:
-            announcement.drain()
-        drain_and_stop(server, state, config.grace_s)
-        if announcement is not None:
-            announcement.leave()
-        refresher.stop()
-        worker.stop()
-        if http is not None:
-            http.stop()
-        log.info("stopped")
+    base.serve(config, WorkerRole(worker, announce), stop, metrics, on_ready)
 
 
 def _announce(config: AnnounceConfig, worker: Worker, address: str) -> Announcement:

@@ -31,7 +31,8 @@ from personalize.model import default_llama_config
 from personalize.worker import Worker, bootstrap
 from personalize_service.cli import commands as cli
 from personalize_service.client import DataLossError, PersonalizeClient
-from personalize_service.server.worker import ServiceConfig, create_server
+from personalize_service.server.base import ServiceConfig
+from personalize_service.server.worker import create_server
 
 T = "default"  # the tenant of a server without API keys, so the gRPC checks reach the same users
 R_MAX = 8

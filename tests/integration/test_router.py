@@ -38,9 +38,9 @@ from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
 from personalize_service.net import find_free_port
 from personalize_service.server.auth import ApiKeys
+from personalize_service.server.base import ServiceConfig
 from personalize_service.server.metrics import ServiceMetrics
-from personalize_service.server.router import create_router, worker_channel_opener
-from personalize_service.server.worker import ServiceConfig
+from personalize_service.server.router import RouterConfig, create_router, worker_channel_opener
 
 LIVE = ("w0", "w1", "w2")
 DEAD = "dead"
@@ -173,7 +173,7 @@ class Router:
 
 def _start_router(fleet: Fleet, keys: ApiKeys | None = None) -> Iterator[Router]:
     fleet.reset()
-    cluster = Cluster(None, worker_channel_opener(ServiceConfig()))
+    cluster = Cluster(None, worker_channel_opener(RouterConfig()))
     cluster.apply(fleet.view())
     server, port = create_router(ServiceConfig(port=0, api_keys=keys or ApiKeys()), cluster, ServiceMetrics())
     server.start()

@@ -13,9 +13,8 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from personalize.errors import InvalidArgument
-from personalize_service.server.router import worker_channel_opener
+from personalize_service.server.router import RouterConfig, worker_channel_opener
 from personalize_service.server.tls import bind
-from personalize_service.server.worker import ServiceConfig
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
@@ -93,20 +92,20 @@ def test_misconfigured_tls_is_a_clear_error(certs: Path, tmp_path: Path) -> None
         bind(server, "127.0.0.1:0", "", "", str(certs / "ca.pem"))
 
 
-def _through_router_opener(port: int, config: ServiceConfig) -> int:
+def _through_router_opener(port: int, config: RouterConfig) -> int:
     """Health.Check over the channel the router would open to a worker at localhost:port."""
     with worker_channel_opener(config)(f"localhost:{port}") as channel:
         return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
 
 
 def test_the_router_dials_tls_workers_with_its_own_client_certificate(certs: Path) -> None:
-    upstream = ServiceConfig(upstream_ca=str(certs / "ca.pem"), upstream_cert=str(certs / "client.pem"),
-                             upstream_key=str(certs / "client.key"))
+    upstream = RouterConfig(upstream_ca=str(certs / "ca.pem"), upstream_cert=str(certs / "client.pem"),
+                            upstream_key=str(certs / "client.key"))
     for port in _serve(certs, mutual=True):
         assert _through_router_opener(port, upstream) == health_pb2.HealthCheckResponse.SERVING
-        for config in (ServiceConfig(), ServiceConfig(upstream_ca=str(certs / "ca.pem"))):  # plaintext; no cert
+        for config in (RouterConfig(), RouterConfig(upstream_ca=str(certs / "ca.pem"))):  # plaintext; no cert
             with pytest.raises(grpc.RpcError) as raised:
                 _through_router_opener(port, config)
             assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     with pytest.raises(InvalidArgument, match="--upstream-key"):
-        worker_channel_opener(ServiceConfig(upstream_ca=str(certs / "ca.pem"), upstream_cert=str(certs / "client.pem")))
+        worker_channel_opener(RouterConfig(upstream_ca=str(certs / "ca.pem"), upstream_cert=str(certs / "client.pem")))

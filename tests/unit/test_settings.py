@@ -15,8 +15,9 @@ from personalize.errors import InvalidArgument
 from personalize_service.cli import settings
 from personalize_service.cli.settings import SETTINGS, SettingsError, build, parse_size, resolve
 from personalize_service.server.auth import ApiKeys
+from personalize_service.server.base import ServiceConfig
 from personalize_service.server.limits import Limits
-from personalize_service.server.worker import ServiceConfig
+from personalize_service.server.router import RouterConfig
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 NOT_FIELDS = {"service.api_keys": "", "service.api_keys_file": "", "workers": 1, "worker_restarts": 10,
@@ -30,11 +31,11 @@ UNEXPOSED = {"model.seed", "lora.target_modules", "engine.max_prefill_tokens",
              "trainer.max_attempts", "trainer.block_ms", "trainer.replay", "trainer.lora_dropout",
              "trainer.weight_decay", "trainer.replay_per_event", "trainer.linger_ms"}
 """Dataclass fields deliberately left at their defaults (no flag): changing them needs code review."""
-ROOTS: dict[str, Any] = {"": Config(), "service.": ServiceConfig(), "limits.": Limits()}
+ROOTS: dict[str, Any] = {"": Config(), "service.": ServiceConfig(), "router.": RouterConfig(), "limits.": Limits()}
 
 
 def _default_of(key: str) -> Any:
-    prefix = "service." if key.startswith("service.") else "limits." if key.startswith("limits.") else ""
+    prefix = next((p for p in ROOTS if p and key.startswith(p)), "")
     value: Any = ROOTS[prefix]
     for part in key.removeprefix(prefix).split("."):
         value = getattr(value, part)
