@@ -3,7 +3,8 @@
 # a non-root user. No tests, no load tests, no dev tools. Two variants of torch:
 #   docker build -t personalize:0.1.0 .                                 # CPU (dev, kind, CI)
 #   docker build --build-arg VARIANT=cuda -t personalize:0.1.0-cuda .  # NVIDIA GPUs
-# The pins below are the Makefile's and pyproject.toml's; tests/unit/test_k8s.py holds them equal.
+# The pins below are the Makefile's and pyproject.toml's; tests/unit/test_k8s.py holds them equal. Every
+# install is held to constraints.txt, the pins `make venv` installs and `make test` runs with.
 
 # Python of the Makefile's `PY` (python3.11) and pyproject's requires-python.
 ARG PYTHON_VERSION=3.11
@@ -17,8 +18,8 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 # The same protoc as `make proto` (grpcio-tools pin of pyproject's dev extras): the committed stubs in
 # service/gen must be exactly what it generates from proto/, as `make test` checks.
-RUN pip install grpcio-tools==1.85.1
-COPY pyproject.toml README.md ./
+RUN pip install -c constraints.txt grpcio-tools==1.85.1
+COPY pyproject.toml setup.py LICENSE README.md constraints.txt ./
 COPY proto/ proto/
 COPY personalize/ personalize/
 COPY service/ service/
@@ -31,18 +32,23 @@ FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime-base
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 
+COPY --from=build /src/constraints.txt /tmp/constraints.txt
+
 FROM runtime-base AS torch-cpu
-# The Makefile's TORCH pin, from torch's CPU-only index (PyPI's Linux wheels bundle CUDA).
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+# The Makefile's TORCH pin, from torch's CPU-only index (PyPI's Linux wheels bundle CUDA): the Makefile's
+# TORCH_INDEX for this image.
+RUN pip install -c /tmp/constraints.txt --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
 FROM runtime-base AS torch-cuda
-RUN pip install torch==2.13.0
+RUN pip install -c /tmp/constraints.txt torch==2.13.0
 
 # checkov:skip=CKV_DOCKER_7:torch-${VARIANT} is a stage of this file, not an image, so it has no tag
 FROM torch-${VARIANT} AS runtime
 COPY --from=build /src/dist/ /tmp/dist/
-# No extras: `dev` holds test and lint tools only. torch is already installed, so pip keeps it.
-RUN pip install /tmp/dist/personalize-*.whl && rm -rf /tmp/dist
+# The `server` extra (worker, router, trainer); not `local` (the embedded Valkey of `personalize up`) nor
+# `dev` (test and lint tools). torch is already installed, so pip keeps it.
+RUN for wheel in /tmp/dist/personalize-*.whl; do pip install -c /tmp/constraints.txt "$wheel[server]"; done \
+    && rm -rf /tmp/dist /tmp/constraints.txt
 # A fixed non-root uid/gid: the Kubernetes manifests run as 10001 with runAsNonRoot.
 RUN groupadd --system --gid 10001 personalize \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \

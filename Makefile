@@ -4,30 +4,60 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
+# Where torch comes from: empty = pip's configured index (this machine's holds the CPU wheel); elsewhere
+# `make venv TORCH_INDEX=https://download.pytorch.org/whl/cpu`, or PyPI's default wheels bundle CUDA (GBs).
+TORCH_INDEX ?=
+# Every install is held to these pins (the dependency closure of `.[dev]`, from a working venv; regenerate
+# with `make constraints` after changing a bound in pyproject.toml). The Dockerfile uses the same file.
+CONSTRAINTS := constraints.txt
 
-.PHONY: venv test lint typecheck pytest bench proto run clean
+.PHONY: venv test lint typecheck pytest unit integration e2e bench proto run clean constraints
 
 venv: $(STAMP)
 
-# CPU torch first (a file on this machine's disk), so nothing pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# CPU torch first, so nothing pulls a multi-GB CUDA build; then the package with every extra (dev).
+$(STAMP): pyproject.toml setup.py $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c $(CONSTRAINTS) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev]'
 	touch $(STAMP)
+
+constraints: venv
+	$(BIN)/python tools/constraints.py > $(CONSTRAINTS)
 
 proto: venv
 	$(BIN)/python -m personalize_service.protogen
 
+# Files already in `ruff format` style, held there; the rest of the tree is still hand-aligned (one
+# `ruff format` of the whole tree would move every hanging indent), so add each file once it is formatted.
+FORMATTED := personalize/__init__.py personalize/adapters/__init__.py personalize/adapters/lru.py \
+	personalize/adapters/store/keys.py personalize/config.py personalize/errors.py \
+	personalize/feedback/__init__.py personalize/lora/__init__.py personalize/lora/adapter.py \
+	personalize/lora/layers.py personalize/lora/ops.py personalize/routing/__init__.py service/__init__.py \
+	service/cli/__init__.py service/cli/__main__.py service/net.py service/server/__init__.py \
+	service/server/errors.py tests/e2e/test_chaos.py tests/integration/test_embedded.py \
+	tests/integration/test_keep_warm.py tests/unit/test_proto_stale.py setup.py tools/constraints.py
+
 lint: venv
-	$(BIN)/ruff check personalize service tests loadtest
+	$(BIN)/ruff check personalize service tests loadtest setup.py tools
+	$(BIN)/ruff format --check $(FORMATTED)
 
 typecheck: venv
 	$(BIN)/mypy personalize service
 
 pytest: venv
 	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+# One tier at a time: unit (pure, fast), integration (real Valkey, S3, gRPC), e2e (`personalize up`).
+unit: venv
+	$(BIN)/python -m pytest -q -x tests/unit
+
+integration: venv
+	$(BIN)/python -m pytest -q -x tests/integration
+
+e2e: venv
+	$(BIN)/python -m pytest -q -x --durations=15 tests/e2e
 
 test: venv lint typecheck pytest
 

@@ -14,7 +14,6 @@ import json
 import re
 import shutil
 import subprocess
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import pytest
 import redis
 import yaml
 
+import personalize
 from personalize.feedback.stream import FeedbackStream, StreamConfig
 from personalize.routing.announce import DRAIN_NOTICE_S
 from personalize_service.cli import commands as cli
@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 OVERLAYS = ("dev", "gpu", "envoy")
 NAMESPACE = "personalize"
-VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+VERSION = personalize.__version__
 APP_IMAGE = {"dev": f"personalize:{VERSION}", "envoy": f"personalize:{VERSION}", "gpu": f"personalize:{VERSION}-cuda"}
 USER = re.search(r"^USER (\d+)", (REPO / "Dockerfile").read_text(), re.MULTILINE)
 APP_UID = int(USER[1]) if USER else -1

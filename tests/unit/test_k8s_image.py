@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import personalize
 from personalize_service import protogen
 from personalize_service.cli import settings
 
@@ -24,8 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 APP_UID = 10001
 """The image's non-root user; the manifests run as it (tests/unit/test_k8s.py)."""
-SOURCES = {"pyproject.toml", "README.md", "proto/", "personalize/", "service/"}
-"""What the builder gets: the package sources alone."""
+SOURCES = {"pyproject.toml", "setup.py", "LICENSE", "README.md", "constraints.txt", "proto/", "personalize/",
+           "service/"}
+"""What the builder gets: the package sources alone, with the pins every install is held to."""
 NETWORK_ERRORS = re.compile(r"NewConnectionError|Temporary failure in name resolution|Network is unreachable|"
                             r"Max retries exceeded|ConnectTimeout|ProxyError|No route to host|Could not fetch URL|"
                             r"from versions: none\)")
@@ -80,7 +82,7 @@ def test_same_torch_pin_for_both_variants() -> None:
 
 def test_stubs_are_checked_with_the_same_protoc() -> None:
     (tools,) = [d for d in PYPROJECT["project"]["optional-dependencies"]["dev"] if d.startswith("grpcio-tools")]
-    assert f"pip install {tools}" in runs()
+    assert f"pip install -c constraints.txt {tools}" in runs()
     assert "python service/protogen.py --check" in runs()  # = `python -m personalize_service.protogen --check`
     assert protogen.main(["--check"]) == 0
 
@@ -91,8 +93,9 @@ def test_wheel_is_built_and_installed_as_the_makefile_does() -> None:
     assert make_args[0] == "$(BIN)/pip"
     assert "pip " + " ".join(make_args[1:]) in runs(), f"the Dockerfile does not run `pip {' '.join(make_args[1:])}`"
     (install,) = [run for run in runs() if ".whl" in run]
-    assert re.match(r"pip install /tmp/dist/personalize-\*\.whl( |$)", install), "install the wheel, no extras"
+    assert 'pip install -c /tmp/constraints.txt "$wheel[server]"' in install, "the wheel with its server extra only"
     dev_tools = {re.split(r"[<>=\[ ]", d)[0] for d in PYPROJECT["project"]["optional-dependencies"]["dev"]}
+    dev_tools -= {PYPROJECT["project"]["name"]}  # dev includes the package's own server and local extras
     runtime_installs = " ".join(runs()[runs().index("python service/protogen.py --check") + 1:])
     assert not {tool for tool in dev_tools if re.search(rf"\b{re.escape(tool)}\b", runtime_installs)}
 
@@ -150,8 +153,7 @@ def test_wheel_holds_the_package_and_its_stubs_only(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         tops = {name.split("/")[0] for name in names}
-        assert tops - {"personalize", "personalize_service"} == {f"personalize-{PYPROJECT['project']['version']}"
-                                                                 ".dist-info"}
+        assert tops - {"personalize", "personalize_service"} == {f"personalize-{personalize.__version__}.dist-info"}
         for rel, data in protogen.generate().items():
             assert archive.read(f"personalize_service/gen/{rel}") == data, rel
     assert not [n for n in names if re.search(r"(^|/)(tests?|loadtest|conftest)(/|\.py|$)", n)]
