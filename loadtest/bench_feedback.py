@@ -27,6 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dataclasses import replace
+
+from personalize import bootstrap
+from personalize.adapters.registry import RegistryConfig
 from personalize.config import Config, LoraConfig
 from personalize.engine.types import SamplingParams
 from personalize.feedback.batch import build_batch
@@ -35,7 +39,7 @@ from personalize.feedback.notify import publish_update
 from personalize.feedback.stream import Delivered
 from personalize.feedback.trainer import Trainer, TrainerConfig, UserJob, train_round
 from personalize.lora.format import adapter_from_bytes, adapter_to_bytes, zero_adapter
-from personalize.worker import Worker, bootstrap
+from personalize.worker import Worker
 from personalize_service.cli.embedded import EmbeddedValkey, EmbeddedValkeyConfig
 
 NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi"]
@@ -55,7 +59,7 @@ def start_stack(tmp: Path, trainer_cfg: TrainerConfig) -> tuple[EmbeddedValkey, 
     valkey = EmbeddedValkey(EmbeddedValkeyConfig(data_dir=tmp / "valkey"))
     valkey.start()
     config = Config(data_dir=str(tmp), trainer=trainer_cfg, lora=LoraConfig(device_bytes=64 * 2**20))
-    worker = bootstrap(config, valkey.url, f"file://{tmp}/store")
+    worker = bootstrap.worker(replace(config, registry=RegistryConfig(url=valkey.url), store_url=f"file://{tmp}/store"))
     worker.start()
     assert worker.stream is not None
     worker.stream.ensure_group()

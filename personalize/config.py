@@ -1,9 +1,10 @@
-"""The root configuration: one object crosses the entry point; `personalize.worker.bootstrap` wires the parts."""
+"""The root configuration: one object crosses the entry point; `personalize.bootstrap` wires the parts."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from personalize.adapters.registry import RegistryConfig
 from personalize.engine.engine import EngineConfig
 from personalize.errors import InvalidArgument
 from personalize.feedback.stream import StreamConfig
@@ -51,8 +52,9 @@ class Config:
     """Stable node name (the StatefulSet pod name in Kubernetes): the ring hashes it."""
     data_dir: str = "./data"
     """Local state: embedded Valkey AOF, file:// store, disk cache."""
-    registry_url: str = ""
-    """redis:// URL of the registry; empty = the embedded Valkey under data_dir."""
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    """The registry's Valkey/Redis: URL (empty = `up`'s embedded Valkey), key namespace (the feedback
+    stream's too), bucket bits, cluster protocol."""
     store_url: str = ""
     """file:// or s3:// URL of the adapter store; empty = file:// under data_dir."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -64,3 +66,8 @@ class Config:
     """How long a request waits for its adapter to load before failing."""
     degrade_to_base: bool = False
     """If a user's adapter cannot be loaded (store down), serve the base model (flagged) instead of failing."""
+
+    def __post_init__(self) -> None:
+        if self.feedback.namespace != self.registry.namespace:  # one deployment, one key prefix
+            raise InvalidArgument(f"feedback.namespace {self.feedback.namespace!r} differs from registry.namespace "
+                                  f"{self.registry.namespace!r}; they name the same deployment's keys")

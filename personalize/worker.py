@@ -7,28 +7,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from personalize.adapters.cache import AdapterCache, CacheConfig, slot_nbytes, slots_for_budget, store_fetch
-from personalize.adapters.registry import AdapterRecord, Registry, RegistryConfig, open_registry
+from personalize.adapters.cache import AdapterCache
+from personalize.adapters.registry import AdapterRecord, Registry
 from personalize.adapters.repository import AdapterRepository
-from personalize.adapters.store import ObjectStore, open_store
+from personalize.adapters.store import ObjectStore
 from personalize.config import Config
 from personalize.engine.engine import Engine
 from personalize.engine.types import GenerationResult, SamplingParams
 from personalize.errors import CorruptObject, DeadlineExceeded, NotFound, PersonalizeError, Unavailable
 from personalize.feedback.events import FeedbackEvent
-from personalize.feedback.notify import UpdateListener, redis_client
+from personalize.feedback.notify import UpdateListener
 from personalize.feedback.stream import FeedbackStream
-from personalize.lora.adapter import Adapter
 from personalize.lora.format import AdapterSpec, adapter_from_bytes, read_peft, write_peft
-from personalize.lora.slots import SlotPool
-from personalize.model import BaseModel, load_base_model
+from personalize.model import BaseModel
+from personalize.routing.announce import Ownership
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +116,7 @@ class Worker:
 
     def __init__(self, config: Config, base: BaseModel, registry: Registry, store: ObjectStore,
                  cache: AdapterCache, engine: Engine, spec: AdapterSpec, stream: FeedbackStream | None = None,
-                 updates: UpdateListener | None = None) -> None:
+                 updates: UpdateListener | None = None, ownership: Ownership | None = None) -> None:
         self.config = config
         self.node_id = config.node_id
         self.base = base
@@ -130,9 +128,9 @@ class Worker:
         self.repo = AdapterRepository(registry, store, spec, config.lora.keep_versions)
         self.stream = stream
         self.updates = updates
-        self.owns: Callable[[str, str], bool] | None = None
-        """(tenant, user_id) -> whether routing sends this user here; None = every user (one node). Set by
-        the service from membership, so only a user's owner loads their new versions eagerly."""
+        self.ownership = ownership or Ownership(config.node_id)
+        """Which users routing sends here (every user until a ring is known), fed by the worker's
+        Announcement from membership, so only a user's owner loads their new versions eagerly."""
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -207,7 +205,7 @@ class Worker:
         """A trainer published a version: the user's owner loads the current one now (the announcement names
         no object; the registry record has its checksum), so their next request is a device hit (other
         nodes would only evict their own users' adapters for it)."""
-        if self.owns is None or self.owns(tenant, user_id):
+        if self.ownership.owns(tenant, user_id):
             self.warm(tenant, user_id)
 
     # -- feedback -----------------------------------------------------------------------------------------------
@@ -278,28 +276,3 @@ class Worker:
             return self.stream.lag() if self.stream is not None else 0
         except Unavailable:
             return -1
-
-
-def bootstrap(config: Config, registry_url: str, store_url: str) -> Worker:
-    """Wire a worker from the root config; the registry and store URLs are resolved by the caller."""
-    base = load_base_model(config.model)
-    spec = AdapterSpec.for_model(base.model, config.lora.r_max, config.lora.target_modules, base.fingerprint)
-    per_slot = slot_nbytes(base.config, config.lora.r_max, config.lora.target_modules, base.dtype)
-    num_slots = slots_for_budget(config.lora.device_bytes, per_slot)
-    pool = SlotPool(base.config, num_slots, config.lora.r_max, config.lora.target_modules, base.dtype,
-                    config.model.device)
-    engine = Engine(base, config.engine, pool)
-    registry = open_registry(RegistryConfig(url=registry_url))
-    store = open_store(store_url)
-    disk_dir = str(Path(config.data_dir).resolve() / "cache") if config.lora.disk_bytes else ""
-
-    def parse(data: bytes) -> Adapter:
-        return adapter_from_bytes(data, spec, dtype=base.dtype)
-
-    cache = AdapterCache(CacheConfig(host_bytes=config.lora.host_bytes, disk_bytes=config.lora.disk_bytes,
-                                     disk_dir=disk_dir),
-                         pool, engine.pool_lock, fetch=store_fetch(store, registry), parse=parse)
-    client = redis_client(registry_url)
-    stream = FeedbackStream(client, config.feedback)
-    updates = UpdateListener(client, config.feedback.namespace)
-    return Worker(config, base, registry, store, cache, engine, spec, stream, updates)

@@ -119,8 +119,9 @@ class CasUpdate(NamedTuple):
 class RegistryConfig:
     """Where the registry lives."""
 
-    url: str = "redis://127.0.0.1:6379/0"
-    """redis:// or rediss:// URL of a Valkey/Redis server (a seed node for a cluster)."""
+    url: str = ""
+    """redis:// or rediss:// URL of a Valkey/Redis server (a seed node for a cluster); empty = not set yet
+    (`personalize up` sets it to its embedded Valkey)."""
     namespace: str = "pz"
     """Prefix of every key, so several deployments can share one server."""
     bucket_bits: int = DEFAULT_BUCKET_BITS
@@ -311,6 +312,8 @@ class Registry:
 
 def open_registry(config: RegistryConfig) -> Registry:
     """A Registry over a new client for `config.url` (connects lazily, on first use)."""
+    if not config.url:
+        raise InvalidArgument("the registry URL is empty: set registry.url (--registry-url)")
     options: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0,
                                "decode_responses": False}
     client: Any

@@ -72,24 +72,56 @@ class AnnounceConfig:
     """Ring points per unit of weight, as the routers use."""
 
 
+class Ownership:
+    """Which users a node owns, as of the last ring it was given; thread-safe. The worker holds one from
+    construction (it loads new versions eagerly only for its own users); its Announcement feeds it."""
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self._ring: Ring | None = None
+        self._lock = threading.Lock()  # guards _ring
+
+    @property
+    def ring(self) -> Ring | None:
+        """The serving nodes' ring as last set (None before the first membership read)."""
+        with self._lock:
+            return self._ring
+
+    def set_ring(self, ring: Ring) -> Ring | None:
+        """Own the users `ring` gives this node from now on; returns the previous ring."""
+        with self._lock:
+            old, self._ring = self._ring, ring
+        return old
+
+    def owns(self, tenant: str, user_id: str) -> bool:
+        """Whether this node is the user's ring owner; True while the ring is unknown or empty (one node)."""
+        ring = self.ring
+        if ring is None or len(ring) == 0:
+            return True
+        return ring.owner(route_key(tenant, user_id)) == self.node_id
+
+
 class Announcement:
-    """Heartbeat + membership watch of one worker. Thread-safe; start() once, then drain() and leave()."""
+    """Heartbeat + membership watch of one worker. Thread-safe; start() once, then drain() and leave().
+
+    `ownership` is updated on every ring change (a new one when not given); `hot_fn(limit)` lists this
+    worker's hottest users, published for rebalancing; `warm_fn(tenant, user_id)` starts loading the
+    adapter of a hot user that moved here."""
 
     def __init__(self, config: AnnounceConfig, node_id: str, capacity: float,
-                 load_fn: Callable[[], float] | None = None) -> None:
+                 load_fn: Callable[[], float] | None = None, *, ownership: Ownership | None = None,
+                 hot_fn: Callable[[int], list[tuple[str, str]]] | None = None,
+                 warm_fn: Callable[[str, str], None] | None = None) -> None:
         self.config = config
         self.node_id = node_id
         self.capacity = capacity
+        self.ownership = ownership or Ownership(node_id)
         self._load_fn = load_fn
+        self._hot_fn = hot_fn
+        self._warm_fn = warm_fn
         self._client = membership_client(config.registry_url)
         self._heartbeat: Heartbeat | None = None
         self._watcher: Watcher | None = None
-        self._ring: Ring | None = None
-        self._lock = threading.Lock()  # guards _ring
-        self.hot_fn: Callable[[int], list[tuple[str, str]]] | None = None
-        """This worker's hottest users (set before start): published for rebalancing."""
-        self.warm_fn: Callable[[str, str], None] | None = None
-        """Start loading a user's adapter here (set before start): called for hot users that moved here."""
         self._stop_hot = threading.Event()
 
     def start(self, address: str) -> Announcement:
@@ -98,7 +130,7 @@ class Announcement:
         self._heartbeat = Heartbeat(self._client, self.config.membership, node, self._load_fn).start()
         membership = Membership(self._client, self.config.membership)
         self._watcher = membership.watch(self._on_change)
-        if self.hot_fn is not None:
+        if self._hot_fn is not None:
             threading.Thread(target=self._publish_hot, name="hot-users", daemon=True).start()
         log.info("announced %s at %s (capacity %g) in namespace %r", self.node_id, address, self.capacity,
                  self.config.membership.namespace)
@@ -107,15 +139,10 @@ class Announcement:
     @property
     def ring(self) -> Ring | None:
         """The serving nodes' ring as last read (None before the first successful read)."""
-        with self._lock:
-            return self._ring
+        return self.ownership.ring
 
     def owns(self, tenant: str, user_id: str) -> bool:
-        """Whether this node is the user's ring owner; True while the ring is unknown or empty."""
-        ring = self.ring
-        if ring is None or len(ring) == 0:
-            return True
-        return ring.owner(route_key(tenant, user_id)) == self.node_id
+        return self.ownership.owns(tenant, user_id)
 
     def drain(self) -> None:
         """Announce DRAINING (routers stop sending new users here), then give them drain_notice_s to see it."""
@@ -131,7 +158,7 @@ class Announcement:
     def _publish_hot(self) -> None:
         while not self._stop_hot.wait(HOT_PERIOD_S):
             try:
-                users = self.hot_fn(HOT_USERS) if self.hot_fn is not None else []
+                users = self._hot_fn(HOT_USERS) if self._hot_fn is not None else []
                 if users:
                     self._client.set(self._hot_key(self.node_id), json.dumps(users), px=HOT_TTL_MS)
             except Exception as exc:  # registry briefly unreachable: the next period retries
@@ -139,7 +166,7 @@ class Announcement:
 
     def _warm_moved(self, old: Ring | None, new: Ring) -> None:
         """Load the adapters of other workers' hottest users that `new` makes ours."""
-        if self.warm_fn is None or old is None:
+        if self._warm_fn is None or old is None:
             return
         others = sorted((set(old.nodes) | set(new.nodes)) - {self.node_id})
         if not others:
@@ -153,7 +180,7 @@ class Announcement:
             for tenant, user_id in json.loads(raw) if raw else []:
                 key = route_key(tenant, user_id)
                 if new.owner(key) == self.node_id and old.owner(key) != self.node_id:
-                    self.warm_fn(tenant, user_id)
+                    self._warm_fn(tenant, user_id)
 
     def leave(self) -> None:
         """Stop beating and watching and delete the node's key. Never raises."""
@@ -166,8 +193,7 @@ class Announcement:
 
     def _on_change(self, nodes: dict[str, NodeInfo]) -> None:
         ring = ring_of(nodes, self.config.vnodes)
-        with self._lock:
-            old, self._ring = self._ring, ring
+        old = self.ownership.set_ring(ring)
         if old is None and self.node_id in ring.nodes and len(ring.nodes) > 1:
             old = ring.without_node(self.node_id)  # just joined: the users we take over were the others'
         if old is not None and set(old.nodes) != set(ring.nodes):

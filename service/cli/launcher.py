@@ -20,11 +20,14 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from personalize_service.cli import settings
+
+if TYPE_CHECKING:
+    from personalize.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +174,11 @@ class _Up:
     stop: threading.Event
     registry_url: str = ""
 
+    def config(self) -> Config:
+        """The root config with up's own registry (the embedded Valkey) and store."""
+        base = self.resolved.config
+        return replace(base, registry=replace(base.registry, url=self.registry_url), store_url=self.store_url)
+
     def banner(self, port: int, metrics_port: int, node_id: str, model: str, fingerprint: str,
                workers: Mapping[str, str] | None = None) -> str:
         keys = self.resolved.service.api_keys
@@ -182,12 +190,12 @@ class _Up:
 
 def _up_one_worker(up: _Up, step: Callable[[], None]) -> None:
     """One worker serving in this process (it still heartbeats, so a router could be pointed at it)."""
+    from personalize import bootstrap
     from personalize.routing.announce import AnnounceConfig
-    from personalize.worker import bootstrap
     from personalize_service.server.worker import serve
 
-    config = up.resolved.config
-    worker = bootstrap(config, up.registry_url, up.store_url)
+    config = up.config()
+    worker = bootstrap.worker(config)
     step()
     if up.stop.is_set():  # interrupted while loading
         worker.stop()
@@ -210,7 +218,8 @@ def _up_one_worker(up: _Up, step: Callable[[], None]) -> None:
 
 def _up_cluster(up: _Up, count: int, step: Callable[[], None]) -> None:
     """`count` worker processes and the trainer, then the router in this process until `up.stop`."""
-    from personalize.routing.membership import Membership, MembershipConfig, membership_client
+    from personalize import bootstrap
+    from personalize.routing.membership import MembershipConfig
     from personalize_service.cli.local_cluster import WorkerProcesses
     from personalize_service.client.cluster import Cluster
     from personalize_service.server.router import serve_router, worker_channel_opener
@@ -224,7 +233,7 @@ def _up_cluster(up: _Up, count: int, step: Callable[[], None]) -> None:
         if up.stop.is_set():
             return
         model = f"{up.values['model.path'] or 'built-in tiny model'} on {up.values['model.device']}"
-        cluster = Cluster(Membership(membership_client(up.registry_url), membership),
+        cluster = Cluster(bootstrap.membership(up.config(), membership),
                           worker_channel_opener(up.resolved.router, service.limits))
 
         def ready(port: int, metrics_port: int) -> None:
@@ -244,7 +253,7 @@ def run_serve(role: str, values: Mapping[str, Any]) -> int:
     object store; blocks until SIGTERM/SIGINT."""
     if role not in ROLES:
         raise LaunchError(f"role {role!r} is not available; choose one of {', '.join(ROLES)}")
-    needed = ("registry_url",) if role == "router" else ("registry_url", "store_url")
+    needed = ("registry.url",) if role == "router" else ("registry.url", "store_url")
     missing = [f"{settings.BY_KEY[k].flag} / {settings.BY_KEY[k].env}" for k in needed if not values[k]]
     if missing:
         raise LaunchError(f"serve needs {' and '.join(missing)}; to run everything on one machine without "
@@ -255,14 +264,14 @@ def run_serve(role: str, values: Mapping[str, Any]) -> int:
         return run_router(values)
     check_ports(values["service.host"], values)
     resolved = settings.build({**values, "data_dir": str(Path(values["data_dir"]).expanduser().resolve())})
+    from personalize import bootstrap
     from personalize.routing.announce import AnnounceConfig
-    from personalize.worker import bootstrap
     from personalize_service.server.base import stop_on_signals
     from personalize_service.server.worker import serve
 
     stop = threading.Event()
     with stop_on_signals(stop), _stages(("loading model", "starting server")) as step:
-        worker = bootstrap(resolved.config, resolved.config.registry_url, resolved.config.store_url)
+        worker = bootstrap.worker(resolved.config)
         step()
         if stop.is_set():
             worker.stop()
@@ -274,7 +283,7 @@ def run_serve(role: str, values: Mapping[str, Any]) -> int:
             print(f"personalize serve: worker {worker.node_id} serving on {resolved.service.host}:{port}"
                   f"{metrics} ({worker.base.name} on {resolved.config.model.device})", flush=True)
 
-        serve(resolved.service, worker, stop, on_ready=ready, announce=AnnounceConfig(resolved.config.registry_url))
+        serve(resolved.service, worker, stop, on_ready=ready, announce=AnnounceConfig(resolved.config.registry.url))
     return 0
 
 
@@ -283,14 +292,13 @@ def run_router(values: Mapping[str, Any]) -> int:
     workers that heartbeat into the registry's Valkey; blocks until SIGTERM/SIGINT."""
     check_ports(values["service.host"], values)
     resolved = settings.build({**values, "data_dir": str(Path(values["data_dir"]).expanduser().resolve())})
-    from personalize.routing.membership import Membership, MembershipConfig, membership_client
+    from personalize import bootstrap
     from personalize_service.client.cluster import Cluster
     from personalize_service.server.base import stop_on_signals
     from personalize_service.server.router import serve_router, worker_channel_opener
 
     service = resolved.service
-    cluster = Cluster(Membership(membership_client(resolved.config.registry_url), MembershipConfig()),
-                      worker_channel_opener(resolved.router, service.limits))
+    cluster = Cluster(bootstrap.membership(resolved.config), worker_channel_opener(resolved.router, service.limits))
     stop = threading.Event()
     with stop_on_signals(stop):
         def ready(port: int, metrics_port: int) -> None:
@@ -310,13 +318,13 @@ def run_trainer(values: Mapping[str, Any]) -> int:
     so a restarted trainer resumes its own pending events first.
     """
     resolved = settings.build({**values, "data_dir": str(Path(values["data_dir"]).expanduser().resolve())})
-    from personalize.feedback.runner import bootstrap_trainer
+    from personalize import bootstrap
     from personalize_service.server.base import stop_on_signals
 
     stop = threading.Event()
     with stop_on_signals(stop):
         config = resolved.config
-        trainer = bootstrap_trainer(config, config.registry_url, config.store_url, consumer=config.node_id)
+        trainer = bootstrap.trainer(config)
         print(f"personalize serve: trainer {config.node_id} consuming {config.feedback.partitions} feedback "
               f"partition(s)", flush=True)
         trainer.run_forever(stop)

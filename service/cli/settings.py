@@ -128,8 +128,14 @@ SETTINGS: tuple[Setting, ...] = (
     # -- where state lives
     _s("data_dir", "--data-dir", "PERSONALIZE_DATA_DIR", "./data", _str,
        "local state: embedded Valkey AOF (up), file store (up), disk cache", metavar="DIR"),
-    _s("registry_url", "--registry-url", "PERSONALIZE_REGISTRY_URL", "", _str,
+    _s("registry.url", "--registry-url", "PERSONALIZE_REGISTRY_URL", "", _str,
        "redis:// URL of the registry (Valkey/Redis); required", (SERVE,), "URL"),
+    _s("registry.namespace", "--namespace", "PERSONALIZE_NAMESPACE", "pz", _str,
+       "prefix of every registry and feedback key, so deployments can share one server", metavar="NAME"),
+    _s("registry.bucket_bits", "--bucket-bits", "PERSONALIZE_BUCKET_BITS", 16, _int,
+       "users are spread over 2**N registry hashes; fixed for the life of a namespace", (SERVE,), "N"),
+    _s("registry.cluster", "--registry-cluster", "PERSONALIZE_REGISTRY_CLUSTER", False, _bool,
+       "the registry is a Redis/Valkey Cluster (speak its protocol)", (SERVE,), "BOOL"),
     _s("store_url", "--store-url", "PERSONALIZE_STORE_URL", "", _str,
        "adapter store: file:///abs/path or s3://bucket/prefix?endpoint=host:port; required by serve, "
        "up defaults to file://DATA_DIR/store", metavar="URL"),
@@ -346,6 +352,7 @@ def _section(values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 def build(values: Mapping[str, Any]) -> Resolved:
     """The config objects for resolved `values`; the library's own checks raise InvalidArgument."""
     # Imported here: they pull in torch, which client commands and --help never need.
+    from personalize.adapters.registry import RegistryConfig
     from personalize.config import Config, LoraConfig
     from personalize.engine.engine import EngineConfig
     from personalize.feedback.stream import StreamConfig
@@ -356,12 +363,13 @@ def build(values: Mapping[str, Any]) -> Resolved:
     from personalize_service.server.limits import Limits
     from personalize_service.server.router import RouterConfig
 
+    registry = RegistryConfig(**_section(values, "registry."))
     config = Config(node_id=values["node_id"], data_dir=values["data_dir"],
-                    registry_url=values.get("registry_url", ""), store_url=values.get("store_url", ""),
+                    registry=registry, store_url=values.get("store_url", ""),
                     model=ModelConfig(**_section(values, "model.")), lora=LoraConfig(**_section(values, "lora.")),
                     engine=EngineConfig(**_section(values, "engine.")), load_timeout_s=values["load_timeout_s"],
                     degrade_to_base=values["degrade_to_base"],
-                    feedback=StreamConfig(**_section(values, "feedback.")),
+                    feedback=StreamConfig(**_section(values, "feedback."), namespace=registry.namespace),
                     trainer=TrainerConfig(**_section(values, "trainer.")))
     service_values = _section(values, "service.")
     keys_file, keys_text = service_values.pop("api_keys_file"), service_values.pop("api_keys")

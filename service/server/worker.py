@@ -241,10 +241,6 @@ def serve(config: ServiceConfig, worker: Worker, stop: threading.Event, metrics:
 def _announce(config: AnnounceConfig, worker: Worker, address: str) -> Announcement:
     """Join membership as `worker` at `address`; from then on only the users it owns are prefetched."""
     engine = worker.engine
-    announcement = Announcement(config, worker.node_id, float(engine.config.max_batch),
-                                load_fn=lambda: float(engine.running + engine.queue_depth))
-    announcement.hot_fn = worker.cache.hottest
-    announcement.warm_fn = worker.warm
-    announcement.start(address)
-    worker.owns = announcement.owns
-    return announcement
+    return Announcement(config, worker.node_id, float(engine.config.max_batch),
+                        load_fn=lambda: float(engine.running + engine.queue_depth), ownership=worker.ownership,
+                        hot_fn=worker.cache.hottest, warm_fn=worker.warm).start(address)

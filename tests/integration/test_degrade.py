@@ -9,6 +9,7 @@ import dataclasses
 import io
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -17,7 +18,9 @@ import redis
 import torch
 from s3server import S3Server, start_weed_mini
 
+from personalize import bootstrap
 from personalize.adapters.cache import slot_nbytes
+from personalize.adapters.registry import RegistryConfig
 from personalize.adapters.repository import AdapterRepository
 from personalize.adapters.store import FileStore, S3Store
 from personalize.adapters.store.keys import adapter_key
@@ -28,7 +31,7 @@ from personalize.errors import CorruptObject, IncompatibleAdapter, Unavailable
 from personalize.lora.adapter import Adapter
 from personalize.lora.format import random_adapter, write_peft
 from personalize.model import default_llama_config
-from personalize.worker import Worker, bootstrap
+from personalize.worker import Worker
 from personalize_service.cli import commands as cli
 from personalize_service.client import DataLossError, PersonalizeClient
 from personalize_service.server.base import ServiceConfig
@@ -48,7 +51,7 @@ def running_worker(data_dir: Path, registry_url: str, store_url: str, *, degrade
     config = Config(node_id=node_id, data_dir=str(data_dir), load_timeout_s=10.0, degrade_to_base=degrade,
                     lora=LoraConfig(r_max=R_MAX, device_bytes=slots * SLOT, host_bytes=host_bytes,
                                     disk_bytes=disk_bytes))
-    worker = bootstrap(config, registry_url, store_url)
+    worker = bootstrap.worker(replace(config, registry=RegistryConfig(url=registry_url), store_url=store_url))
     worker.start()
     try:
         yield worker

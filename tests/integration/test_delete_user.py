@@ -5,6 +5,7 @@ tier and feedback still pending, then each place is looked into after the delete
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ import redis
 import torch
 from s3server import S3Server
 
+from personalize import bootstrap
 from personalize.adapters.cache import slot_nbytes
+from personalize.adapters.registry import RegistryConfig
 from personalize.adapters.store.keys import user_digest, user_prefix
 from personalize.config import Config, LoraConfig
 from personalize.engine.types import SamplingParams
@@ -20,7 +23,7 @@ from personalize.errors import NotFound
 from personalize.feedback.events import FeedbackEvent
 from personalize.lora.format import random_adapter, write_peft
 from personalize.model import default_llama_config
-from personalize.worker import Worker, bootstrap
+from personalize.worker import Worker
 
 T = "acme"
 R_MAX = 8
@@ -40,7 +43,7 @@ def worker(request: pytest.FixtureRequest, tmp_path: Path, valkey_url: str,
     slot = slot_nbytes(default_llama_config(), R_MAX)
     config = Config(data_dir=str(tmp_path / "data"), load_timeout_s=10.0,
                     lora=LoraConfig(r_max=R_MAX, device_bytes=4 * slot, host_bytes=1 << 24, disk_bytes=1 << 24))
-    w = bootstrap(config, valkey_url, store_url)
+    w = bootstrap.worker(replace(config, registry=RegistryConfig(url=valkey_url), store_url=store_url))
     w.start()
     yield w
     w.stop()

@@ -461,13 +461,10 @@ def test_a_joining_worker_warms_the_hot_users_it_takes_over(valkey_url: str, nam
     membership = MembershipConfig(namespace=namespace, ttl_s=2.0, heartbeat_s=0.1)
     config = AnnounceConfig(valkey_url, membership, drain_notice_s=0.0)
     hot = [("acme", f"hot{i}") for i in range(60)]
-    old = Announcement(config, "old", 16.0)
-    old.hot_fn = lambda limit: hot[:limit]
-    old.start("127.0.0.1:1")
+    old = Announcement(config, "old", 16.0, hot_fn=lambda limit: hot[:limit]).start("127.0.0.1:1")
     warmed: list[tuple[str, str]] = []
-    new = Announcement(config, "new", 16.0)
-    new.hot_fn = lambda limit: []
-    new.warm_fn = lambda tenant, user_id: warmed.append((tenant, user_id))
+    new = Announcement(config, "new", 16.0, hot_fn=lambda limit: [],
+                       warm_fn=lambda tenant, user_id: warmed.append((tenant, user_id)))
     try:
         time.sleep(0.5)  # the old owner has published its list before the new one joins
         new.start("127.0.0.1:2")

@@ -352,7 +352,7 @@ def test_workers_are_named_and_reached_by_their_pod(overlay: str) -> None:
         assert node_id["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
 
 
-SHARED_KEYS = ("model.path", "model.dtype", "lora.r_max", "feedback.partitions", "registry_url", "store_url")
+SHARED_KEYS = ("model.path", "model.dtype", "lora.r_max", "feedback.partitions", "registry.url", "store_url")
 """Settings workers and trainers must agree on: the base's fingerprint hashes its weights in their dtype, an
 adapter's rank is checked against r_max, and both sides hash users onto the same partitions and registry."""
 
@@ -449,7 +449,7 @@ def test_trainers_scale_on_every_feedback_stream(overlay: str) -> None:
     assert "replicas" not in trainer["spec"], "KEDA owns the trainers' replicas"
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
     env = env_of(objects, pod(trainer)["containers"][0])
-    registry = urlsplit(value_of(env, "registry_url"))
+    registry = urlsplit(value_of(env, "registry.url"))
     assert find(objects, "Service", registry.hostname), f"no Service {registry.hostname} for the registry URL"
     config = StreamConfig(partitions=value_of(env, "feedback.partitions"))
     stream = FeedbackStream(redis.Redis(), config)  # only names keys: never connects

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from personalize.adapters.registry import RegistryConfig
 from personalize.config import Config
 from personalize.errors import InvalidArgument
 from personalize_service.cli import settings
@@ -136,17 +137,20 @@ def test_malformed_values_name_their_source(tmp_path: Path, flags: dict[str, str
 
 
 def test_serve_only_settings_are_unknown_to_up(tmp_path: Path) -> None:
-    file = _write(tmp_path, "c.toml", 'registry_url = "redis://x:6379/0"\n')
+    file = _write(tmp_path, "c.toml", '[registry]\nurl = "redis://x:6379/0"\n')
     with pytest.raises(SettingsError, match="unknown settings"):
         resolve(settings.UP, {}, {}, file)
-    assert "registry_url" not in resolve(settings.UP, {}, {})
+    assert "registry.url" not in resolve(settings.UP, {}, {})
 
 
 def test_build_makes_the_config_objects(tmp_path: Path) -> None:
     env = {"PERSONALIZE_API_KEYS": "acme:k1,globex:k2", "PERSONALIZE_MAX_RANK": "8", "PERSONALIZE_RATE": "5"}
-    values = resolve(settings.SERVE, {"registry_url": "redis://r:6379/0", "max_batch": "4"}, env)
+    values = resolve(settings.SERVE, {"registry_url": "redis://r:6379/0", "max_batch": "4", "namespace": "acme-prod",
+                                         "bucket_bits": "12", "registry_cluster": "true"}, env)
     resolved = build(values)
-    assert resolved.config.registry_url == "redis://r:6379/0" and resolved.config.lora.r_max == 8
+    assert resolved.config.registry == RegistryConfig("redis://r:6379/0", "acme-prod", 12, cluster=True)
+    assert resolved.config.feedback.namespace == "acme-prod"  # one namespace for registry and stream
+    assert resolved.config.lora.r_max == 8
     assert resolved.config.engine.max_batch == 4 and resolved.service.limits.requests_per_second == 5.0
     assert resolved.service.api_keys.tenants == ("acme", "globex")
 
