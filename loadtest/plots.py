@@ -29,7 +29,7 @@ from matplotlib.ticker import MaxNLocator
 
 TTFP_SUFFIX = ":ttfp"
 TIER_ORDER = ("device", "host", "disk", "store")
-"""Fastest first, as DESIGN.md lists the cache tiers."""
+"""Fastest first, as docs/architecture.md lists the cache tiers."""
 QUANTILES = (("50%", "p50"), ("95%", "p95"), ("99%", "p99"))
 Series = dict[str, list[float]]
 

@@ -37,7 +37,7 @@ registry unreachable, a corrupt object or record, the load not done within load_
 
 @dataclass(frozen=True)
 class AdapterInfo:
-    """What the system knows of one user's adapter (API.md `AdapterInfo`)."""
+    """What the system knows of one user's adapter (the API's `AdapterInfo`)."""
 
     user_id: str
     version: int

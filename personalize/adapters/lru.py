@@ -1,7 +1,7 @@
 """Pure bookkeeping of the adapter cache: which key each device slot holds, and byte-budgeted LRUs.
 
 No I/O, no tensors, no locks: the cache calls these under its own lock, so eviction order is testable
-on its own. Keys are any hashable value (the cache uses `(tenant, user_id, version)`).
+on its own. Keys are any hashable value (the cache uses `(tenant, user_id, version, checksum)`).
 """
 
 from __future__ import annotations

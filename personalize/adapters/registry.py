@@ -1,8 +1,8 @@
 """The registry: per user, which adapter version is current, and its metadata. Redis protocol
 (Valkey, Redis, Redis Cluster); every update is a compare-and-set on the version.
 
-Layout (compact: measured by loadtest/bench_registry.py, 88 bytes per user at 1M users and 122 at
-100k, against ~590 for one hash per user with named fields):
+Layout (compact: a few dozen bytes per user where one hash per user with named fields costs several
+hundred; loadtest/bench_registry.py measures it, docs/benchmarks.md has the figures):
 
     {ns}:a:{bucket}   hash  field = 16-byte user hash -> 63-byte packed AdapterRecord
     {ns}:meta         hash  bucket_bits, fingerprint <-> 2-byte id table

@@ -185,8 +185,8 @@ def keep_warm(channel: grpc.Channel, poll_s: float = 0.5) -> threading.Thread:
     worker serves; returns the thread.
 
     grpc Python polls a channel's calls on a thread it starts when the first call begins and ends when
-    the last one finishes, so a forwarded call at low concurrency paid for starting a thread (~0.7 ms in
-    the router, contending for the GIL). With a call always open the thread stays. When the worker says
+    the last one finishes, so a forwarded call at low concurrency paid for starting a thread (in the
+    router, contending for the GIL). With a call always open the thread stays. When the worker says
     NOT_SERVING (it drains) the watch is let go, so its shutdown never waits for it, and health is polled
     with plain Checks until it serves again (a restart); everything ends when the channel is closed.
     """

@@ -1,5 +1,5 @@
 """Client-side routing: the SDK sends each call straight to the worker that owns its user, skipping the
-router hop (DESIGN.md, Routing).
+router hop (docs/architecture.md, Routing).
 
     from personalize_service.client.sdk import PersonalizeClient
     with PersonalizeClient.discover("redis://valkey:6379/0", api_key=KEY, tenant="acme") as client:

@@ -1,4 +1,4 @@
-"""API keys -> tenants (DESIGN.md, Security).
+"""API keys -> tenants.
 
 Keys are configured as `tenant:key` entries (env `PERSONALIZE_API_KEYS="tenantA:keyA,tenantB:keyB"` or a
 file with one entry per line). Only the SHA-256 of each key is kept in memory, and a presented key is

@@ -1,4 +1,4 @@
-"""Domain exception -> gRPC status code: the one table the service uses (DESIGN.md, Service).
+"""Domain exception -> gRPC status code: the one table the service uses.
 
 Status choices that need a reason:
 - `Conflict` -> ABORTED: a compare-and-set lost to a concurrent writer; gRPC reserves ABORTED for

@@ -1,4 +1,4 @@
-"""Request limits (API.md, Conventions) and the per-tenant rate and concurrency limiters.
+"""Request limits (the caps every request is held to) and the per-tenant rate and concurrency limiters.
 
 Validators are pure: they return the (normalised) value or raise a domain error whose message names the
 limit and the value. Size limits raise InvalidArgument (the same request never succeeds); rate and

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one server instance (DESIGN.md, Service).
+"""Prometheus metrics of one server instance.
 
 Each `ServiceMetrics` owns its own CollectorRegistry, so several servers (and tests) can live in one
 process. Names (all prefixed `personalize_`):

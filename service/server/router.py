@@ -1,5 +1,6 @@
 """The router: a gRPC front door with the workers' API that forwards each call to the worker owning its
-user (DESIGN.md, Routing). `personalize serve --role router`, and the front of `personalize up --workers N`.
+user (docs/architecture.md, Routing). `personalize serve --role router`, and the front of `personalize up
+--workers N`.
 
 Per call: the router's own interceptors refuse it while draining, authenticate it (the tenant) and count
 it against the tenant's rate; the handler takes the user from `x-user-id` metadata if present, else the
