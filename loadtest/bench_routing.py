@@ -215,8 +215,8 @@ class ClusterConfig:
 
 def _cache_flags(base: Any, cfg: ClusterConfig, slots: int) -> list[str]:
     """Device and host budgets of `slots` adapters of rank cfg.rank (disk holds them all)."""
-    from personalize.adapters.cache import slot_nbytes
     from personalize.lora.adapter import TARGET_MODULES
+    from personalize.lora.slots import slot_nbytes
     device = slots * slot_nbytes(base.config, cfg.rank, TARGET_MODULES, base.dtype)
     return ["--max-rank", str(cfg.rank), "--device-cache", str(device), "--host-cache", str(device),
             "--disk-cache", "64MiB"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from personalize.adapters.cache import AdapterCache, CacheConfig, slot_nbytes, slots_for_budget, store_fetch
+from personalize.adapters.cache import AdapterCache, CacheConfig, slots_for_budget, store_fetch
 from personalize.adapters.registry import open_registry
 from personalize.adapters.repository import AdapterRepository
 from personalize.adapters.store import open_store
@@ -26,7 +26,7 @@ from personalize.feedback.stream import FeedbackStream
 from personalize.feedback.trainer import Trainer
 from personalize.lora.adapter import Adapter
 from personalize.lora.format import AdapterSpec, adapter_from_bytes
-from personalize.lora.slots import SlotPool
+from personalize.lora.slots import SlotPool, slot_nbytes
 from personalize.model import BaseModel, load_base_model
 from personalize.routing.announce import Ownership
 from personalize.routing.membership import Membership, MembershipConfig, membership_client

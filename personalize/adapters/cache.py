@@ -33,9 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
-
-import torch
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from personalize.adapters.lru import FREED, ByteLRU, SlotTable
 from personalize.adapters.store.keys import adapter_key, user_digest
@@ -46,8 +44,9 @@ from personalize.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from personalize.lora.adapter import TARGET_MODULES, Adapter
-from personalize.lora.slots import SlotPool, llama_groups
+from personalize.lora.adapter import Adapter
+from personalize.lora.slots import SlotPool
+from personalize.lora.slots import slot_nbytes as slot_nbytes  # moved to slots.py; still importable here
 
 if TYPE_CHECKING:
     from personalize.adapters.registry import Registry
@@ -59,9 +58,14 @@ DEVICE, HOST, DISK, STORE = "device", "host", "disk", "store"
 TIERS = (DEVICE, HOST, DISK, STORE)
 """Tier names, fastest first."""
 
-Key = tuple[str, str, int, str]
-"""(tenant, user_id, version, checksum): the checksum (AdapterRecord.checksum, "" = unknown) tells apart two
-objects with one version number (a user deleted and created again)."""
+class Key(NamedTuple):
+    """What every tier keys an adapter by. The checksum (AdapterRecord.checksum, "" = unknown) tells apart
+    two objects with one version number (a user deleted and created again)."""
+
+    tenant: str
+    user_id: str
+    version: int
+    checksum: str
 Fetch = Callable[[str, str, int, str], bytes]
 """(tenant, user_id, version, checksum) -> verified object bytes; raises NotFound, CorruptObject, Unavailable."""
 Parse = Callable[[bytes], Adapter]
@@ -98,17 +102,6 @@ class CacheConfig:
             raise InvalidArgument(f"disk_dir must be an absolute path, got {self.disk_dir!r}")
 
 
-def slot_nbytes(hf_config: Any, r_max: int, target_modules: tuple[str, ...] = TARGET_MODULES,
-                dtype: torch.dtype = torch.float32) -> int:
-    """Bytes one SlotPool slot takes for this model, rank and dtype (equals `SlotPool.slot_nbytes`)."""
-    per_layer = 0
-    for group in llama_groups(hf_config, target_modules):
-        for part in group.parts:
-            start, end = group.out_slices[part]
-            per_layer += r_max * (group.d_in + end - start)
-    return (hf_config.num_hidden_layers * per_layer + 1) * dtype.itemsize  # + 1: the slot's scaling
-
-
 def slots_for_budget(device_bytes: int, slot_nbytes: int) -> int:
     """How many slots of `slot_nbytes` fit in `device_bytes`; InvalidArgument when not even one."""
     if slot_nbytes < 1:
@@ -128,7 +121,7 @@ class Lease:
     __slots__ = ("checksum", "key", "slot", "tier", "version")
 
     def __init__(self, key: Key, slot: int, tier: str) -> None:
-        self.key, self.slot, self.tier, self.version, self.checksum = key, slot, tier, key[2], key[3]
+        self.key, self.slot, self.tier, self.version, self.checksum = key, slot, tier, key.version, key.checksum
 
     def __repr__(self) -> str:
         return f"Lease(slot={self.slot}, version={self.version}, tier={self.tier!r})"
@@ -181,8 +174,8 @@ class _DiskFiles:
         return self.root / user_digest(tenant, user_id)[:16].hex()
 
     def path(self, key: Key) -> Path:
-        tag = "-" + hashlib.sha256(key[3].encode()).hexdigest()[:32] if key[3] else ""
-        return self.user_dir(key[0], key[1]) / f"v{key[2]:012d}{tag}.adapter"
+        tag = "-" + hashlib.sha256(key.checksum.encode()).hexdigest()[:32] if key.checksum else ""
+        return self.user_dir(key.tenant, key.user_id) / f"v{key.version:012d}{tag}.adapter"
 
     def write_temp(self, data: bytes) -> Path:
         fd, name = tempfile.mkstemp(dir=self.tmp)
@@ -271,7 +264,7 @@ class AdapterCache:
         self._slot_waiters = 0  # acquires waiting for a slot to become free or evictable
         self._slots: SlotTable[Key] = SlotTable(pool.num_slots)
         self._slot_nbytes = pool.slot_nbytes
-        none = Lease(("", "", 0, ""), -1, DEVICE)
+        none = Lease(Key("", "", 0, ""), -1, DEVICE)
         self._leases: list[Lease] = [none] * pool.num_slots  # slot -> its shared device-hit lease
         self._host: ByteLRU[Key, Adapter] = ByteLRU(config.host_bytes)
         self._disk = _DiskFiles(config.disk_dir) if config.disk_dir else None
@@ -297,7 +290,7 @@ class AdapterCache:
         Raises the load's error (NotFound, CorruptObject, Unavailable, AdapterError, IncompatibleAdapter),
         ResourceExhausted when every slot stays pinned, DeadlineExceeded when the load is not done in time.
         """
-        key = (tenant, user_id, version, checksum)
+        key = Key(tenant, user_id, version, checksum)
         with self._lock:  # the hot path: a dict lookup and a pin
             slot = self._slots.by_key.get(key)
             if slot is not None:
@@ -319,7 +312,7 @@ class AdapterCache:
     def prefetch(self, tenant: str, user_id: str, version: int, *, checksum: str = "") -> Future[int]:
         """Start loading an adapter into a device slot without waiting; the future resolves to the slot
         (not pinned: it may be evicted later) or to the load's error (ResourceExhausted if no slot is free)."""
-        key = (tenant, user_id, version, checksum)
+        key = Key(tenant, user_id, version, checksum)
         _check_key(key)
         with self._lock:
             self._check_open()
@@ -341,13 +334,13 @@ class AdapterCache:
         with self._lock:
             freed = False
             for version, checksum in self._index.pop((tenant, user_id), {}):
-                key = (tenant, user_id, version, checksum)
+                key = Key(tenant, user_id, version, checksum)
                 slot = self._slots.by_key.get(key)
                 if slot is not None:
                     freed |= self._slots.retire(slot, unmap=True)
                 self._host.pop(key)
                 self._disk_lru.pop(key)
-            for key in [k for k in self._loading if k[0] == tenant and k[1] == user_id]:
+            for key in [k for k in self._loading if k.tenant == tenant and k.user_id == user_id]:
                 self._loading.pop(key).invalidated = True
             if self._disk is not None:
                 self._disk.remove_user(tenant, user_id)
@@ -363,7 +356,7 @@ class AdapterCache:
             for slot in order:
                 key = self._slots.keys[slot]
                 if key is not None:
-                    users.setdefault((key[0], key[1]), None)
+                    users.setdefault((key.tenant, key.user_id), None)
                 if len(users) >= limit:
                     break
         return list(users)
@@ -485,11 +478,11 @@ class AdapterCache:
         return load
 
     def _mark(self, key: Key, tier: str) -> None:
-        versions = self._index.setdefault((key[0], key[1]), {})
+        versions = self._index.setdefault((key.tenant, key.user_id), {})
         versions[key[2:]] = versions.get(key[2:], 0) | _BITS[tier]
 
     def _unmark(self, key: Key, tier: str) -> None:
-        versions = self._index.get((key[0], key[1]))
+        versions = self._index.get((key.tenant, key.user_id))
         if versions is None:
             return
         bits = versions.get(key[2:], 0) & ~_BITS[tier]
@@ -498,7 +491,7 @@ class AdapterCache:
         else:
             versions.pop(key[2:], None)
             if not versions:
-                del self._index[(key[0], key[1])]
+                del self._index[(key.tenant, key.user_id)]
 
     def _supersede(self, key: Key) -> bool:
         """Retire the user's older versions on the device (and another object of the same version: the user
@@ -511,7 +504,7 @@ class AdapterCache:
             if other > version:
                 newer = True
                 continue
-            old = (tenant, user_id, other, other_checksum)
+            old = Key(tenant, user_id, other, other_checksum)
             slot = self._slots.by_key.get(old)
             if slot is not None and self._slots.retire(slot, unmap=False):
                 self._unmark(old, DEVICE)
@@ -634,7 +627,7 @@ class AdapterCache:
                 if self._slot_waiters:  # an unpinned landing is a slot others may now evict
                     self._slot_freed.notify_all()
         if load.state == _FAILED:
-            load.future.set_exception(NotFound(f"adapter of user {load.key[1]!r} was deleted while loading"))
+            load.future.set_exception(NotFound(f"adapter of user {load.key.user_id!r} was deleted while loading"))
         else:
             load.future.set_result(load.slot)
 

@@ -26,9 +26,10 @@ from typing import Any, NamedTuple, TypeVar
 import redis
 import redis.cluster
 
+from personalize import valkey
 from personalize.adapters.store.base import check_checksum
 from personalize.adapters.store.keys import user_digest
-from personalize.errors import Conflict, CorruptObject, InvalidArgument, Unavailable
+from personalize.errors import Conflict, CorruptObject, InvalidArgument
 
 T = TypeVar("T")
 
@@ -298,16 +299,15 @@ class Registry:
         self._layout_checked = True
 
     def _call(self, fn: Callable[[], T]) -> T:
-        try:
-            return fn()
-        except redis.exceptions.ResponseError as exc:
-            if "unknown adapter record format" in str(exc):
-                raise CorruptObject(f"registry {self.namespace!r}: {exc}") from exc
-            raise Unavailable(f"registry server refused a command: {exc}") from exc
-        except redis.exceptions.RedisError as exc:
-            raise Unavailable(f"registry server unreachable ({type(exc).__name__}: {exc})") from exc
-        except OSError as exc:
-            raise Unavailable(f"registry server unreachable ({exc})") from exc
+        def checked() -> T:
+            try:
+                return fn()
+            except redis.exceptions.ResponseError as exc:  # the record scripts' own refusal
+                if "unknown adapter record format" in str(exc):
+                    raise CorruptObject(f"registry {self.namespace!r}: {exc}") from exc
+                raise
+
+        return valkey.call(checked, "registry server")
 
 
 def open_registry(config: RegistryConfig) -> Registry:

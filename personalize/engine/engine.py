@@ -11,7 +11,6 @@ import itertools
 import logging
 import queue
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import torch
 
 from personalize.engine.llama import FastLlama
 from personalize.engine.sampling import sample_token
-from personalize.engine.text import TextStream
+from personalize.engine.text import TextStream, encode_prompt
 from personalize.engine.types import GenerationResult, SamplingParams
 from personalize.errors import DeadlineExceeded, InvalidArgument, PersonalizeError, ResourceExhausted
 from personalize.lora.slots import SlotPool
@@ -129,13 +128,7 @@ class Engine:
 
     # -- submission (any thread) -------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
-        ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        if bos is not None:
-            ids = [bos, *ids]
-        if not ids:  # an empty prompt still needs one position to start from
-            ids = [self.tokenizer.pad_token_id or 0]
-        return ids
+        return encode_prompt(self.tokenizer, prompt)
 
     def submit(self, prompt: str | list[int], params: SamplingParams, slot: int | None = None,
                on_done: Callable[[GenerationResult | None], None] | None = None) -> RequestHandle:
@@ -318,9 +311,3 @@ class Engine:
             self._running, self._waiting = [], deque()
         for req in victims:
             self._complete(req, None, err)
-
-
-def wait_all(handles: list[RequestHandle], timeout: float | None = None) -> list[GenerationResult]:
-    """Results of several handles, in order."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    return [h.result(None if deadline is None else max(0.0, deadline - time.monotonic())) for h in handles]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from personalize.lora.slots import LoraGroup, SlotPool, llama_groups
+from personalize.lora.slots import GROUPS, LoraGroup, SlotPool, llama_groups
 
 
 @dataclass
@@ -90,8 +90,7 @@ class FastLlama:
         attn, mlp = layer.self_attn, layer.mlp
         mods = {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj, "o_proj": attn.o_proj,
                 "gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj, "down_proj": mlp.down_proj}
-        members = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
-                   "down": ("down_proj",)}
+        members = dict(GROUPS)  # the slots' fused groups: the engine fuses the same projections
         w, bias = {}, {}
         for g, names in members.items():
             w[g] = torch.cat([mods[n].weight for n in names]).contiguous()

@@ -1,8 +1,20 @@
-"""Incremental detokenization with stop strings: pieces are emitted only once they are final."""
+"""Text in and out of the model: prompt encoding (the one place serving and training tokenize a prompt)
+and incremental detokenization with stop strings (pieces are emitted only once they are final)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """The token ids of `prompt` as the model sees it, serving and training alike: BOS (when the tokenizer
+    has one) then the text without other special tokens; an empty result becomes one pad token, since a
+    generation needs one position to start from."""
+    ids = list(tokenizer.encode(prompt, add_special_tokens=False))
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None:
+        ids = [bos, *ids]
+    return ids or [tokenizer.pad_token_id or 0]
 
 
 class TextStream:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from personalize.engine.text import encode_prompt
 from personalize.feedback.events import FeedbackEvent
 
 
@@ -42,10 +43,7 @@ def select_rows(batch: TrainBatch, rows: Tensor) -> TrainBatch:
 
 def encode_example(tokenizer: Any, prompt: str, answer: str, max_tokens: int) -> tuple[list[int], list[int]]:
     """(ids, labels) for prompt + answer + EOS; the prompt is context only. Keeps the end if too long."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    prompt_ids = ([bos] if bos is not None else []) + list(tokenizer.encode(prompt, add_special_tokens=False))
-    if not prompt_ids:
-        prompt_ids = [tokenizer.pad_token_id or 0]
+    prompt_ids = encode_prompt(tokenizer, prompt)  # as the engine encodes it when serving
     answer_ids = [*tokenizer.encode(answer, add_special_tokens=False), tokenizer.eos_token_id]
     ids = (prompt_ids + answer_ids)[-max_tokens:]
     labels = ([-100] * len(prompt_ids) + answer_ids)[-max_tokens:]

@@ -18,11 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import redis
-
+from personalize import valkey
 from personalize.adapters.store.keys import user_digest
 from personalize.errors import InvalidArgument, Unavailable
-from personalize.feedback.events import FeedbackEvent
+from personalize.feedback.events import FeedbackEvent, event_id_key
 
 T = TypeVar("T")
 
@@ -161,15 +160,6 @@ class FeedbackStream:
             out += [Delivered(p, _s(i), FeedbackEvent.from_fields(f)) for i, f in entries if f]
         return out
 
-    def delivery_counts(self, p: int, ids: Sequence[str]) -> dict[str, int]:
-        """How many times each pending id was delivered."""
-        if not ids:
-            return {}
-        lo, hi = min(ids, key=_id_key), max(ids, key=_id_key)
-        rows = self._call(lambda: self.client.xpending_range(self.stream_key(p), self.config.group, lo, hi,
-                                                             count=len(ids) * 4 + 16))
-        return {_s(r["message_id"]): int(r["times_delivered"]) for r in rows}
-
     def ack(self, tenant: str, user_id: str, ids: Sequence[str]) -> int:
         """Acknowledge applied events: gone from the stream, the group's pending list and the user's set."""
         if not ids:
@@ -200,7 +190,7 @@ class FeedbackStream:
     def delete_user(self, tenant: str, user_id: str) -> int:
         """Drop every not-yet-applied event of the user and the user's idempotency keys; returns how many
         events."""
-        ids = sorted(self.pending_ids(tenant, user_id), key=_id_key)
+        ids = sorted(self.pending_ids(tenant, user_id), key=event_id_key)
         self.ack(tenant, user_id, ids)
         self._call(functools.partial(self.client.delete, self._idempotency_key(tenant, user_id)))
         return len(ids)
@@ -219,18 +209,9 @@ class FeedbackStream:
         return out
 
     def _call(self, fn: Callable[[], T]) -> T:
-        try:
-            return fn()
-        except redis.exceptions.ResponseError as exc:
-            raise Unavailable(f"feedback stream refused a command: {exc}") from exc
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise Unavailable(f"feedback stream unreachable ({type(exc).__name__}: {exc})") from exc
+        return valkey.call(fn, "feedback stream")
 
 
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
-
-def _id_key(event_id: str) -> tuple[int, int]:
-    ms, _, seq = event_id.partition("-")
-    return int(ms), int(seq or 0)

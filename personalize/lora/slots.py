@@ -70,6 +70,17 @@ def llama_groups(hf_config: Any, target_modules: tuple[str, ...]) -> tuple[LoraG
     return tuple(groups)
 
 
+def slot_nbytes(hf_config: Any, r_max: int, target_modules: tuple[str, ...] = TARGET_MODULES,
+                dtype: torch.dtype = torch.float32) -> int:
+    """Bytes one SlotPool slot takes for this model, rank and dtype (equals `SlotPool.slot_nbytes`)."""
+    per_layer = 0
+    for group in llama_groups(hf_config, target_modules):
+        for part in group.parts:
+            start, end = group.out_slices[part]
+            per_layer += r_max * (group.d_in + end - start)
+    return (hf_config.num_hidden_layers * per_layer + 1) * dtype.itemsize  # + 1: the slot's scaling
+
+
 class SlotPool:
     """Stacked adapter tensors for `num_slots` adapters on one device. Not thread-safe: the owner locks."""
 
@@ -98,7 +109,7 @@ class SlotPool:
 
     @property
     def slot_nbytes(self) -> int:
-        """Bytes one slot occupies (at r_max)."""
+        """Bytes one slot occupies (at r_max): `slot_nbytes(...)` of this pool's model, read off its tensors."""
         return self.nbytes // self.num_slots
 
     @property

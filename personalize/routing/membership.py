@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import redis
 
+from personalize import valkey
 from personalize.errors import InvalidArgument, Unavailable
 from personalize.routing.ring import DEFAULT_VNODES, Ring
 
@@ -135,12 +136,7 @@ def ring_of(nodes: Mapping[str, NodeInfo], vnodes: int = DEFAULT_VNODES) -> Ring
 
 def _call(fn: Callable[[], T]) -> T:
     """Run one server round trip; Unavailable when the server cannot be reached or refuses."""
-    try:
-        return fn()
-    except redis.exceptions.RedisError as exc:
-        raise Unavailable(f"membership server unreachable ({type(exc).__name__}: {exc})") from exc
-    except OSError as exc:
-        raise Unavailable(f"membership server unreachable ({exc})") from exc
+    return valkey.call(fn, "membership server")
 
 
 def _check_binary_client(client: Any) -> None:

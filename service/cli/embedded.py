@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from personalize_service.net import find_free_port
+from personalize_service.net import find_free_port, port_is_free
 
 HOST = "127.0.0.1"
 LOCK_FILE = "valkey.lock"
@@ -192,11 +192,11 @@ class EmbeddedValkey:
 
     def _choose_port(self) -> int:
         if self.config.port:
-            if not _bindable(self.config.port):
+            if not port_is_free(HOST, self.config.port):
                 raise EmbeddedValkeyError(f"port {self.config.port} on {HOST} is already in use; "
                                           "choose another or 0 for a free one")
             return self.config.port
-        if self._port is not None and _bindable(self._port):
+        if self._port is not None and port_is_free(HOST, self._port):
             return self._port  # a restart keeps its URL when it can
         return find_free_port()
 
@@ -288,16 +288,6 @@ def _lock_data_dir(data_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as valkey binds: TIME_WAIT is fine
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
 
 
 def _ping(port: int) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from personalize_service.cli import settings
+from personalize_service.net import port_is_free
 
 if TYPE_CHECKING:
     from personalize.config import Config
@@ -40,18 +40,6 @@ DEFAULT_PORT = 50051
 
 class LaunchError(Exception):
     """A server command cannot start; the message says what to do."""
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """Whether a listening socket could bind host:port now (TIME_WAIT leftovers do not count)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def check_ports(host: str, values: Mapping[str, Any]) -> None:

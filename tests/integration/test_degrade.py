@@ -19,7 +19,6 @@ import torch
 from s3server import S3Server, start_weed_mini
 
 from personalize import bootstrap
-from personalize.adapters.cache import slot_nbytes
 from personalize.adapters.registry import RegistryConfig
 from personalize.adapters.repository import AdapterRepository
 from personalize.adapters.store import FileStore, S3Store
@@ -30,6 +29,7 @@ from personalize.engine.types import SamplingParams
 from personalize.errors import CorruptObject, IncompatibleAdapter, Unavailable
 from personalize.lora.adapter import Adapter
 from personalize.lora.format import random_adapter, write_peft
+from personalize.lora.slots import slot_nbytes
 from personalize.model import default_llama_config
 from personalize.worker import Worker
 from personalize_service.cli import commands as cli

@@ -14,7 +14,6 @@ import torch
 from s3server import S3Server
 
 from personalize import bootstrap
-from personalize.adapters.cache import slot_nbytes
 from personalize.adapters.registry import RegistryConfig
 from personalize.adapters.store.keys import user_digest, user_prefix
 from personalize.config import Config, LoraConfig
@@ -22,6 +21,7 @@ from personalize.engine.types import SamplingParams
 from personalize.errors import NotFound
 from personalize.feedback.events import FeedbackEvent
 from personalize.lora.format import random_adapter, write_peft
+from personalize.lora.slots import slot_nbytes
 from personalize.model import default_llama_config
 from personalize.worker import Worker
 

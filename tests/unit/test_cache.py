@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from personalize.adapters.cache import AdapterCache, CacheConfig, Lease, slot_nbytes, slots_for_budget
+from personalize.adapters.cache import AdapterCache, CacheConfig, Lease, slots_for_budget
 from personalize.adapters.lru import EVICTABLE, FREED, KEPT, ByteLRU, SlotTable
 from personalize.adapters.store.keys import user_digest
 from personalize.errors import (
@@ -27,7 +27,7 @@ from personalize.errors import (
     ResourceExhausted,
 )
 from personalize.lora.adapter import TARGET_MODULES, Adapter
-from personalize.lora.slots import SlotPool
+from personalize.lora.slots import SlotPool, slot_nbytes
 from personalize.model import default_llama_config
 from tests.helpers import holds, make_adapter
 
