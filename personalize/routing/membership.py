@@ -62,11 +62,11 @@ class MembershipConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.namespace, str) or not _NAMESPACE_RE.match(self.namespace):
-            raise ValueError(f"namespace must match {_NAMESPACE_RE.pattern}, got {self.namespace!r}")
+            raise InvalidArgument(f"namespace must match {_NAMESPACE_RE.pattern}, got {self.namespace!r}")
         if not math.isfinite(self.ttl_s) or self.ttl_s < 0.01:
-            raise ValueError(f"ttl_s must be a finite number >= 0.01, got {self.ttl_s!r}")
+            raise InvalidArgument(f"ttl_s must be a finite number >= 0.01, got {self.ttl_s!r}")
         if not math.isfinite(self.heartbeat_s) or not 0 < self.heartbeat_s < self.ttl_s:
-            raise ValueError(f"heartbeat_s must be in (0, ttl_s={self.ttl_s}), got {self.heartbeat_s!r}")
+            raise InvalidArgument(f"heartbeat_s must be in (0, ttl_s={self.ttl_s}), got {self.heartbeat_s!r}")
 
     @property
     def index_key(self) -> str:
@@ -312,7 +312,7 @@ class Watcher:
     def __init__(self, membership: Membership, on_change: Callable[[dict[str, NodeInfo]], None] | None = None,
                  poll_s: float = 0.5) -> None:
         if not math.isfinite(poll_s) or poll_s <= 0:
-            raise ValueError(f"poll_s must be a finite number > 0, got {poll_s!r}")
+            raise InvalidArgument(f"poll_s must be a finite number > 0, got {poll_s!r}")
         self.membership = membership
         self.poll_s = poll_s
         self._on_change = on_change

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
+from personalize.errors import InvalidArgument
 from personalize.routing.membership import NodeInfo, ring_of
 from personalize.routing.ring import DEFAULT_EPS, DEFAULT_STICKY_KEYS, DEFAULT_VNODES, BoundedLoadBalancer, Ring
 
@@ -52,9 +53,9 @@ class RouteConfig:
         for name in ("eps", "owner_share", "poll_s", "suspect_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+                raise InvalidArgument(f"{name} must be a finite number >= 0, got {value!r}")
         if self.poll_s <= 0:
-            raise ValueError(f"poll_s must be > 0, got {self.poll_s!r}")
+            raise InvalidArgument(f"poll_s must be > 0, got {self.poll_s!r}")
 
 
 class Placement:

@@ -23,7 +23,7 @@ from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from types import MappingProxyType
 
-from personalize.errors import Unavailable
+from personalize.errors import InvalidArgument, Unavailable
 
 DEFAULT_VNODES = 160
 DEFAULT_EPS = 0.25
@@ -77,16 +77,16 @@ def _check_weights(nodes: Mapping[str, float] | Iterable[str]) -> dict[str, floa
     weights = dict(nodes) if isinstance(nodes, Mapping) else dict.fromkeys(nodes, 1.0)
     for name, weight in weights.items():
         if not isinstance(name, str) or not name:
-            raise ValueError(f"node names must be non-empty str, got {name!r}")
+            raise InvalidArgument(f"node names must be non-empty str, got {name!r}")
         if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) \
                 or weight <= 0:
-            raise ValueError(f"weight of node {name!r} must be a finite number > 0, got {weight!r}")
+            raise InvalidArgument(f"weight of node {name!r} must be a finite number > 0, got {weight!r}")
     return weights
 
 
 def _check_eps(eps: float) -> None:
     if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        raise InvalidArgument(f"eps must be a finite number >= 0, got {eps!r}")
 
 
 class Ring:
@@ -101,7 +101,7 @@ class Ring:
 
     def __init__(self, nodes: Mapping[str, float] | Iterable[str], vnodes: int = DEFAULT_VNODES) -> None:
         if isinstance(vnodes, bool) or not isinstance(vnodes, int) or vnodes < 1:
-            raise ValueError(f"vnodes must be an int >= 1, got {vnodes!r}")
+            raise InvalidArgument(f"vnodes must be an int >= 1, got {vnodes!r}")
         self.vnodes = vnodes
         self._weights = _check_weights(nodes)
         self._total_weight = math.fsum(self._weights.values())  # exactly rounded: node order never matters
@@ -109,7 +109,8 @@ class Ring:
         for name, weight in self._weights.items():
             count = max(1, round(vnodes * weight))
             if count > MAX_POINTS_PER_NODE:
-                raise ValueError(f"node {name!r}: vnodes * weight = {count} points, more than {MAX_POINTS_PER_NODE}")
+                raise InvalidArgument(f"node {name!r}: vnodes * weight = {count} points, "
+                                      f"more than {MAX_POINTS_PER_NODE}")
             placed.extend((point, name) for point in node_points(name, count))
         placed.sort()  # ties (a 2**-64 chance) break by name, so every process agrees
         self._points = [point for point, _ in placed]
@@ -147,7 +148,7 @@ class Ring:
         """The first `n` distinct nodes clockwise from `key` (all nodes when n is None; fewer when the
         ring has fewer): the key's spill order, `owners(key)[0] == owner(key)`."""
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(f"n must be an int >= 1 or None, got {n!r}")
+            raise InvalidArgument(f"n must be an int >= 1 or None, got {n!r}")
         want = len(self._weights) if n is None else min(n, len(self._weights))
         found: list[str] = []
         for name in self._walk(self._start(key)):
@@ -234,7 +235,7 @@ class BoundedLoadBalancer:
     def __init__(self, ring: Ring, eps: float = DEFAULT_EPS, sticky_keys: int = DEFAULT_STICKY_KEYS) -> None:
         _check_eps(eps)
         if isinstance(sticky_keys, bool) or not isinstance(sticky_keys, int) or sticky_keys < 0:
-            raise ValueError(f"sticky_keys must be an int >= 0, got {sticky_keys!r}")
+            raise InvalidArgument(f"sticky_keys must be an int >= 0, got {sticky_keys!r}")
         self.eps = eps
         self.sticky_keys = sticky_keys
         self._lock = threading.Lock()

@@ -63,7 +63,7 @@ def test_node_info_round_trips_and_validates() -> None:
                         **bad})  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument):
         unpack_node("w", b"{not json")
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument):
         MembershipConfig(ttl_s=1.0, heartbeat_s=1.0)
 
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from personalize.errors import Unavailable
+from personalize.errors import InvalidArgument, Unavailable
 from personalize.routing.ring import BoundedLoadBalancer, Ring, key_hash, load_bound, node_points, route_key
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,13 +94,13 @@ def test_owners_are_distinct_prefixes_of_the_spill_order(names: list[str], key: 
 
 def test_bad_arguments_are_refused() -> None:
     for nodes in ({"a": 0.0}, {"a": -1.0}, {"a": math.nan}, {"": 1.0}, {"a": math.inf}):
-        with pytest.raises(ValueError):
+        with pytest.raises(InvalidArgument):
             Ring(nodes)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument):
         Ring(["a"], vnodes=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument):
         RING8.owners("k", 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument):
         RING8.pick("k", {}, eps=-0.1)
     with pytest.raises(Unavailable):
         Ring([]).owner("k")
