@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -61,9 +61,22 @@ def _target_modules(model: nn.Module) -> Iterator[tuple[int, str, nn.Module, str
                     yield i, name, parent, parent_name
 
 
-def inject(model: nn.Module, tensors: Any) -> dict[str, Any]:
-    """Replace each target linear of `model` with a MultiLoraLinear over `tensors` (a SlotPool or any object
-    with `module_view(layer, module)`, `scaling` and `target_modules`). Returns the shared state dict whose
+class SlotTensors(Protocol):
+    """What `inject` reads: per-slot LoRA tensors by layer and module (SlotPool, the trainer's StackedAdapters)."""
+
+    target_modules: tuple[str, ...]
+    """Projections that carry LoRA."""
+    scaling: Tensor
+    """[S] per-slot scaling."""
+
+    def module_view(self, layer: int, module: str) -> tuple[Tensor, Tensor]:
+        """(lora_a [S, r, d_in], lora_b [S, r, d_out]) of one module of one layer, shared views."""
+        ...
+
+
+def inject(model: nn.Module, tensors: SlotTensors) -> dict[str, Any]:
+    """Replace each target linear of `model` with a MultiLoraLinear over `tensors` (a SlotPool, or any
+    SlotTensors). Returns the shared state dict whose
     "slots" / "path" entries drive every injected layer; prefer `use_slots` to set them."""
     state: dict[str, Any] = {"slots": None, "path": "gathered", "segments": None}
     for i, name, parent, _ in _target_modules(model):
