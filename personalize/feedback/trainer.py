@@ -178,7 +178,7 @@ def train_round(model: Any, tokenizer: Any, jobs: list[UserJob], config: Trainer
 
 def _user_losses(model: Any, state: dict[str, Any], batch: TrainBatch, config: TrainerConfig,
                  ref: torch.Tensor | None, users: int) -> tuple[torch.Tensor, torch.Tensor]:
-    with use_slots(state, batch.user_index, "gathered", config.lora_dropout):
+    with use_slots(state, batch.user_index, config.lora_dropout):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     logp, mask = token_logprobs(logits, batch.labels)
     seq = logp.sum(-1)

@@ -13,10 +13,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from personalize.errors import InvalidArgument
-from personalize.lora.ops import lora_gathered, lora_grouped, slot_segments
-
-PATHS = ("gathered", "grouped")
+from personalize.lora.ops import lora_gathered
 
 
 class MultiLoraLinear(nn.Module):
@@ -42,13 +39,7 @@ class MultiLoraLinear(nn.Module):
         dropout = self._state.get("dropout", 0.0)
         if dropout:  # LoRA dropout (training only): regularizes the adapter, never the base path
             x3 = torch.nn.functional.dropout(x3, dropout, training=True)
-        if self._state.get("path") == "grouped":
-            seg = self._state.get("segments")
-            if seg is None:
-                seg = self._state["segments"] = slot_segments(slots)
-            delta = lora_grouped(x3, self.lora_a, self.lora_b, self.scaling, seg)
-        else:
-            delta = lora_gathered(x3, self.lora_a, self.lora_b, self.scaling, slots)
+        delta = lora_gathered(x3, self.lora_a, self.lora_b, self.scaling, slots)
         return y + (delta.squeeze(1) if squeeze else delta).to(y.dtype)
 
 
@@ -77,8 +68,8 @@ class SlotTensors(Protocol):
 def inject(model: nn.Module, tensors: SlotTensors) -> dict[str, Any]:
     """Replace each target linear of `model` with a MultiLoraLinear over `tensors` (a SlotPool, or any
     SlotTensors). Returns the shared state dict whose
-    "slots" / "path" entries drive every injected layer; prefer `use_slots` to set them."""
-    state: dict[str, Any] = {"slots": None, "path": "gathered", "segments": None}
+    "slots" entry drives every injected layer; prefer `use_slots` to set them."""
+    state: dict[str, Any] = {"slots": None}
     for i, name, parent, _ in _target_modules(model):
         if name in tensors.target_modules:
             lora_a, lora_b = tensors.module_view(i, name)
@@ -87,16 +78,14 @@ def inject(model: nn.Module, tensors: SlotTensors) -> dict[str, Any]:
 
 
 @contextmanager
-def use_slots(state: dict[str, Any], slots: Tensor, path: str = "gathered", dropout: float = 0.0) -> Iterator[None]:
-    """Run forwards inside the block with row n using slot slots[n]; path is 'gathered' or 'grouped';
-    dropout > 0 applies LoRA dropout to the adapter input (training)."""
-    if path not in PATHS:
-        raise InvalidArgument(f"unknown multi-LoRA path {path!r}; choose one of {PATHS}")
-    state.update(slots=slots, path=path, segments=None, dropout=dropout)
+def use_slots(state: dict[str, Any], slots: Tensor, dropout: float = 0.0) -> Iterator[None]:
+    """Run forwards inside the block with row n using slot slots[n] (`lora_gathered`); dropout > 0 applies
+    LoRA dropout to the adapter input (training)."""
+    state.update(slots=slots, dropout=dropout)
     try:
         yield
     finally:
-        state.update(slots=None, segments=None, dropout=0.0)
+        state.update(slots=None, dropout=0.0)
 
 
 def eject(model: nn.Module) -> None:

@@ -8,10 +8,7 @@ Adapters of smaller rank are zero-padded to r; a zero pad contributes exactly 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -48,46 +45,3 @@ def lora_gathered(x: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: Tensor, sl
     safe = slots.clamp(min=0)
     row_scale = torch.where(slots >= 0, scaling[safe], torch.zeros_like(scaling[safe]))
     return lora_lanes(x, lora_a[safe], lora_b[safe], row_scale)
-
-
-@dataclass(frozen=True)
-class SlotSegments:
-    """Rows of a batch regrouped by slot, so each used slot is one contiguous segment."""
-
-    order: Tensor
-    """[M] row indices that have an adapter, sorted by slot (stable)."""
-    used_slots: Tensor
-    """[G] distinct slots in order of their segments."""
-    offsets: Tensor
-    """[G] int32 cumulative segment ends in `order` (grouped_mm's `offs`)."""
-
-
-def slot_segments(slots: Tensor) -> SlotSegments:
-    """Index bookkeeping for lora_grouped: which rows form which slot's segment. slots: [N] (-1 = none)."""
-    has = torch.nonzero(slots >= 0).flatten()
-    by_slot = torch.argsort(slots[has], stable=True)
-    order = has[by_slot]
-    used, counts = torch.unique_consecutive(slots[order], return_counts=True)
-    return SlotSegments(order=order, used_slots=used, offsets=torch.cumsum(counts, 0).to(torch.int32))
-
-
-def lora_grouped(x: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: Tensor, seg: SlotSegments) -> Tensor:
-    """Segment matmul (SGMV): tokens of each slot's segment times that slot's weights, one grouped op.
-
-    x: [N, L, d_in]; weights as lora_reference; `seg` from slot_segments(slots). Rows sharing a slot
-    read its weights once (prefill, single-adapter batches). Returns [N, L, d_out].
-    """
-    n, length, _ = x.shape
-    out = x.new_zeros(n, length, lora_b.shape[-1])
-    if seg.order.numel() == 0:
-        return out
-    # grouped_mm groups along dim 0 of a 2-D input: a row's L tokens stay inside its segment.
-    tokens = x[seg.order].reshape(-1, x.shape[-1])  # [M*L, d_in]
-    offs = seg.offsets * length
-    a = lora_a[seg.used_slots].transpose(1, 2)  # [G, d_in, r]
-    shrunk = F.grouped_mm(tokens, a, offs=offs)  # [M*L, r]
-    seg_scale = torch.repeat_interleave(scaling[seg.used_slots], torch.diff(offs, prepend=offs.new_zeros(1)))
-    shrunk = shrunk * seg_scale.unsqueeze(1).to(shrunk.dtype)
-    delta = F.grouped_mm(shrunk, lora_b[seg.used_slots], offs=offs)  # [M*L, d_out]
-    out[seg.order] = delta.view(-1, length, delta.shape[-1])
-    return out

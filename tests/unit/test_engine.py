@@ -52,15 +52,14 @@ def test_mixed_batch_logits_equal_peft_row_by_row(base: BaseModel, adapters: lis
         torch.testing.assert_close(logits[row], ref, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("path", ["gathered", "grouped"])
-def test_injected_layers_equal_peft(base: BaseModel, adapters: list, pool: SlotPool, path: str) -> None:
+def test_injected_layers_equal_peft(base: BaseModel, adapters: list, pool: SlotPool) -> None:
     import copy
 
     model = copy.deepcopy(base.model)
     state = inject(model, pool)
     slots: list[int | None] = [3, None, 0, 3]
     ids = torch.randint(3, 250, (len(slots), 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad(), use_slots(state, slots_tensor(slots), path):
+    with torch.no_grad(), use_slots(state, slots_tensor(slots)):
         logits = model(ids).logits
     for row, slot in enumerate(slots):
         ref_model = base.model if slot is None else peft_model(base.model, adapters[slot])

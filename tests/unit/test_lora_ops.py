@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personalize.lora.ops import lora_gathered, lora_grouped, lora_lanes, lora_reference, slot_segments
+from personalize.lora.ops import lora_gathered, lora_lanes, lora_reference
 
 CASES = [
     # (slots, tokens per row)
@@ -34,7 +34,6 @@ def test_fast_paths_equal_reference(slots: list[int], length: int) -> None:
     idx = torch.tensor(slots)
     ref = lora_reference(x, a, b, scaling, idx)
     torch.testing.assert_close(lora_gathered(x, a, b, scaling, idx), ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lora_grouped(x, a, b, scaling, slot_segments(idx)), ref, atol=1e-5, rtol=1e-5)
     safe = idx.clamp(min=0)
     lane_scale = torch.where(idx >= 0, scaling[safe], torch.zeros(()))
     torch.testing.assert_close(lora_lanes(x, a[safe], b[safe], lane_scale), ref, atol=1e-5, rtol=1e-5)
@@ -47,9 +46,3 @@ def test_base_only_rows_get_exact_zero() -> None:
     assert torch.count_nonzero(out[0]) == 0 and torch.count_nonzero(out[2]) == 0
     assert torch.count_nonzero(out[1]) > 0
 
-
-def test_segments_group_rows_by_slot() -> None:
-    seg = slot_segments(torch.tensor([2, -1, 0, 2, 0]))
-    assert seg.order.tolist() == [2, 4, 0, 3]
-    assert seg.used_slots.tolist() == [0, 2]
-    assert seg.offsets.tolist() == [2, 4]
