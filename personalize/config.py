@@ -69,5 +69,7 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.feedback.namespace != self.registry.namespace:  # one deployment, one key prefix
-            raise InvalidArgument(f"feedback.namespace {self.feedback.namespace!r} differs from registry.namespace "
-                                  f"{self.registry.namespace!r}; they name the same deployment's keys")
+            raise InvalidArgument(
+                f"feedback.namespace {self.feedback.namespace!r} differs from registry.namespace "
+                f"{self.registry.namespace!r}; they name the same deployment's keys"
+            )
