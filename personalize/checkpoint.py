@@ -33,9 +33,10 @@ def resolve(name: str) -> Path:
     if name.count("/") == 1 and not path.exists():
         from huggingface_hub import constants, snapshot_download
 
-        looked.append(f"Hugging Face cache {constants.HF_HUB_CACHE} (repo {name}, offline)")
+        cache_dir = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+        looked.append(f"Hugging Face cache {cache_dir} (repo {name}, offline)")
         try:
-            snapshot = Path(snapshot_download(name, local_files_only=True))
+            snapshot = Path(snapshot_download(name, local_files_only=True, cache_dir=cache_dir))
         except Exception:
             snapshot = None
         if snapshot is not None and (snapshot / "config.json").is_file():

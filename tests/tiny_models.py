@@ -86,16 +86,15 @@ def randomize(model: torch.nn.Module, seed: int, std: float = 0.2) -> None:
                 param.copy_(noise * std)
 
 
-def save_tiny(family: str, directory: Path, seed: int = 7, **overrides: Any) -> Path:
-    """Write a random tiny model of `family` with its tokenizer into `directory`; returns it."""
+def save_tiny(family: str, directory: Path, seed: int = 7, max_shard_size: str = "5GB") -> Path:
+    """Write a random tiny model of `family` with its tokenizer into `directory` (in shards of at most
+    `max_shard_size`); returns it."""
     config = FAMILIES[family]()
-    for key, value in overrides.items():
-        setattr(config, key, value)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     randomize(model, seed)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, max_shard_size=max_shard_size)
     train_tokenizer().save_pretrained(directory)
     return directory
