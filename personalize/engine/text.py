@@ -62,7 +62,10 @@ class TextStream:
         return piece
 
     def push(self, token_id: int) -> str:
-        """Add one token; returns the newly final text (maybe empty). Sets `stopped` on a stop string."""
+        """Add one token; returns the newly final text (maybe empty). Sets `stopped` on a stop string,
+        after which nothing more is emitted."""
+        if self.stopped:
+            return ""
         self.ids.append(token_id)
         delta = self._new_text(final=False)
         if not delta:
