@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
 from personalize.checkpoint import checkpoint_fingerprint, eos_ids, read_config, resolve
+from personalize.engine.llama import read_family
 from personalize.errors import InvalidArgument
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
@@ -142,6 +143,7 @@ def _load_checkpoint(config: ModelConfig) -> BaseModel:
     path = resolve(config.path)
     hf_config = read_config(path)
     _check_supported(hf_config, path)
+    read_family(AutoConfig.from_pretrained(path, local_files_only=True))  # refuse what the forward lacks
     digest = checkpoint_fingerprint(path, hf_config)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=config.torch_dtype, local_files_only=True,
                                                  device_map=torch.device(config.device))

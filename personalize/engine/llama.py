@@ -41,10 +41,24 @@ class Family:
     final_softcap: float | None
 
 
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+"""Rope types whose tables depend on the current sequence length: one precomputed table cannot match."""
+
+
+def _rope_types(cfg: Any) -> set[str]:
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    nested = [p for p in params.values() if isinstance(p, dict)] or [params]
+    return {str(p.get("rope_type", p.get("type", "default"))) for p in nested}
+
+
 def read_family(cfg: Any) -> Family:
     """The family description of a transformers config; refuses what this forward does not implement."""
     if getattr(cfg, "attn_logit_softcapping", None) is not None:
         raise InvalidArgument("attention logit soft-capping (Gemma 2) is not supported by the fused forward")
+    dependent = _rope_types(cfg) & set(_LENGTH_DEPENDENT_ROPE)
+    if dependent:
+        raise InvalidArgument(f"rope scaling {sorted(dependent)} is not supported (its tables depend on the "
+                              f"sequence length); supported: default, linear, llama3, yarn")
     gemma = cfg.model_type.startswith("gemma")
     layers = cfg.num_hidden_layers
     layer_types = getattr(cfg, "layer_types", None)

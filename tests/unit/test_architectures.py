@@ -12,7 +12,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from personalize.engine.engine import Engine, EngineConfig
-from personalize.engine.llama import FastLlama
+from personalize.engine.llama import FastLlama, read_family
 from personalize.engine.types import SamplingParams
 from personalize.errors import InvalidArgument
 from personalize.feedback.events import FeedbackEvent
@@ -112,3 +112,22 @@ def test_unsupported_model_type_is_refused_before_any_weight_is_read(tmp_path: P
     with pytest.raises(InvalidArgument, match="gpt_bigcode") as info:
         load_base_model(ModelConfig(path=str(tmp_path)))
     assert all(t in str(info.value) for t in SUPPORTED_MODEL_TYPES)
+
+
+def test_length_dependent_rope_is_refused() -> None:
+    config = FAMILIES["llama"]()
+    config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(InvalidArgument, match="dynamic"):
+        read_family(config)
+    assert read_family(FAMILIES["llama3-rope"]()).norm_offset == 0.0
+    assert read_family(FAMILIES["gemma3"]()).windows == (7, None, 7)
+
+
+def test_unimplemented_rope_is_refused_before_any_weight_is_read(tmp_path: Path) -> None:
+    config = FAMILIES["llama"]()
+    config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                              "long_factor": [1.0] * 8, "original_max_position_embeddings": 16}
+    config.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a weight file")
+    with pytest.raises(InvalidArgument, match="longrope"):
+        load_base_model(ModelConfig(path=str(tmp_path)))
