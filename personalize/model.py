@@ -20,7 +20,7 @@ from personalize.checkpoint import checkpoint_fingerprint, eos_ids, read_config,
 from personalize.engine.llama import read_family
 from personalize.errors import InvalidArgument
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 """config.json `model_type`s the fused engine forward implements (engine/llama.py)."""
 DEFAULT_SEED = 1234
 DEFAULT_EMBED_STD = 1.0

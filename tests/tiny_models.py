@@ -10,6 +10,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
@@ -44,6 +45,8 @@ FAMILIES: dict[str, Any] = {
     "mistral": lambda: MistralConfig(**_SHAPE, sliding_window=7),
     "qwen2": lambda: Qwen2Config(**_SHAPE, tie_word_embeddings=True),
     "qwen3": lambda: Qwen3Config(**_SHAPE, head_dim=24, tie_word_embeddings=True),
+    "gemma2": lambda: Gemma2Config(**_SHAPE, head_dim=16, sliding_window=7, query_pre_attn_scalar=12,
+                                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
     "gemma3": lambda: Gemma3TextConfig(**_SHAPE, head_dim=16, sliding_window=7, query_pre_attn_scalar=12,
                                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                        rope_parameters={"full_attention": _rope("linear", factor=2.0),

@@ -38,6 +38,8 @@ class Family:
     """Per layer: which rotary table it uses (Gemma 3 has one per layer type), None = the model's one."""
     query_scale: float | None
     """Attention scale; None = 1/sqrt(head_dim)."""
+    attn_softcap: float | None
+    """Attention scores become cap * tanh(scores / cap) before the mask (Gemma 2)."""
     final_softcap: float | None
 
 
@@ -53,8 +55,6 @@ def _rope_types(cfg: Any) -> set[str]:
 
 def read_family(cfg: Any) -> Family:
     """The family description of a transformers config; refuses what this forward does not implement."""
-    if getattr(cfg, "attn_logit_softcapping", None) is not None:
-        raise InvalidArgument("attention logit soft-capping (Gemma 2) is not supported by the fused forward")
     dependent = _rope_types(cfg) & set(_LENGTH_DEPENDENT_ROPE)
     if dependent:
         raise InvalidArgument(f"rope scaling {sorted(dependent)} is not supported (its tables depend on the "
@@ -67,11 +67,14 @@ def read_family(cfg: Any) -> Family:
         windows = tuple(window if t == "sliding_attention" else None for t in layer_types)
     else:
         windows = (window,) * layers
-    rope_keys: tuple[str | None, ...] = tuple(layer_types) if gemma and layer_types else (None,) * layers
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    per_type = bool(layer_types) and all(isinstance(rope.get(t), dict) for t in set(layer_types or ()))
+    rope_keys: tuple[str | None, ...] = tuple(layer_types or ()) if per_type else (None,) * layers
     scalar = getattr(cfg, "query_pre_attn_scalar", None)
     return Family(norm_offset=1.0 if gemma else 0.0, qk_norm=cfg.model_type in ("qwen3", "gemma3_text"),
                   sandwich=gemma, windows=windows, rope_keys=rope_keys,
                   query_scale=scalar ** -0.5 if scalar else None,
+                  attn_softcap=getattr(cfg, "attn_logit_softcapping", None),
                   final_softcap=getattr(cfg, "final_logit_softcapping", None))
 
 
@@ -246,8 +249,26 @@ class FastLlama:
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        if self.family.attn_softcap is not None:
+            return self._capped_attention(q, k, v, mask, causal, self.family.attn_softcap)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                               scale=self.family.query_scale, enable_gqa=self.kv_heads != self.heads)
+
+    def _capped_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
+                          cap: float) -> Tensor:
+        """Attention with soft-capped scores, as transformers' eager Gemma 2 attention (softmax in float32).
+
+        q: [N, heads, Lq, D]; k, v: [N, kv_heads, Lk, D]; mask: boolean [N, 1, Lq, Lk] or None (causal)."""
+        groups = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scale = self.family.query_scale or self.head_dim ** -0.5
+        scores = torch.tanh(torch.matmul(q, k.transpose(2, 3)) * scale / cap) * cap  # [N, heads, Lq, Lk]
+        if mask is None and causal:
+            lq, lk = q.shape[2], k.shape[2]
+            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
     @torch.inference_mode()
     def prefill(self, ids: Tensor, lengths: Tensor, row0: int) -> Tensor:

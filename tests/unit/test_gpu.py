@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 PROMPTS = ["Hello there", "héllo wörld ✓", "日本語のテキスト", "the quick brown fox"]
 
 
-@pytest.mark.parametrize("family", ["llama3-rope", "mistral", "qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("family", ["llama3-rope", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
 def test_bf16_engine_is_as_close_to_fp32_as_peft_bf16(family: str, tmp_path: Path) -> None:
     directory = save_tiny(family, tmp_path)
     fp32 = load_base_model(ModelConfig(path=str(directory), device="cuda"))
