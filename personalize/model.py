@@ -1,4 +1,5 @@
-"""The shared base model: a local Hugging Face causal-LM directory, or the built-in tiny default.
+"""The shared base model: a Hugging Face causal-LM checkpoint (local directory or cached repo id), or the
+built-in tiny default.
 
 The default is a Llama-architecture model built from a fixed config and seed with a byte-level tokenizer,
 so it needs no download and is bit-identical in every process on every machine (same torch build).
@@ -13,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 
+from personalize.checkpoint import checkpoint_fingerprint, eos_ids, read_config, resolve
+from personalize.engine.llama import read_family
 from personalize.errors import InvalidArgument
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+"""config.json `model_type`s the fused engine forward implements (engine/llama.py)."""
 DEFAULT_SEED = 1234
 DEFAULT_EMBED_STD = 1.0
 DEFAULT_HEAD_STD = 0.1
@@ -29,7 +33,8 @@ class ModelConfig:
     """Which base model to load and where it runs."""
 
     path: str = ""
-    """Local Hugging Face model directory; empty = the built-in tiny default model."""
+    """Hugging Face checkpoint: a local directory, or a repo id in the local HF cache (offline); empty =
+    the built-in tiny default model."""
     dtype: str = "float32"
     """Weight dtype: float32, bfloat16 or float16."""
     device: str = "cpu"
@@ -91,8 +96,11 @@ class BaseModel:
     """The transformers causal-LM module (eval mode, no grad)."""
     tokenizer: Any
     fingerprint: str
-    """sha256 over config and weights: adapters record it and serving refuses a mismatch."""
+    """sha256 over config and stored weights (not the serving dtype): adapters record it and serving
+    refuses a mismatch."""
     name: str
+    eos_ids: frozenset[int] = frozenset()
+    """Every token id that ends generation (generation_config.json's list, config's, the tokenizer's)."""
 
     @property
     def config(self) -> Any:
@@ -108,7 +116,8 @@ class BaseModel:
 
 
 def fingerprint(model: torch.nn.Module) -> str:
-    """Identity of a base model: a hash of its architecture fields and every weight's bytes."""
+    """Identity of an in-memory base model: a hash of its architecture fields and every weight's bytes (a
+    checkpoint on disk uses `checkpoint.checkpoint_fingerprint` instead, computed once and cached)."""
     digest = hashlib.sha256()
     cfg = model.config.to_dict()  # type: ignore[union-attr,operator]
     keep = {k: cfg.get(k) for k in sorted(cfg) if k not in ("transformers_version", "_name_or_path", "torch_dtype",
@@ -121,31 +130,44 @@ def fingerprint(model: torch.nn.Module) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def _check_supported(config: dict[str, Any], path: Path) -> None:
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise InvalidArgument(f"model type {model_type!r} of {path} is not supported; "
+                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def _load_checkpoint(config: ModelConfig) -> BaseModel:
+    """A checkpoint straight into the target dtype and device (no float32 copy), after its config.json
+    has been checked, with its cached fingerprint and every EOS id."""
+    path = resolve(config.path)
+    hf_config = read_config(path)
+    _check_supported(hf_config, path)
+    read_family(AutoConfig.from_pretrained(path, local_files_only=True))  # refuse what the forward lacks
+    digest = checkpoint_fingerprint(path, hf_config)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=config.torch_dtype, local_files_only=True,
+                                                 device_map=torch.device(config.device))
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model.eval().requires_grad_(False)
+    return BaseModel(model=model, tokenizer=tokenizer, fingerprint=digest, name=config.path,
+                     eos_ids=eos_ids(path, hf_config, tokenizer.eos_token_id))
+
+
 def load_base_model(config: ModelConfig) -> BaseModel:
     """Load the configured base model onto its device, with its tokenizer and fingerprint (and set this
     process's torch threads when `config.threads` asks for a number)."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    model: Any
-    tokenizer: Any
     if config.path:
-        path = Path(config.path)
-        if not (path / "config.json").is_file():
-            raise InvalidArgument(f"model path {path} is not a Hugging Face model directory (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=config.torch_dtype, local_files_only=True)
-        if model.config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise InvalidArgument(
-                f"model type {model.config.model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        name = str(path)
-    else:
-        # Token identity dominates the residual stream (embeddings >> layer outputs), as in trained models:
-        # a random model built this way can be personalized from a handful of examples.
-        model = build_random_llama(default_llama_config(), config.seed, config.torch_dtype,
-                                   embed_std=DEFAULT_EMBED_STD, head_std=DEFAULT_HEAD_STD)
-        tokenizer = ByT5Tokenizer()
-        name = f"personalize-tiny-llama(seed={config.seed})"
+        return _load_checkpoint(config)
+    # Token identity dominates the residual stream (embeddings >> layer outputs), as in trained models:
+    # a random model built this way can be personalized from a handful of examples. Fingerprinted in
+    # float32, before the cast, so every serving dtype gives the same identity.
+    model = build_random_llama(default_llama_config(), config.seed, torch.float32,
+                               embed_std=DEFAULT_EMBED_STD, head_std=DEFAULT_HEAD_STD)
     model.eval().requires_grad_(False)
     digest = fingerprint(model)
-    model.to(config.device)  # type: ignore[arg-type]
-    return BaseModel(model=model, tokenizer=tokenizer, fingerprint=digest, name=name)
+    model.to(device=config.device, dtype=config.torch_dtype)  # type: ignore[arg-type,call-arg]
+    tokenizer = ByT5Tokenizer()
+    return BaseModel(model=model, tokenizer=tokenizer, fingerprint=digest,
+                     name=f"personalize-tiny-llama(seed={config.seed})", eos_ids=frozenset({tokenizer.eos_token_id}))

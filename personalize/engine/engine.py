@@ -106,6 +106,8 @@ class Engine:
         self.base = base
         self.config = config
         self.tokenizer = base.tokenizer
+        self.eos_ids = frozenset(getattr(base, "eos_ids", ())) or frozenset({self.tokenizer.eos_token_id})
+        """Token ids that end a request (every EOS of the checkpoint's generation config)."""
         self.pool = pool
         self.pool_lock = threading.Lock()
         """Held while reading or writing `pool` slots (the cache writes, the engine copies into lanes)."""
@@ -263,7 +265,6 @@ class Engine:
 
     def _sample_and_emit(self, reqs: list[_Request], logits: torch.Tensor) -> None:
         greedy = torch.argmax(logits, dim=-1).tolist()
-        eos = self.tokenizer.eos_token_id
         for n, req in enumerate(reqs):
             p = req.params
             token = greedy[n] if p.temperature == 0 else sample_token(logits[n], p.temperature, p.top_p,
@@ -271,7 +272,7 @@ class Engine:
             req.generated += 1
             self.tokens_generated += 1
             req.last_token = token
-            if token == eos and not p.ignore_eos:
+            if token in self.eos_ids and not p.ignore_eos:
                 self._finish(req, "eos")
                 continue
             piece = req.stream.push(token)

@@ -1,9 +1,19 @@
 """Text in and out of the model: prompt encoding (the one place serving and training tokenize a prompt)
-and incremental detokenization with stop strings (pieces are emitted only once they are final)."""
+and incremental detokenization with stop strings: pieces are emitted only once they are final.
+
+Each token costs a decode of a short window, never of the whole sequence (prefix and read offsets, as in
+vLLM): `prefix` is where the window starts (tokens already emitted, kept so that a tokenizer's
+context-dependent decoding — a SentencePiece leading space, a byte-level merge — sees the same left
+context as a full decode), `read` is where the not-yet-emitted tokens start. The window is re-anchored
+after every emitted piece, so its length stays at a few tokens whatever the output length.
+"""
 
 from __future__ import annotations
 
 from typing import Any
+
+_PREFIX_TOKENS = 5
+"""Left context kept in the window: enough for every decoder's context rules (vLLM keeps 5 as well)."""
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
@@ -21,7 +31,8 @@ class TextStream:
     """Turns a growing list of token ids into text pieces, honouring stop strings.
 
     A piece is held back while it could still be the start of a stop string or an unfinished
-    multi-byte character, so a caller never sees text that is later retracted.
+    multi-byte character, so a caller never sees text that is later retracted; every piece returned by
+    `push` and `flush` joined is the tokenizer's decode of all ids (cut before a stop string).
     """
 
     def __init__(self, tokenizer: Any, stop: tuple[str, ...]) -> None:
@@ -29,30 +40,67 @@ class TextStream:
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.ids: list[int] = []
-        self.text = ""
-        self.emitted = 0
         self.stopped = False
+        self._prefix = 0
+        self._read = 0
+        self._pending = ""
+        """Final text not yet emitted: the last `hold` characters, which may begin a stop string."""
+        self._pieces: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """Everything emitted so far."""
+        return "".join(self._pieces)
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def _new_text(self, final: bool) -> str:
+        """Text the tokens since `read` add to the window; empty while it ends in an unfinished character
+        (unless `final`: at the end a broken byte decodes as U+FFFD, as in a full decode)."""
+        window = self.ids[self._prefix:]
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(window)
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        # Re-anchor: the window now starts a few tokens back from the end.
+        self._read = len(self.ids)
+        self._prefix = max(self._prefix, self._read - _PREFIX_TOKENS)
+        return after[len(before):]
+
+    def _emit(self, piece: str) -> str:
+        if piece:
+            self._pieces.append(piece)
+        return piece
 
     def push(self, token_id: int) -> str:
-        """Add one token; returns the newly final text (maybe empty). Sets `stopped` on a stop string."""
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for its next byte
+        """Add one token; returns the newly final text (maybe empty). Sets `stopped` on a stop string,
+        after which nothing more is emitted."""
+        if self.stopped:
             return ""
-        self.text = text
-        start = max(0, self.emitted - self.hold)
-        cut = min((i for i in (text.find(s, start) for s in self.stop) if i >= 0), default=-1)
+        self.ids.append(token_id)
+        delta = self._new_text(final=False)
+        if not delta:
+            return ""
+        buf = self._pending + delta
+        # A stop string ending in `delta` starts at most `hold` characters before it: inside `buf`.
+        cut = min((i for i in (buf.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.stopped = True
-            self.text = text[:cut]
-            return self.flush()
-        safe_end = max(self.emitted, len(text) - self.hold)
-        piece = text[self.emitted:safe_end]
-        self.emitted = safe_end
-        return piece
+            self._pending = ""
+            return self._emit(buf[:cut])
+        keep = min(self.hold, len(buf))
+        self._pending = buf[len(buf) - keep:]
+        return self._emit(buf[:len(buf) - keep])
 
     def flush(self) -> str:
         """The rest of the text, at the end of generation."""
-        piece = self.text[self.emitted:]
-        self.emitted = len(self.text)
-        return piece
+        if self.stopped:
+            return ""
+        buf = self._pending + self._new_text(final=True)
+        self._pending = ""
+        cut = min((i for i in (buf.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            buf = buf[:cut]
+        return self._emit(buf)

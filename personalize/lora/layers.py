@@ -35,7 +35,7 @@ class MultiLoraLinear(nn.Module):
         if slots is None:
             return y
         squeeze = x.dim() == 2  # [N, d] input: a one-token batch
-        x3 = x.unsqueeze(1) if squeeze else x
+        x3 = (x.unsqueeze(1) if squeeze else x).to(self.lora_a.dtype)  # float32 adapters on a bf16 base
         dropout = self._state.get("dropout", 0.0)
         if dropout:  # LoRA dropout (training only): regularizes the adapter, never the base path
             x3 = torch.nn.functional.dropout(x3, dropout, training=True)

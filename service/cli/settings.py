@@ -173,7 +173,8 @@ SETTINGS: tuple[Setting, ...] = (
        "tenant:key entries, comma-separated (prefer the env var: flags show in ps)", metavar="KEYS"),
     # -- the base model
     _s("model.path", "--model", "PERSONALIZE_MODEL_PATH", "", _str,
-       "local Hugging Face model directory (Llama/Mistral/Qwen2); empty = built-in tiny model",
+       "Hugging Face checkpoint: local directory or cached repo id (docs/models.md); empty = built-in "
+       "tiny model",
        metavar="PATH"),
     _s("model.device", "--device", "PERSONALIZE_DEVICE", "cpu", _str, "torch device: cpu, cuda, cuda:1",
        metavar="DEV"),
