@@ -198,14 +198,32 @@ def _user_losses(model: Any, state: dict[str, Any], batch: TrainBatch, config: T
     return per_user / count.clamp(min=1), ref
 
 
+_REPLAY_FIELDS = ("tenant", "user_id", "kind", "prompt", "completion", "correction", "rejected")
+
+
 def replay_of(adapter: Adapter) -> list[FeedbackEvent]:
-    """The examples stored with an adapter version (metadata "replay": a JSON list of event fields)."""
+    """The examples stored with an adapter version (metadata "replay": a JSON list of event fields).
+
+    Metadata may come from an imported file: anything but a list of objects of string fields is skipped, item
+    by item, and a buffer that does not parse at all (bad JSON, nesting too deep) counts as empty."""
     raw = adapter.metadata.get("replay", "")
+    if not isinstance(raw, str) or not raw:
+        return []
     try:
-        return [FeedbackEvent(**item) for item in json.loads(raw)] if raw else []
-    except (ValueError, TypeError, PersonalizeError):
+        items = json.loads(raw)
+    except (ValueError, RecursionError):
         log.warning("ignoring an unreadable replay buffer")
         return []
+    return [e for item in (items if isinstance(items, list) else []) if (e := _replay_event(item)) is not None]
+
+
+def _replay_event(item: object) -> FeedbackEvent | None:
+    if not isinstance(item, dict) or not all(isinstance(item.get(k, ""), str) for k in _REPLAY_FIELDS):
+        return None
+    try:
+        return FeedbackEvent(**{k: item.get(k, "") for k in _REPLAY_FIELDS})
+    except PersonalizeError:
+        return None
 
 
 def with_replay(adapter: Adapter, examples: list[FeedbackEvent]) -> Adapter:
@@ -300,10 +318,10 @@ class Trainer:
             self._carry += events
             report.deferred_users += 1
             return None
-        except PersonalizeError as exc:  # e.g. trained on another base: retrying will not help
+        except Exception as exc:  # e.g. trained on another base, or an imported file we cannot use
             log.warning("user %r: cannot train on its adapter: %s", user_id, exc)
             report.failed_users += 1
-            self._retry_or_dead_letter(events, f"adapter unusable: {exc}", report)
+            self._retry_or_dead_letter(events, f"adapter unusable: {_describe(exc)}", report)
             return None
         return UserJob(tenant, user_id, record, adapter, events, replay_of(adapter))
 
@@ -343,9 +361,9 @@ class Trainer:
             report.users = len(jobs)
             if jobs:
                 t0 = time.perf_counter()
-                adapters, finite, losses = train_round(self.model, self.base.tokenizer, jobs, self.config)
+                trained = self._train(jobs, report)
                 report.train_seconds = time.perf_counter() - t0
-                for job, adapter, ok, loss in zip(jobs, adapters, finite, losses, strict=True):
+                for job, adapter, ok, loss in trained:
                     self._finish(job, adapter, ok, loss, report)
         except BaseException:
             self._carry = _unique([*got, *self._carry])
@@ -354,6 +372,31 @@ class Trainer:
         report.seconds = time.perf_counter() - start
         self.last_report = report
         return report
+
+    def _train(self, jobs: list[UserJob], report: RoundReport) -> list[tuple[UserJob, Adapter, bool, float]]:
+        """Train the jobs together; if that raises, train each alone, so a user whose data breaks training
+        (an exception of any type) fails alone and everyone else's events are still trained this round."""
+        try:
+            adapters, finite, losses = train_round(self.model, self.base.tokenizer, jobs, self.config)
+            return list(zip(jobs, adapters, finite, losses, strict=True))
+        except Exception as exc:
+            if len(jobs) == 1:
+                return self._fail_training(jobs[0], exc, report)
+            log.warning("a batched round of %d users failed (%s); training them one by one", len(jobs), exc)
+        out: list[tuple[UserJob, Adapter, bool, float]] = []
+        for job in jobs:
+            try:
+                (adapter,), (ok,), (loss,) = train_round(self.model, self.base.tokenizer, [job], self.config)
+                out.append((job, adapter, ok, loss))
+            except Exception as exc:
+                out += self._fail_training(job, exc, report)
+        return out
+
+    def _fail_training(self, job: UserJob, exc: Exception, report: RoundReport) -> list[Any]:
+        log.warning("user %r: training failed: %s", job.user_id, _describe(exc))
+        report.failed_users += 1
+        self._retry_or_dead_letter(job.events, f"training failed: {_describe(exc)}", report)
+        return []
 
     def _finish(self, job: UserJob, adapter: Adapter, ok: bool, loss: float, report: RoundReport) -> None:
         ids = [d.event_id for d in job.events]
@@ -371,9 +414,14 @@ class Trainer:
         except Conflict:
             self._carry += job.events  # another writer won; retrain from its version next round
             return
-        except PersonalizeError as exc:
+        except Unavailable as exc:
             log.warning("publishing %s failed: %s; events stay pending", job.user_id, exc)
             self._carry += job.events
+            return
+        except Exception as exc:  # the user's adapter cannot be written (its data): retry, then dead-letter
+            log.warning("publishing %s failed: %s", job.user_id, _describe(exc))
+            report.failed_users += 1
+            self._retry_or_dead_letter(job.events, f"publish failed: {_describe(exc)}", report)
             return
         if not self.stream.pending_ids(job.tenant, job.user_id) & set(ids):
             self.repo.delete(job.tenant, job.user_id)  # deleted while publishing: retract
@@ -410,6 +458,14 @@ class Trainer:
             except PersonalizeError as exc:
                 log.warning("trainer round failed: %s; retrying", exc)
                 stop.wait(1.0)
+            except Exception:  # a bug must not stop every tenant's training: log it, back off, go on
+                log.exception("trainer round failed unexpectedly; retrying")
+                stop.wait(1.0)
+
+
+def _describe(exc: BaseException) -> str:
+    """A short reason for the dead-letter stream: the exception's type and the start of its message."""
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 def _unique(delivered: list[Delivered]) -> list[Delivered]:
