@@ -60,6 +60,11 @@ class TrainerConfig:
     """... but at least this many per round ..."""
     max_steps: int = 48
     """... and at most this many."""
+    fit_loss: float = 0.1
+    """A user whose wanted answers (accept, correct, the chosen of prefer) still have a mean token NLL above
+    this after its step budget keeps training ...; a half-learned answer is what loops ("ererer")."""
+    fit_steps: int = 16
+    """... up to this many steps per new event (and at most max_steps)."""
     lora_dropout: float = 0.0
     """Dropout on the adapters' input while training."""
     weight_decay: float = 0.0
@@ -70,6 +75,9 @@ class TrainerConfig:
     """Longest training example (prompt + answer), in tokens; longer ones keep their end."""
     beta: float = 0.1
     """DPO temperature for prefer events."""
+    prefer_nll: float = 1.0
+    """Weight of the chosen answer's mean token NLL added to a prefer event's DPO loss (as RPO and Llama 3's
+    preference training): DPO alone only moves the chosen answer above the rejected one, this makes it likely."""
     grad_clip: float = 1.0
     """Per-user gradient norm cap (never a global norm, which would couple users)."""
     max_attempts: int = 3
@@ -99,6 +107,10 @@ class TrainerConfig:
     def steps_for(self, new_events: int) -> int:
         """Optimizer steps of a user bringing `new_events` new events to a round."""
         return max(self.min_steps, min(self.max_steps, self.steps * new_events))
+
+    def fit_steps_for(self, new_events: int) -> int:
+        """Most steps of such a user whose wanted answers are not learned yet (see fit_loss)."""
+        return max(self.steps_for(new_events), min(self.max_steps, self.fit_steps * new_events))
 
 
 @dataclass
@@ -148,21 +160,24 @@ def train_round(model: Any, tokenizer: Any, jobs: list[UserJob], config: Trainer
     opt = MaskedAdam([(list(stacked.a.values()), config.lr), (list(stacked.b.values()), config.lr * config.lr_ratio_b)],
                      users=len(jobs), weight_decay=config.weight_decay)
     budget = torch.tensor([config.steps_for(len(j.events)) for j in jobs], device=device)
+    cap = torch.tensor([config.fit_steps_for(len(j.events)) for j in jobs], device=device)
     finite = torch.ones(len(jobs), dtype=torch.bool, device=device)
+    unfit = torch.ones(len(jobs), dtype=torch.bool, device=device)
     ref: torch.Tensor | None = None
     per_user = torch.zeros(len(jobs), device=device)
     try:
-        for step in range(int(budget.max())):
-            active = finite & (budget > step)
+        for step in range(int(cap.max())):
+            active = finite & ((budget > step) | (unfit & (cap > step)))
             if not active.any():
                 break
             rows = active[batch.user_index]  # only users with steps left pay for a forward/backward
             sub = batch if bool(rows.all()) else select_rows(batch, rows)
-            per_user, sub_ref = _user_losses(model, state, sub, config, None if ref is None else ref[rows],
-                                             len(jobs))
+            per_user, fit, sub_ref = _user_losses(model, state, sub, config, None if ref is None else ref[rows],
+                                                  len(jobs))
             ref = sub_ref if ref is None else ref  # step 0 runs every row: the reference is complete
             finite &= torch.isfinite(per_user) | ~active
-            active &= finite
+            unfit = torch.where(active, fit > config.fit_loss, unfit)
+            active &= finite & ((budget > step) | unfit)
             total = torch.where(active, per_user, torch.zeros_like(per_user)).sum()
             opt.zero_grad()
             if not active.any():
@@ -177,25 +192,37 @@ def train_round(model: Any, tokenizer: Any, jobs: list[UserJob], config: Trainer
 
 
 def _user_losses(model: Any, state: dict[str, Any], batch: TrainBatch, config: TrainerConfig,
-                 ref: torch.Tensor | None, users: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 ref: torch.Tensor | None, users: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, fit, reference) per user: fit is the mean token NLL of the answers the user wants."""
     with use_slots(state, batch.user_index, "gathered", config.lora_dropout):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     logp, mask = token_logprobs(logits, batch.labels)
     seq = logp.sum(-1)
     ref = seq.detach() if ref is None else ref  # the reference is the user's version at round start
+    nll = sft_loss(logp, mask)
     row_loss = torch.zeros_like(seq)
-    row_loss = torch.where(batch.is_sft, sft_loss(logp, mask), row_loss)
+    row_loss = torch.where(batch.is_sft, nll, row_loss)
+    wanted = batch.is_sft.clone()
     row_loss = torch.where(batch.is_reject, unlikelihood_loss(logp, mask), row_loss)
     weight = (batch.is_sft | batch.is_reject).to(seq.dtype)
     if batch.pairs.numel():
         c, r = batch.pairs[:, 0], batch.pairs[:, 1]
         pair_loss = dpo_loss(seq[c], seq[r], ref[c], ref[r], config.beta)
+        if config.prefer_nll:
+            pair_loss = pair_loss + config.prefer_nll * nll[c]
         row_loss = row_loss.index_put((c,), pair_loss)
         weight = weight.index_put((c,), torch.ones_like(pair_loss))
-    per_user = torch.zeros(users, dtype=seq.dtype, device=seq.device).index_add(0, batch.user_index,
-                                                                                 row_loss * weight)
-    count = torch.zeros(users, dtype=seq.dtype, device=seq.device).index_add(0, batch.user_index, weight)
-    return per_user / count.clamp(min=1), ref
+        wanted[c] = True
+    per_user = _per_user(row_loss * weight, weight, batch.user_index, users)
+    fit = _per_user(nll.detach() * wanted, wanted.to(seq.dtype), batch.user_index, users)
+    return per_user, fit, ref
+
+
+def _per_user(values: torch.Tensor, weight: torch.Tensor, user_index: torch.Tensor, users: int) -> torch.Tensor:
+    """Weighted mean of row values [N] per user -> [U] (0 for a user without weight)."""
+    total = torch.zeros(users, dtype=values.dtype, device=values.device).index_add(0, user_index, values)
+    count = torch.zeros(users, dtype=values.dtype, device=values.device).index_add(0, user_index, weight)
+    return total / count.clamp(min=1)
 
 
 _REPLAY_FIELDS = ("tenant", "user_id", "kind", "prompt", "completion", "correction", "rejected")
