@@ -32,6 +32,7 @@ from personalize.errors import Conflict, CorruptObject, InvalidArgument, NotFoun
 from personalize.feedback.batch import TrainBatch, build_batch, select_rows
 from personalize.feedback.events import FeedbackEvent, event_id_key
 from personalize.feedback.losses import dpo_loss, sft_loss, token_logprobs, unlikelihood_loss
+from personalize.feedback.replay import merge, rehearsal
 from personalize.feedback.stacked import MaskedAdam, StackedAdapters
 from personalize.feedback.stream import Delivered, FeedbackStream
 from personalize.lora.adapter import Adapter
@@ -101,8 +102,8 @@ class TrainerConfig:
             raise InvalidArgument("trainer steps need 1 <= min_steps <= max_steps")
 
     def replay_for(self, new_events: int) -> int:
-        """Examples (new plus replayed) a user with `new_events` new events trains on in a round."""
-        return new_events + min(self.replay, self.replay_per_event * new_events)
+        """Most replayed examples a user with `new_events` new events trains on with them in a round."""
+        return min(self.replay, self.replay_per_event * new_events)
 
     def steps_for(self, new_events: int) -> int:
         """Optimizer steps of a user bringing `new_events` new events to a round."""
@@ -125,9 +126,14 @@ class UserJob:
     replay: list[FeedbackEvent] = field(default_factory=list)
     """Earlier examples of this user, rehearsed with the new events (never counted as new)."""
 
+    def training(self, rehearse: int) -> list[FeedbackEvent]:
+        """The new events and up to `rehearse` earlier examples they do not contradict (see replay.py)."""
+        new = [d.event for d in self.events]
+        return [*rehearsal(self.replay, new, rehearse), *new]
+
     def examples(self, keep: int) -> list[FeedbackEvent]:
-        """The newest `keep` examples (replayed, then new) to store with the next version."""
-        return ([*self.replay, *(d.event for d in self.events)])[-keep:] if keep else []
+        """The examples (at most `keep`) to store with the next version for later rounds to rehearse."""
+        return merge(self.replay, [d.event for d in self.events], keep)
 
 
 @dataclass
@@ -152,7 +158,7 @@ def train_round(model: Any, tokenizer: Any, jobs: list[UserJob], config: Trainer
                 device: torch.device | str = "cpu") -> tuple[list[Adapter], list[bool], list[float]]:
     """Train every job's adapter together. Returns (new adapters, finite flags, last loss) per job."""
     stacked = StackedAdapters([j.adapter for j in jobs], model.config, device=device)
-    batch = build_batch(tokenizer, [j.examples(config.replay_for(len(j.events))) for j in jobs],
+    batch = build_batch(tokenizer, [j.training(config.replay_for(len(j.events))) for j in jobs],
                         config.max_tokens, device)
     eject(model)
     state = inject(model, stacked)
