@@ -122,6 +122,11 @@ def _answers(worker: Worker, users: list[str], prompts: list[str], tokens: int) 
     return {u: [g.result(300).text for g in gens] for u, gens in runs.items()}
 
 
+def _greeted(shown: str, greeting: str, rnd: random.Random) -> str:
+    """The answer a user rejects for its greeting: the one just shown if it has it, else an earlier one."""
+    return shown if shown.startswith(greeting) else greeting + " ".join(rnd.choice(WORDS) for _ in range(4))
+
+
 def _rate(texts: list[str], sig: str) -> float:
     return sum(t.startswith(sig) for t in texts) / len(texts)
 
@@ -160,16 +165,17 @@ def kinds(tmp: Path, users_per_kind: int, tests: int, seed: int = 0,
                 seen = _answers(worker, [loop_users[n]], [*unrelated, LOOP_PROMPT], 32)
             texts = seen[loop_users[n]]
             loops[f"after_{n}"] = {"unrelated_loops": sum(map(ends_in_loop, texts[:-1])), "taught_answer": texts[-1],
-                                   "taught_loops": ends_in_loop(texts[-1])}
+                                   "taught_loops": ends_in_loop(texts[-1]),
+                                   "looping_examples": [t for t in texts[:-1] if ends_in_loop(t)][:3]}
         loops["base_unrelated_loops"], loops["prompts"] = base_loops, len(unrelated)
         q_unseen, say_unseen = [prompt(rnd) for _ in range(tests)], [say_prompt(rnd) for _ in range(tests)]
         all_users = [u for us in names.values() for u in us]
         got = _answers(worker, ["", *all_users], q_unseen + say_unseen, 16)
         before = {u: (_rate(got[u][:tests], f"Yo {u}! "), _rate(got[u][tests:], f"Bye {u}. ")) for u in names["reject"]}
-        for _ in range(4):  # 12 REJECTs in 4 arrivals, each of the answer the user was just given
+        for _ in range(4):  # 12 REJECTs of greeting-1 answers in 4 arrivals (the answer just given, if it greets)
             ps = [prompt(rnd) for _ in range(3)]
             shown = _answers(worker, names["reject"], ps, 16)
-            _train(worker, trainer, [[FeedbackEvent("bench", u, "reject", p, shown[u][i] or "Yo")
+            _train(worker, trainer, [[FeedbackEvent("bench", u, "reject", p, _greeted(shown[u][i], f"Yo {u}! ", rnd))
                                       for u in names["reject"] for i, p in enumerate(ps)]])
         after = _answers(worker, names["reject"], q_unseen + say_unseen, 16)
         result: dict[str, Any] = {"tests": tests, "users_per_kind": users_per_kind, "loops": loops}
