@@ -1,9 +1,18 @@
-"""Learning from feedback: does it personalize, how fast does it train, how fresh are new versions.
+"""Learning from feedback: does each kind teach what it says, how fast does it train, how fresh are versions.
 
-quality   8 users with secret signatures, 16 CORRECT events each, through the real stream, trainer,
-          registry, store and engine; greedy answers to unseen prompts must start with the signature.
+kinds     users of every kind of feedback side by side, through the real stream, trainer, registry, store
+          and engine; greedy answers to unseen prompts, each rate beside the base model's and with leaks
+          (answers carrying another user's signature):
+            correct  16 CORRECT events: the answer starts with the user's signature
+            accept   16 ACCEPT events of answers starting with the signature: the same
+            prefer   16 PREFER events, chosen answers open with one greeting, rejected with another
+            reject   12 CORRECT teach greeting 1 on "Q:" prompts and 12 greeting 2 on "Say:" prompts, then
+                     12 REJECTs of greeting-1 answers: greeting 1 must fall, greeting 2 stay
+            loops    after 1, 2 and 4 ACCEPTs of "Hello there!" for "Say hi" (one event per round), how many
+                     answers to unrelated prompts end in a repetition loop, against the base model's count
 training  one online round of 64 users x 2 events x 4 steps: our batched round vs PEFT trained user
-          after user (reloading each user's adapter and optimizer state, as a real per-user loop must).
+          after user; both load each user's adapter, start a fresh Adam (neither persists optimizer
+          state) and save the new adapter; each side runs once untimed first (warm-up).
 freshness ack of SubmitFeedback -> first Generate served by a version including that event, at a
           steady 2 events/s over 50 users, trainer running continuously.
 Run: python loadtest/bench_feedback.py [--quick] [--json PATH]
@@ -15,6 +24,7 @@ import argparse
 import copy
 import json
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -69,32 +79,133 @@ def start_stack(tmp: Path, trainer_cfg: TrainerConfig) -> tuple[EmbeddedValkey, 
     return valkey, worker, trainer
 
 
-def quality(tmp: Path, events_per_user: int, tests_per_user: int, seed: int = 0,
-            trainer_config: TrainerConfig | None = None) -> dict[str, Any]:
+SAY = ("tell me", "say", "write", "give", "show")
+LOOP_PROMPT, LOOP_ANSWER = "Say hi", "Hello there!"
+
+
+def say_prompt(rnd: random.Random) -> str:
+    return rnd.choice(SAY).capitalize() + ": " + " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(2, 6))) + "\n> "
+
+
+def ends_in_loop(text: str, span: int = 12) -> bool:
+    """The answer's last `span` tokens repeat a unit of 1-4 tokens (special tokens count as one)."""
+    units = re.findall(r"<extra_id_\d+>|.", text, re.S)
+    tail = units[-span:]
+    return len(tail) == span and any(all(tail[i] == tail[i + p] for i in range(span - p)) for p in range(1, 5))
+
+
+def _kind_events(rnd: random.Random, kind: str, name: str, n: int) -> list[FeedbackEvent]:
+    sig = f"{KIND_SIGS[kind]} {name}! "
+    out = []
+    for _ in range(n):
+        p, tail = prompt(rnd), " ".join(rnd.choice(WORDS) for _ in range(4))
+        if kind == "correct":
+            out.append(FeedbackEvent("bench", name, "correct", p, "no", correction=sig + tail))
+        elif kind == "accept":
+            out.append(FeedbackEvent("bench", name, "accept", p, sig + tail))
+        else:
+            out.append(FeedbackEvent("bench", name, "prefer", p, sig + tail, rejected=f"Hey {name}! " + tail))
+    return out
+
+
+KIND_SIGS = {"correct": "Ciao", "accept": "Hola", "prefer": "Salut", "reject": "Yo", "keep": "Bye"}
+
+
+def _train(worker: Worker, trainer: Trainer, waves: list[list[FeedbackEvent]]) -> None:
+    """Each wave is submitted, then trained to the end before the next (a wave = events between rounds)."""
+    for wave in waves:
+        for event in wave:
+            worker.submit_feedback(event)
+        while worker.stream.lag():  # type: ignore[union-attr]
+            trainer.run_round()
+
+
+def _answers(worker: Worker, users: list[str], prompts: list[str], tokens: int) -> dict[str, list[str]]:
+    params = SamplingParams(max_new_tokens=tokens)
+    runs = {u: [worker.generate("bench", u, p, params, use_base_model=u == "") for p in prompts] for u in users}
+    return {u: [g.result(300).text for g in gens] for u, gens in runs.items()}
+
+
+def _greeted(shown: str, greeting: str, rnd: random.Random) -> str:
+    """The answer a user rejects for its greeting: the one just shown if it has it, else an earlier one."""
+    return shown if shown.startswith(greeting) else greeting + " ".join(rnd.choice(WORDS) for _ in range(4))
+
+
+def _rate(texts: list[str], sig: str) -> float:
+    return sum(t.startswith(sig) for t in texts) / len(texts)
+
+
+def kinds(tmp: Path, users_per_kind: int, tests: int, seed: int = 0,
+          trainer_config: TrainerConfig | None = None) -> dict[str, Any]:
+    """Quality of every kind of feedback on unseen prompts (see the module docstring)."""
     rnd = random.Random(seed)
     valkey, worker, trainer = start_stack(tmp, trainer_config or TrainerConfig())
     try:
-        signatures = {n: f"Ciao {n}! " for n in NAMES}
-        arrivals = 4  # events reach the trainer over several rounds, as they would in production
-        for _ in range(arrivals):
-            for name, sig in signatures.items():
-                for _ in range(events_per_user // arrivals):
-                    p = prompt(rnd)
-                    event = FeedbackEvent("bench", name, "correct", p, "no", correction=answer(rnd, sig))
-                    worker.submit_feedback(event)
-            while worker.stream.lag():  # type: ignore[union-attr]
-                trainer.run_round()
-        unseen = [prompt(rnd) for _ in range(tests_per_user)]
-        params = SamplingParams(max_new_tokens=len(max(signatures.values(), key=len)) + 4)
-        runs = [(n, worker.generate("bench", n, p, params)) for n in NAMES for p in unseen]
-        base = [worker.generate("bench", "nobody", p, params) for p in unseen]
-        texts = [(n, g.result(120).text) for n, g in runs]
-        hits = sum(t.startswith(signatures[n]) for n, t in texts)
-        leaks = sum(any(s.strip() in t for m, s in signatures.items() if m != n) for n, t in texts)
-        base_hits = sum(any(g.result(120).text.startswith(s) for s in signatures.values()) for g in base)
-        return {"users": len(NAMES), "events_per_user": events_per_user, "signature_hit_rate": hits / len(texts),
-                "base_hit_rate": base_hits / len(base), "cross_user_leaks": leaks, "answers": len(texts),
-                "examples": [t for _, t in texts[:: max(1, len(texts) // 8)]]}
+        names = {k: [f"{k[:3]}{i}" for i in range(users_per_kind)] for k in ("correct", "accept", "prefer", "reject")}
+        teach = {u: _kind_events(rnd, k, u, 16) for k in ("correct", "accept", "prefer") for u in names[k]}
+        first = {u: [FeedbackEvent("bench", u, "correct", p, "no", correction=f"Yo {u}! " + t)
+                     for p, t in ((prompt(rnd), " ".join(rnd.choice(WORDS) for _ in range(4))) for _ in range(12))]
+                 + [FeedbackEvent("bench", u, "correct", p, "no", correction=f"Bye {u}. " + t)
+                    for p, t in ((say_prompt(rnd), " ".join(rnd.choice(WORDS) for _ in range(4))) for _ in range(12))]
+                 for u in names["reject"]}
+        for events in first.values():
+            rnd.shuffle(events)
+        loop_users = {n: f"loop{n}" for n in (1, 2, 4)}
+        waves = []
+        for w in range(4):  # four arrivals of 4 events per user (6 for the reject users' first phase)
+            wave = [e for evs in teach.values() for e in evs[4 * w:4 * w + 4]]
+            wave += [e for evs in first.values() for e in evs[6 * w:6 * w + 6]]
+            wave += [FeedbackEvent("bench", u, "accept", LOOP_PROMPT, LOOP_ANSWER) for n, u in loop_users.items()
+                     if w < n]
+            waves.append(wave)
+        _train(worker, trainer, waves[:1])
+        unrelated = [prompt(rnd) for _ in range(tests)] + [say_prompt(rnd) for _ in range(tests)]
+        loops = {}
+        seen = _answers(worker, ["", loop_users[1]], [*unrelated, LOOP_PROMPT], 32)
+        base_loops = sum(map(ends_in_loop, seen[""][:-1]))
+        for n in (1, 2, 4):
+            if n > 1:
+                _train(worker, trainer, waves[n // 2:n])  # 1 -> waves[1:2], 4 -> waves[2:4]
+                seen = _answers(worker, [loop_users[n]], [*unrelated, LOOP_PROMPT], 32)
+            texts = seen[loop_users[n]]
+            loops[f"after_{n}"] = {"unrelated_loops": sum(map(ends_in_loop, texts[:-1])), "taught_answer": texts[-1],
+                                   "taught_loops": ends_in_loop(texts[-1]),
+                                   "looping_examples": [t for t in texts[:-1] if ends_in_loop(t)][:3]}
+        loops["base_unrelated_loops"], loops["prompts"] = base_loops, len(unrelated)
+        q_unseen, say_unseen = [prompt(rnd) for _ in range(tests)], [say_prompt(rnd) for _ in range(tests)]
+        all_users = [u for us in names.values() for u in us]
+        got = _answers(worker, ["", *all_users], q_unseen + say_unseen, 16)
+        before = {u: (_rate(got[u][:tests], f"Yo {u}! "), _rate(got[u][tests:], f"Bye {u}. ")) for u in names["reject"]}
+        for _ in range(4):  # 12 REJECTs of greeting-1 answers in 4 arrivals (the answer just given, if it greets)
+            ps = [prompt(rnd) for _ in range(3)]
+            shown = _answers(worker, names["reject"], ps, 16)
+            _train(worker, trainer, [[FeedbackEvent("bench", u, "reject", p, _greeted(shown[u][i], f"Yo {u}! ", rnd))
+                                      for u in names["reject"] for i, p in enumerate(ps)]])
+        after = _answers(worker, names["reject"], q_unseen + say_unseen, 16)
+        result: dict[str, Any] = {"tests": tests, "users_per_kind": users_per_kind, "loops": loops}
+        sigs = {u: f"{KIND_SIGS[k]} {u}! " for k, us in names.items() for u in us}
+        sigs.update({u: f"Bye {u}. " for u in names["reject"]})
+        for kind in ("correct", "accept", "prefer"):
+            texts = [t for u in names[kind] for t in got[u][:tests]]
+            r: dict[str, Any] = {"events": 16,
+                                 "rate": statistics.mean(_rate(got[u][:tests], sigs[u]) for u in names[kind]),
+                                 "base_rate": statistics.mean(_rate(got[""][:tests], sigs[u]) for u in names[kind]),
+                                 "examples": texts[:: max(1, len(texts) // 4)]}
+            if kind == "prefer":
+                r["rejected_rate"] = statistics.mean(_rate(got[u][:tests], f"Hey {u}! ") for u in names[kind])
+                r["base_rejected_rate"] = statistics.mean(_rate(got[""][:tests], f"Hey {u}! ") for u in names[kind])
+            result[kind] = r
+        result["reject"] = {
+            "events": 12, "taught_rate": statistics.mean(b[0] for b in before.values()),
+            "after_reject_rate": statistics.mean(_rate(after[u][:tests], f"Yo {u}! ") for u in names["reject"]),
+            "other_before_rate": statistics.mean(b[1] for b in before.values()),
+            "other_after_rate": statistics.mean(_rate(after[u][tests:], f"Bye {u}. ") for u in names["reject"]),
+            "base_rate": statistics.mean(_rate(got[""][:tests], f"Yo {u}! ") for u in names["reject"]),
+            "examples": [after[u][0] for u in names["reject"]] + [after[u][tests] for u in names["reject"]]}
+        finals = {**got, **after}
+        owned = [(u, s.strip()) for u, s in sigs.items()] + [(u, f"Yo {u}!") for u in names["reject"]]
+        result["cross_user_leaks"] = sum(any(s in t for m, s in owned if m != u) for u in all_users for t in finals[u])
+        return result
     finally:
         worker.stop()
         valkey.stop()
@@ -126,7 +237,7 @@ def ours_round(worker: Worker, jobs: list[UserJob], folder: Path, cfg: TrainerCo
 
 
 def peft_sequential(worker: Worker, jobs: list[UserJob], folder: Path, cfg: TrainerConfig) -> float:
-    """One PeftModel, trained user after user: load adapter + optimizer state, steps, save both."""
+    """One PeftModel, trained user after user: load the adapter, fresh Adam, steps, save the adapter."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
@@ -134,16 +245,15 @@ def peft_sequential(worker: Worker, jobs: list[UserJob], folder: Path, cfg: Trai
     peft_cfg = PeftLoraConfig(r=jobs[0].adapter.rank, lora_alpha=jobs[0].adapter.alpha, lora_dropout=0.0,
                               target_modules=list(jobs[0].adapter.target_modules))
     model = get_peft_model(copy.deepcopy(worker.base.model), peft_cfg)
-    for job in jobs:  # every user starts with a saved adapter and optimizer state
-        save_file(get_peft_model_state_dict(model), str(folder / f"{job.user_id}.peft.st"))
+    for job in jobs:  # every user starts with a saved adapter
+        path = folder / f"{job.user_id}.peft.st"
+        if not path.exists():
+            save_file(get_peft_model_state_dict(model), str(path))
     params = [p for p in model.parameters() if p.requires_grad]
-    torch.save(torch.optim.Adam(params, lr=cfg.lr).state_dict(), folder / "init.opt")
     start = time.perf_counter()
     for job in jobs:
         set_peft_model_state_dict(model, load_file(str(folder / f"{job.user_id}.peft.st")))
         opt = torch.optim.Adam(params, lr=cfg.lr)
-        opt_path = folder / f"{job.user_id}.opt"
-        opt.load_state_dict(torch.load(opt_path if opt_path.exists() else folder / "init.opt"))
         batch = build_batch(worker.base.tokenizer, [[d.event for d in job.events]], cfg.max_tokens)
         for _ in range(cfg.steps):
             loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
@@ -151,7 +261,6 @@ def peft_sequential(worker: Worker, jobs: list[UserJob], folder: Path, cfg: Trai
             loss.backward()
             opt.step()
         save_file(get_peft_model_state_dict(model), str(folder / f"{job.user_id}.peft.st"))
-        torch.save(opt.state_dict(), opt_path)
     return time.perf_counter() - start
 
 
@@ -164,6 +273,8 @@ def training(tmp: Path, users: int, events: int, steps: int, repeats: int) -> di
         folder.mkdir()
         for j in jobs:
             (folder / f"{j.user_id}.st").write_bytes(adapter_to_bytes(j.adapter, worker.spec))
+        ours_round(worker, jobs, folder, cfg)  # warm-up, untimed: first-call allocations, lazy imports
+        peft_sequential(worker, jobs, folder, cfg)
         ours, theirs = [], []
         for _ in range(repeats):
             ours.append(ours_round(worker, jobs, folder, cfg))
@@ -217,6 +328,23 @@ def freshness(tmp: Path, seconds: float, rate: float, users: int) -> dict[str, A
             "events": len(samples), "rate_per_s": rate, "users": users}
 
 
+def print_kinds(q: dict[str, Any]) -> None:
+    print(f"\n{'kind':8s} {'events':>6s} {'rate':>6s} {'base':>6s}  notes")
+    for kind in ("correct", "accept", "prefer"):
+        r = q[kind]
+        note = (f"rejected greeting {r['rejected_rate']:.2f} (base {r['base_rejected_rate']:.2f})"
+                if kind == "prefer" else "")
+        print(f"{kind:8s} {r['events']:6d} {r['rate']:6.2f} {r['base_rate']:6.2f}  {note}")
+    r = q["reject"]
+    print(f"{'reject':8s} {r['events']:6d} {r['after_reject_rate']:6.2f} {r['base_rate']:6.2f}  taught rate before "
+          f"{r['taught_rate']:.2f}; other behaviour {r['other_before_rate']:.2f} -> {r['other_after_rate']:.2f}")
+    lp = q["loops"]
+    print(f"loops on {lp['prompts']} unrelated prompts: base {lp['base_unrelated_loops']}, "
+          + ", ".join(f"after {n} ACCEPT {lp[f'after_{n}']['unrelated_loops']} "
+                      f"(taught {lp[f'after_{n}']['taught_answer']!r})" for n in (1, 2, 4)))
+    print(f"cross-user leaks {q['cross_user_leaks']}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer test prompts, shorter freshness run, 1 repeat")
@@ -225,16 +353,14 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        q = quality(tmp / "q", events_per_user=16, tests_per_user=10 if args.quick else 25)
-        print(f"quality: hit {q['signature_hit_rate']:.3f} base {q['base_hit_rate']:.3f} "
-              f"leaks {q['cross_user_leaks']}", flush=True)
+        q = kinds(tmp / "q", users_per_kind=2 if args.quick else 4, tests=20)
+        print_kinds(q)
         t = training(tmp / "t", users=64, events=2, steps=4, repeats=1 if args.quick else 3)
         print(f"training: {t['batched_users_per_s']:.1f} vs {t['sequential_peft_users_per_s']:.1f} users/s", flush=True)
         f = freshness(tmp / "f", seconds=20 if args.quick else 60, rate=2.0, users=50)
-    result = {"quality": q, "training": t, "freshness_ms": f}
+    result = {"kinds": q, "training": t, "freshness_ms": f}
     print(f"\n{'figure':40s} {'value':>12s}")
-    rows = [("quality.signature_hit_rate", q["signature_hit_rate"]), ("quality.base_hit_rate", q["base_hit_rate"]),
-            ("quality.cross_user_leaks", q["cross_user_leaks"]),
+    rows = [("kinds.cross_user_leaks", q["cross_user_leaks"]),
             ("training.batched_users_per_s", t["batched_users_per_s"]),
             ("training.sequential_peft_users_per_s", t["sequential_peft_users_per_s"]),
             ("training.speedup", t["speedup"]), ("freshness_ms.p50", f["p50"]), ("freshness_ms.p99", f["p99"])]

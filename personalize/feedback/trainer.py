@@ -32,6 +32,7 @@ from personalize.errors import Conflict, CorruptObject, InvalidArgument, NotFoun
 from personalize.feedback.batch import TrainBatch, build_batch, select_rows
 from personalize.feedback.events import FeedbackEvent, event_id_key
 from personalize.feedback.losses import dpo_loss, sft_loss, token_logprobs, unlikelihood_loss
+from personalize.feedback.replay import merge, rehearsal
 from personalize.feedback.stacked import MaskedAdam, StackedAdapters
 from personalize.feedback.stream import Delivered, FeedbackStream
 from personalize.lora.adapter import Adapter
@@ -60,6 +61,11 @@ class TrainerConfig:
     """... but at least this many per round ..."""
     max_steps: int = 48
     """... and at most this many."""
+    fit_loss: float = 0.1
+    """A user whose wanted answers (accept, correct, the chosen of prefer) still have a mean token NLL above
+    this after its step budget keeps training ...; a half-learned answer is what loops ("ererer")."""
+    fit_steps: int = 16
+    """... up to this many steps per new event (and at most max_steps)."""
     lora_dropout: float = 0.0
     """Dropout on the adapters' input while training."""
     weight_decay: float = 0.0
@@ -70,6 +76,12 @@ class TrainerConfig:
     """Longest training example (prompt + answer), in tokens; longer ones keep their end."""
     beta: float = 0.1
     """DPO temperature for prefer events."""
+    reject_weight: float = 0.5
+    """Weight of a reject event's unlikelihood loss against the other rows of the user's round (at 1.0, twelve
+    rejects of one behaviour also wore down a second one: 0.95 -> 0.75; at 0.5 it stayed 0.95)."""
+    prefer_nll: float = 1.0
+    """Weight of the chosen answer's mean token NLL added to a prefer event's DPO loss (as RPO and Llama 3's
+    preference training): DPO alone only moves the chosen answer above the rejected one, this makes it likely."""
     grad_clip: float = 1.0
     """Per-user gradient norm cap (never a global norm, which would couple users)."""
     max_attempts: int = 3
@@ -93,12 +105,16 @@ class TrainerConfig:
             raise InvalidArgument("trainer steps need 1 <= min_steps <= max_steps")
 
     def replay_for(self, new_events: int) -> int:
-        """Examples (new plus replayed) a user with `new_events` new events trains on in a round."""
-        return new_events + min(self.replay, self.replay_per_event * new_events)
+        """Most replayed examples a user with `new_events` new events trains on with them in a round."""
+        return min(self.replay, self.replay_per_event * new_events)
 
     def steps_for(self, new_events: int) -> int:
         """Optimizer steps of a user bringing `new_events` new events to a round."""
         return max(self.min_steps, min(self.max_steps, self.steps * new_events))
+
+    def fit_steps_for(self, new_events: int) -> int:
+        """Most steps of such a user whose wanted answers are not learned yet (see fit_loss)."""
+        return max(self.steps_for(new_events), min(self.max_steps, self.fit_steps * new_events))
 
 
 @dataclass
@@ -113,9 +129,14 @@ class UserJob:
     replay: list[FeedbackEvent] = field(default_factory=list)
     """Earlier examples of this user, rehearsed with the new events (never counted as new)."""
 
+    def training(self, rehearse: int) -> list[FeedbackEvent]:
+        """The new events and up to `rehearse` earlier examples they do not contradict (see replay.py)."""
+        new = [d.event for d in self.events]
+        return [*rehearsal(self.replay, new, rehearse), *new]
+
     def examples(self, keep: int) -> list[FeedbackEvent]:
-        """The newest `keep` examples (replayed, then new) to store with the next version."""
-        return ([*self.replay, *(d.event for d in self.events)])[-keep:] if keep else []
+        """The examples (at most `keep`) to store with the next version for later rounds to rehearse."""
+        return merge(self.replay, [d.event for d in self.events], keep)
 
 
 @dataclass
@@ -140,7 +161,7 @@ def train_round(model: Any, tokenizer: Any, jobs: list[UserJob], config: Trainer
                 device: torch.device | str = "cpu") -> tuple[list[Adapter], list[bool], list[float]]:
     """Train every job's adapter together. Returns (new adapters, finite flags, last loss) per job."""
     stacked = StackedAdapters([j.adapter for j in jobs], model.config, device=device)
-    batch = build_batch(tokenizer, [j.examples(config.replay_for(len(j.events))) for j in jobs],
+    batch = build_batch(tokenizer, [j.training(config.replay_for(len(j.events))) for j in jobs],
                         config.max_tokens, device)
     eject(model)
     state = inject(model, stacked)
@@ -148,21 +169,24 @@ def train_round(model: Any, tokenizer: Any, jobs: list[UserJob], config: Trainer
     opt = MaskedAdam([(list(stacked.a.values()), config.lr), (list(stacked.b.values()), config.lr * config.lr_ratio_b)],
                      users=len(jobs), weight_decay=config.weight_decay)
     budget = torch.tensor([config.steps_for(len(j.events)) for j in jobs], device=device)
+    cap = torch.tensor([config.fit_steps_for(len(j.events)) for j in jobs], device=device)
     finite = torch.ones(len(jobs), dtype=torch.bool, device=device)
+    unfit = torch.ones(len(jobs), dtype=torch.bool, device=device)
     ref: torch.Tensor | None = None
     per_user = torch.zeros(len(jobs), device=device)
     try:
-        for step in range(int(budget.max())):
-            active = finite & (budget > step)
+        for step in range(int(cap.max())):
+            active = finite & ((budget > step) | (unfit & (cap > step)))
             if not active.any():
                 break
             rows = active[batch.user_index]  # only users with steps left pay for a forward/backward
             sub = batch if bool(rows.all()) else select_rows(batch, rows)
-            per_user, sub_ref = _user_losses(model, state, sub, config, None if ref is None else ref[rows],
-                                             len(jobs))
+            per_user, fit, sub_ref = _user_losses(model, state, sub, config, None if ref is None else ref[rows],
+                                                  len(jobs))
             ref = sub_ref if ref is None else ref  # step 0 runs every row: the reference is complete
             finite &= torch.isfinite(per_user) | ~active
-            active &= finite
+            unfit = torch.where(active, fit > config.fit_loss, unfit)
+            active &= finite & ((budget > step) | unfit)
             total = torch.where(active, per_user, torch.zeros_like(per_user)).sum()
             opt.zero_grad()
             if not active.any():
@@ -177,35 +201,65 @@ def train_round(model: Any, tokenizer: Any, jobs: list[UserJob], config: Trainer
 
 
 def _user_losses(model: Any, state: dict[str, Any], batch: TrainBatch, config: TrainerConfig,
-                 ref: torch.Tensor | None, users: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 ref: torch.Tensor | None, users: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, fit, reference) per user: fit is the mean token NLL of the answers the user wants."""
     with use_slots(state, batch.user_index, config.lora_dropout):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     logp, mask = token_logprobs(logits, batch.labels)
     seq = logp.sum(-1)
     ref = seq.detach() if ref is None else ref  # the reference is the user's version at round start
+    nll = sft_loss(logp, mask)
     row_loss = torch.zeros_like(seq)
-    row_loss = torch.where(batch.is_sft, sft_loss(logp, mask), row_loss)
+    row_loss = torch.where(batch.is_sft, nll, row_loss)
+    wanted = batch.is_sft.clone()
     row_loss = torch.where(batch.is_reject, unlikelihood_loss(logp, mask), row_loss)
-    weight = (batch.is_sft | batch.is_reject).to(seq.dtype)
+    weight = batch.is_sft.to(seq.dtype) + config.reject_weight * batch.is_reject.to(seq.dtype)
     if batch.pairs.numel():
         c, r = batch.pairs[:, 0], batch.pairs[:, 1]
         pair_loss = dpo_loss(seq[c], seq[r], ref[c], ref[r], config.beta)
+        if config.prefer_nll:
+            pair_loss = pair_loss + config.prefer_nll * nll[c]
         row_loss = row_loss.index_put((c,), pair_loss)
         weight = weight.index_put((c,), torch.ones_like(pair_loss))
-    per_user = torch.zeros(users, dtype=seq.dtype, device=seq.device).index_add(0, batch.user_index,
-                                                                                 row_loss * weight)
-    count = torch.zeros(users, dtype=seq.dtype, device=seq.device).index_add(0, batch.user_index, weight)
-    return per_user / count.clamp(min=1), ref
+        wanted[c] = True
+    per_user = _per_user(row_loss * weight, weight, batch.user_index, users)
+    fit = _per_user(nll.detach() * wanted, wanted.to(seq.dtype), batch.user_index, users)
+    return per_user, fit, ref
+
+
+def _per_user(values: torch.Tensor, weight: torch.Tensor, user_index: torch.Tensor, users: int) -> torch.Tensor:
+    """Weighted mean of row values [N] per user -> [U] (0 for a user without weight)."""
+    total = torch.zeros(users, dtype=values.dtype, device=values.device).index_add(0, user_index, values)
+    count = torch.zeros(users, dtype=values.dtype, device=values.device).index_add(0, user_index, weight)
+    return total / count.clamp(min=1)
+
+
+_REPLAY_FIELDS = ("tenant", "user_id", "kind", "prompt", "completion", "correction", "rejected")
 
 
 def replay_of(adapter: Adapter) -> list[FeedbackEvent]:
-    """The examples stored with an adapter version (metadata "replay": a JSON list of event fields)."""
+    """The examples stored with an adapter version (metadata "replay": a JSON list of event fields).
+
+    Metadata may come from an imported file: anything but a list of objects of string fields is skipped, item
+    by item, and a buffer that does not parse at all (bad JSON, nesting too deep) counts as empty."""
     raw = adapter.metadata.get("replay", "")
+    if not isinstance(raw, str) or not raw:
+        return []
     try:
-        return [FeedbackEvent(**item) for item in json.loads(raw)] if raw else []
-    except (ValueError, TypeError, PersonalizeError):
+        items = json.loads(raw)
+    except (ValueError, RecursionError):
         log.warning("ignoring an unreadable replay buffer")
         return []
+    return [e for item in (items if isinstance(items, list) else []) if (e := _replay_event(item)) is not None]
+
+
+def _replay_event(item: object) -> FeedbackEvent | None:
+    if not isinstance(item, dict) or not all(isinstance(item.get(k, ""), str) for k in _REPLAY_FIELDS):
+        return None
+    try:
+        return FeedbackEvent(**{k: item.get(k, "") for k in _REPLAY_FIELDS})
+    except PersonalizeError:
+        return None
 
 
 def with_replay(adapter: Adapter, examples: list[FeedbackEvent]) -> Adapter:
@@ -300,10 +354,10 @@ class Trainer:
             self._carry += events
             report.deferred_users += 1
             return None
-        except PersonalizeError as exc:  # e.g. trained on another base: retrying will not help
+        except Exception as exc:  # e.g. trained on another base, or an imported file we cannot use
             log.warning("user %r: cannot train on its adapter: %s", user_id, exc)
             report.failed_users += 1
-            self._retry_or_dead_letter(events, f"adapter unusable: {exc}", report)
+            self._retry_or_dead_letter(events, f"adapter unusable: {_describe(exc)}", report)
             return None
         return UserJob(tenant, user_id, record, adapter, events, replay_of(adapter))
 
@@ -343,9 +397,9 @@ class Trainer:
             report.users = len(jobs)
             if jobs:
                 t0 = time.perf_counter()
-                adapters, finite, losses = train_round(self.model, self.base.tokenizer, jobs, self.config)
+                trained = self._train(jobs, report)
                 report.train_seconds = time.perf_counter() - t0
-                for job, adapter, ok, loss in zip(jobs, adapters, finite, losses, strict=True):
+                for job, adapter, ok, loss in trained:
                     self._finish(job, adapter, ok, loss, report)
         except BaseException:
             self._carry = _unique([*got, *self._carry])
@@ -354,6 +408,31 @@ class Trainer:
         report.seconds = time.perf_counter() - start
         self.last_report = report
         return report
+
+    def _train(self, jobs: list[UserJob], report: RoundReport) -> list[tuple[UserJob, Adapter, bool, float]]:
+        """Train the jobs together; if that raises, train each alone, so a user whose data breaks training
+        (an exception of any type) fails alone and everyone else's events are still trained this round."""
+        try:
+            adapters, finite, losses = train_round(self.model, self.base.tokenizer, jobs, self.config)
+            return list(zip(jobs, adapters, finite, losses, strict=True))
+        except Exception as exc:
+            if len(jobs) == 1:
+                return self._fail_training(jobs[0], exc, report)
+            log.warning("a batched round of %d users failed (%s); training them one by one", len(jobs), exc)
+        out: list[tuple[UserJob, Adapter, bool, float]] = []
+        for job in jobs:
+            try:
+                (adapter,), (ok,), (loss,) = train_round(self.model, self.base.tokenizer, [job], self.config)
+                out.append((job, adapter, ok, loss))
+            except Exception as exc:
+                out += self._fail_training(job, exc, report)
+        return out
+
+    def _fail_training(self, job: UserJob, exc: Exception, report: RoundReport) -> list[Any]:
+        log.warning("user %r: training failed: %s", job.user_id, _describe(exc))
+        report.failed_users += 1
+        self._retry_or_dead_letter(job.events, f"training failed: {_describe(exc)}", report)
+        return []
 
     def _finish(self, job: UserJob, adapter: Adapter, ok: bool, loss: float, report: RoundReport) -> None:
         ids = [d.event_id for d in job.events]
@@ -371,9 +450,14 @@ class Trainer:
         except Conflict:
             self._carry += job.events  # another writer won; retrain from its version next round
             return
-        except PersonalizeError as exc:
+        except Unavailable as exc:
             log.warning("publishing %s failed: %s; events stay pending", job.user_id, exc)
             self._carry += job.events
+            return
+        except Exception as exc:  # the user's adapter cannot be written (its data): retry, then dead-letter
+            log.warning("publishing %s failed: %s", job.user_id, _describe(exc))
+            report.failed_users += 1
+            self._retry_or_dead_letter(job.events, f"publish failed: {_describe(exc)}", report)
             return
         if not self.stream.pending_ids(job.tenant, job.user_id) & set(ids):
             self.repo.delete(job.tenant, job.user_id)  # deleted while publishing: retract
@@ -410,6 +494,14 @@ class Trainer:
             except PersonalizeError as exc:
                 log.warning("trainer round failed: %s; retrying", exc)
                 stop.wait(1.0)
+            except Exception:  # a bug must not stop every tenant's training: log it, back off, go on
+                log.exception("trainer round failed unexpectedly; retrying")
+                stop.wait(1.0)
+
+
+def _describe(exc: BaseException) -> str:
+    """A short reason for the dead-letter stream: the exception's type and the start of its message."""
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 def _unique(delivered: list[Delivered]) -> list[Delivered]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +34,14 @@ class FlakyStore(FileStore):
     """A real file store that cannot be reached for the objects under `down` (a user's prefix) while set."""
 
     down = ""
+    broken = ""
+    """Objects under this prefix make the read raise an error of no domain type (a bug, a parser crash)."""
 
     def get(self, key: str, checksum: str | None = None) -> bytes:
         if self.down and key.startswith(self.down):
             raise Unavailable(f"store unreachable for {key!r}")
+        if self.broken and key.startswith(self.broken):
+            raise RuntimeError(f"unexpected failure reading {key!r}")
         return super().get(key, checksum)
 
 
@@ -337,6 +343,71 @@ def test_unreachable_stream_server_fails_the_round_and_keeps_the_events(
     assert [d.event_id for d in trainer._carry] == [held[0].event_id]
     trainer.stream = good
     assert trainer.run_round(claim=False).published == [("acme", "a", 1)]
+
+
+# -- one user's data never stops the trainer --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("replay", [
+    '[{"tenant": "acme", "user_id": "m", "kind": "correct", "prompt": 5, "completion": "x", "correction": "y"}]',
+    "[" * 100_000 + "]" * 100_000,  # nesting too deep for the JSON parser
+    '{"prompt": "not a list"}', '[1, null, "s", [], {"kind": "nonsense", "prompt": "p", "completion": "c"}]',
+    "not json",
+])
+def test_malformed_replay_metadata_is_skipped_and_every_user_trains(parts: dict[str, Any], base: BaseModel,
+                                                                     replay: str) -> None:
+    repo: AdapterRepository = parts["repo"]
+    stream: FeedbackStream = parts["stream"]
+    poisoned = make_adapter(base.config, 2, seed=1)
+    repo.publish("acme", "m", Adapter(2, 4.0, poisoned.weights, {"replay": replay}), None, 0)
+    trainer = _trainer(base, parts)
+    _append(parts, "m", 0)
+    _append(parts, "ok", 0)
+    report = trainer.run_round()
+    assert sorted(report.published) == [("acme", "m", 2), ("acme", "ok", 1)] and report.failed_users == 0
+    assert [e.prompt for e in replay_of(repo.load("acme", "m", repo.require("acme", "m")))] == ["Q: 0?\nA: "]
+    assert stream.lag() == 0
+
+
+@pytest.mark.parametrize("fault", ["raises", "non-finite"])
+def test_a_user_whose_training_fails_is_dead_lettered_alone_and_run_forever_goes_on(
+        parts: dict[str, Any], base: BaseModel, fault: str) -> None:
+    """Any exception type or a non-finite loss: the user's events are retried, then dead-lettered; everyone
+    else's events are trained in the same rounds, and the trainer's loop never stops."""
+    repo: AdapterRepository = parts["repo"]
+    stream: FeedbackStream = parts["stream"]
+    store: FlakyStore = parts["store"]
+    weights = make_adapter(base.config, 2, seed=1).weights
+    if fault == "non-finite":
+        weights = {k: (a * 1e30, b * 1e30) for k, (a, b) in weights.items()}
+    repo.publish("acme", "x", Adapter(2, 4.0, weights), None, 0)
+    store.broken = user_prefix("acme", "x") if fault == "raises" else ""
+    trainer = _trainer(base, parts)
+    held = _append(parts, "x", 0)
+    for n in range(trainer.config.max_attempts):
+        _append(parts, "ok", n)
+        report = trainer.run_round(claim=False)
+        assert report.published == [("acme", "ok", n + 1)] and report.failed_users == 1
+    assert report.dead_lettered == 1 and stream.pending_count("acme", "x") == 0
+    dead = stream.dead_letters(held[0].partition)
+    assert [d["id"] for d in dead] == [held[0].event_id] and dead[0]["reason"]
+    assert repo.require("acme", "x").version == 1 and trainer._carry == []
+
+    stop = threading.Event()  # the same poison, now under run_forever: it keeps training everyone else
+    thread = threading.Thread(target=trainer.run_forever, args=(stop, 0.0), daemon=True)
+    thread.start()
+    try:
+        _append(parts, "x", 1)
+        _append(parts, "ok", 9)
+        deadline = time.monotonic() + 120
+        while (stream.lag() or repo.require("acme", "ok").examples_seen < 4) and time.monotonic() < deadline:
+            assert thread.is_alive()
+            time.sleep(0.1)
+        assert repo.require("acme", "ok").examples_seen == 4 and stream.lag() == 0
+        assert len(stream.dead_letters(held[0].partition)) == 2 and thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(30)
 
 
 # -- retention of stored versions ----------------------------------------------------------------------------------

@@ -55,7 +55,8 @@ def test_batch_labels_cover_only_the_answer(base: BaseModel) -> None:
 
 def test_users_trained_together_equal_users_trained_alone(base: BaseModel) -> None:
     """Gradients never mix: a user's new adapter does not depend on who else shared the round."""
-    cfg = TrainerConfig(steps=2, min_steps=2, lr=1e-2)  # users get 2, 4 and 6 steps: budgets differ
+    # Users get 2, 4 and 6 steps: budgets differ (no fitting steps: at this lr, rounding noise grows over many).
+    cfg = TrainerConfig(steps=2, min_steps=2, lr=1e-2, fit_steps=0)
     model = copy.deepcopy(base.model).requires_grad_(False)
     jobs = [_job(base, "alice", ["correct", "accept"], 1), _job(base, "bob", ["reject", "prefer", "correct"], 2),
             _job(base, "carol", ["prefer"], 3, rank=8)]
@@ -78,6 +79,30 @@ def test_training_lowers_the_loss_and_keeps_padding_zero(base: BaseModel) -> Non
     adapters, _, later = train_round(model, base.tokenizer, jobs, TrainerConfig(steps=3, min_steps=12, lr=1e-2))
     assert all(b < a for a, b in zip(first, later, strict=True))
     assert all(a.shape[0] == 2 for a, _ in adapters[0].weights.values())
+
+
+def test_a_half_learned_answer_keeps_training_until_it_is_fit(base: BaseModel) -> None:
+    """One event's step budget leaves its answer half learned (which loops); fitting steps finish it."""
+    model = copy.deepcopy(base.model).requires_grad_(False)
+    jobs = [_job(base, "hana", ["accept"], 7)]
+    _, _, (budget_only,) = train_round(model, base.tokenizer, jobs, TrainerConfig(fit_steps=0))
+    _, _, (fitted,) = train_round(model, base.tokenizer, jobs, TrainerConfig(fit_loss=0.1, fit_steps=32))
+    assert budget_only > 0.1 >= fitted
+
+
+def test_prefer_makes_the_chosen_answer_likely_not_just_likelier(base: BaseModel) -> None:
+    """DPO alone barely moves the chosen answer's own likelihood; its NLL term (prefer_nll) makes it learned."""
+    model = copy.deepcopy(base.model).requires_grad_(False)
+    jobs = [_job(base, "ines", ["prefer"] * 2, 8)]
+    nll = {}
+    for weight in (0.0, 1.0):
+        cfg = TrainerConfig(prefer_nll=weight, fit_steps=0, min_steps=8)
+        (adapter,), _, _ = train_round(model, base.tokenizer, jobs, cfg)
+        fit_cfg = TrainerConfig(steps=1, min_steps=1, max_steps=1, fit_steps=0, lr=1e-12)  # measures, barely moves
+        probe = [UserJob("t", "ines", None, adapter, [Delivered(0, "1-0", FeedbackEvent(
+            "t", "ines", "accept", e.event.prompt, e.event.completion))]) for e in jobs[0].events[:1]]
+        nll[weight] = train_round(model, base.tokenizer, probe, fit_cfg)[2][0]
+    assert nll[1.0] < 0.5 * nll[0.0]
 
 
 def test_non_finite_loss_publishes_nothing(base: BaseModel) -> None:
