@@ -19,6 +19,7 @@ from personalize.adapters.registry import AdapterRecord, Registry, RegistryConfi
 from personalize.adapters.repository import AdapterRepository
 from personalize.adapters.store import ObjectStore, open_store
 from personalize.config import Config
+from personalize.durability import check_durability
 from personalize.engine.engine import Engine
 from personalize.engine.types import GenerationResult, SamplingParams
 from personalize.errors import CorruptObject, DeadlineExceeded, NotFound, PersonalizeError, Unavailable
@@ -282,6 +283,8 @@ class Worker:
 
 def bootstrap(config: Config, registry_url: str, store_url: str) -> Worker:
     """Wire a worker from the root config; the registry and store URLs are resolved by the caller."""
+    client = redis_client(registry_url)
+    check_durability(client, config.allow_unsynced_registry)  # before the model loads: fail fast
     base = load_base_model(config.model)
     spec = AdapterSpec.for_model(base.model, config.lora.r_max, config.lora.target_modules, base.fingerprint)
     per_slot = slot_nbytes(base.config, config.lora.r_max, config.lora.target_modules, base.dtype)
@@ -299,7 +302,6 @@ def bootstrap(config: Config, registry_url: str, store_url: str) -> Worker:
     cache = AdapterCache(CacheConfig(host_bytes=config.lora.host_bytes, disk_bytes=config.lora.disk_bytes,
                                      disk_dir=disk_dir),
                          pool, engine.pool_lock, fetch=store_fetch(store, registry), parse=parse)
-    client = redis_client(registry_url)
     stream = FeedbackStream(client, config.feedback)
     updates = UpdateListener(client, config.feedback.namespace)
     return Worker(config, base, registry, store, cache, engine, spec, stream, updates)

@@ -310,12 +310,15 @@ def run_trainer(values: Mapping[str, Any]) -> int:
     so a restarted trainer resumes its own pending events first.
     """
     resolved = settings.build({**values, "data_dir": str(Path(values["data_dir"]).expanduser().resolve())})
+    from personalize.durability import check_durability
+    from personalize.feedback.notify import redis_client
     from personalize.feedback.runner import bootstrap_trainer
     from personalize_service.worker_server import stop_on_signals
 
     stop = threading.Event()
     with stop_on_signals(stop):
         config = resolved.config
+        check_durability(redis_client(config.registry_url), config.allow_unsynced_registry)
         trainer = bootstrap_trainer(config, config.registry_url, config.store_url, consumer=config.node_id)
         print(f"personalize serve: trainer {config.node_id} consuming {config.feedback.partitions} feedback "
               f"partition(s)", flush=True)
@@ -324,7 +327,7 @@ def run_trainer(values: Mapping[str, Any]) -> int:
     return 0
 
 
-TRAINER_KEYS = ("model.", "lora.r_max", "lora.keep_versions", "feedback.", "trainer.")
+TRAINER_KEYS = ("model.", "lora.r_max", "lora.keep_versions", "feedback.", "trainer.", "allow_unsynced_registry")
 """Settings `up` passes on to the trainer process it supervises."""
 
 

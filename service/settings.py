@@ -129,6 +129,9 @@ SETTINGS: tuple[Setting, ...] = (
        "local state: embedded Valkey AOF (up), file store (up), disk cache", metavar="DIR"),
     _s("registry_url", "--registry-url", "PERSONALIZE_REGISTRY_URL", "", _str,
        "redis:// URL of the registry (Valkey/Redis); required", (SERVE,), "URL"),
+    _s("allow_unsynced_registry", "--allow-unsynced-registry", "PERSONALIZE_ALLOW_UNSYNCED_REGISTRY", False, _bool,
+       "start even when the registry server acknowledges writes before they are on disk (appendonly off or "
+       "appendfsync other than always; a power cut then loses acknowledged feedback)", metavar="BOOL"),
     _s("store_url", "--store-url", "PERSONALIZE_STORE_URL", "", _str,
        "adapter store: file:///abs/path or s3://bucket/prefix?endpoint=host:port; required by serve, "
        "up defaults to file://DATA_DIR/store", metavar="URL"),
@@ -358,6 +361,7 @@ def build(values: Mapping[str, Any]) -> Resolved:
                     model=ModelConfig(**_section(values, "model.")), lora=LoraConfig(**_section(values, "lora.")),
                     engine=EngineConfig(**_section(values, "engine.")), load_timeout_s=values["load_timeout_s"],
                     degrade_to_base=values["degrade_to_base"],
+                    allow_unsynced_registry=values["allow_unsynced_registry"],
                     feedback=StreamConfig(**_section(values, "feedback.")),
                     trainer=TrainerConfig(**_section(values, "trainer.")))
     service_values = _section(values, "service.")
