@@ -137,7 +137,10 @@ def test_a_killed_worker_is_routed_around_and_no_feedback_is_lost(cluster: Clust
     with PersonalizeClient(cluster.up.target, timeout=30) as client, Load(cluster) as load, \
             PersonalizeClient(cluster.up.target, timeout=30) as sdk, Load(cluster, sdk) as sdk_load:
         _feedback_round(client, cluster, fed, "before")
-        time.sleep(0.5)
+        deadline = time.monotonic() + 60
+        while len(load.outcomes) < len(USERS) or len(sdk_load.outcomes) < len(USERS):  # both loads running
+            assert time.monotonic() < deadline, cluster.logs()
+            time.sleep(0.05)
         killed_at = time.monotonic()
         os.kill(cluster.workers[victim]["pid"], signal.SIGKILL)
         _feedback_round(client, cluster, fed, "during")  # every ack must come, retried on another worker
