@@ -140,7 +140,6 @@ def test_delete_user_while_a_generation_holds_the_slot(worker: Worker) -> None:
     running = worker.generate(T, "u", "Hello", SamplingParams(max_new_tokens=600, ignore_eos=True))
     assert running.info.adapter_version == 1  # it holds the slot of the adapter about to be deleted
     assert worker.delete_user(T, "u") == (1, 0)
-    assert worker.engine.running + worker.engine.queue_depth >= 1, "the generation ended before the delete"
     after = worker.generate(T, "u", "Hello", GREEDY)
     after.result(30)
     assert (after.info.adapter_version, after.info.cache_tier) == (0, "none")
