@@ -92,6 +92,27 @@ def lookup_latencies_us(registry: Registry, users: int, lookups: int) -> list[fl
     return sorted(samples)
 
 
+def naive_lookup_latencies_us(client: redis.Redis, namespace: str, users: int, lookups: int) -> list[float]:
+    """The same random gets on the naive layout (HGETALL of the user's hash, fields decoded), microseconds."""
+    rng = random.Random(7)
+
+    def get(user: str) -> dict[str, str]:
+        raw = client.hgetall(f"{namespace}:user:{user_digest('bench', user)[:16].hex()}")
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    for _ in range(200):  # warm the connection, as the compact side is warmed
+        get(f"user-{rng.randrange(users)}")
+    samples = []
+    for _ in range(lookups):
+        user = f"user-{rng.randrange(users)}"
+        start = time.perf_counter_ns()
+        found = get(user)
+        samples.append((time.perf_counter_ns() - start) / 1000)
+        if not found:
+            raise RuntimeError(f"{user} vanished from the naive layout")
+    return sorted(samples)
+
+
 def drop_namespace(client: redis.Redis, namespace: str) -> None:
     for keys in _chunks(client.scan_iter(match=f"{namespace}:*", count=5000), 5000):
         client.unlink(*keys)
@@ -102,8 +123,9 @@ def run_registry_bench(url: str, users: int, lookups: int = 5000, baseline_users
     """Fill `users` records into a fresh namespace on the server at `url`, then time `lookups` gets.
 
     Returns users, bytes_per_user (server used_memory delta / users), lookup_p50_us, lookup_p99_us,
-    plus fill rate and the naive layout's bytes per user (measured on `baseline_users`,
-    default min(users, 100_000)). Everything it wrote is removed afterwards."""
+    plus fill rate and the naive layout's bytes per user and lookup latencies, measured with the same
+    lookups on `baseline_users` (default: the same `users`, so both sides hold equal data). Everything it
+    wrote is removed afterwards."""
     client = redis.Redis.from_url(url)
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     registry = Registry(client, namespace=namespace, bucket_bits=bucket_bits)
@@ -113,8 +135,9 @@ def run_registry_bench(url: str, users: int, lookups: int = 5000, baseline_users
         rate: list[float] = []
         used = measure_bytes(client, lambda: rate.append(fill_synthetic(registry, users)))
         latencies = lookup_latencies_us(registry, users, lookups)
-        naive_users = min(users, 100_000) if baseline_users is None else baseline_users
+        naive_users = users if baseline_users is None else baseline_users
         naive = measure_bytes(client, lambda: fill_naive(client, namespace + "-naive", naive_users))
+        naive_latencies = naive_lookup_latencies_us(client, namespace + "-naive", naive_users, lookups)
     finally:
         drop_namespace(client, namespace)
         drop_namespace(client, namespace + "-naive")
@@ -128,7 +151,10 @@ def run_registry_bench(url: str, users: int, lookups: int = 5000, baseline_users
         "lookups": lookups,
         "fill_users_per_s": round(rate[0]),
         "bucket_bits": bucket_bits,
+        "naive_users": naive_users,
         "naive_bytes_per_user": round(naive_per_user, 1),
+        "naive_lookup_p50_us": round(naive_latencies[len(naive_latencies) // 2], 1),
+        "naive_lookup_p99_us": round(naive_latencies[int(len(naive_latencies) * 0.99)], 1),
         "naive_over_compact": round(naive_per_user / bytes_per_user, 2),
     }
 

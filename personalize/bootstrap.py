@@ -19,6 +19,7 @@ from personalize.adapters.registry import open_registry
 from personalize.adapters.repository import AdapterRepository
 from personalize.adapters.store import open_store
 from personalize.config import Config
+from personalize.durability import check_durability
 from personalize.engine.engine import Engine
 from personalize.errors import InvalidArgument
 from personalize.feedback.notify import UpdateListener, publish_update, redis_client
@@ -49,6 +50,8 @@ def worker(config: Config) -> Worker:
     """A serving node: base model, slot pool sized by the device budget, engine, tiered cache over the
     registry and store, the feedback stream and update notifications; not started."""
     _check_urls(config)
+    client = redis_client(config.registry.url)
+    check_durability(client, config.allow_unsynced_registry)  # before the model loads: fail fast
     base = load_base_model(config.model)
     spec = adapter_spec(config, base)
     per_slot = slot_nbytes(base.config, config.lora.r_max, config.lora.target_modules, base.dtype)
@@ -65,7 +68,6 @@ def worker(config: Config) -> Worker:
     cache = AdapterCache(CacheConfig(host_bytes=config.lora.host_bytes, disk_bytes=config.lora.disk_bytes,
                                      disk_dir=disk_dir),
                          pool, engine.pool_lock, fetch=store_fetch(store, registry), parse=parse)
-    client = redis_client(config.registry.url)
     stream = FeedbackStream(client, config.feedback)
     updates = UpdateListener(client, config.registry.namespace)
     return Worker(config, base, registry, store, cache, engine, spec, stream, updates,
@@ -80,8 +82,9 @@ def trainer(config: Config, consumer: str = "") -> Trainer:
     claimed by the others.
     """
     _check_urls(config)
-    base = load_base_model(config.model)
     client = redis_client(config.registry.url)
+    check_durability(client, config.allow_unsynced_registry)
+    base = load_base_model(config.model)
     repo = AdapterRepository(open_registry(config.registry), open_store(config.store_url), adapter_spec(config, base),
                              config.lora.keep_versions)
     stream = FeedbackStream(client, config.feedback)

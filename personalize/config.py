@@ -66,6 +66,9 @@ class Config:
     """How long a request waits for its adapter to load before failing."""
     degrade_to_base: bool = False
     """If a user's adapter cannot be loaded (store down), serve the base model (flagged) instead of failing."""
+    allow_unsynced_registry: bool = False
+    """Run against a registry server that acknowledges writes before they are on disk (appendfsync other
+    than always); by default such a server is refused at startup."""
 
     def __post_init__(self) -> None:
         if self.feedback.namespace != self.registry.namespace:  # one deployment, one key prefix

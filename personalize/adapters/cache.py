@@ -7,7 +7,10 @@ deleted object on a node that missed the delete; the checksum names the object i
 out by LRU). A miss reserves a slot (evicting the least recently used unpinned one),
 and one load per key runs on a small thread pool: host RAM (parsed adapters), else the disk tier (object
 bytes in files named by a hash of the user, never by a user id), else `fetch` from the object store; the
-bytes are validated by `parse`, written into the slot, then promoted to the faster tiers. Every waiter of
+bytes are validated by `parse`, written into the slot, then promoted to the faster tiers. A disk file is
+served only when it hashes to the SHA-256 of the verified bytes written there (kept in memory, never read
+from the disk): a file changed behind the cache's back, even one that still parses, is dropped and the
+object fetched again. Host RAM holds only adapters parsed from verified bytes. Every waiter of
 that key gets the slot, or the load's error; a failed load caches nothing.
 
 Locking: `_lock` guards all bookkeeping (slot table, host and disk LRUs, per-user index, loads in flight,
@@ -36,8 +39,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from personalize.adapters.lru import FREED, ByteLRU, SlotTable
+from personalize.adapters.store.base import checksum_of
 from personalize.adapters.store.keys import adapter_key, user_digest
 from personalize.errors import (
+    CorruptObject,
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
@@ -268,7 +273,8 @@ class AdapterCache:
         self._leases: list[Lease] = [none] * pool.num_slots  # slot -> its shared device-hit lease
         self._host: ByteLRU[Key, Adapter] = ByteLRU(config.host_bytes)
         self._disk = _DiskFiles(config.disk_dir) if config.disk_dir else None
-        self._disk_lru: ByteLRU[Key, int] = ByteLRU(config.disk_bytes if self._disk else 0)
+        # key -> checksum_of the bytes written to its file (the file is trusted only while it still matches)
+        self._disk_lru: ByteLRU[Key, str] = ByteLRU(config.disk_bytes if self._disk else 0)
         # (tenant, user_id) -> (version, checksum) -> tier bits
         self._index: dict[tuple[str, str], dict[tuple[int, str], int]] = {}
         self._loading: dict[Key, _Load] = {}
@@ -554,18 +560,21 @@ class AdapterCache:
         return self._parse(data), data  # a refused object is never cached: nothing was stored yet
 
     def _from_disk(self, key: Key) -> Adapter | None:
-        """The adapter from the disk tier, or None; a damaged file is dropped (the store has the object)."""
+        """The adapter from the disk tier, or None; a file that no longer hashes to the checksum of the bytes
+        written there, or does not parse, is dropped (the store has the object)."""
         if self._disk is None:
             return None
         with self._lock:
-            present = self._disk_lru.get(key) is not None
-        data = self._disk.read(key) if present else None
+            written = self._disk_lru.get(key)
+        data = self._disk.read(key) if written is not None else None
         adapter = None
         if data is not None:
             try:
+                if checksum_of(data) != written:
+                    raise CorruptObject(f"file hashes to {checksum_of(data)}, {written} was written")
                 adapter = self._parse(data)
-            except Exception as exc:  # whatever a damaged file makes the parser raise
-                log.warning("dropping unreadable disk cache file %s: %s", self._disk.path(key), exc)
+            except Exception as exc:  # a changed file, or whatever a damaged one makes the parser raise
+                log.warning("dropping damaged disk cache file %s: %s", self._disk.path(key), exc)
         with self._lock:
             self._count(DISK, adapter is not None)
             if data is not None and adapter is None and self._disk_lru.pop(key) is not None:
@@ -575,8 +584,9 @@ class AdapterCache:
 
     def _promote(self, load: _Load, adapter: Adapter, data: bytes | None) -> None:
         """Keep a loaded adapter in host RAM, and store-fetched bytes on disk, unless invalidated."""
-        tmp = None
+        tmp, digest = None, ""
         if data is not None and self._disk is not None and len(data) <= self._disk_lru.budget:
+            digest = checksum_of(data)  # of the bytes fetch verified: what the file must still hash to
             try:
                 tmp = self._disk.write_temp(data)
             except OSError as exc:  # the disk tier is best effort: serve anyway
@@ -586,7 +596,7 @@ class AdapterCache:
                 if load.tier != HOST:
                     self._keep(self._host, HOST, load.key, adapter, adapter.nbytes)
                 if tmp is not None and data is not None:
-                    self._commit_disk(load.key, tmp, len(data))
+                    self._commit_disk(load.key, tmp, len(data), digest)
                     tmp = None
         if tmp is not None:
             tmp.unlink(missing_ok=True)
@@ -600,10 +610,10 @@ class AdapterCache:
             self._mark(key, tier)
         return evicted
 
-    def _commit_disk(self, key: Key, tmp: Path, nbytes: int) -> None:
+    def _commit_disk(self, key: Key, tmp: Path, nbytes: int, digest: str) -> None:
         assert self._disk is not None
         self._disk.commit(tmp, key)
-        for k in self._keep(self._disk_lru, DISK, key, nbytes, nbytes):
+        for k in self._keep(self._disk_lru, DISK, key, digest, nbytes):
             self._disk.remove(k)
 
     def _land(self, load: _Load, seconds: float) -> None:

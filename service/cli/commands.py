@@ -72,6 +72,7 @@ and the router in front of the workers (it finds them through the same registry)
 Flags win over environment variables, which win over the --config file (JSON or TOML)."""
 
 _GROUPS = {"data_dir": "state", "registry": "state", "store_url": "state", "node_id": "state",
+           "allow_unsynced_registry": "state",
            "service": "server", "router": "server", "model": "model", "lora": "adapters", "load_timeout_s": "adapters",
            "degrade_to_base": "adapters",
            "engine": "engine", "limits": "request limits", "workers": "server", "worker_restarts": "server",

@@ -319,7 +319,7 @@ def run_trainer(values: Mapping[str, Any]) -> int:
     return 0
 
 
-TRAINER_KEYS = ("model.", "lora.r_max", "lora.keep_versions", "feedback.", "trainer.")
+TRAINER_KEYS = ("model.", "lora.r_max", "lora.keep_versions", "feedback.", "trainer.", "allow_unsynced_registry")
 """Settings `up` passes on to the trainer process it supervises."""
 
 

@@ -136,6 +136,9 @@ SETTINGS: tuple[Setting, ...] = (
        "users are spread over 2**N registry hashes; fixed for the life of a namespace", (SERVE,), "N"),
     _s("registry.cluster", "--registry-cluster", "PERSONALIZE_REGISTRY_CLUSTER", False, _bool,
        "the registry is a Redis/Valkey Cluster (speak its protocol)", (SERVE,), "BOOL"),
+    _s("allow_unsynced_registry", "--allow-unsynced-registry", "PERSONALIZE_ALLOW_UNSYNCED_REGISTRY", False, _bool,
+       "start even when the registry server acknowledges writes before they are on disk (appendonly off or "
+       "appendfsync other than always; a power cut then loses acknowledged feedback)", metavar="BOOL"),
     _s("store_url", "--store-url", "PERSONALIZE_STORE_URL", "", _str,
        "adapter store: file:///abs/path or s3://bucket/prefix?endpoint=host:port; required by serve, "
        "up defaults to file://DATA_DIR/store", metavar="URL"),
@@ -236,6 +239,15 @@ SETTINGS: tuple[Setting, ...] = (
        metavar="R"),
     _s("trainer.max_events", "--train-max-events", "PERSONALIZE_TRAIN_MAX_EVENTS", 256, _int,
        "most events in one training round", metavar="N"),
+    _s("trainer.fit_loss", "--train-fit-loss", "PERSONALIZE_TRAIN_FIT_LOSS", 0.1, _float,
+       "a user whose wanted answers still have a mean token NLL above this keeps training past its step budget",
+       metavar="NLL"),
+    _s("trainer.fit_steps", "--train-fit-steps", "PERSONALIZE_TRAIN_FIT_STEPS", 16, _int,
+       "most steps per new event of a user whose wanted answers are not learned yet", metavar="N"),
+    _s("trainer.reject_weight", "--train-reject-weight", "PERSONALIZE_TRAIN_REJECT_WEIGHT", 0.5, _float,
+       "weight of a reject event's unlikelihood loss", metavar="W"),
+    _s("trainer.prefer_nll", "--train-prefer-nll", "PERSONALIZE_TRAIN_PREFER_NLL", 1.0, _float,
+       "weight of the chosen answer's NLL added to a prefer event's DPO loss", metavar="W"),
     _s("trainer.claim_idle_ms", "--claim-idle-ms", "PERSONALIZE_CLAIM_IDLE_MS", 30_000, _int,
        "a dead trainer's events are claimed after this idle time", metavar="MS"),
     # -- up only
@@ -370,6 +382,7 @@ def build(values: Mapping[str, Any]) -> Resolved:
                     model=ModelConfig(**_section(values, "model.")), lora=LoraConfig(**_section(values, "lora.")),
                     engine=EngineConfig(**_section(values, "engine.")), load_timeout_s=values["load_timeout_s"],
                     degrade_to_base=values["degrade_to_base"],
+                    allow_unsynced_registry=values["allow_unsynced_registry"],
                     feedback=StreamConfig(**_section(values, "feedback."), namespace=registry.namespace),
                     trainer=TrainerConfig(**_section(values, "trainer.")))
     service_values = _section(values, "service.")

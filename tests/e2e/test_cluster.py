@@ -90,10 +90,12 @@ def test_each_user_sticks_to_one_worker_and_users_spread(cluster: Cluster) -> No
 
 
 class Load:
-    """Generate calls for every user in a loop on a thread, each call's outcome recorded with its time."""
+    """Generate calls for every user in a loop on a thread, each call's outcome recorded with its time;
+    through the router's stubs, or through the SDK (`client`: its retries on UNAVAILABLE on top)."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, client: PersonalizeClient | None = None) -> None:
         self.cluster = cluster
+        self.client = client
         self.outcomes: list[tuple[float, str, str]] = []  # (time, user, node id or status code name)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -110,7 +112,10 @@ class Load:
         while not self._stop.is_set():
             for user in USERS:
                 try:
-                    outcome = self.cluster.node_of(user)
+                    if self.client is None:
+                        outcome = self.cluster.node_of(user)
+                    else:
+                        outcome = self.client.generate(user, "Hi", max_new_tokens=1).node_id
                 except grpc.RpcError as exc:
                     outcome = exc.code().name
                 self.outcomes.append((time.monotonic(), user, outcome))
@@ -129,9 +134,13 @@ def test_a_killed_worker_is_routed_around_and_no_feedback_is_lost(cluster: Clust
     victim = max(set(owner.values()), key=lambda n: list(owner.values()).count(n))
     victims = [u for u in USERS if owner[u] == victim]
     fed = USERS[::3] + [u for u in victims if u not in USERS[::3]][:4]
-    with PersonalizeClient(cluster.up.target, timeout=30) as client, Load(cluster) as load:
+    with PersonalizeClient(cluster.up.target, timeout=30) as client, Load(cluster) as load, \
+            PersonalizeClient(cluster.up.target, timeout=30) as sdk, Load(cluster, sdk) as sdk_load:
         _feedback_round(client, cluster, fed, "before")
-        time.sleep(0.5)
+        deadline = time.monotonic() + 60
+        while len(load.outcomes) < len(USERS) or len(sdk_load.outcomes) < len(USERS):  # both loads running
+            assert time.monotonic() < deadline, cluster.logs()
+            time.sleep(0.05)
         killed_at = time.monotonic()
         os.kill(cluster.workers[victim]["pid"], signal.SIGKILL)
         _feedback_round(client, cluster, fed, "during")  # every ack must come, retried on another worker
@@ -144,6 +153,10 @@ def test_a_killed_worker_is_routed_around_and_no_feedback_is_lost(cluster: Clust
         _feedback_round(client, cluster, fed, "after")
         while time.monotonic() < killed_at + TTL_S + 2.5:  # the load runs on past the TTL
             time.sleep(0.1)
+    # Through the SDK (router failover + 2 retries with backoff) no call fails at all, kill included.
+    during = [o for t, _, o in sdk_load.outcomes if t > killed_at]
+    assert during and all(o.startswith("worker-") for _, _, o in sdk_load.outcomes), \
+        [(round(t - killed_at, 2), u, o) for t, u, o in sdk_load.outcomes if not o.startswith("worker-")][:10]
     late = [(t - killed_at, u, o) for t, u, o in load.outcomes if t > killed_at + TTL_S + 1.0]
     assert late and all(o.startswith("worker-") and o != victim for _, _, o in late), late[:10]
     assert cluster.up.process.poll() is None  # up keeps serving (--worker-restarts 0: the worker stays down)

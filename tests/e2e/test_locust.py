@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,8 @@ USERS = 4
 WORKLOAD = {"population": 1_000_000, "zipf_s": 1.1, "seed": 7, "user_prefix": "locust-e2e-", "max_new_tokens": 8,
             "prompt_chars": 32}
 DRAIN_TIMEOUT_S = 300.0
-"""The trainer applies every acknowledged event well within this on a busy 2-core machine (if it has not,
-the exact check is skipped with a warning: tests never assert speed)."""
+"""The trainer applies every acknowledged event well within this on a busy 2-core machine; not drained by
+then is a failure (a generous bound on progress, not a speed check)."""
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +57,9 @@ def test_report_figures_match_the_service(run: tuple[dict[str, Any], Path]) -> N
     summary, _ = run
     feedback = summary["feedback"]
     assert feedback["sent"] > 0 and feedback["sent"] == feedback["acked_by_record"]
-    assert feedback["applied_at_load_end"] <= feedback["applied"] <= feedback["sent"]  # never applied twice
-    if feedback["drained"]:
-        assert feedback["applied"] == feedback["sent"] and feedback["pending_after_drain"] == 0
-    else:
-        warnings.warn(f"trainer still busy after {DRAIN_TIMEOUT_S} s: applied {feedback['applied']} of "
-                      f"{feedback['sent']}", stacklevel=1)
+    assert feedback["drained"], f"trainer still busy after {DRAIN_TIMEOUT_S} s: {feedback}"
+    assert feedback["applied_at_load_end"] <= feedback["applied"]
+    assert feedback["applied"] == feedback["sent"] and feedback["pending_after_drain"] == 0  # each once
     assert summary["served_from"].get("device", 0) <= summary["cache"]["device"]["hits"]
 
 

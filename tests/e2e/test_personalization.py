@@ -93,7 +93,7 @@ def _trainer_pid(data_dir: Path, not_pid: int = 0, timeout: float = 30) -> int:
 def test_every_event_applied_exactly_once_across_trainer_kills(trainer_cluster: UpServer) -> None:
     rnd = random.Random(3)
     users = {f"once-{i}": 0 for i in range(100)}
-    kills = 0
+    kills, backlogs = 0, []  # backlogs: events acknowledged but not yet applied, read just before each kill
     pid = _trainer_pid(trainer_cluster.data_dir)
     with PersonalizeClient(trainer_cluster.target, timeout=60) as client:
         for n in range(1000):
@@ -102,11 +102,13 @@ def test_every_event_applied_exactly_once_across_trainer_kills(trainer_cluster: 
             users[user] += 1
             if n in (250, 500, 750):  # SIGKILL the trainer while it works through the backlog
                 time.sleep(0.5)
+                backlogs.append(sum(node.stream_lag for node in client.stats().nodes))
                 os.kill(pid, signal.SIGKILL)
                 kills += 1
                 pid = _trainer_pid(trainer_cluster.data_dir, not_pid=pid)
         _wait_applied(client, users, timeout=300)
         stats = client.stats()
     assert kills == 3
+    assert max(backlogs) > 0, backlogs  # precondition: at least one kill hit the trainer with work to do
     assert all(node.stream_lag == 0 for node in stats.nodes)
     assert "trainer exited" in trainer_cluster.log()

@@ -17,6 +17,7 @@ from personalize.adapters.cache import AdapterCache, CacheConfig, store_fetch
 from personalize.adapters.registry import Registry
 from personalize.adapters.repository import AdapterRepository
 from personalize.adapters.store import FileStore, ObjectStore, S3Store
+from personalize.adapters.store.base import checksum_of
 from personalize.adapters.store.s3 import CHECKSUM_HEADER
 from personalize.errors import CorruptObject, IncompatibleAdapter, NotFound
 from personalize.lora.adapter import Adapter
@@ -130,3 +131,55 @@ def test_hot_swap_to_a_published_version(cache: AdapterCache, store: ObjectStore
     assert cache.stats()["resident"]["device"] == 1  # superseded: freed at once
     with pytest.raises(NotFound, match="not current"):  # from the store, v1 is unverifiable now
         store_fetch(store, registry)(T, "alice", 1, "")
+
+
+
+def flip_exponents(data: bytes, every: int = 16) -> bytes:
+    """`data` (float32 safetensors) with the exponent byte of every `every`-th float altered: still parses."""
+    start = 8 + int.from_bytes(data[:8], "little")  # tensor data follows the header, 8-byte aligned
+    flipped = bytearray(data)
+    for offset in range(start + 3, len(flipped), 4 * every):  # byte 3 of a little-endian float32: sign, exponent
+        flipped[offset] ^= 0x01  # scales the float by 4 or 1/4: finite, so only a checksum can tell
+    return bytes(flipped)
+
+
+def same_weights(x: Adapter, y: Adapter) -> bool:
+    return x.weights.keys() == y.weights.keys() and all(
+        torch.equal(x.weights[k][0], y.weights[k][0]) and torch.equal(x.weights[k][1], y.weights[k][1])
+        for k in x.weights)
+
+
+def test_a_disk_file_changed_behind_the_cache_is_never_served(base: BaseModel, spec: AdapterSpec, store: ObjectStore,
+                                                               registry: Registry, tmp_path: Path) -> None:
+    pool = SlotPool(base.config, 1, R_MAX)
+    config = CacheConfig(host_bytes=0, disk_bytes=1 << 24, disk_dir=str(tmp_path / "disk"), load_threads=1)
+    users = [f"user{i}" for i in range(4)]
+    adapters = {u: publish(store, registry, spec, u, seed=10 + i)[0] for i, u in enumerate(users)}
+    checksums = {u: registry.get(T, u).checksum for u in users}
+
+    def acquire(cache: AdapterCache, user_id: str) -> tuple[str, bool]:
+        lease = cache.acquire(T, user_id, 1, timeout=30, checksum=checksums[user_id])
+        try:
+            return lease.tier, holds(cache.pool, lease.slot, adapters[user_id])
+        finally:
+            cache.release(lease)
+
+    with AdapterCache(config, pool, threading.Lock(), store_fetch(store, registry),
+                      lambda data: adapter_from_bytes(data, spec)) as cache:
+        for u in users:  # one slot and no host tier: every user but the last is now only on disk
+            assert acquire(cache, u) == ("store", True)
+        files = sorted(Path(config.disk_dir).rglob("*.adapter"))
+        assert len(files) == len(users)
+        for file in files:
+            flipped = flip_exponents(file.read_bytes())
+            parsed = adapter_from_bytes(flipped, spec)  # the parser accepts it: another valid adapter
+            assert not any(same_weights(parsed, adapter) for adapter in adapters.values())
+            file.write_bytes(flipped)
+        before = cache.stats()
+        assert [acquire(cache, u) for u in users[:-1]] == [("store", True)] * (len(users) - 1)
+        after = cache.stats()
+        assert after["hits"]["disk"] == before["hits"]["disk"] == 0
+        assert after["misses"]["disk"] - before["misses"]["disk"] == len(users) - 1
+        rewritten = {checksum_of(p.read_bytes()) for p in Path(config.disk_dir).rglob("*.adapter")}
+        assert rewritten >= {checksums[u] for u in users[:-1]}  # dropped, then written again from the store
+        assert acquire(cache, users[0]) == ("disk", True)  # a rewritten file is trusted again

@@ -189,6 +189,36 @@ def test_a_stopped_store(tmp_path: Path, registry_url: str) -> None:
         s3.stop(timeout_s=5)
 
 
+def test_cached_users_are_served_throughout_a_store_outage(tmp_path: Path, registry_url: str) -> None:
+    """Users whose adapters are in the device or disk tier keep their own adapter, undegraded, on a strict
+    worker while SeaweedFS is down; a user cached nowhere fails, which shows the store really is down."""
+    s3 = start_weed_mini(tmp_path / "s3")
+    try:
+        with running_worker(tmp_path / "w", registry_url, s3.s3_url("outage", "pz"), degrade=False, slots=2,
+                            host_bytes=0) as worker:
+            users = ["alice", "bob", "carol"]
+            for seed, user_id in enumerate([*users, "dave"], start=20):
+                give_adapter(worker, user_id, seed)
+            before = {u: text_of(worker, u) for u in users}  # device: bob, carol; disk: all three
+            assert len(set(before.values()) | {text_of(worker, "dave", use_base_model=True)}) == len(users) + 1
+            assert worker.cache.stats()["resident"] == {"device": 2, "host": 0, "disk": 3}
+            s3.stop(timeout_s=10)
+
+            with pytest.raises(Unavailable, match="unreachable"):  # dave was never loaded: the store is gone
+                text_of(worker, "dave")
+            tiers = []
+            for _ in range(3):
+                for user_id in ["carol", "alice", "bob"]:
+                    generation = worker.generate(T, user_id, PROMPT, GREEDY)
+                    assert generation.result(30).text == before[user_id]
+                    info = generation.info
+                    assert (info.adapter_version, info.degraded) == (1, False)
+                    tiers.append(info.cache_tier)
+            assert {"device", "disk"} <= set(tiers)  # both tiers served during the outage
+    finally:
+        s3.stop(timeout_s=5)
+
+
 # ---- through the gRPC server, the SDK and the CLI ------------------------------------------------------------
 
 @contextmanager

@@ -140,12 +140,13 @@ def test_delete_user_while_a_generation_holds_the_slot(worker: Worker) -> None:
     """A request in flight keeps its pinned slot to the end; the slot is freed when it is released, and no
     new request finds the deleted adapter meanwhile."""
     give_adapter(worker, "u", seed=5)
-    running = worker.generate(T, "u", "Hello", SamplingParams(max_new_tokens=200, ignore_eos=True))
+    running = worker.generate(T, "u", "Hello", SamplingParams(max_new_tokens=600, ignore_eos=True))
+    assert running.info.adapter_version == 1  # it holds the slot of the adapter about to be deleted
     assert worker.delete_user(T, "u") == (1, 0)
     after = worker.generate(T, "u", "Hello", GREEDY)
     after.result(30)
     assert (after.info.adapter_version, after.info.cache_tier) == (0, "none")
-    running.result(30)
+    assert running.result(60).completion_tokens == 600  # ran to the end, not cut off by the delete
     worker.engine.submit("flush", GREEDY).result(30)  # the engine released the lease before this finished
     assert cached_users(worker) == {"device": set(), "host": set(), "disk": set()}
     assert worker.cache.stats()["resident"] == {"device": 0, "host": 0, "disk": 0}

@@ -27,6 +27,7 @@ class CountingHealth(health_pb2_grpc.HealthServicer):
         self.status = SERVING
         self.watches = 0
         self.open = 0
+        self.checks = 0
         self.changed = threading.Condition()
 
     def drain(self) -> None:
@@ -35,6 +36,8 @@ class CountingHealth(health_pb2_grpc.HealthServicer):
             self.changed.notify_all()
 
     def Check(self, request: Any, context: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:
+        with self.changed:
+            self.checks += 1
         return health_pb2.HealthCheckResponse(status=self.status)
 
     def Watch(self, request: Any, context: grpc.ServicerContext) -> Iterator[health_pb2.HealthCheckResponse]:
@@ -86,7 +89,8 @@ def test_a_watch_is_held_let_go_on_drain_retaken_after_a_restart_and_ends_with_t
         assert _until(lambda: first.open == 1)
         first.drain()
         assert _until(lambda: first.open == 0)  # let go while the worker drains ...
-        time.sleep(0.3)
+        checks = first.checks
+        assert _until(lambda: first.checks >= checks + 3)  # three polls answered NOT_SERVING since
         assert first.watches == 1  # ... and not taken again while it says NOT_SERVING
         server.stop(0)  # the worker restarts and serves: watched again
         server = _serve(port, second)

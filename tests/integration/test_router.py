@@ -390,14 +390,14 @@ def test_announcement_joins_drains_and_leaves(valkey_url: str, namespace: str) -
     try:
         nodes = Membership(membership_client(valkey_url), membership).nodes()
         assert nodes["w9"] == NodeInfo("w9", "127.0.0.1:1", 16.0, 5.0)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while announcement.ring is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert announcement.owns("acme", "anyone")  # the only node owns every user
         other = Heartbeat(membership_client(valkey_url), membership, NodeInfo("w8", "127.0.0.1:2", 16.0)).start()
         try:
             ring = ring_of(Membership(membership_client(valkey_url), membership).nodes())
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 30
             while len(announcement.ring or ()) < 2 and time.monotonic() < deadline:
                 time.sleep(0.05)
             owned = [u for u in (f"u{i}" for i in range(200)) if announcement.owns("acme", u)]
@@ -466,11 +466,16 @@ def test_a_joining_worker_warms_the_hot_users_it_takes_over(valkey_url: str, nam
     new = Announcement(config, "new", 16.0, hot_fn=lambda limit: [],
                        warm_fn=lambda tenant, user_id: warmed.append((tenant, user_id)))
     try:
-        time.sleep(0.5)  # the old owner has published its list before the new one joins
+        with membership_client(valkey_url) as client:  # the old owner has published its list before the new one joins
+            hot_key = f"{{{namespace}}}:hot:old"
+            deadline = time.monotonic() + 10
+            while not client.exists(hot_key):
+                assert time.monotonic() < deadline, "the old owner never published its hot users"
+                time.sleep(0.02)
         new.start("127.0.0.1:2")
         ring = ring_of({"old": NodeInfo("old", "a", 16.0), "new": NodeInfo("new", "b", 16.0)})
         moved = [u for u in hot if ring.owner(route_key(*u)) == "new"]
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while sorted(warmed) != sorted(moved) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert 10 < len(moved) < 50

@@ -387,6 +387,19 @@ def test_a_damaged_disk_file_falls_back_to_the_store(store: FakeStore, tmp_path:
         assert cache.stats()["hits"]["disk"] == 0
 
 
+def test_a_disk_file_that_parses_as_another_adapter_is_not_served(store: FakeStore, tmp_path: Path) -> None:
+    adapter = store.add("a")
+    store.add("b")
+    a_file = tmp_path / user_digest(T, "a")[:16].hex() / "v000000000001.adapter"
+    with make_cache(store, slots=1, tmp=tmp_path, host=0) as cache:
+        use(cache, "a")
+        use(cache, "b")  # a is now only on disk
+        a_file.write_bytes(store.fetch(T, "b", 1, ""))  # valid bytes, of another adapter
+        lease = use(cache, "a")
+        assert lease.tier == "store" and holds(cache.pool, lease.slot, adapter)
+        assert store.calls[(T, "a", 1)] == 2 and cache.stats()["hits"]["disk"] == 0
+
+
 def test_disk_tier_starts_empty_but_spares_foreign_files(store: FakeStore, tmp_path: Path) -> None:
     store.add("alice")
     with make_cache(store, tmp=tmp_path) as cache:

@@ -3,7 +3,10 @@ and the pure helpers of the worker side and of `up --workers N`."""
 
 from __future__ import annotations
 
+import math
 import os
+import random
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -155,3 +158,39 @@ def test_up_splits_the_cores_over_its_processes_unless_told() -> None:
     assert launcher.share_cores({**values, "model.threads": 3}, 4)["model.threads"] == 3
     command = worker_command(launcher.share_cores(values, 10_000), "worker-0", "redis://h:1/0", Path("/d"), 1)
     assert "--torch-threads 1" in " ".join(command)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_router_load_bound_under_skew(seed: int) -> None:
+    """What Cluster (the router's placement) promises, checked after every acquire of a skewed, interleaved
+    workload (70% of calls for one user): a node holds at most floor = owner_share x capacity calls of its own
+    keys, and a call past the floors goes to a node left with at most ceil((1 + eps) x overflow / nodes) of
+    the overflow calls in flight (bounded loads; releases elsewhere may later leave it above the new average)."""
+    rng = random.Random(seed)
+    capacity, eps = 8.0, 0.25
+    cluster = cluster_of(capacity=capacity, owner_share=0.5, eps=eps)
+    floor = int(0.5 * capacity)
+    users = [f"u{i}" for i in range(20)]
+    held: list = []
+    peak_overflow = 0
+    for _ in range(2000):
+        if held and rng.random() < 0.45:
+            cluster.release(held.pop(rng.randrange(len(held))))
+            continue
+        user = "hot" if rng.random() < 0.7 else rng.choice(users)
+        ticket = cluster.acquire(route_key("t", user))
+        held.append(ticket)
+        on_owner, overflow = Counter[str](), Counter[str]()
+        for each in held:
+            (on_owner if each.on_owner else overflow)[each.upstream.node_id] += 1
+        total_overflow = sum(overflow.values())
+        peak_overflow = max(peak_overflow, total_overflow)
+        bound = math.ceil((1 + eps) * total_overflow / len(NODES))
+        assert max(on_owner.values(), default=0) <= floor
+        if not ticket.on_owner:
+            assert overflow[ticket.upstream.node_id] <= bound, (overflow, total_overflow)
+        assert cluster.in_flight() == {n: on_owner[n] + overflow[n] for n in NODES if on_owner[n] + overflow[n]}
+    assert peak_overflow > 3 * len(NODES)  # the balancer really was exercised past the floors
+    for ticket in held:
+        cluster.release(ticket)
+    assert cluster.in_flight() == {}
