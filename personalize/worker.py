@@ -155,7 +155,7 @@ class Worker:
         When the adapter cannot be loaded (Unavailable, CorruptObject, DeadlineExceeded of the load), that
         error is raised, or with config.degrade_to_base the base model serves and the info says degraded."""
         if use_base_model:
-            return self._base(prompt, params)
+            return self._base(prompt, params, tenant=tenant)
         try:
             record = self.registry.get(tenant, user_id)
         except _UNLOADABLE as exc:
@@ -163,7 +163,7 @@ class Worker:
                 raise
             return self._degraded(prompt, params, f"adapter of user {user_id!r}", exc)
         if record is None:
-            return self._base(prompt, params)
+            return self._base(prompt, params, tenant=tenant)
         self.repo.check_base(user_id, record)
         try:
             lease = self.cache.acquire(tenant, user_id, record.version, timeout=self.config.load_timeout_s,
@@ -174,14 +174,15 @@ class Worker:
             return self._degraded(prompt, params, f"adapter v{record.version} of user {user_id!r}", exc)
         try:
             handle = self.engine.submit(prompt, params, slot=lease.slot,
-                                        on_done=lambda _result: self.cache.release(lease))
+                                        on_done=lambda _result: self.cache.release(lease), tenant=tenant,
+                                        label=f"adapter v{record.version} of user {user_id!r}")
         except BaseException:
             self.cache.release(lease)
             raise
         return _Running(handle, GenerationInfo(record.version, lease.tier, self.node_id))
 
-    def _base(self, prompt: str, params: SamplingParams, reason: str = "") -> Generation:
-        handle = self.engine.submit(prompt, params)
+    def _base(self, prompt: str, params: SamplingParams, reason: str = "", tenant: str = "") -> Generation:
+        handle = self.engine.submit(prompt, params, tenant=tenant)
         return _Running(handle, GenerationInfo(0, "none", self.node_id, degraded=bool(reason),
                                                degraded_reason=reason))
 
