@@ -21,18 +21,37 @@ from personalize.adapters.store import ObjectStore, open_store
 from personalize.config import Config
 from personalize.engine.engine import Engine
 from personalize.engine.types import GenerationResult, SamplingParams
-from personalize.errors import CorruptObject, DeadlineExceeded, NotFound, PersonalizeError, Unavailable
+from personalize.errors import (
+    CorruptObject,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    PersonalizeError,
+    Unavailable,
+)
 from personalize.feedback.events import FeedbackEvent
 from personalize.feedback.notify import UpdateListener, redis_client
 from personalize.feedback.stream import FeedbackStream
 from personalize.lora.adapter import Adapter
-from personalize.lora.format import AdapterSpec, adapter_from_bytes, read_peft, write_peft
+from personalize.lora.format import AdapterSpec, adapter_from_bytes, check_served, read_peft, write_peft
 from personalize.lora.slots import SlotPool
 from personalize.model import BaseModel, load_base_model
 
 log = logging.getLogger(__name__)
 
 _UNLOADABLE = (Unavailable, CorruptObject, DeadlineExceeded)
+_MAX_EXAMPLES_SEEN = (1 << 48) - 1  # the registry record's field width
+
+
+def imported_examples_seen(metadata: dict[str, str]) -> int:
+    """An imported file's `examples_seen` metadata: absent = 0, else decimal digits in [0, 2^48)."""
+    raw = metadata.get("examples_seen", "")
+    if not raw:
+        return 0
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 15 or int(raw) > _MAX_EXAMPLES_SEEN:
+        raise InvalidArgument(f"adapter metadata examples_seen must be an integer in [0, {_MAX_EXAMPLES_SEEN}], "
+                              f"got {raw[:40]!r}")
+    return int(raw)
 """Failures to load a user's current adapter that `degrade_to_base` answers with the base model: store or
 registry unreachable, a corrupt object or record, the load not done within load_timeout_s."""
 
@@ -239,8 +258,11 @@ class Worker:
     def import_adapter(self, tenant: str, user_id: str, files: dict[str, bytes]) -> AdapterInfo:
         """Validate PEFT files and install them as the user's next version."""
         adapter = read_peft(files, self.spec, dtype=torch.float32)
+        check_served(adapter, self.base.dtype)  # fp16/bf16 overflow far earlier than the float32 read
+        examples = imported_examples_seen(adapter.metadata)
+        # Only PEFT's tensors and our own bookkeeping are kept: other metadata (a replay buffer, junk) is dropped.
+        adapter = Adapter(adapter.rank, adapter.alpha, adapter.weights, {})
         current = self.registry.get(tenant, user_id)
-        examples = int(adapter.metadata.get("examples_seen", "0") or 0)
         published = self.repo.publish(tenant, user_id, adapter, current, examples_seen=examples)
         return self._info(user_id, published.record)
 
