@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from personalize.model import BaseModel
@@ -82,3 +90,74 @@ def test_tiny_temperature_and_huge_adapter_fail_only_their_own_request(
     after = api.Generate(pb.GenerateRequest(user_id="bob", prompt="still", max_new_tokens=4), timeout=60,
                          metadata=KEY_B)
     assert after.completion_tokens >= 1
+
+
+EXAMPLES = int(os.environ.get("PERSONALIZE_HOSTILE_EXAMPLES", "30"))
+NEVER = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                        max_size=4), max_leaves=40)
+metadata_values = st.one_of(st.text(max_size=30), st.sampled_from(["abc", "1e3", "-1", str(1 << 60), "7"]),
+                            json_values.map(json.dumps), st.just("x" * 300_000))
+metadata = st.dictionaries(st.sampled_from(["examples_seen", "replay", "version", "base_fingerprint", "junk"])
+                           | st.text(max_size=10), metadata_values, max_size=4)
+numbers = st.one_of(st.integers(-3, 16), st.just(10**400), st.floats(allow_nan=True, allow_infinity=True),
+                    st.sampled_from([1e30, 1e6, 4000.0, 0.0]))
+factors = st.sampled_from([1.0, 0.0, -1.0, 60.0, 1e4, 1e30, 3e38])
+dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32])
+
+
+def _hostile_files(files: dict[str, bytes], rank: object, alpha: object, factor: float, dtype: torch.dtype,
+                   meta: dict[str, str]) -> dict[str, bytes]:
+    config = json.loads(files["adapter_config.json"])
+    config["r"], config["lora_alpha"] = rank, alpha
+    with tempfile.TemporaryDirectory() as tmp:  # safetensors writes metadata only through a file
+        path = Path(tmp) / "w.safetensors"
+        path.write_bytes(files["adapter_model.safetensors"])
+        tensors = {k: (v.double() * factor).to(dtype) for k, v in load_file(str(path)).items()}
+        save_file(tensors, str(path), metadata=meta)
+        weights = path.read_bytes()
+    return {"adapter_config.json": json.dumps(config).encode(), "adapter_model.safetensors": weights}
+
+
+@pytest.fixture(scope="module")
+def plain_adapter(base: BaseModel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    directory = tmp_path_factory.mktemp("plain-adapter")
+    make_peft_adapter(base.model, seed=11, directory=directory)
+    return adapter_files(directory)
+
+
+def test_random_hostile_imports_never_hurt_another_tenant(up: tuple[UpServer, Stubs],
+                                                          plain_adapter: dict[str, bytes]) -> None:
+    server, stubs = up
+    api = stubs.api
+    trainer_pid = (server.data_dir / "trainer.pid").read_text()
+    other = _Stream(api)
+    other.start()
+    counter = iter(range(10**6))
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(rank=numbers, alpha=numbers, factor=factors, dtype=dtypes, meta=metadata)
+    def attack(rank: object, alpha: object, factor: float, dtype: torch.dtype, meta: dict[str, str]) -> None:
+        user = f"eve-{next(counter)}"
+        files = _hostile_files(plain_adapter, rank, alpha, factor, dtype, meta)
+        try:
+            api.ImportAdapter(pb.ImportAdapterRequest(user_id=user, files=files), timeout=60, metadata=KEY_A)
+        except grpc.RpcError as exc:
+            assert exc.code() not in NEVER, exc.details()
+            return
+        api.SubmitFeedback(pb.FeedbackRequest(user_id=user, prompt="p", completion="c",
+                                              kind=pb.FeedbackRequest.ACCEPT), timeout=30, metadata=KEY_A)
+        try:
+            api.Generate(pb.GenerateRequest(user_id=user, prompt="hi", max_new_tokens=4, temperature=0.5),
+                         timeout=60, metadata=KEY_A)
+        except grpc.RpcError as exc:
+            assert exc.code() not in NEVER, exc.details()
+
+    attack()
+    other.join(120)
+    assert other.error is None, other.error
+    assert other.chunks and other.chunks[-1].done
+    time.sleep(2)  # let the trainer take the hostile users' feedback events before reading its pid again
+    assert (server.data_dir / "trainer.pid").read_text() == trainer_pid
