@@ -161,3 +161,36 @@ def test_random_hostile_imports_never_hurt_another_tenant(up: tuple[UpServer, St
     assert other.chunks and other.chunks[-1].done
     time.sleep(2)  # let the trainer take the hostile users' feedback events before reading its pid again
     assert (server.data_dir / "trainer.pid").read_text() == trainer_pid
+
+
+@pytest.fixture(scope="module")
+def narrow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[UpServer, Stubs]]:
+    """A server decoding at most 2 rows at a time, so a flood of one tenant queues."""
+    root = tmp_path_factory.mktemp("up-narrow")
+    server = start_up(root / "data", root / "up.log", "--max-batch", "2",
+                      env={"PERSONALIZE_API_KEYS": "tenantA:keyA,tenantB:keyB"})
+    try:
+        with server.channel() as channel:
+            yield server, Stubs.on(channel)
+    finally:
+        assert server.stop() == 0, server.log()[-4000:]
+
+
+def test_one_tenants_flood_does_not_queue_another_tenant_behind_it(narrow: tuple[UpServer, Stubs]) -> None:
+    """A queues 20 streams of 24 tokens on 2 rows; B's call, sent once A's first token arrived, finishes while
+    most of A's flood is still waiting (first-come-first-served would finish it behind all of A's)."""
+    api = narrow[1].api
+    flood = 20
+    request = pb.GenerateRequest(user_id="flooder", prompt="flood", max_new_tokens=24, temperature=0.5)
+    calls = [api.Generate.future(request, timeout=300, metadata=KEY_A)
+             for _ in range(flood)]
+    first = api.GenerateStream(request, timeout=300, metadata=KEY_A)
+    next(iter(first))  # A's flood is queued and decoding
+    reply = api.Generate(pb.GenerateRequest(user_id="bob", prompt="mine", max_new_tokens=4), timeout=300,
+                         metadata=KEY_B)
+    still_waiting = sum(not c.done() for c in calls)
+    assert reply.completion_tokens >= 1
+    assert still_waiting >= flood // 2, f"only {still_waiting} of A's {flood} calls were still queued"
+    for c in calls:
+        c.result()
+    list(first)
