@@ -262,3 +262,18 @@ def test_a_node_that_missed_a_delete_serves_the_new_object(tmp_path: Path, regis
         assert new.result(30).text == new_text
         assert (new.info.adapter_version, new.info.cache_tier) == (1, "store")
         assert text_of(stale, "u") == new_text  # and from now on its cached copy is the new one
+
+
+def test_exporting_an_older_corrupt_version_is_data_loss(tmp_path: Path, registry_url: str) -> None:
+    """An older version is found by listing, not by the record's checksum: its key's checksum is verified."""
+    with running_worker(tmp_path / "w", registry_url, (tmp_path / "objects").as_uri(), degrade=False) as worker:
+        give_adapter(worker, "old", seed=1)
+        give_adapter(worker, "old", seed=2)
+        assert isinstance(worker.store, FileStore)
+        [(_, key)] = [(v, k) for v, k in worker.repo.stored(T, "old") if v == 1]
+        flipped = bytearray((worker.store.root / key).read_bytes())
+        flipped[-100] ^= 0x01
+        (worker.store.root / key).write_bytes(bytes(flipped))
+        with pytest.raises(CorruptObject, match="v1"):
+            worker.export_adapter(T, "old", version=1)
+        assert worker.export_adapter(T, "old", version=2)[1].version == 2
