@@ -41,6 +41,7 @@ from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_gr
 from personalize_service.interceptors import server_interceptors
 from personalize_service.limits import (
     DEFAULT_LIMITS,
+    MAX_QUEUED_PER_THREAD,
     USER_ID_METADATA_KEY,
     Limits,
     RateLimiter,
@@ -263,7 +264,7 @@ def create_router(config: ServiceConfig, cluster: Cluster, metrics: ServiceMetri
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="router"),
                          interceptors=server_interceptors(config.api_keys, RateLimiter(config.limits), metrics,
                                                           state.drain),
-                         options=options)
+                         options=options, maximum_concurrent_rpcs=MAX_QUEUED_PER_THREAD * config.threads)
     port = bind(server, config.address, config.tls_cert, config.tls_key, config.tls_client_ca)
     pb_grpc.add_PersonalizeServicer_to_server(RouterServicer(cluster, config.limits, router_metrics), server)
     pb_grpc.add_AdminServicer_to_server(RouterAdminServicer(cluster), server)

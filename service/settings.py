@@ -212,8 +212,8 @@ SETTINGS: tuple[Setting, ...] = (
        "sustained requests/s per tenant", metavar="R"),
     _s("limits.burst", "--burst", "PERSONALIZE_BURST", 2000, _int,
        "requests a tenant may make at once above the rate", metavar="N"),
-    _s("limits.max_concurrent_generations", "--max-concurrent", "PERSONALIZE_MAX_CONCURRENT", 256, _int,
-       "generations one tenant may have running or queued", metavar="N"),
+    _s("limits.max_concurrent_generations", "--max-concurrent", "PERSONALIZE_MAX_CONCURRENT", 64, _int,
+       "generations one tenant may have running or queued (keep well below --threads)", metavar="N"),
     # -- feedback and training
     _s("feedback.partitions", "--feedback-partitions", "PERSONALIZE_FEEDBACK_PARTITIONS", 4, _int,
        "feedback streams; fixed for the life of a deployment", metavar="P"),

@@ -34,6 +34,7 @@ from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_gr
 from personalize_service.interceptors import Drain, server_interceptors
 from personalize_service.limits import (
     DEFAULT_LIMITS,
+    MAX_QUEUED_PER_THREAD,
     ConcurrencyLimiter,
     Limits,
     RateLimiter,
@@ -236,7 +237,7 @@ def create_server(config: ServiceConfig, worker: Worker, metrics: ServiceMetrics
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="grpc"),
                          interceptors=server_interceptors(config.api_keys, RateLimiter(config.limits), metrics,
                                                           state.drain),
-                         options=options)
+                         options=options, maximum_concurrent_rpcs=MAX_QUEUED_PER_THREAD * config.threads)
     port = bind(server, config.address, config.tls_cert, config.tls_key, config.tls_client_ca)
     pb_grpc.add_PersonalizeServicer_to_server(PersonalizeServicer(worker, config.limits), server)
     address = advertised_address(config.host, port, config.advertise)
