@@ -40,6 +40,9 @@ from personalize.model import BaseModel, load_base_model
 log = logging.getLogger(__name__)
 
 _UNLOADABLE = (Unavailable, CorruptObject, DeadlineExceeded)
+_CAUSES = {CorruptObject: "is corrupt: the stored object failed its checksum",
+           DeadlineExceeded: "unavailable: loading it timed out"}
+"""degraded_reason per load failure: names the component, never an address, path or object key."""
 _MAX_EXAMPLES_SEEN = (1 << 48) - 1  # the registry record's field width
 
 
@@ -207,9 +210,8 @@ class Worker:
 
     def _degraded(self, prompt: str, params: SamplingParams, what: str, exc: PersonalizeError) -> Generation:
         """The base model, flagged degraded, for a request whose adapter (`what`) failed to load with `exc`."""
-        cause = "is corrupt" if isinstance(exc, CorruptObject) else "unavailable"
-        reason = f"{what} {cause}: {exc}"
-        log.warning("serving the base model instead (degrade_to_base): %s", reason)
+        reason = f"{what} {_CAUSES.get(type(exc), 'unavailable: the adapter store or registry is unreachable')}"
+        log.warning("serving the base model instead (degrade_to_base): %s: %s", reason, exc)  # details: log only
         return self._base(prompt, params, reason)
 
     # -- adapters ---------------------------------------------------------------------------------------------
