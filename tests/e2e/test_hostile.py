@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
@@ -138,7 +138,15 @@ def test_random_hostile_imports_never_hurt_another_tenant(up: tuple[UpServer, St
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
-    @given(rank=numbers, alpha=numbers, factor=factors, dtype=dtypes, meta=metadata)
+    @given(rank=st.just(4) | numbers, alpha=st.just(8) | numbers, factor=st.just(1.0) | factors,
+           dtype=st.just(torch.float32) | dtypes, meta=metadata)
+    @example(rank=4, alpha=8, factor=1.0, dtype=torch.float32, meta={"examples_seen": "abc"})
+    @example(rank=4, alpha=8, factor=1.0, dtype=torch.float32, meta={"examples_seen": "1e3"})
+    @example(rank=4, alpha=8, factor=1.0, dtype=torch.float32, meta={"examples_seen": str(1 << 60)})
+    @example(rank=4, alpha=8, factor=1.0, dtype=torch.float32,
+             meta={"replay": json.dumps([{"prompt": [1, {"x": None}], "kind": 3}])})
+    @example(rank=4, alpha=8, factor=1e30, dtype=torch.float32, meta={})
+    @example(rank=4, alpha=1e30, factor=1.0, dtype=torch.float32, meta={})
     def attack(rank: object, alpha: object, factor: float, dtype: torch.dtype, meta: dict[str, str]) -> None:
         user = f"eve-{next(counter)}"
         files = _hostile_files(plain_adapter, rank, alpha, factor, dtype, meta)
