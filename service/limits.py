@@ -54,8 +54,8 @@ class Limits:
     """Sustained request rate per tenant (token bucket refill rate)."""
     burst: int = 2000
     """Requests a tenant may make at once above the sustained rate (token bucket size)."""
-    max_concurrent_generations: int = 64
-    """Generations one tenant may have running or queued at once; a quarter of the default 256 handler
+    max_concurrent_generations: int = 256
+    """Generations one tenant may have running or queued at once; a quarter of the default 1024 handler
     threads, so one tenant can never hold every thread."""
 
     def __post_init__(self) -> None:

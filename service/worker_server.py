@@ -69,8 +69,9 @@ class ServiceConfig:
     """Prometheus /metrics HTTP port on `host`; 0 = off."""
     grace_s: float = 10.0
     """On shutdown, seconds in-flight calls get to finish before they are cancelled."""
-    threads: int = 256
-    """Handler threads, i.e. calls served at once (a Generate holds one until its result)."""
+    threads: int = 1024
+    """Handler threads, i.e. calls served at once (a Generate holds one until its result); started on demand,
+    4x the per-tenant concurrency limit so one tenant never holds them all."""
     advertise: str = ""
     """host:port routers dial to reach this server; empty = host:port (the hostname for a wildcard host)."""
     tls_cert: str = ""
