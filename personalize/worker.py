@@ -20,17 +20,40 @@ from personalize.adapters.store import ObjectStore
 from personalize.config import Config
 from personalize.engine.engine import Engine
 from personalize.engine.types import GenerationResult, SamplingParams
-from personalize.errors import CorruptObject, DeadlineExceeded, NotFound, PersonalizeError, Unavailable
+from personalize.errors import (
+    CorruptObject,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    PersonalizeError,
+    Unavailable,
+)
 from personalize.feedback.events import FeedbackEvent
 from personalize.feedback.notify import UpdateListener
 from personalize.feedback.stream import FeedbackStream
-from personalize.lora.format import AdapterSpec, adapter_from_bytes, read_peft, write_peft
+from personalize.lora.adapter import Adapter
+from personalize.lora.format import AdapterSpec, adapter_from_bytes, check_served, read_peft, write_peft
 from personalize.model import BaseModel
 from personalize.routing.announce import Ownership
 
 log = logging.getLogger(__name__)
 
 _UNLOADABLE = (Unavailable, CorruptObject, DeadlineExceeded)
+_CAUSES = {CorruptObject: "is corrupt: the stored object failed its checksum",
+           DeadlineExceeded: "unavailable: loading it timed out"}
+"""degraded_reason per load failure: names the component, never an address, path or object key."""
+_MAX_EXAMPLES_SEEN = (1 << 48) - 1  # the registry record's field width
+
+
+def imported_examples_seen(metadata: dict[str, str]) -> int:
+    """An imported file's `examples_seen` metadata: absent = 0, else decimal digits in [0, 2^48)."""
+    raw = metadata.get("examples_seen", "")
+    if not raw:
+        return 0
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 15 or int(raw) > _MAX_EXAMPLES_SEEN:
+        raise InvalidArgument(f"adapter metadata examples_seen must be an integer in [0, {_MAX_EXAMPLES_SEEN}], "
+                              f"got {raw[:40]!r}")
+    return int(raw)
 """Failures to load a user's current adapter that `degrade_to_base` answers with the base model: store or
 registry unreachable, a corrupt object or record, the load not done within load_timeout_s."""
 
@@ -153,7 +176,7 @@ class Worker:
         When the adapter cannot be loaded (Unavailable, CorruptObject, DeadlineExceeded of the load), that
         error is raised, or with config.degrade_to_base the base model serves and the info says degraded."""
         if use_base_model:
-            return self._base(prompt, params)
+            return self._base(prompt, params, tenant=tenant)
         try:
             record = self.registry.get(tenant, user_id)
         except _UNLOADABLE as exc:
@@ -161,7 +184,7 @@ class Worker:
                 raise
             return self._degraded(prompt, params, f"adapter of user {user_id!r}", exc)
         if record is None:
-            return self._base(prompt, params)
+            return self._base(prompt, params, tenant=tenant)
         self.repo.check_base(user_id, record)
         try:
             lease = self.cache.acquire(tenant, user_id, record.version, timeout=self.config.load_timeout_s,
@@ -172,22 +195,22 @@ class Worker:
             return self._degraded(prompt, params, f"adapter v{record.version} of user {user_id!r}", exc)
         try:
             handle = self.engine.submit(prompt, params, slot=lease.slot,
-                                        on_done=lambda _result: self.cache.release(lease))
+                                        on_done=lambda _result: self.cache.release(lease), tenant=tenant,
+                                        label=f"adapter v{record.version} of user {user_id!r}")
         except BaseException:
             self.cache.release(lease)
             raise
         return _Running(handle, GenerationInfo(record.version, lease.tier, self.node_id))
 
-    def _base(self, prompt: str, params: SamplingParams, reason: str = "") -> Generation:
-        handle = self.engine.submit(prompt, params)
+    def _base(self, prompt: str, params: SamplingParams, reason: str = "", tenant: str = "") -> Generation:
+        handle = self.engine.submit(prompt, params, tenant=tenant)
         return _Running(handle, GenerationInfo(0, "none", self.node_id, degraded=bool(reason),
                                                degraded_reason=reason))
 
     def _degraded(self, prompt: str, params: SamplingParams, what: str, exc: PersonalizeError) -> Generation:
         """The base model, flagged degraded, for a request whose adapter (`what`) failed to load with `exc`."""
-        cause = "is corrupt" if isinstance(exc, CorruptObject) else "unavailable"
-        reason = f"{what} {cause}: {exc}"
-        log.warning("serving the base model instead (degrade_to_base): %s", reason)
+        reason = f"{what} {_CAUSES.get(type(exc), 'unavailable: the adapter store or registry is unreachable')}"
+        log.warning("serving the base model instead (degrade_to_base): %s: %s", reason, exc)  # details: log only
         return self._base(prompt, params, reason)
 
     # -- adapters ---------------------------------------------------------------------------------------------
@@ -236,8 +259,11 @@ class Worker:
     def import_adapter(self, tenant: str, user_id: str, files: dict[str, bytes]) -> AdapterInfo:
         """Validate PEFT files and install them as the user's next version."""
         adapter = read_peft(files, self.spec, dtype=torch.float32)
+        check_served(adapter, self.base.dtype)  # fp16/bf16 overflow far earlier than the float32 read
+        examples = imported_examples_seen(adapter.metadata)
+        # Only PEFT's tensors and our own bookkeeping are kept: other metadata (a replay buffer, junk) is dropped.
+        adapter = Adapter(adapter.rank, adapter.alpha, adapter.weights, {})
         current = self.registry.get(tenant, user_id)
-        examples = int(adapter.metadata.get("examples_seen", "0") or 0)
         published = self.repo.publish(tenant, user_id, adapter, current, examples_seen=examples)
         return self._info(user_id, published.record)
 

@@ -72,7 +72,10 @@ class AdapterRepository:
         keys = [k for v, k in self.stored(tenant, user_id) if v == version]
         if not keys:
             raise NotFound(f"user {user_id!r} has no stored adapter version {version}")
-        return self.store.get(keys[0])
+        data = self.store.get(keys[0])
+        if adapter_key(tenant, user_id, version, checksum_of(data)) != keys[0]:  # the name carries the checksum
+            raise CorruptObject(f"stored adapter v{version} of user {user_id!r} does not match its checksum")
+        return data
 
     def load(self, tenant: str, user_id: str, record: AdapterRecord, dtype: torch.dtype = torch.float32) -> Adapter:
         """The adapter of `record`, checksum-verified and validated against the base."""

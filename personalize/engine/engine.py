@@ -3,6 +3,12 @@
 One engine thread owns the model, the KV rows and the lanes. `submit` is thread-safe and returns a
 handle whose iterator yields text pieces as they are produced. Row n of the running batch is KV row and
 lane n; when a request leaves, the last row moves into its place, so the batch stays a dense prefix.
+
+Isolation: a row whose logits are not finite (a poisoned adapter) fails alone with AdapterError naming
+its adapter; a prefill that raises fails only its joiners; a decode that raises fails the running rows
+but not the queue; the engine thread itself never exits on an error. Fairness: waiting requests queue
+per tenant and join the batch round robin across tenants, so one tenant's flood delays another tenant's
+request by at most the time until a row frees (one join per free row, tenants taking turns).
 """
 
 from __future__ import annotations
@@ -19,10 +25,16 @@ from typing import Any
 import torch
 
 from personalize.engine.llama import FastLlama
-from personalize.engine.sampling import sample_token
+from personalize.engine.sampling import finite_rows, is_greedy, sample_token
 from personalize.engine.text import TextStream, encode_prompt
 from personalize.engine.types import GenerationResult, SamplingParams
-from personalize.errors import DeadlineExceeded, InvalidArgument, PersonalizeError, ResourceExhausted
+from personalize.errors import (
+    AdapterError,
+    DeadlineExceeded,
+    InvalidArgument,
+    PersonalizeError,
+    ResourceExhausted,
+)
 from personalize.lora.slots import SlotPool
 
 log = logging.getLogger(__name__)
@@ -56,6 +68,10 @@ class _Request:
     stream: TextStream
     on_done: Callable[[GenerationResult | None], None] | None
     generator: torch.Generator | None
+    tenant: str = ""
+    """Whose request: the waiting queue admits tenants round robin."""
+    label: str = ""
+    """What serves it, for errors ("adapter v3 of user 'u'"); empty = the base model."""
     pieces: queue.Queue[Any] = field(default_factory=queue.Queue)
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
@@ -117,7 +133,7 @@ class Engine:
                              pool.scaling.dtype, pool.scaling.device)
         self.model = FastLlama(base.model, config.max_batch, config.max_len, lanes)
         self.device = base.device
-        self._waiting: deque[_Request] = deque()
+        self._waiting = _FairQueue()
         self._running: list[_Request] = []
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
@@ -133,17 +149,20 @@ class Engine:
         return encode_prompt(self.tokenizer, prompt)
 
     def submit(self, prompt: str | list[int], params: SamplingParams, slot: int | None = None,
-               on_done: Callable[[GenerationResult | None], None] | None = None) -> RequestHandle:
-        """Queue a request using adapter `slot` of the pool (None = base model). on_done runs on completion."""
+               on_done: Callable[[GenerationResult | None], None] | None = None, tenant: str = "",
+               label: str = "") -> RequestHandle:
+        """Queue a request of `tenant` using adapter `slot` of the pool (None = base model), named `label` in
+        errors. on_done runs on completion."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if len(ids) >= self.config.max_len:
             raise InvalidArgument(f"prompt is {len(ids)} tokens; the context limit is {self.config.max_len}")
         if slot is not None and (self.pool is None or not 0 <= slot < self.pool.num_slots):
             raise InvalidArgument(f"slot {slot} does not exist")
         gen = None
-        if params.temperature > 0:
+        if not is_greedy(params.temperature):
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        req = _Request(next(self._ids), ids, params, slot, TextStream(self.tokenizer, params.stop), on_done, gen)
+        req = _Request(next(self._ids), ids, params, slot, TextStream(self.tokenizer, params.stop), on_done, gen,
+                       tenant, label)
         with self._cond:
             if len(self._waiting) >= self.config.max_waiting:
                 raise ResourceExhausted(f"engine queue is full ({self.config.max_waiting} waiting requests)")
@@ -189,9 +208,9 @@ class Engine:
                     break
             try:
                 self.step()
-            except Exception as exc:  # fail the batch, never hang its callers
+            except Exception as exc:  # last resort: fail the running rows, never hang callers or exit
                 log.exception("engine step failed")
-                self._fail_all(exc)
+                self._fail_running(exc)
 
     def run_until_idle(self) -> None:
         """Step on the caller's thread until nothing is waiting or running (tests, benchmarks)."""
@@ -215,11 +234,11 @@ class Engine:
         budget = self.config.max_prefill_tokens
         with self._cond:
             while self._waiting and len(self._running) + len(joiners) < self.config.max_batch:
-                req = self._waiting[0]
+                req = self._waiting.peek()
                 longest = max([len(r.prompt_ids) for r in joiners] + [len(req.prompt_ids)])
                 if joiners and longest * (len(joiners) + 1) > budget:
                     break
-                self._waiting.popleft()
+                self._waiting.pop()
                 if req.cancelled:
                     self._complete(req, GenerationResult("", len(req.prompt_ids), 0, "cancelled"))
                     continue
@@ -245,7 +264,13 @@ class Engine:
         for n, req in enumerate(joiners):
             ids[n, :len(req.prompt_ids)] = torch.tensor(req.prompt_ids)
         lengths = torch.tensor([len(r.prompt_ids) for r in joiners])
-        logits = self.model.prefill(ids.to(self.device), lengths.to(self.device), row0)
+        try:
+            logits = self.model.prefill(ids.to(self.device), lengths.to(self.device), row0)
+        except Exception as exc:  # only the joiners' rows were touched: the running batch goes on
+            log.exception("prefill failed")
+            for req in joiners:
+                self._complete(req, None, _step_error(exc))
+            return
         self._running.extend(joiners)
         for req in joiners:
             req.position = len(req.prompt_ids)
@@ -258,38 +283,62 @@ class Engine:
         self.max_occupancy = max(self.max_occupancy, len(batch))
         ids = torch.tensor([r.last_token for r in batch], device=self.device)
         positions = torch.tensor([r.position for r in batch], device=self.device)
-        logits = self.model.decode(ids, positions)
+        try:
+            logits = self.model.decode(ids, positions)
+        except Exception as exc:  # every running row's state is suspect; the queue is not
+            log.exception("decode failed")
+            self._fail_running(exc)
+            return
         for r in batch:
             r.position += 1
         self._sample_and_emit(list(batch), logits)
 
     def _sample_and_emit(self, reqs: list[_Request], logits: torch.Tensor) -> None:
         greedy = torch.argmax(logits, dim=-1).tolist()
+        finite = finite_rows(logits)
         for n, req in enumerate(reqs):
-            p = req.params
-            token = greedy[n] if p.temperature == 0 else sample_token(logits[n], p.temperature, p.top_p,
-                                                                     req.generator)
-            req.generated += 1
-            self.tokens_generated += 1
-            req.last_token = token
-            if token in self.eos_ids and not p.ignore_eos:
-                self._finish(req, "eos")
+            if not finite[n]:
+                what = req.label or "the base model"
+                self._fail(req, AdapterError(f"{what} produced non-finite logits; its weights are unusable"))
                 continue
-            piece = req.stream.push(token)
-            if piece:
-                req.pieces.put(piece)
-            if req.stream.stopped:
-                self._finish(req, "stop")
-            elif req.generated >= p.max_new_tokens or req.position + 1 >= self.config.max_len:
-                self._finish(req, "length")
+            try:
+                self._emit(req, greedy[n], logits[n])
+            except Exception as exc:  # this row's sampling or detokenizing failed: it alone ends
+                log.exception("sampling request %d failed", req.id)
+                self._fail(req, _step_error(exc))
 
-    def _finish(self, req: _Request, reason: str) -> None:
+    def _emit(self, req: _Request, greedy: int, logits: torch.Tensor) -> None:
+        p = req.params
+        token = greedy if is_greedy(p.temperature) else sample_token(logits, p.temperature, p.top_p,
+                                                                     req.generator)
+        req.generated += 1
+        self.tokens_generated += 1
+        req.last_token = token
+        if token in self.eos_ids and not p.ignore_eos:
+            self._finish(req, "eos")
+            return
+        piece = req.stream.push(token)
+        if piece:
+            req.pieces.put(piece)
+        if req.stream.stopped:
+            self._finish(req, "stop")
+        elif req.generated >= p.max_new_tokens or req.position + 1 >= self.config.max_len:
+            self._finish(req, "length")
+
+    def _remove(self, req: _Request) -> None:
         row = self._running.index(req)
         last = len(self._running) - 1
         if row != last:  # keep the batch a dense prefix: the last row takes the freed place
             self.model.move_row(last, row)
             self._running[row] = self._running[last]
         self._running.pop()
+
+    def _fail(self, req: _Request, err: BaseException) -> None:
+        self._remove(req)
+        self._complete(req, None, err)
+
+    def _finish(self, req: _Request, reason: str) -> None:
+        self._remove(req)
         tail = req.stream.flush()
         if tail and reason != "cancelled":
             req.pieces.put(tail)
@@ -305,10 +354,58 @@ class Engine:
             except Exception:
                 log.exception("on_done callback failed")
 
-    def _fail_all(self, exc: BaseException) -> None:
-        err = exc if isinstance(exc, PersonalizeError) else RuntimeError(f"engine step failed: {exc}")
-        with self._cond:
-            victims = self._running + list(self._waiting)
-            self._running, self._waiting = [], deque()
+    def _fail_running(self, exc: BaseException) -> None:
+        """Fail every running row (a step that raised outside any one row); waiting requests stay queued."""
+        victims, self._running = self._running, []
         for req in victims:
-            self._complete(req, None, err)
+            if not req.done.is_set():
+                self._complete(req, None, _step_error(exc))
+
+
+def _step_error(exc: BaseException) -> BaseException:
+    return exc if isinstance(exc, PersonalizeError) else RuntimeError(f"engine step failed: {exc}")
+
+
+class _FairQueue:
+    """Waiting requests, one FIFO per tenant; peek/pop take the tenants in turn (round robin).
+
+    Not thread-safe: the engine's condition guards it."""
+
+    def __init__(self) -> None:
+        self._queues: dict[str, deque[_Request]] = {}
+        self._turn: deque[str] = deque()
+        """Tenants with waiting requests; the first one's request is next."""
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __bool__(self) -> bool:
+        return self._size > 0
+
+    def __iter__(self) -> Iterator[_Request]:
+        for q in self._queues.values():
+            yield from q
+
+    def append(self, req: _Request) -> None:
+        q = self._queues.get(req.tenant)
+        if q is None:
+            q = self._queues[req.tenant] = deque()
+            self._turn.append(req.tenant)
+        q.append(req)
+        self._size += 1
+
+    def peek(self) -> _Request:
+        return self._queues[self._turn[0]][0]
+
+    def pop(self) -> _Request:
+        tenant = self._turn.popleft()
+        q = self._queues[tenant]
+        req = q.popleft()
+        self._size -= 1
+        if q:
+            self._turn.append(tenant)  # back of the line: every other waiting tenant goes first
+        else:
+            del self._queues[tenant]
+        return req
+

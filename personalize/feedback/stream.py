@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from personalize import valkey
 from personalize.adapters.store.keys import user_digest
-from personalize.errors import InvalidArgument, Unavailable
+from personalize.errors import InvalidArgument, ResourceExhausted, Unavailable
 from personalize.feedback.events import FeedbackEvent, event_id_key
 
 T = TypeVar("T")
@@ -64,11 +64,17 @@ class StreamConfig:
     idempotency_ttl_s: int = 7 * 24 * 3600
     """How long a client event_key is remembered."""
     max_len: int = 1_000_000
-    """Approximate cap on entries per partition; SubmitFeedback fails RESOURCE_EXHAUSTED beyond it."""
+    """Cap on unapplied entries per partition: an append beyond it is refused RESOURCE_EXHAUSTED (never
+    trimmed: an acknowledged event stays until it is trained). Checked before the append, so concurrent
+    appenders may pass it by a few."""
+    max_dead_letters: int = 100_000
+    """Approximate cap on dead letters per partition; the oldest are trimmed beyond it."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.partitions <= 1024:
             raise InvalidArgument(f"feedback partitions must be in [1, 1024], got {self.partitions}")
+        if self.max_len < 1 or self.max_dead_letters < 1:
+            raise InvalidArgument("feedback max_len and max_dead_letters must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,9 @@ class FeedbackStream:
         for k, v in event.to_fields().items():
             args += [k, v]
         keys = [self.stream_key(p), self._idempotency_key(event.tenant, event.user_id), pending]
+        if int(self._call(functools.partial(self.client.xlen, keys[0]))) >= self.config.max_len:
+            raise ResourceExhausted(f"feedback partition {p} holds {self.config.max_len} untrained events "
+                                    f"(feedback max_len); retry once the trainer catches up")
         event_id = self._call(lambda: self._append(keys=keys, args=args))
         return _s(event_id), p
 
@@ -171,7 +180,8 @@ class FeedbackStream:
     def dead_letter(self, delivered: Delivered, reason: str) -> None:
         """Move an event that cannot be applied to the dead-letter stream, with the reason."""
         fields = {**delivered.event.to_fields(), "id": delivered.event_id, "reason": reason}
-        self._call(lambda: self.client.xadd(self._key(delivered.partition, "dead"), fields))
+        self._call(lambda: self.client.xadd(self._key(delivered.partition, "dead"), fields,
+                                            maxlen=self.config.max_dead_letters, approximate=True))
         self.ack(delivered.event.tenant, delivered.event.user_id, [delivered.event_id])
 
     def dead_letters(self, p: int) -> list[dict[str, str]]:
@@ -193,7 +203,21 @@ class FeedbackStream:
         ids = sorted(self.pending_ids(tenant, user_id), key=event_id_key)
         self.ack(tenant, user_id, ids)
         self._call(functools.partial(self.client.delete, self._idempotency_key(tenant, user_id)))
+        self._delete_dead_letters(tenant, user_id)
         return len(ids)
+
+    def _delete_dead_letters(self, tenant: str, user_id: str) -> None:
+        """XDEL the user's entries of their partition's dead-letter stream (scanned in pages)."""
+        key = self._key(self.partition_of(tenant, user_id), "dead")
+        start = "-"
+        while True:
+            rows = self._call(functools.partial(self.client.xrange, key, start, "+", 1000))
+            mine = [i for i, f in rows if (_s(f.get(b"t", b"")), _s(f.get(b"u", b""))) == (tenant, user_id)]
+            if mine:
+                self._call(functools.partial(self.client.xdel, key, *mine))
+            if len(rows) < 1000:
+                return
+            start = "(" + _s(rows[-1][0])
 
     def lag(self) -> int:
         """Events appended but not yet acknowledged, over all partitions."""

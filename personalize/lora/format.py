@@ -10,6 +10,10 @@ Decisions:
   always plain LoRA (`use_rslora: false`) with that effective alpha: PEFT computes the same delta.
 - Files may hold float32, bfloat16 or float16; readers convert to the requested dtype (float32 default)
   and refuse values that are non-finite before or after that conversion. Writers keep the adapter's dtype.
+- An imported adapter must also be sane in magnitude, not only finite (`check_served`):
+  |w| <= MAX_WEIGHT, alpha / r <= MAX_SCALING and the delta's norm bound scaling * |B|_F * |A|_F <=
+  max_delta_norm(dtype) of the served dtype, so no activation of norm up to 256 overflows fp16/bf16/fp32
+  through the adapter (a poisoned adapter is refused at import, not served as inf logits).
 - Our metadata (base_fingerprint, version, ...) lives in the safetensors header metadata, so it travels
   with the weights file; `adapter_config.json` holds only PEFT's own fields so every PEFT version reads it.
 """
@@ -37,6 +41,15 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 """Per-file size limit of a read, in bytes."""
+
+MAX_WEIGHT = 1e3
+"""Largest accepted |value| of a LoRA weight (trained adapters hold values well below 1)."""
+MAX_SCALING = 1e3
+"""Largest accepted alpha / r."""
+MAX_DELTA_NORM = 1e4
+"""Largest accepted bound scaling * |B|_F * |A|_F on a module's delta norm (in float32)."""
+_MAX_RANK = 1 << 20  # before r_max is known: keeps sqrt(r) and alpha / r in float range
+_ACTIVATION_HEADROOM = 256.0  # activation norm the delta bound must survive in the served dtype
 
 _OBJECT = "adapter object"  # how the single-blob form is named in error messages
 _FILE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -213,6 +226,39 @@ def _check_finite(name: str, tensor: torch.Tensor, source: str, after: str = "")
     if not bool(torch.isfinite(tensor).all()):
         kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
         raise AdapterError(f"{source}: {name} contains {kind} values{after}")
+
+
+def max_delta_norm(dtype: torch.dtype) -> float:
+    """The delta-norm bound in `dtype`: MAX_DELTA_NORM, tighter where the dtype's range is small (fp16)."""
+    return min(MAX_DELTA_NORM, float(torch.finfo(dtype).max) / _ACTIVATION_HEADROOM)
+
+
+def _check_magnitude(key: str, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, source: str) -> None:
+    """Refuse weights, or a module delta, too large to serve in lora_a's dtype (see the module docstring)."""
+    for name, tensor in ((_tensor_name(key, "A"), lora_a), (_tensor_name(key, "B"), lora_b)):
+        peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+        if peak > MAX_WEIGHT:
+            raise AdapterError(f"{source}: {name} has a value of magnitude {peak:.3g}, over the limit "
+                               f"{MAX_WEIGHT:g}")
+    bound = scaling * float(torch.linalg.norm(lora_a.float())) * float(torch.linalg.norm(lora_b.float()))
+    limit = max_delta_norm(lora_a.dtype)
+    if not bound <= limit:
+        raise AdapterError(f"{source}: the delta of {key} (scaling {scaling:.3g} x |lora_B| x |lora_A|) has "
+                           f"norm bound {bound:.3g}, over the limit {limit:.3g} for {lora_a.dtype}")
+
+
+def check_served(adapter: Adapter, dtype: torch.dtype, source: str = ADAPTER_WEIGHTS) -> None:
+    """Refuse an adapter that would overflow when served in `dtype`: finite there, and in magnitude bounds."""
+    _check_scaling(adapter.rank, adapter.alpha, source)
+    for key, (lora_a, lora_b) in adapter.weights.items():
+        pair = (_converted(_tensor_name(key, "A"), lora_a, dtype, source),
+                _converted(_tensor_name(key, "B"), lora_b, dtype, source))
+        _check_magnitude(key, *pair, adapter.alpha / adapter.rank, source)
+
+
+def _check_scaling(rank: int, alpha: float, source: str) -> None:
+    if not abs(alpha) / rank <= MAX_SCALING:
+        raise AdapterError(f"{source}: lora_alpha / r = {alpha / rank:.3g} is over the limit {MAX_SCALING:g}")
 
 
 def _check_adapter(adapter: Adapter, spec: AdapterSpec) -> None:
@@ -393,15 +439,22 @@ def _parse_config(raw: bytes | str, source: str) -> _LoraOptions:
         raise AdapterError(f"{source}: peft_type is {config.get('peft_type')!r}, only 'LORA' is supported")
     _check_options(config, source)
     rank, alpha = config.get("r", 8), config.get("lora_alpha", 8)  # PEFT's defaults
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise AdapterError(f"{source}: r must be a positive integer, got {rank!r}")
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise AdapterError(f"{source}: lora_alpha must be a finite number, got {alpha!r}")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= _MAX_RANK:
+        raise AdapterError(f"{source}: r must be an integer in [1, {_MAX_RANK}], got {str(rank)[:40]}")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not _finite_number(alpha):
+        raise AdapterError(f"{source}: lora_alpha must be a finite number, got {str(alpha)[:40]}")
     _check_patterns(config, rank, alpha, source)
     if config.get("use_rslora") is True:
         alpha = alpha * math.sqrt(rank)  # rsLoRA scales by alpha/sqrt(r); ours by alpha/r
     targets = _parse_targets(config.get("target_modules"), source)
     return _LoraOptions(rank=rank, alpha=float(alpha), targets=targets)
+
+
+def _finite_number(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _check_options(config: dict[str, Any], source: str) -> None:

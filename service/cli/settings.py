@@ -156,7 +156,7 @@ SETTINGS: tuple[Setting, ...] = (
        "Prometheus /metrics port (0 = off)", metavar="N"),
     _s("service.grace_s", "--grace-s", "PERSONALIZE_GRACE_S", 10.0, _float,
        "on SIGTERM, seconds in-flight calls get to finish", metavar="S"),
-    _s("service.threads", "--threads", "PERSONALIZE_THREADS", 256, _int,
+    _s("service.threads", "--threads", "PERSONALIZE_THREADS", 1024, _int,
        "gRPC handler threads (concurrent calls being served)", metavar="N"),
     _s("service.api_keys_file", "--api-keys-file", "PERSONALIZE_API_KEYS_FILE", "", _str,
        "file of tenant:key lines; none = tenant 'default' without a key", metavar="FILE"),
@@ -224,7 +224,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("limits.burst", "--burst", "PERSONALIZE_BURST", 2000, _int,
        "requests a tenant may make at once above the rate", metavar="N"),
     _s("limits.max_concurrent_generations", "--max-concurrent", "PERSONALIZE_MAX_CONCURRENT", 256, _int,
-       "generations one tenant may have running or queued", metavar="N"),
+       "generations one tenant may have running or queued (keep well below --threads)", metavar="N"),
     # -- feedback and training
     _s("feedback.partitions", "--feedback-partitions", "PERSONALIZE_FEEDBACK_PARTITIONS", 4, _int,
        "feedback streams; fixed for the life of a deployment", metavar="P"),

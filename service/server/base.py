@@ -28,7 +28,13 @@ from personalize.errors import InvalidArgument
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.server.auth import ApiKeys
 from personalize_service.server.interceptors import Drain, server_interceptors
-from personalize_service.server.limits import DEFAULT_LIMITS, Limits, RateLimiter, grpc_message_options
+from personalize_service.server.limits import (
+    DEFAULT_LIMITS,
+    MAX_QUEUED_PER_THREAD,
+    Limits,
+    RateLimiter,
+    grpc_message_options,
+)
 from personalize_service.server.metrics import MetricsServer, ServiceMetrics, start_metrics_server
 from personalize_service.server.tls import bind
 
@@ -57,8 +63,9 @@ class ServiceConfig:
     """Prometheus /metrics HTTP port on `host`; 0 = off."""
     grace_s: float = 10.0
     """On shutdown, seconds in-flight calls get to finish before they are cancelled."""
-    threads: int = 256
-    """Handler threads, i.e. calls served at once (a Generate holds one until its result)."""
+    threads: int = 1024
+    """Handler threads, i.e. calls served at once (a Generate holds one until its result); started on demand,
+    4x the per-tenant concurrency limit so one tenant never holds them all."""
     advertise: str = ""
     """host:port routers dial to reach this server; empty = host:port (the hostname for a wildcard host)."""
     tls_cert: str = ""
@@ -148,7 +155,7 @@ def create(config: ServiceConfig, register: Register, metrics: ServiceMetrics | 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=thread_prefix),
                          interceptors=server_interceptors(config.api_keys, RateLimiter(config.limits), metrics,
                                                           state.drain),
-                         options=options)
+                         options=options, maximum_concurrent_rpcs=MAX_QUEUED_PER_THREAD * config.threads)
     port = bind(server, config.address, config.tls_cert, config.tls_key, config.tls_client_ca)
     register(server, port, state)
     health_pb2_grpc.add_HealthServicer_to_server(state.health, server)

@@ -24,6 +24,10 @@ IMPORT_FILE_NAMES = ("adapter_config.json", "adapter_model.safetensors")
 """The PEFT files an import must carry (never a pickle: adapter_model.bin is refused)."""
 
 
+MAX_QUEUED_PER_THREAD = 4
+"""Calls a server accepts per handler thread (grpc's maximum_concurrent_rpcs); more are RESOURCE_EXHAUSTED."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask for, and how fast and how much at once one tenant may ask."""
@@ -51,7 +55,8 @@ class Limits:
     burst: int = 2000
     """Requests a tenant may make at once above the sustained rate (token bucket size)."""
     max_concurrent_generations: int = 256
-    """Generations one tenant may have running or queued at once."""
+    """Generations one tenant may have running or queued at once; a quarter of the default 1024 handler
+    threads, so one tenant can never hold every thread."""
 
     def __post_init__(self) -> None:
         for name in ("max_user_id_bytes", "max_prompt_bytes", "max_new_tokens", "default_new_tokens",

@@ -12,7 +12,7 @@ import pytest
 from personalize.adapters.registry import Registry
 from personalize.adapters.repository import AdapterRepository
 from personalize.adapters.store import open_store
-from personalize.errors import InvalidArgument
+from personalize.errors import InvalidArgument, ResourceExhausted
 from personalize.feedback.events import FeedbackEvent
 from personalize.feedback.notify import redis_client
 from personalize.feedback.stream import FeedbackStream, StreamConfig
@@ -130,3 +130,34 @@ def test_tenants_are_separate_users(base: BaseModel, parts: dict[str, Any]) -> N
     _trainer(base, parts, "t4").run_round()
     assert parts["repo"].record("a", "same").examples_seen == 1
     assert parts["repo"].record("b", "same").examples_seen == 2
+
+
+def test_a_full_partition_refuses_appends_and_naming_the_limit(valkey_url: str) -> None:
+    stream = FeedbackStream(redis_client(valkey_url), StreamConfig(partitions=1, namespace=f"fb{next(_ns)}",
+                                                                   max_len=3))
+    stream.ensure_group()
+    for i in range(3):
+        stream.append(_event("flooder", i))
+    with pytest.raises(ResourceExhausted, match=r"max_len"):
+        stream.append(_event("other", 0))
+    assert stream.lag() == 3  # nothing acknowledged was trimmed
+
+
+def test_delete_user_removes_their_dead_letters_only(parts: dict[str, Any]) -> None:
+    stream: FeedbackStream = parts["stream"]
+    client = parts["client"]
+    for user in ("gone", "kept"):
+        stream.append(_event(user, 1, tenant="acme"))
+    p_gone = stream.partition_of("acme", "gone")
+    p_kept = stream.partition_of("acme", "kept")
+    for p in {p_gone, p_kept}:
+        for d in stream.read_own_pending("c", 10) + stream.read("c", 10, 10):
+            if d.partition == p:
+                stream.dead_letter(d, "test")
+    assert any(r["u"] == "gone" for r in stream.dead_letters(p_gone))
+    stream.delete_user("acme", "gone")
+    assert not any(r["u"] == "gone" for r in stream.dead_letters(p_gone))
+    assert any(r["u"] == "kept" for r in stream.dead_letters(p_kept))
+    marker = b"Ciao gone!"
+    assert not any(marker in b"".join(v for f in client.xrange(k) for v in f[1].values())
+                   for k in client.scan_iter(f"{stream.config.namespace}:*") if client.type(k) == b"stream")

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from personalize.errors import InvalidArgument, ResourceExhausted
 from personalize_service.server.limits import (
+    DEFAULT_LIMITS,
     ConcurrencyLimiter,
     Limits,
     RateLimiter,
@@ -223,3 +224,9 @@ def test_concurrency_limiter_counts_per_tenant_and_releases() -> None:
     with pytest.raises(RuntimeError), limiter.hold("a"):
         raise RuntimeError("handler failed")
     assert limiter.running("a") == 0
+
+
+def test_one_tenant_cannot_hold_every_handler_thread_by_default() -> None:
+    from personalize_service.server.base import ServiceConfig
+
+    assert DEFAULT_LIMITS.max_concurrent_generations * 4 <= ServiceConfig().threads

@@ -28,6 +28,7 @@ UNEXPOSED = {"model.seed", "lora.target_modules", "engine.max_prefill_tokens",
              "limits.max_stop_strings", "limits.max_stop_bytes", "limits.max_feedback_text_bytes",
              "limits.max_event_key_bytes", "limits.max_user_id_bytes", "service.limits",
              "feedback.namespace", "feedback.group", "feedback.idempotency_ttl_s", "feedback.max_len",
+             "feedback.max_dead_letters",
              "trainer.alpha", "trainer.lr_ratio_b", "trainer.max_tokens", "trainer.beta", "trainer.grad_clip",
              "trainer.max_attempts", "trainer.block_ms", "trainer.replay", "trainer.lora_dropout",
              "trainer.weight_decay", "trainer.replay_per_event", "trainer.linger_ms"}

@@ -1,0 +1,204 @@
+"""Hostile tenants against `personalize up`: what one tenant sends never fails another tenant's stream."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from personalize.model import BaseModel
+from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
+from tests.e2e.upserver import Stubs, UpServer, adapter_files, make_peft_adapter, start_up
+
+KEY_A = (("authorization", "Bearer keyA"),)
+KEY_B = (("authorization", "Bearer keyB"),)
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[UpServer, Stubs]]:
+    root = tmp_path_factory.mktemp("up-hostile")
+    server = start_up(root / "data", root / "up.log", env={"PERSONALIZE_API_KEYS": "tenantA:keyA,tenantB:keyB"})
+    try:
+        with server.channel() as channel:
+            yield server, Stubs.on(channel)
+    finally:
+        assert server.stop() == 0, server.log()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def huge_adapter(base: BaseModel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """A PEFT adapter whose weights are finite but ~1e30: its deltas overflow to inf."""
+    directory = tmp_path_factory.mktemp("huge-adapter")
+    make_peft_adapter(base.model, seed=9, directory=directory)
+    path = directory / "adapter_model.safetensors"
+    save_file({k: v * 1e30 for k, v in load_file(str(path)).items()}, str(path))
+    return adapter_files(directory)
+
+
+class _Stream(threading.Thread):
+    """Tenant B's stream, read to its end on its own thread."""
+
+    def __init__(self, api: object) -> None:
+        super().__init__(daemon=True)
+        self.api = api
+        self.chunks: list[pb.GenerateChunk] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        request = pb.GenerateRequest(user_id="bob", prompt="A long and quiet story about", max_new_tokens=48)
+        try:
+            self.chunks = list(self.api.GenerateStream(request, timeout=120, metadata=KEY_B))  # type: ignore[attr-defined]
+        except grpc.RpcError as exc:
+            self.error = exc
+
+
+def test_tiny_temperature_and_huge_adapter_fail_only_their_own_request(
+        up: tuple[UpServer, Stubs], huge_adapter: dict[str, bytes]) -> None:
+    api = up[1].api
+    other = _Stream(api)
+    other.start()
+    tiny = api.Generate(pb.GenerateRequest(user_id="mallory", prompt="hi", max_new_tokens=8, temperature=1e-40),
+                        timeout=60, metadata=KEY_A)
+    assert tiny.finish_reason in ("length", "eos")  # decoded greedily, not a NaN draw
+    try:
+        api.ImportAdapter(pb.ImportAdapterRequest(user_id="mallory", files=huge_adapter), timeout=60,
+                          metadata=KEY_A)
+    except grpc.RpcError as exc:  # refused at import (magnitude bounds): as good as failing alone
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.details()
+    else:
+        for temperature in (0.0, 0.7):
+            with pytest.raises(grpc.RpcError) as raised:
+                api.Generate(pb.GenerateRequest(user_id="mallory", prompt="hi", max_new_tokens=8,
+                                                temperature=temperature), timeout=60, metadata=KEY_A)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "user 'mallory'" in raised.value.details()
+    other.join(120)
+    assert other.error is None, other.error
+    assert other.chunks and other.chunks[-1].done
+    assert other.chunks[-1].final.finish_reason in ("length", "eos")
+    after = api.Generate(pb.GenerateRequest(user_id="bob", prompt="still", max_new_tokens=4), timeout=60,
+                         metadata=KEY_B)
+    assert after.completion_tokens >= 1
+
+
+EXAMPLES = int(os.environ.get("PERSONALIZE_HOSTILE_EXAMPLES", "30"))
+NEVER = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                        max_size=4), max_leaves=40)
+metadata_values = st.one_of(st.text(max_size=30), st.sampled_from(["abc", "1e3", "-1", str(1 << 60), "7"]),
+                            json_values.map(json.dumps), st.just("x" * 300_000))
+metadata = st.dictionaries(st.sampled_from(["examples_seen", "replay", "version", "base_fingerprint", "junk"])
+                           | st.text(max_size=10), metadata_values, max_size=4)
+numbers = st.one_of(st.integers(-3, 16), st.just(10**400), st.floats(allow_nan=True, allow_infinity=True),
+                    st.sampled_from([1e30, 1e6, 4000.0, 0.0]))
+factors = st.sampled_from([1.0, 0.0, -1.0, 60.0, 1e4, 1e30, 3e38])
+dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32])
+
+
+def _hostile_files(files: dict[str, bytes], rank: object, alpha: object, factor: float, dtype: torch.dtype,
+                   meta: dict[str, str]) -> dict[str, bytes]:
+    config = json.loads(files["adapter_config.json"])
+    config["r"], config["lora_alpha"] = rank, alpha
+    with tempfile.TemporaryDirectory() as tmp:  # safetensors writes metadata only through a file
+        path = Path(tmp) / "w.safetensors"
+        path.write_bytes(files["adapter_model.safetensors"])
+        tensors = {k: (v.double() * factor).to(dtype) for k, v in load_file(str(path)).items()}
+        save_file(tensors, str(path), metadata=meta)
+        weights = path.read_bytes()
+    return {"adapter_config.json": json.dumps(config).encode(), "adapter_model.safetensors": weights}
+
+
+@pytest.fixture(scope="module")
+def plain_adapter(base: BaseModel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    directory = tmp_path_factory.mktemp("plain-adapter")
+    make_peft_adapter(base.model, seed=11, directory=directory)
+    return adapter_files(directory)
+
+
+def test_random_hostile_imports_never_hurt_another_tenant(up: tuple[UpServer, Stubs],
+                                                          plain_adapter: dict[str, bytes]) -> None:
+    server, stubs = up
+    api = stubs.api
+    trainer_pid = (server.data_dir / "trainer.pid").read_text()
+    other = _Stream(api)
+    other.start()
+    counter = iter(range(10**6))
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(rank=st.just(4) | numbers, alpha=st.just(8) | numbers, factor=st.just(1.0) | factors,
+           dtype=st.just(torch.float32) | dtypes, meta=metadata)
+    @example(rank=4, alpha=8, factor=1.0, dtype=torch.float32, meta={"examples_seen": "abc"})
+    @example(rank=4, alpha=8, factor=1.0, dtype=torch.float32, meta={"examples_seen": "1e3"})
+    @example(rank=4, alpha=8, factor=1.0, dtype=torch.float32, meta={"examples_seen": str(1 << 60)})
+    @example(rank=4, alpha=8, factor=1.0, dtype=torch.float32,
+             meta={"replay": json.dumps([{"prompt": [1, {"x": None}], "kind": 3}])})
+    @example(rank=4, alpha=8, factor=1e30, dtype=torch.float32, meta={})
+    @example(rank=4, alpha=1e30, factor=1.0, dtype=torch.float32, meta={})
+    def attack(rank: object, alpha: object, factor: float, dtype: torch.dtype, meta: dict[str, str]) -> None:
+        user = f"eve-{next(counter)}"
+        files = _hostile_files(plain_adapter, rank, alpha, factor, dtype, meta)
+        try:
+            api.ImportAdapter(pb.ImportAdapterRequest(user_id=user, files=files), timeout=60, metadata=KEY_A)
+        except grpc.RpcError as exc:
+            assert exc.code() not in NEVER, exc.details()
+            return
+        api.SubmitFeedback(pb.FeedbackRequest(user_id=user, prompt="p", completion="c",
+                                              kind=pb.FeedbackRequest.ACCEPT), timeout=30, metadata=KEY_A)
+        try:
+            api.Generate(pb.GenerateRequest(user_id=user, prompt="hi", max_new_tokens=4, temperature=0.5),
+                         timeout=60, metadata=KEY_A)
+        except grpc.RpcError as exc:
+            assert exc.code() not in NEVER, exc.details()
+
+    attack()
+    other.join(120)
+    assert other.error is None, other.error
+    assert other.chunks and other.chunks[-1].done
+    time.sleep(2)  # let the trainer take the hostile users' feedback events before reading its pid again
+    assert (server.data_dir / "trainer.pid").read_text() == trainer_pid
+
+
+@pytest.fixture(scope="module")
+def narrow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[UpServer, Stubs]]:
+    """A server decoding at most 2 rows at a time, so a flood of one tenant queues."""
+    root = tmp_path_factory.mktemp("up-narrow")
+    server = start_up(root / "data", root / "up.log", "--max-batch", "2",
+                      env={"PERSONALIZE_API_KEYS": "tenantA:keyA,tenantB:keyB"})
+    try:
+        with server.channel() as channel:
+            yield server, Stubs.on(channel)
+    finally:
+        assert server.stop() == 0, server.log()[-4000:]
+
+
+def test_one_tenants_flood_does_not_queue_another_tenant_behind_it(narrow: tuple[UpServer, Stubs]) -> None:
+    """A queues 20 streams of 24 tokens on 2 rows; B's call, sent once A's first token arrived, finishes while
+    most of A's flood is still waiting (first-come-first-served would finish it behind all of A's)."""
+    api = narrow[1].api
+    flood = 20
+    request = pb.GenerateRequest(user_id="flooder", prompt="flood", max_new_tokens=24, temperature=0.5)
+    calls = [api.Generate.future(request, timeout=300, metadata=KEY_A)
+             for _ in range(flood)]
+    first = api.GenerateStream(request, timeout=300, metadata=KEY_A)
+    next(iter(first))  # A's flood is queued and decoding
+    reply = api.Generate(pb.GenerateRequest(user_id="bob", prompt="mine", max_new_tokens=4), timeout=300,
+                         metadata=KEY_B)
+    still_waiting = sum(not c.done() for c in calls)
+    assert reply.completion_tokens >= 1
+    assert still_waiting >= flood // 2, f"only {still_waiting} of A's {flood} calls were still queued"
+    for c in calls:
+        c.result()
+    list(first)
