@@ -99,7 +99,7 @@ class RequestHandle:
             yield piece
 
     def result(self, timeout: float | None = None) -> GenerationResult:
-        if timeout is not None and timeout > 86400 * 365:  # gRPC's "no deadline" is ~1e10 s: Event.wait overflows
+        if timeout is not None and timeout > 86400 * 365:  # beyond a year means none: Event.wait overflows
             timeout = None
         if not self._req.done.wait(timeout):
             self.cancel()

@@ -323,6 +323,28 @@ def _safetensors_bytes(adapter: Adapter, metadata: dict[str, str]) -> bytes:
     return save_safetensors(tensors, metadata=metadata)
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """`data` with the `__metadata__` entries of its safetensors header in sorted key order.
+
+    The safetensors writer emits metadata in hash-map order, which changes from call to call, so the same
+    adapter would export to different bytes; tensor entries and data are already in a fixed order and are
+    kept. Bytes that are not a safetensors file with metadata come back unchanged.
+    """
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < size <= len(data) - 8:
+        return data
+    try:
+        header = json.loads(data[8:8 + size])
+    except ValueError:
+        return data
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
+        return data
+    ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes with spaces
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]
+
+
 def write_peft(adapter: Adapter, spec: AdapterSpec) -> dict[str, bytes]:
     """The two files PEFT writes: {"adapter_config.json": ..., "adapter_model.safetensors": ...}.
 

@@ -262,6 +262,12 @@ class Membership:
         self._client = client
         self.config = config
 
+    def forget_all(self) -> None:
+        """Delete every node record of the namespace (for a deployment's own, just started server, where any
+        record is a previous run's persisted in the AOF: no one must route to it)."""
+        ids = [raw.decode() for raw in self._client.zrange(self.config.index_key, 0, -1)]
+        self._client.delete(self.config.index_key, *(self.config.node_key(node_id) for node_id in ids))
+
     def nodes(self) -> dict[str, NodeInfo]:
         """Every live node (serving or draining), by id. Unavailable if the server is unreachable.
 

@@ -140,12 +140,11 @@ def _keep_alive(valkey: Any, stop: threading.Event, poll_s: float = 0.5) -> None
 
 def _forget_stale_nodes(registry_url: str) -> None:
     """Membership records in up's own (just started) Valkey are a previous run's: drop them."""
-    from personalize.routing.membership import MembershipConfig, membership_client
-    from personalize_service.cli.local_cluster import forget_nodes
+    from personalize.routing.membership import Membership, MembershipConfig, membership_client
 
     client = membership_client(registry_url)
     try:
-        forget_nodes(client, MembershipConfig())
+        Membership(client, MembershipConfig()).forget_all()
     finally:
         client.close()
 

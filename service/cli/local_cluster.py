@@ -125,13 +125,6 @@ def die_with_parent() -> None:
         _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
-def forget_nodes(client: Any, membership: MembershipConfig) -> None:
-    """Delete every node record of the namespace: for `up`'s own Valkey at start, where any record is a
-    previous run's (persisted in the AOF), so that no one routes to it or mistakes it for a new worker."""
-    ids = [raw.decode() for raw in client.zrange(membership.index_key, 0, -1)]
-    client.delete(membership.index_key, *(membership.node_key(node_id) for node_id in ids))
-
-
 class WorkerProcesses:
     """up's worker children: started together, waited for until they are on the ring, restarted when one
     dies, stopped together.

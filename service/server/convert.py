@@ -6,12 +6,12 @@ is: `args = convert.generate_args(request, limits)`, call the library, `return c
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 from personalize.engine.types import GenerationResult, SamplingParams
 from personalize.errors import InvalidArgument
+from personalize.lora.format import canonical_safetensors
 from personalize.worker import AdapterInfo, GenerationInfo, NodeStats
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.server.limits import (
@@ -150,28 +150,6 @@ def adapter_bundle(files: Mapping[str, bytes], info: AdapterInfo) -> pb.AdapterB
     canonical = {name: canonical_safetensors(data) if name.endswith(".safetensors") else data
                  for name, data in files.items()}
     return pb.AdapterBundle(files=canonical, info=adapter_info(info))
-
-
-def canonical_safetensors(data: bytes) -> bytes:
-    """`data` with the `__metadata__` entries of its safetensors header in sorted key order.
-
-    The safetensors writer emits metadata in hash-map order, which changes from call to call, so the same
-    adapter would export to different bytes; tensor entries and data are already in a fixed order and are
-    kept. Bytes that are not a safetensors file with metadata come back unchanged.
-    """
-    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
-    if not 0 < size <= len(data) - 8:
-        return data
-    try:
-        header = json.loads(data[8:8 + size])
-    except ValueError:
-        return data
-    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
-        return data
-    ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
-    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes with spaces
-    return len(text).to_bytes(8, "little") + text + data[8 + size:]
 
 
 def delete_response(versions_deleted: int, events_deleted: int) -> pb.DeleteUserResponse:

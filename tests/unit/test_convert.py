@@ -12,6 +12,7 @@ from safetensors.torch import save as save_safetensors
 
 from personalize.engine.types import GenerationResult, SamplingParams
 from personalize.errors import InvalidArgument
+from personalize.lora.format import canonical_safetensors
 from personalize.worker import AdapterInfo, GenerationInfo, NodeStats
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.server import convert
@@ -109,7 +110,7 @@ def test_adapter_info_and_bundle() -> None:
 def test_canonical_safetensors_sorts_metadata_and_keeps_the_tensors() -> None:
     tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4, dtype=torch.float16)}
     metadata = {f"key{i}": f"value {i} é" for i in range(12)}
-    outputs = {convert.canonical_safetensors(save_safetensors(tensors, metadata=metadata)) for _ in range(10)}
+    outputs = {canonical_safetensors(save_safetensors(tensors, metadata=metadata)) for _ in range(10)}
     assert len(outputs) == 1  # the writer's order varies from call to call; the canonical form does not
     (canonical,) = outputs
     assert (len(canonical) - 8) % 8 == 0
@@ -122,7 +123,7 @@ def test_canonical_safetensors_sorts_metadata_and_keeps_the_tensors() -> None:
 @pytest.mark.parametrize("data", [b"", b"\x00\x01", b"\xff" * 16, (4).to_bytes(8, "little") + b"null",
                                   (2).to_bytes(8, "little") + b"{}"])
 def test_canonical_safetensors_leaves_other_bytes_alone(data: bytes) -> None:
-    assert convert.canonical_safetensors(data) == data
+    assert canonical_safetensors(data) == data
 
 
 def _header(data: bytes) -> dict[str, Any]:
