@@ -182,7 +182,7 @@ class Worker:
         except _UNLOADABLE as exc:
             if not self.config.degrade_to_base:
                 raise
-            return self._degraded(prompt, params, f"adapter of user {user_id!r}", exc)
+            return self._degraded(tenant, prompt, params, f"adapter of user {user_id!r}", exc)
         if record is None:
             return self._base(prompt, params, tenant=tenant)
         self.repo.check_base(user_id, record)
@@ -192,7 +192,7 @@ class Worker:
         except _UNLOADABLE as exc:
             if not self.config.degrade_to_base:
                 raise
-            return self._degraded(prompt, params, f"adapter v{record.version} of user {user_id!r}", exc)
+            return self._degraded(tenant, prompt, params, f"adapter v{record.version} of user {user_id!r}", exc)
         try:
             handle = self.engine.submit(prompt, params, slot=lease.slot,
                                         on_done=lambda _result: self.cache.release(lease), tenant=tenant,
@@ -207,11 +207,12 @@ class Worker:
         return _Running(handle, GenerationInfo(0, "none", self.node_id, degraded=bool(reason),
                                                degraded_reason=reason))
 
-    def _degraded(self, prompt: str, params: SamplingParams, what: str, exc: PersonalizeError) -> Generation:
+    def _degraded(self, tenant: str, prompt: str, params: SamplingParams, what: str,
+                  exc: PersonalizeError) -> Generation:
         """The base model, flagged degraded, for a request whose adapter (`what`) failed to load with `exc`."""
         reason = f"{what} {_CAUSES.get(type(exc), 'unavailable: the adapter store or registry is unreachable')}"
         log.warning("serving the base model instead (degrade_to_base): %s: %s", reason, exc)  # details: log only
-        return self._base(prompt, params, reason)
+        return self._base(prompt, params, reason, tenant=tenant)  # queued in its tenant's fair share
 
     # -- adapters ---------------------------------------------------------------------------------------------
     def warm(self, tenant: str, user_id: str) -> None:
