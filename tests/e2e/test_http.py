@@ -21,6 +21,8 @@ from tests.e2e.upserver import UpServer, adapter_files, greedy_reference, make_p
 KEY = "sk-test-alpha"
 HTTP_RE = re.compile(r"openai\s+http://127\.0\.0\.1:(\d+)/v1")
 PROMPT = "The quick brown fox"
+METRICS_PORT = find_free_port()
+
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[UpServer, str
     """(`personalize up` with one tenant key and the HTTP edge on a free port, its /v1 base URL)."""
     root = tmp_path_factory.mktemp("http-up")
     server = start_up(root / "data", root / "up.log", "--api-keys", f"alpha:{KEY}",
-                      "--http-port", str(find_free_port()))
+                      "--http-port", str(find_free_port()), "--metrics-port", str(METRICS_PORT))
     try:
         deadline = time.monotonic() + 60
         while (found := HTTP_RE.search(server.log())) is None and time.monotonic() < deadline:
@@ -126,3 +128,25 @@ def test_errors_have_openais_shape(client: openai.OpenAI, up: tuple[UpServer, st
     assert "Traceback" not in denied.value.message
     assert httpx.get(up[1].removesuffix("/v1") + "/healthz").status_code == 200
     assert httpx.get(up[1].removesuffix("/v1") + "/readyz").status_code == 200
+
+
+def _cancelled_streams() -> float:
+    """GenerateStream calls the worker counted as CANCELLED."""
+    text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("personalize_requests_total{") and "GenerateStream" in line
+               and 'code="CANCELLED"' in line)
+
+
+def test_a_client_that_disconnects_cancels_its_generation(up: tuple[UpServer, str]) -> None:
+    before = _cancelled_streams()
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 512, "temperature": 1.0, "seed": 3,
+            "stream": True, "user": "http-frank"}
+    with httpx.stream("POST", f"{up[1]}/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+    deadline = time.monotonic() + 60
+    while _cancelled_streams() == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _cancelled_streams() == before + 1
