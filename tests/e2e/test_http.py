@@ -3,7 +3,11 @@ chat completions, streaming, `user` selecting the personal adapter, feedback, an
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,3 +154,27 @@ def test_a_client_that_disconnects_cancels_its_generation(up: tuple[UpServer, st
     while _cancelled_streams() == before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _cancelled_streams() == before + 1
+
+
+def test_serve_role_gateway_fronts_a_running_server(up: tuple[UpServer, str], tmp_path: Path) -> None:
+    """`personalize serve --role gateway` alone: the same edge over another server's gRPC port."""
+    port = find_free_port()
+    log_path = tmp_path / "gateway.log"
+    command = [sys.executable, "-m", "personalize_service.cli", "serve", "--role", "gateway",
+               "--http-port", str(port), "--gateway-target", up[0].target, "--data-dir", str(tmp_path)]
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PERSONALIZE_")}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environ)
+    try:
+        deadline = time.monotonic() + 60
+        while b"gateway serving on" not in log_path.read_bytes():
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=120)
+        done = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0, user="http-gw")
+        assert done.choices[0].text == openai.OpenAI(base_url=up[1], api_key=KEY, max_retries=0).completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=8, temperature=0, user="http-gw").choices[0].text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+    assert process.returncode == 0 and b"gateway stopped" in log_path.read_bytes()
