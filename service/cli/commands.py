@@ -76,7 +76,8 @@ _GROUPS = {"data_dir": "state", "registry": "state", "store_url": "state", "node
            "service": "server", "router": "server", "model": "model", "lora": "adapters", "load_timeout_s": "adapters",
            "degrade_to_base": "adapters",
            "engine": "engine", "limits": "request limits", "workers": "server", "worker_restarts": "server",
-           "worker_advertise": "server", "feedback": "feedback and training",
+           "worker_advertise": "server", "http_port": "server", "gateway_target": "server",
+           "feedback": "feedback and training",
            "trainer": "feedback and training"}
 
 

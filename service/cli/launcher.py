@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ROLES = ("worker", "router", "trainer")
+ROLES = ("worker", "router", "trainer", "gateway")
 """Roles of `personalize serve`."""
 UP_HOST = "127.0.0.1"
 """`personalize up` listens on loopback only: it has no TLS and, by default, no API keys."""
@@ -44,8 +44,9 @@ class LaunchError(Exception):
 
 def check_ports(host: str, values: Mapping[str, Any]) -> None:
     """LaunchError naming the flag if the gRPC or metrics port (when not 0) is taken."""
-    for key, flag in (("service.port", "--port"), ("service.metrics_port", "--metrics-port")):
-        port = values[key]
+    for key, flag in (("service.port", "--port"), ("service.metrics_port", "--metrics-port"),
+                      ("http_port", "--http-port")):
+        port = values.get(key)
         if port and not port_is_free(host, port):
             raise LaunchError(f"port {port} on {host} is already in use (another `personalize up`?): stop "
                               f"what holds it, or choose another with {flag} N (0 picks a free one)")
@@ -166,12 +167,21 @@ class _Up:
         return replace(base, registry=replace(base.registry, url=self.registry_url), store_url=self.store_url)
 
     def banner(self, port: int, metrics_port: int, node_id: str, model: str, fingerprint: str,
-               workers: Mapping[str, str] | None = None) -> str:
+               workers: Mapping[str, str] | None = None, http_port: int = 0) -> str:
         keys = self.resolved.service.api_keys
         from personalize.adapters.store.s3 import redact_url
 
         return up_banner(port, metrics_port, node_id, model, fingerprint, self.registry_url, self.data_dir,
-                         redact_url(self.store_url), keys.tenants if keys.enabled else (), workers=workers)
+                         redact_url(self.store_url), keys.tenants if keys.enabled else (), workers=workers,
+                         http_port=http_port)
+
+    def start_http(self, grpc_port: int, model: str, fingerprint: str) -> Any:
+        """The OpenAI-compatible edge on 127.0.0.1:--http-port calling this up's gRPC port (None if 0)."""
+        if not self.values.get("http_port"):
+            return None
+        from personalize_service.http import serve_http
+
+        return serve_http(f"{UP_HOST}:{grpc_port}", UP_HOST, self.values["http_port"], model, fingerprint)
 
 
 def _up_one_worker(up: _Up, step: Callable[[], None]) -> None:
@@ -190,15 +200,21 @@ def _up_one_worker(up: _Up, step: Callable[[], None]) -> None:
     worker.stream.ensure_group()
     trainer = TrainerSupervisor(up.values, up.registry_url, up.store_url, up.data_dir).start()
 
+    http: list[Any] = []
+
     def ready(port: int, metrics_port: int) -> None:
         step()
+        http.append(up.start_http(port, worker.base.name, worker.base.fingerprint))
         print(up.banner(port, metrics_port, worker.node_id, f"{worker.base.name} on {config.model.device}",
-                        worker.base.fingerprint), flush=True)
+                        worker.base.fingerprint, http_port=http[0].port if http[0] else 0), flush=True)
 
     try:  # no router watches this worker: it need not wait for one to see it draining
         serve(replace(up.resolved.service, host=UP_HOST), worker, up.stop, on_ready=ready,
               announce=AnnounceConfig(up.registry_url, drain_notice_s=0.0))
     finally:
+        for server in http:
+            if server is not None:
+                server.stop()
         trainer.stop()
 
 
@@ -222,12 +238,21 @@ def _up_cluster(up: _Up, count: int, step: Callable[[], None]) -> None:
         cluster = Cluster(bootstrap.membership(up.config(), membership),
                           worker_channel_opener(up.resolved.router, service.limits))
 
+        http: list[Any] = []
+
         def ready(port: int, metrics_port: int) -> None:
             step()
+            http.append(up.start_http(port, up.values["model.path"] or "tiny", ""))
             print(up.banner(port, metrics_port, "router", model, "",
-                            workers={node_id: node.address for node_id, node in nodes.items()}), flush=True)
+                            workers={node_id: node.address for node_id, node in nodes.items()},
+                            http_port=http[0].port if http[0] else 0), flush=True)
 
-        serve_router(service, cluster, up.stop, on_ready=ready)
+        try:
+            serve_router(service, cluster, up.stop, on_ready=ready)
+        finally:
+            for server in http:
+                if server is not None:
+                    server.stop()
     finally:
         workers.terminate()  # they drain while the trainer stops
         trainer.stop()
@@ -239,7 +264,7 @@ def run_serve(role: str, values: Mapping[str, Any]) -> int:
     object store; blocks until SIGTERM/SIGINT."""
     if role not in ROLES:
         raise LaunchError(f"role {role!r} is not available; choose one of {', '.join(ROLES)}")
-    needed = ("registry.url",) if role == "router" else ("registry.url", "store_url")
+    needed = {"router": ("registry.url",), "gateway": ()}.get(role, ("registry.url", "store_url"))
     missing = [f"{settings.BY_KEY[k].flag} / {settings.BY_KEY[k].env}" for k in needed if not values[k]]
     if missing:
         raise LaunchError(f"serve needs {' and '.join(missing)}; to run everything on one machine without "
@@ -248,6 +273,8 @@ def run_serve(role: str, values: Mapping[str, Any]) -> int:
         return run_trainer(values)
     if role == "router":
         return run_router(values)
+    if role == "gateway":
+        return run_gateway(values)
     check_ports(values["service.host"], values)
     resolved = settings.build({**values, "data_dir": str(Path(values["data_dir"]).expanduser().resolve())})
     from personalize import bootstrap
@@ -294,6 +321,29 @@ def run_router(values: Mapping[str, Any]) -> int:
 
         serve_router(service, cluster, stop, on_ready=ready)
     print("personalize serve: router stopped", flush=True)
+    return 0
+
+
+def run_gateway(values: Mapping[str, Any]) -> int:
+    """`personalize serve --role gateway`: the OpenAI-compatible HTTP edge (service/http) on
+    --host:--http-port, calling the router at --gateway-target over gRPC; blocks until SIGTERM/SIGINT."""
+    port = values["http_port"]
+    if not port:
+        raise LaunchError("serve --role gateway needs --http-port N (not 0)")
+    from personalize_service.http import serve_http
+    from personalize_service.server.base import stop_on_signals
+
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        model = values["model.path"] or "tiny"
+        server = serve_http(values["gateway_target"], values["service.host"], port, model)
+        print(f"personalize serve: gateway serving on {values['service.host']}:{server.port} over "
+              f"{values['gateway_target']}", flush=True)
+        try:
+            stop.wait()
+        finally:
+            server.stop()
+    print("personalize serve: gateway stopped", flush=True)
     return 0
 
 
@@ -373,7 +423,7 @@ class TrainerSupervisor:
 
 def up_banner(port: int, metrics_port: int, node_id: str, model: str, fingerprint: str, valkey_url: str,
               data_dir: Path, store_url: str, tenants: tuple[str, ...], *,
-              workers: Mapping[str, str] | None = None) -> str:
+              workers: Mapping[str, str] | None = None, http_port: int = 0) -> str:
     """What `personalize up` prints once it serves: what runs where, and commands to try.
 
     `tenants` empty = no API keys configured; `fingerprint` empty = not shown. `workers` (node id ->
@@ -398,6 +448,8 @@ def up_banner(port: int, metrics_port: int, node_id: str, model: str, fingerprin
         f"  registry  embedded Valkey {valkey_url} (AOF in {data_dir / 'valkey'})",
         f"  store     {store_url}",
         f"  metrics   {metrics}",
+        *([f"  openai    http://{UP_HOST}:{http_port}/v1 (OpenAI-compatible HTTP; `user` = user id)"]
+          if http_port else []),
         f"  auth      {auth}",
         "",
         f"Try it from another terminal{key_note}:",
@@ -405,9 +457,23 @@ def up_banner(port: int, metrics_port: int, node_id: str, model: str, fingerprin
         f"  python -c 'from personalize_service.client import PersonalizeClient as C; "
         f"print(C(\"{target}\"{key_arg}).generate(\"alice\", \"Tell me about LoRA\").text)'",
         f"  grpcurl -plaintext {target} list",
+        *_http_lines(http_port, "$KEY" if tenants else ""),
         "",
         f"Stop with Ctrl-C or SIGTERM; adapters and the registry stay in {data_dir}.",
     ])
+
+
+def _http_lines(http_port: int, key: str) -> list[str]:
+    """The OpenAI-compatible edge's lines of the banner (none when it is off)."""
+    if not http_port:
+        return []
+    base = f"http://{UP_HOST}:{http_port}/v1"
+    auth = f" -H 'Authorization: Bearer {key}'" if key else ""
+    return [f"  curl {base}/completions -H 'Content-Type: application/json'{auth} "
+            "-d '{\"prompt\": \"Tell me about LoRA\", \"user\": \"alice\", \"max_tokens\": 32}'",
+            f"  python -c 'from openai import OpenAI; print(OpenAI(base_url=\"{base}\", "
+            f"api_key=\"{key or 'none'}\").completions.create(model=\"tiny\", prompt=\"Hi\", "
+            "user=\"alice\").choices[0].text)'"]
 
 
 def _nodes_lines(node_id: str, workers: Mapping[str, str] | None, data_dir: Path) -> list[str]:

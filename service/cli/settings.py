@@ -250,6 +250,12 @@ SETTINGS: tuple[Setting, ...] = (
        "weight of the chosen answer's NLL added to a prefer event's DPO loss", metavar="W"),
     _s("trainer.claim_idle_ms", "--claim-idle-ms", "PERSONALIZE_CLAIM_IDLE_MS", 30_000, _int,
        "a dead trainer's events are claimed after this idle time", metavar="MS"),
+    # -- the OpenAI-compatible HTTP edge (service/http)
+    _s("http_port", "--http-port", "PERSONALIZE_HTTP_PORT", 8000, _int,
+       "OpenAI-compatible HTTP port (up: on 127.0.0.1; serve --role gateway: on --host); 0 = off",
+       metavar="N"),
+    _s("gateway_target", "--gateway-target", "PERSONALIZE_GATEWAY_TARGET", "127.0.0.1:50051", _str,
+       "host:port of the router (or worker) the gateway role calls over gRPC", (SERVE,), "HOST:PORT"),
     # -- up only
     _s("workers", "--workers", "PERSONALIZE_WORKERS", 1, _int,
        "worker processes behind a consistent-hash router; 1 = one worker in the up process, no router",

@@ -26,8 +26,9 @@ START_TIMEOUT_S = 180.0
 """Import, model load and Valkey start on a busy 2-core machine."""
 STOP_TIMEOUT_S = 60.0
 SERVING_RE = re.compile(rb"serving on 127\.0\.0\.1:(\d+)")
-TEST_FLAGS = ("--device-cache", "64MiB", "--host-cache", "64MiB", "--disk-cache", "64MiB")
-"""Smaller cache budgets than the defaults: several servers share the test machine."""
+TEST_FLAGS = ("--device-cache", "64MiB", "--host-cache", "64MiB", "--disk-cache", "64MiB", "--http-port", "0")
+"""Smaller cache budgets than the defaults: several servers share the test machine; no HTTP edge (its
+default port 8000 would be shared; tests/e2e/test_http.py gives it a free port)."""
 
 
 @dataclass

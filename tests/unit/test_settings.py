@@ -22,7 +22,7 @@ from personalize_service.server.router import RouterConfig
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 NOT_FIELDS = {"service.api_keys": "", "service.api_keys_file": "", "workers": 1, "worker_restarts": 10,
-              "worker_advertise": ""}
+              "worker_advertise": "", "http_port": 8000, "gateway_target": "127.0.0.1:50051"}
 """Settings that are not one dataclass field (API keys become ServiceConfig.api_keys; the worker_* are up's)."""
 UNEXPOSED = {"model.seed", "lora.target_modules", "engine.max_prefill_tokens",
              "limits.max_stop_strings", "limits.max_stop_bytes", "limits.max_feedback_text_bytes",

@@ -1,0 +1,57 @@
+"""The HTTP edge without a server behind it: the chat template, the gRPC-code -> HTTP-status table, and a
+dead gRPC target answered as OpenAI's 503 error with Retry-After (a real channel to a port nobody holds)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from fastapi.testclient import TestClient
+
+from personalize_service.client import PersonalizeClient, PersonalizeClientError
+from personalize_service.http import create_app, render_chat
+from personalize_service.http.app import error_response
+from personalize_service.http.models import ChatMessage
+from personalize_service.net import find_free_port
+
+
+def test_chat_template_renders_every_message_then_the_assistant_turn() -> None:
+    messages = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")]
+    assert render_chat(messages) == "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n"
+
+
+@pytest.mark.parametrize(("code", "details", "status"), [
+    (grpc.StatusCode.INVALID_ARGUMENT, "bad", 400), (grpc.StatusCode.UNAUTHENTICATED, "key", 401),
+    (grpc.StatusCode.PERMISSION_DENIED, "no", 403), (grpc.StatusCode.NOT_FOUND, "who", 404),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "request of 9000 bytes over the limit", 413),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit", 429), (grpc.StatusCode.UNAVAILABLE, "down", 503),
+    (grpc.StatusCode.INTERNAL, "oops", 500)])
+def test_grpc_codes_map_to_http_statuses(code: grpc.StatusCode, details: str, status: int) -> None:
+    response = error_response(PersonalizeClientError(code, details))
+    assert response.status_code == status
+    assert ("retry-after" in response.headers) == (status in (429, 503))
+
+
+@pytest.fixture
+def dead() -> Iterator[TestClient]:
+    sdk = PersonalizeClient(f"127.0.0.1:{find_free_port()}", timeout=5, retries=0)
+    with TestClient(create_app(lambda _key: sdk, "tiny")) as client:
+        yield client
+    sdk.close()
+
+
+def test_a_dead_worker_is_openais_503_with_retry_after(dead: TestClient) -> None:
+    reply = dead.post("/v1/completions", json={"prompt": "hi", "user": "alice"})
+    assert reply.status_code == 503 and reply.headers["retry-after"]
+    assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+    assert dead.get("/readyz").status_code == 503 and dead.get("/healthz").status_code == 200
+
+
+def test_bad_requests_name_the_field(dead: TestClient) -> None:
+    reply = dead.post("/v1/chat/completions", json={"messages": []})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages"
+    reply = dead.post("/v1/completions", json={"prompt": "hi", "n": 3})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "n"
+    reply = dead.post("/v1/feedback", json={"user": "a", "completion": "c", "kind": "accept"})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "prompt"
