@@ -12,6 +12,10 @@ from personalize.errors import Unavailable
 
 T = TypeVar("T")
 
+MAX_CONNECTIONS = 4096
+"""Connections one client may open: above any server's handler threads, since redis-py's default pool (100)
+raises MaxConnectionsError instead of waiting once every connection is busy."""
+
 
 def call(fn: Callable[[], T], what: str) -> T:
     """fn() (one round trip); Unavailable naming `what` when the server refuses the command (an error

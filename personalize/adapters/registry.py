@@ -315,7 +315,7 @@ def open_registry(config: RegistryConfig) -> Registry:
     if not config.url:
         raise InvalidArgument("the registry URL is empty: set registry.url (--registry-url)")
     options: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0,
-                               "decode_responses": False}
+                               "decode_responses": False, "max_connections": valkey.MAX_CONNECTIONS}
     client: Any
     if config.cluster:
         client = redis.cluster.RedisCluster.from_url(config.url, **options)

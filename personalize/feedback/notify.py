@@ -9,13 +9,15 @@ from typing import Any
 
 import redis
 
+from personalize import valkey
+
 log = logging.getLogger(__name__)
 
 
 def redis_client(url: str) -> Any:
     """A binary-safe client with bounded timeouts (the stream and notifications share it)."""
     return redis.Redis.from_url(url, socket_timeout=10.0, socket_connect_timeout=2.0, decode_responses=False,
-                                health_check_interval=30)
+                                health_check_interval=30, max_connections=valkey.MAX_CONNECTIONS)
 
 
 def channel(namespace: str) -> str:

@@ -38,7 +38,7 @@ def membership_client(registry_url: str) -> Any:
     """A binary-safe redis client for membership reads and beats, with short timeouts (a beat that
     hangs longer than the TTL is worthless)."""
     return redis.Redis.from_url(registry_url, socket_timeout=2.0, socket_connect_timeout=2.0,
-                                decode_responses=False)
+                                decode_responses=False, max_connections=valkey.MAX_CONNECTIONS)
 
 
 SERVING = "serving"
