@@ -19,21 +19,13 @@ from safetensors.torch import load_file, save_file
 
 from personalize.model import BaseModel
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
-from tests.e2e.upserver import Stubs, UpServer, adapter_files, make_peft_adapter, start_up
-
-KEY_A = (("authorization", "Bearer keyA"),)
-KEY_B = (("authorization", "Bearer keyB"),)
+from tests.e2e.upserver import KEY_A, KEY_B, Stubs, UpServer, adapter_files, make_peft_adapter, two_tenants
 
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[UpServer, Stubs]]:
-    root = tmp_path_factory.mktemp("up-hostile")
-    server = start_up(root / "data", root / "up.log", env={"PERSONALIZE_API_KEYS": "tenantA:keyA,tenantB:keyB"})
-    try:
-        with server.channel() as channel:
-            yield server, Stubs.on(channel)
-    finally:
-        assert server.stop() == 0, server.log()[-4000:]
+    with two_tenants(tmp_path_factory.mktemp("up-hostile")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -174,14 +166,8 @@ def test_random_hostile_imports_never_hurt_another_tenant(up: tuple[UpServer, St
 @pytest.fixture(scope="module")
 def narrow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[UpServer, Stubs]]:
     """A server decoding at most 2 rows at a time, so a flood of one tenant queues."""
-    root = tmp_path_factory.mktemp("up-narrow")
-    server = start_up(root / "data", root / "up.log", "--max-batch", "2",
-                      env={"PERSONALIZE_API_KEYS": "tenantA:keyA,tenantB:keyB"})
-    try:
-        with server.channel() as channel:
-            yield server, Stubs.on(channel)
-    finally:
-        assert server.stop() == 0, server.log()[-4000:]
+    with two_tenants(tmp_path_factory.mktemp("up-narrow"), "--max-batch", "2") as running:
+        yield running
 
 
 def test_one_tenants_flood_does_not_queue_another_tenant_behind_it(narrow: tuple[UpServer, Stubs]) -> None:

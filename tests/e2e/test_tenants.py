@@ -12,21 +12,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from personalize.model import BaseModel
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
-from tests.e2e.upserver import Stubs, UpServer, adapter_files, make_peft_adapter, start_up
-
-KEY_A = (("authorization", "Bearer keyA"),)
-KEY_B = (("authorization", "Bearer keyB"),)
+from tests.e2e.upserver import KEY_A, KEY_B, Stubs, UpServer, adapter_files, make_peft_adapter, two_tenants
 
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[UpServer, Stubs]]:
-    root = tmp_path_factory.mktemp("up-keys")
-    server = start_up(root / "data", root / "up.log", env={"PERSONALIZE_API_KEYS": "tenantA:keyA,tenantB:keyB"})
-    try:
-        with server.channel() as channel:
-            yield server, Stubs.on(channel)
-    finally:
-        assert server.stop() == 0, server.log()[-4000:]
+    with two_tenants(tmp_path_factory.mktemp("up-keys")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

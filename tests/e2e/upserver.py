@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,3 +181,20 @@ def make_peft_adapter(base_model: Any, seed: int, directory: Path, rank: int = 4
 
 def adapter_files(directory: Path) -> dict[str, bytes]:
     return {name: (directory / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+
+
+KEY_A = (("authorization", "Bearer keyA"),)
+"""Call metadata of tenant A of `two_tenants`."""
+KEY_B = (("authorization", "Bearer keyB"),)
+
+
+@contextlib.contextmanager
+def two_tenants(root: Path, *args: str) -> Iterator[tuple[UpServer, Stubs]]:
+    """`personalize up ARGS` under `root` with two tenants (KEY_A, KEY_B) and stubs on one channel; stopped
+    cleanly."""
+    server = start_up(root / "data", root / "up.log", *args, env={"PERSONALIZE_API_KEYS": "tenantA:keyA,tenantB:keyB"})
+    try:
+        with server.channel() as channel:
+            yield server, Stubs.on(channel)
+    finally:
+        assert server.stop() == 0, server.log()[-4000:]
