@@ -104,6 +104,21 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(_body(f"internal error ({type(exc).__name__})", "server_error", None, None), 500)
 
 
+MAX_BODY_BYTES = 1 << 20
+"""Largest request body read (a prompt is at most 16 KiB on the worker): a larger declared Content-Length is
+413 before a byte of it is read or parsed, so no caller makes the edge buffer and forward megabytes."""
+
+
+def _install_body_limit(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def _limit(request: Request, call_next: Callable[[Request], Any]) -> Any:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return JSONResponse(_body(f"request body is {length} bytes; the limit is {MAX_BODY_BYTES}",
+                                      "invalid_request_error", None, "request_too_large"), 413)
+        return await call_next(request)
+
+
 def create_app(client_for: Callable[[str | None], PersonalizeClient], model_name: str,
                fingerprint: str = "") -> FastAPI:
     """The app; `client_for(api_key)` gives the SDK client sending that key (None = no key)."""
@@ -111,6 +126,7 @@ def create_app(client_for: Callable[[str | None], PersonalizeClient], model_name
     created = int(time.time())
 
     _install_error_handlers(app)
+    _install_body_limit(app)
 
     def client(request: Request) -> PersonalizeClient:
         auth = request.headers.get("authorization", "")

@@ -55,3 +55,14 @@ def test_bad_requests_name_the_field(dead: TestClient) -> None:
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "n"
     reply = dead.post("/v1/feedback", json={"user": "a", "completion": "c", "kind": "accept"})
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "prompt"
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(dead: TestClient) -> None:
+    from personalize_service.http.app import MAX_BODY_BYTES
+
+    response = dead.post("/v1/completions", content=b"x" * (MAX_BODY_BYTES + 1),
+                         headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert "limit" in response.json()["error"]["message"]
+    small = dead.post("/v1/completions", json={"prompt": "Hi", "n": 2})
+    assert small.status_code == 400  # a body under the limit still reaches validation
