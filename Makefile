@@ -29,19 +29,9 @@ constraints: venv
 proto: venv
 	$(BIN)/python -m personalize_service.protogen
 
-# Files already in `ruff format` style, held there; the rest of the tree is still hand-aligned (one
-# `ruff format` of the whole tree would move every hanging indent), so add each file once it is formatted.
-FORMATTED := personalize/__init__.py personalize/adapters/__init__.py personalize/adapters/lru.py \
-	personalize/adapters/store/keys.py personalize/config.py personalize/errors.py \
-	personalize/feedback/__init__.py personalize/lora/__init__.py personalize/lora/adapter.py \
-	personalize/lora/layers.py personalize/lora/ops.py personalize/routing/__init__.py service/__init__.py \
-	service/cli/__init__.py service/cli/__main__.py service/net.py service/server/__init__.py \
-	service/server/errors.py tests/e2e/test_chaos.py tests/integration/test_embedded.py \
-	tests/integration/test_keep_warm.py tests/unit/test_proto_stale.py setup.py tools/constraints.py
-
 lint: venv
 	$(BIN)/ruff check personalize service tests loadtest setup.py tools
-	$(BIN)/ruff format --check $(FORMATTED)
+	$(BIN)/ruff format --check personalize service tests loadtest setup.py tools
 
 typecheck: venv
 	$(BIN)/mypy personalize service

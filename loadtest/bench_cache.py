@@ -47,8 +47,14 @@ from personalize.model import build_random_llama, default_llama_config
 from personalize_service.cli.embedded import EmbeddedValkey, EmbeddedValkeyConfig
 from tests.helpers import holds
 
-BENCH_SHAPE = dict(hidden_size=2048, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16,
-                   intermediate_size=5632, initializer_range=0.02)
+BENCH_SHAPE = dict(
+    hidden_size=2048,
+    num_hidden_layers=4,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    intermediate_size=5632,
+    initializer_range=0.02,
+)
 """The Llama shape of loadtest/bench_engine.py (~206M parameters, ~820 MB in fp32)."""
 RANK = 8
 TENANT = "bench"
@@ -56,8 +62,11 @@ TENANT = "bench"
 
 def spec_of(hf_config: Any, r_max: int = RANK) -> AdapterSpec:
     """The adapter spec of a config (no weights needed); the fingerprint is a hash of the config."""
-    shapes = {module_key(layer, m): module_shapes(hf_config)[m]
-              for layer in range(hf_config.num_hidden_layers) for m in TARGET_MODULES}
+    shapes = {
+        module_key(layer, m): module_shapes(hf_config)[m]
+        for layer in range(hf_config.num_hidden_layers)
+        for m in TARGET_MODULES
+    }
     fingerprint = "sha256:" + hashlib.sha256(hf_config.to_json_string().encode()).hexdigest()
     return AdapterSpec(r_max=r_max, target_modules=TARGET_MODULES, shapes=shapes, base_fingerprint=fingerprint)
 
@@ -67,18 +76,20 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
-
 def memory_cache(pool: SlotPool, adapters: list[Adapter], **config: Any) -> AdapterCache:
     """A cache whose store is a dict: user `u<i>` gets adapters[i % len]; no I/O (for the switch and fill)."""
+
     def fetch(tenant: str, user_id: str, version: int, checksum: str) -> bytes:
         return user_id.encode()
 
     def parse(data: bytes) -> Adapter:
         return adapters[int(data[1:]) % len(adapters)]
+
     return AdapterCache(CacheConfig(**config), pool, threading.Lock(), fetch, parse)
 
 
 # -- the switch ------------------------------------------------------------------------------------------
+
 
 def bench_switch(samples: int, users: int = 1000) -> dict[str, float]:
     """acquire+release of resident users through the public API, one timing per pair (microseconds)."""
@@ -98,11 +109,16 @@ def bench_switch(samples: int, users: int = 1000) -> dict[str, float]:
         overhead = min(-clock() + clock() for _ in range(1000))  # one back-to-back pair of clock reads
         assert cache.stats()["hits"]["device"] >= samples
     micro = [t / 1000 for t in timings]
-    return {"device_hit_p50": round(percentile(micro, 0.5), 3), "device_hit_p99": round(percentile(micro, 0.99), 3),
-            "samples": samples, "timer_overhead_us": round(overhead / 1000, 3)}
+    return {
+        "device_hit_p50": round(percentile(micro, 0.5), 3),
+        "device_hit_p99": round(percentile(micro, 0.99), 3),
+        "samples": samples,
+        "timer_overhead_us": round(overhead / 1000, 3),
+    }
 
 
 # -- loads from each tier ----------------------------------------------------------------------------------
+
 
 def timed_loads(cache: AdapterCache, users: list[str], samples: int, tier: str) -> list[float]:
     """Cycle through more users than slots so every acquire misses the device; ms per acquire+release."""
@@ -136,8 +152,9 @@ def bench_loads(stores: dict[str, ObjectStore], client: redis.Redis, samples: in
         return adapter_from_bytes(data, spec)
 
     def run(tier: str, fetch: Fetch, **config: Any) -> list[float]:
-        with AdapterCache(CacheConfig(load_threads=1, **config), SlotPool(cfg, 2, RANK), threading.Lock(),
-                          fetch, parse) as cache:
+        with AdapterCache(
+            CacheConfig(load_threads=1, **config), SlotPool(cfg, 2, RANK), threading.Lock(), fetch, parse
+        ) as cache:
             return timed_loads(cache, users, samples, tier)
 
     times = {
@@ -146,11 +163,15 @@ def bench_loads(stores: dict[str, ObjectStore], client: redis.Redis, samples: in
         "store_file_p50": run("store", fetches["file"], host_bytes=0),
         "store_s3_p50": run("store", fetches["s3"], host_bytes=0),
     }
-    return {"ms": {k: round(statistics.median(v), 3) for k, v in times.items()},
-            "adapter_nbytes": adapters[0].nbytes, "samples": samples}
+    return {
+        "ms": {k: round(statistics.median(v), 3) for k, v in times.items()},
+        "adapter_nbytes": adapters[0].nbytes,
+        "samples": samples,
+    }
 
 
 # -- the alternative: loading the whole model ------------------------------------------------------------------
+
 
 def bench_full_model(store: ObjectStore, repeats: int) -> dict[str, Any]:
     """ms to get the bench base model's safetensors from the S3 store and load its tensors."""
@@ -171,6 +192,7 @@ def bench_full_model(store: ObjectStore, repeats: int) -> dict[str, Any]:
 
 
 # -- how many adapters stay resident ----------------------------------------------------------------------------
+
 
 def meminfo_bytes(field: str) -> int:
     """A /proc/meminfo figure (MemTotal, MemAvailable) in bytes."""
@@ -206,12 +228,20 @@ def bench_resident(requested: int, verify: int = 200) -> dict[str, Any]:
         for lease in leases:
             cache.release(lease)
         resident = cache.stats()["resident"]["device"]
-    return {"resident_adapters": resident, "bytes_per_adapter": per_slot, "requested": requested,
-            "requested_fits": fits, "pool_bytes": pool.nbytes, "memory_total": meminfo_bytes("MemTotal"),
-            "fill_s": round(fill_s, 1), "verified_slots": len(range(0, slots, step))}
+    return {
+        "resident_adapters": resident,
+        "bytes_per_adapter": per_slot,
+        "requested": requested,
+        "requested_fits": fits,
+        "pool_bytes": pool.nbytes,
+        "memory_total": meminfo_bytes("MemTotal"),
+        "fill_s": round(fill_s, 1),
+        "verified_slots": len(range(0, slots, step)),
+    }
 
 
 # -- wiring -------------------------------------------------------------------------------------------------------
+
 
 @contextmanager
 def servers(tmp: Path) -> Iterator[tuple[S3Server, EmbeddedValkey]]:
@@ -251,29 +281,46 @@ def run(quick: bool, tmp: Path) -> dict[str, Any]:
         "resident_adapters": resident["resident_adapters"],
         "bytes_per_adapter": resident["bytes_per_adapter"],
         "registry": reg,
-        "details": {"quick": quick, "switch": switch, "loads": loads, "full_model": full, "resident": resident,
-                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "details": {
+            "quick": quick,
+            "switch": switch,
+            "loads": loads,
+            "full_model": full,
+            "resident": resident,
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
     }
 
 
 def print_table(result: dict[str, Any]) -> None:
-    rows = [("switch (device hit) p50 / p99", f"{result['switch_us']['device_hit_p50']} / "
-             f"{result['switch_us']['device_hit_p99']} us")]
+    rows = [
+        (
+            "switch (device hit) p50 / p99",
+            f"{result['switch_us']['device_hit_p50']} / {result['switch_us']['device_hit_p99']} us",
+        )
+    ]
     rows += [(f"load from {k.removesuffix('_p50')} p50", f"{v} ms") for k, v in result["load_ms"].items()]
-    rows += [("full base model from S3 p50", f"{result['full_model_store_p50']} ms"),
-             ("full model vs its adapter, both from S3", f"{result['adapter_vs_full_model_from_s3']:,}x"),
-             ("adapters resident in device slots", f"{result['resident_adapters']:,} "
-              f"({result['bytes_per_adapter']:,} B each)"),
-             ("registry users", f"{result['registry']['users']:,}"),
-             ("registry bytes per user", f"{result['registry']['bytes_per_user']}"),
-             ("registry lookup p99", f"{result['registry']['lookup_p99_us']} us")]
+    rows += [
+        ("full base model from S3 p50", f"{result['full_model_store_p50']} ms"),
+        ("full model vs its adapter, both from S3", f"{result['adapter_vs_full_model_from_s3']:,}x"),
+        (
+            "adapters resident in device slots",
+            f"{result['resident_adapters']:,} ({result['bytes_per_adapter']:,} B each)",
+        ),
+        ("registry users", f"{result['registry']['users']:,}"),
+        ("registry bytes per user", f"{result['registry']['bytes_per_user']}"),
+        ("registry lookup p99", f"{result['registry']['lookup_p99_us']} us"),
+    ]
     width = max(len(name) for name, _ in rows)
     print(f"{'adapter cache benchmark':<{width}}  value")
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     if not result["details"]["resident"]["requested_fits"]:
-        print(f"note: {result['details']['resident']['requested']:,} fp32 slots do not fit in memory; "
-              f"used the largest round number that does")
+        print(
+            f"note: {result['details']['resident']['requested']:,} fp32 slots do not fit in memory; "
+            f"used the largest round number that does"
+        )
 
 
 def main() -> None:

@@ -52,7 +52,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     repeats, budget = (3, 0.05) if quick else (15, 0.05)
     for kind in ("byte_level", "sentencepiece"):
         tokenizer = train_tokenizer(kind)
-        block = tokenizer.encode(" ".join(CORPUS[1:3]), add_special_tokens=False)[:LENGTHS[0]]
+        block = tokenizer.encode(" ".join(CORPUS[1:3]), add_special_tokens=False)[: LENGTHS[0]]
         samples: dict[int, list[float]] = {n: [] for n in LENGTHS}
         for _ in range(repeats):
             for n in LENGTHS:
@@ -61,9 +61,15 @@ def run(quick: bool) -> list[dict[str, Any]]:
         for n in LENGTHS:
             ids = block * (n // len(block))
             redecode = us_per_token(_redecode, tokenizer, ids, budget) if n <= 1024 or not quick else None
-            rows.append({"tokenizer": kind, "tokens": n, "us_per_token": round(min(samples[n]), 2),
-                         "ratio_to_16": round(min(samples[n]) / base, 3),
-                         "redecode_us_per_token": None if redecode is None else round(redecode, 2)})
+            rows.append(
+                {
+                    "tokenizer": kind,
+                    "tokens": n,
+                    "us_per_token": round(min(samples[n]), 2),
+                    "ratio_to_16": round(min(samples[n]) / base, 3),
+                    "redecode_us_per_token": None if redecode is None else round(redecode, 2),
+                }
+            )
     return rows
 
 
@@ -76,8 +82,9 @@ def main() -> None:
     print(f"{'tokenizer':<14} {'tokens':>6} {'us/token':>9} {'ratio':>6} {'re-decode us/token':>19}")
     for r in rows:
         redecode = "-" if r["redecode_us_per_token"] is None else f"{r['redecode_us_per_token']:.1f}"
-        print(f"{r['tokenizer']:<14} {r['tokens']:>6} {r['us_per_token']:>9.1f} {r['ratio_to_16']:>6.2f} "
-              f"{redecode:>19}")
+        print(
+            f"{r['tokenizer']:<14} {r['tokens']:>6} {r['us_per_token']:>9.1f} {r['ratio_to_16']:>6.2f} {redecode:>19}"
+        )
     flat = all(0.8 <= r["ratio_to_16"] <= 1.2 for r in rows)
     print(f"work per token flat within ±20% from {LENGTHS[0]} to {LENGTHS[-1]} tokens: {'yes' if flat else 'NO'}")
     if args.json:

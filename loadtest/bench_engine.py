@@ -24,8 +24,14 @@ from personalize.lora.slots import SlotPool, module_shapes
 from personalize.model import BaseModel, build_random_llama, default_llama_config, fingerprint
 from tests.helpers import make_adapter, peft_model
 
-BENCH_SHAPE = dict(hidden_size=2048, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16,
-                   intermediate_size=5632, initializer_range=0.02)
+BENCH_SHAPE = dict(
+    hidden_size=2048,
+    num_hidden_layers=4,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    intermediate_size=5632,
+    initializer_range=0.02,
+)
 
 
 def build_bench_model(shape: dict[str, Any], dtype: torch.dtype, device: str) -> BaseModel:
@@ -49,8 +55,14 @@ def run_engine(engine: Engine, prompts: list[list[int]], slots: list[int | None]
 def run_peft_mixed(model: Any, prompts: torch.Tensor, names: list[str], new_tokens: int) -> float:
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), adapter_names=names,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        out = model.generate(
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            adapter_names=names,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+        )
     elapsed = time.perf_counter() - start
     assert out.shape[1] == prompts.shape[1] + new_tokens
     return prompts.shape[0] * new_tokens / elapsed
@@ -62,8 +74,13 @@ def run_peft_sequential(model: Any, prompts: torch.Tensor, names: list[str], new
         for row, name in zip(prompts, names, strict=True):
             model.set_adapter(name)
             ids = row.unsqueeze(0)
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False)
+            model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+            )
     return len(names) * new_tokens / (time.perf_counter() - start)
 
 
@@ -73,8 +90,13 @@ def build_peft(base: BaseModel, adapters: list[Any]) -> Any:
     model = peft_model(base.model, adapters[0])  # a deep copy of the base with adapter "default"
     inner = model.base_model.model
     for i, adapter in enumerate(adapters[1:], start=1):
-        cfg = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, target_modules=list(adapter.target_modules),
-                         lora_dropout=0.0, init_lora_weights=False)
+        cfg = LoraConfig(
+            r=adapter.rank,
+            lora_alpha=adapter.alpha,
+            target_modules=list(adapter.target_modules),
+            lora_dropout=0.0,
+            init_lora_weights=False,
+        )
         model.add_adapter(f"a{i}", cfg)
         with torch.no_grad():
             for key, (a, b) in adapter.weights.items():
@@ -117,12 +139,31 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     prompt_t = torch.randint(3, 259, (args.batch, args.prompt_tokens), generator=g)
     prompts = prompt_t.tolist()
-    engine = Engine(base, EngineConfig(max_batch=args.batch, max_len=args.prompt_tokens + args.new_tokens + 1,
-                                       max_prefill_tokens=args.batch * args.prompt_tokens), pool)
-    base_engine = Engine(base, EngineConfig(max_batch=args.batch, max_len=args.prompt_tokens + args.new_tokens + 1,
-                                            max_prefill_tokens=args.batch * args.prompt_tokens), None)
-    peft = build_peft(base, [a.__class__(a.rank, a.alpha, {k: (x.to(dtype), y.to(dtype)) for k, (x, y) in
-                                                         a.weights.items()}) for a in adapters]).to(args.device)
+    engine = Engine(
+        base,
+        EngineConfig(
+            max_batch=args.batch,
+            max_len=args.prompt_tokens + args.new_tokens + 1,
+            max_prefill_tokens=args.batch * args.prompt_tokens,
+        ),
+        pool,
+    )
+    base_engine = Engine(
+        base,
+        EngineConfig(
+            max_batch=args.batch,
+            max_len=args.prompt_tokens + args.new_tokens + 1,
+            max_prefill_tokens=args.batch * args.prompt_tokens,
+        ),
+        None,
+    )
+    peft = build_peft(
+        base,
+        [
+            a.__class__(a.rank, a.alpha, {k: (x.to(dtype), y.to(dtype)) for k, (x, y) in a.weights.items()})
+            for a in adapters
+        ],
+    ).to(args.device)
     names = ["default"] + [f"a{i}" for i in range(1, args.batch)]
     seq_n = 8 if args.quick else args.batch
     n, dev = args.new_tokens, args.device
@@ -145,14 +186,26 @@ def main() -> None:
     d = tps["distinct_adapters"]
     result = {
         "tokens_per_s": tps,
-        "ratios": {"distinct_vs_single": d / tps["single_adapter"], "distinct_vs_base": d / tps["base"],
-                   "distinct_vs_peft_mixed": d / tps["peft_mixed"],
-                   "distinct_vs_peft_sequential": d / tps["peft_sequential"]},
-        "config": {**shape, "dtype": args.dtype, "device": args.device, "batch": args.batch,
-                   "prompt_tokens": args.prompt_tokens, "new_tokens": n, "rank": args.rank, "repeats": repeats,
-                   "peft_sequential_requests": seq_n, "threads": torch.get_num_threads(),
-                   "lora_bytes_per_step_vs_base": lora_bytes_ratio(cfg, args.rank, args.batch),
-                   "samples": samples},
+        "ratios": {
+            "distinct_vs_single": d / tps["single_adapter"],
+            "distinct_vs_base": d / tps["base"],
+            "distinct_vs_peft_mixed": d / tps["peft_mixed"],
+            "distinct_vs_peft_sequential": d / tps["peft_sequential"],
+        },
+        "config": {
+            **shape,
+            "dtype": args.dtype,
+            "device": args.device,
+            "batch": args.batch,
+            "prompt_tokens": args.prompt_tokens,
+            "new_tokens": n,
+            "rank": args.rank,
+            "repeats": repeats,
+            "peft_sequential_requests": seq_n,
+            "threads": torch.get_num_threads(),
+            "lora_bytes_per_step_vs_base": lora_bytes_ratio(cfg, args.rank, args.batch),
+            "samples": samples,
+        },
     }
     print(f"\n{'mode':20s} {'tokens/s':>10s}")
     for m, v in tps.items():

@@ -53,8 +53,10 @@ from personalize.worker import Worker
 from personalize_service.cli.embedded import EmbeddedValkey, EmbeddedValkeyConfig
 
 NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi"]
-WORDS = ("the a cat dog sky blue run fast slow tree house car why how what when is are you me "
-         "green small big river song light night day").split()
+WORDS = (
+    "the a cat dog sky blue run fast slow tree house car why how what when is are you me "
+    "green small big river song light night day"
+).split()
 
 
 def prompt(rnd: random.Random) -> str:
@@ -74,8 +76,14 @@ def start_stack(tmp: Path, trainer_cfg: TrainerConfig) -> tuple[EmbeddedValkey, 
     assert worker.stream is not None
     worker.stream.ensure_group()
     client = worker.stream.client
-    trainer = Trainer(trainer_cfg, worker.base, worker.repo, worker.stream, consumer="bench",
-                      notify=lambda t, u, v: publish_update(client, config.feedback.namespace, t, u, v))
+    trainer = Trainer(
+        trainer_cfg,
+        worker.base,
+        worker.repo,
+        worker.stream,
+        consumer="bench",
+        notify=lambda t, u, v: publish_update(client, config.feedback.namespace, t, u, v),
+    )
     return valkey, worker, trainer
 
 
@@ -135,28 +143,36 @@ def _rate(texts: list[str], sig: str) -> float:
     return sum(t.startswith(sig) for t in texts) / len(texts)
 
 
-def kinds(tmp: Path, users_per_kind: int, tests: int, seed: int = 0,
-          trainer_config: TrainerConfig | None = None) -> dict[str, Any]:
+def kinds(
+    tmp: Path, users_per_kind: int, tests: int, seed: int = 0, trainer_config: TrainerConfig | None = None
+) -> dict[str, Any]:
     """Quality of every kind of feedback on unseen prompts (see the module docstring)."""
     rnd = random.Random(seed)
     valkey, worker, trainer = start_stack(tmp, trainer_config or TrainerConfig())
     try:
         names = {k: [f"{k[:3]}{i}" for i in range(users_per_kind)] for k in ("correct", "accept", "prefer", "reject")}
         teach = {u: _kind_events(rnd, k, u, 16) for k in ("correct", "accept", "prefer") for u in names[k]}
-        first = {u: [FeedbackEvent("bench", u, "correct", p, "no", correction=f"Yo {u}! " + t)
-                     for p, t in ((prompt(rnd), " ".join(rnd.choice(WORDS) for _ in range(4))) for _ in range(12))]
-                 + [FeedbackEvent("bench", u, "correct", p, "no", correction=f"Bye {u}. " + t)
-                    for p, t in ((say_prompt(rnd), " ".join(rnd.choice(WORDS) for _ in range(4))) for _ in range(12))]
-                 for u in names["reject"]}
+        first = {
+            u: [
+                FeedbackEvent("bench", u, "correct", p, "no", correction=f"Yo {u}! " + t)
+                for p, t in ((prompt(rnd), " ".join(rnd.choice(WORDS) for _ in range(4))) for _ in range(12))
+            ]
+            + [
+                FeedbackEvent("bench", u, "correct", p, "no", correction=f"Bye {u}. " + t)
+                for p, t in ((say_prompt(rnd), " ".join(rnd.choice(WORDS) for _ in range(4))) for _ in range(12))
+            ]
+            for u in names["reject"]
+        }
         for events in first.values():
             rnd.shuffle(events)
         loop_users = {n: f"loop{n}" for n in (1, 2, 4)}
         waves = []
         for w in range(4):  # four arrivals of 4 events per user (6 for the reject users' first phase)
-            wave = [e for evs in teach.values() for e in evs[4 * w:4 * w + 4]]
-            wave += [e for evs in first.values() for e in evs[6 * w:6 * w + 6]]
-            wave += [FeedbackEvent("bench", u, "accept", LOOP_PROMPT, LOOP_ANSWER) for n, u in loop_users.items()
-                     if w < n]
+            wave = [e for evs in teach.values() for e in evs[4 * w : 4 * w + 4]]
+            wave += [e for evs in first.values() for e in evs[6 * w : 6 * w + 6]]
+            wave += [
+                FeedbackEvent("bench", u, "accept", LOOP_PROMPT, LOOP_ANSWER) for n, u in loop_users.items() if w < n
+            ]
             waves.append(wave)
         _train(worker, trainer, waves[:1])
         unrelated = [prompt(rnd) for _ in range(tests)] + [say_prompt(rnd) for _ in range(tests)]
@@ -165,12 +181,15 @@ def kinds(tmp: Path, users_per_kind: int, tests: int, seed: int = 0,
         base_loops = sum(map(ends_in_loop, seen[""][:-1]))
         for n in (1, 2, 4):
             if n > 1:
-                _train(worker, trainer, waves[n // 2:n])  # 1 -> waves[1:2], 4 -> waves[2:4]
+                _train(worker, trainer, waves[n // 2 : n])  # 1 -> waves[1:2], 4 -> waves[2:4]
                 seen = _answers(worker, [loop_users[n]], [*unrelated, LOOP_PROMPT], 32)
             texts = seen[loop_users[n]]
-            loops[f"after_{n}"] = {"unrelated_loops": sum(map(ends_in_loop, texts[:-1])), "taught_answer": texts[-1],
-                                   "taught_loops": ends_in_loop(texts[-1]),
-                                   "looping_examples": [t for t in texts[:-1] if ends_in_loop(t)][:3]}
+            loops[f"after_{n}"] = {
+                "unrelated_loops": sum(map(ends_in_loop, texts[:-1])),
+                "taught_answer": texts[-1],
+                "taught_loops": ends_in_loop(texts[-1]),
+                "looping_examples": [t for t in texts[:-1] if ends_in_loop(t)][:3],
+            }
         loops["base_unrelated_loops"], loops["prompts"] = base_loops, len(unrelated)
         q_unseen, say_unseen = [prompt(rnd) for _ in range(tests)], [say_prompt(rnd) for _ in range(tests)]
         all_users = [u for us in names.values() for u in us]
@@ -179,29 +198,42 @@ def kinds(tmp: Path, users_per_kind: int, tests: int, seed: int = 0,
         for _ in range(4):  # 12 REJECTs of greeting-1 answers in 4 arrivals (the answer just given, if it greets)
             ps = [prompt(rnd) for _ in range(3)]
             shown = _answers(worker, names["reject"], ps, 16)
-            _train(worker, trainer, [[FeedbackEvent("bench", u, "reject", p, _greeted(shown[u][i], f"Yo {u}! ", rnd))
-                                      for u in names["reject"] for i, p in enumerate(ps)]])
+            _train(
+                worker,
+                trainer,
+                [
+                    [
+                        FeedbackEvent("bench", u, "reject", p, _greeted(shown[u][i], f"Yo {u}! ", rnd))
+                        for u in names["reject"]
+                        for i, p in enumerate(ps)
+                    ]
+                ],
+            )
         after = _answers(worker, names["reject"], q_unseen + say_unseen, 16)
         result: dict[str, Any] = {"tests": tests, "users_per_kind": users_per_kind, "loops": loops}
         sigs = {u: f"{KIND_SIGS[k]} {u}! " for k, us in names.items() for u in us}
         sigs.update({u: f"Bye {u}. " for u in names["reject"]})
         for kind in ("correct", "accept", "prefer"):
             texts = [t for u in names[kind] for t in got[u][:tests]]
-            r: dict[str, Any] = {"events": 16,
-                                 "rate": statistics.mean(_rate(got[u][:tests], sigs[u]) for u in names[kind]),
-                                 "base_rate": statistics.mean(_rate(got[""][:tests], sigs[u]) for u in names[kind]),
-                                 "examples": texts[:: max(1, len(texts) // 4)]}
+            r: dict[str, Any] = {
+                "events": 16,
+                "rate": statistics.mean(_rate(got[u][:tests], sigs[u]) for u in names[kind]),
+                "base_rate": statistics.mean(_rate(got[""][:tests], sigs[u]) for u in names[kind]),
+                "examples": texts[:: max(1, len(texts) // 4)],
+            }
             if kind == "prefer":
                 r["rejected_rate"] = statistics.mean(_rate(got[u][:tests], f"Hey {u}! ") for u in names[kind])
                 r["base_rejected_rate"] = statistics.mean(_rate(got[""][:tests], f"Hey {u}! ") for u in names[kind])
             result[kind] = r
         result["reject"] = {
-            "events": 12, "taught_rate": statistics.mean(b[0] for b in before.values()),
+            "events": 12,
+            "taught_rate": statistics.mean(b[0] for b in before.values()),
             "after_reject_rate": statistics.mean(_rate(after[u][:tests], f"Yo {u}! ") for u in names["reject"]),
             "other_before_rate": statistics.mean(b[1] for b in before.values()),
             "other_after_rate": statistics.mean(_rate(after[u][tests:], f"Bye {u}. ") for u in names["reject"]),
             "base_rate": statistics.mean(_rate(got[""][:tests], f"Yo {u}! ") for u in names["reject"]),
-            "examples": [after[u][0] for u in names["reject"]] + [after[u][tests] for u in names["reject"]]}
+            "examples": [after[u][0] for u in names["reject"]] + [after[u][tests] for u in names["reject"]],
+        }
         finals = {**got, **after}
         owned = [(u, s.strip()) for u, s in sigs.items()] + [(u, f"Yo {u}!") for u in names["reject"]]
         result["cross_user_leaks"] = sum(any(s in t for m, s in owned if m != u) for u in all_users for t in finals[u])
@@ -217,8 +249,14 @@ def _round_jobs(worker: Worker, users: int, events: int, rank: int) -> list[User
     jobs = []
     for u in range(users):
         adapter = zero_adapter(spec, rank, 2.0 * rank, generator=torch.Generator().manual_seed(u))
-        evs = [Delivered(0, f"{u}-{i}", FeedbackEvent("bench", f"u{u}", "correct", prompt(rnd), "x",
-                                                      correction=answer(rnd, f"Hi u{u}! "))) for i in range(events)]
+        evs = [
+            Delivered(
+                0,
+                f"{u}-{i}",
+                FeedbackEvent("bench", f"u{u}", "correct", prompt(rnd), "x", correction=answer(rnd, f"Hi u{u}! ")),
+            )
+            for i in range(events)
+        ]
         jobs.append(UserJob("bench", f"u{u}", None, adapter, evs))
     return jobs
 
@@ -227,8 +265,16 @@ def ours_round(worker: Worker, jobs: list[UserJob], folder: Path, cfg: TrainerCo
     """Load every user's adapter, one batched round, write every new version. Returns seconds."""
     model = copy.deepcopy(worker.base.model).requires_grad_(False)
     start = time.perf_counter()
-    loaded = [UserJob(j.tenant, j.user_id, None, adapter_from_bytes((folder / f"{j.user_id}.st").read_bytes(),
-                                                                    worker.spec), j.events) for j in jobs]
+    loaded = [
+        UserJob(
+            j.tenant,
+            j.user_id,
+            None,
+            adapter_from_bytes((folder / f"{j.user_id}.st").read_bytes(), worker.spec),
+            j.events,
+        )
+        for j in jobs
+    ]
     adapters, finite, _ = train_round(model, worker.base.tokenizer, loaded, cfg)
     for job, adapter in zip(jobs, adapters, strict=True):
         (folder / f"{job.user_id}.st").write_bytes(adapter_to_bytes(adapter, worker.spec))
@@ -242,8 +288,12 @@ def peft_sequential(worker: Worker, jobs: list[UserJob], folder: Path, cfg: Trai
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
-    peft_cfg = PeftLoraConfig(r=jobs[0].adapter.rank, lora_alpha=jobs[0].adapter.alpha, lora_dropout=0.0,
-                              target_modules=list(jobs[0].adapter.target_modules))
+    peft_cfg = PeftLoraConfig(
+        r=jobs[0].adapter.rank,
+        lora_alpha=jobs[0].adapter.alpha,
+        lora_dropout=0.0,
+        target_modules=list(jobs[0].adapter.target_modules),
+    )
     model = get_peft_model(copy.deepcopy(worker.base.model), peft_cfg)
     for job in jobs:  # every user starts with a saved adapter
         path = folder / f"{job.user_id}.peft.st"
@@ -280,9 +330,16 @@ def training(tmp: Path, users: int, events: int, steps: int, repeats: int) -> di
             ours.append(ours_round(worker, jobs, folder, cfg))
             theirs.append(peft_sequential(worker, jobs, folder, cfg))
         o, t = statistics.median(ours), statistics.median(theirs)
-        return {"users": users, "events_per_user": events, "steps": steps, "batched_users_per_s": users / o,
-                "sequential_peft_users_per_s": users / t, "speedup": t / o, "batched_round_s": o,
-                "sequential_round_s": t}
+        return {
+            "users": users,
+            "events_per_user": events,
+            "steps": steps,
+            "batched_users_per_s": users / o,
+            "sequential_peft_users_per_s": users / t,
+            "speedup": t / o,
+            "batched_round_s": o,
+            "sequential_round_s": t,
+        }
     finally:
         worker.stop()
         valkey.stop()
@@ -302,8 +359,9 @@ def freshness(tmp: Path, seconds: float, rate: float, users: int) -> dict[str, A
             now = time.monotonic()
             if now >= next_send and now < end:
                 user = f"f{rnd.randrange(users)}"
-                event_id, _ = worker.submit_feedback(FeedbackEvent("bench", user, "correct", prompt(rnd), "x",
-                                                                   correction=answer(rnd, "Yo! ")))
+                event_id, _ = worker.submit_feedback(
+                    FeedbackEvent("bench", user, "correct", prompt(rnd), "x", correction=answer(rnd, "Yo! "))
+                )
                 waiting.append((user, event_id, time.monotonic()))
                 next_send += 1.0 / rate
             for item in list(waiting):
@@ -324,24 +382,38 @@ def freshness(tmp: Path, seconds: float, rate: float, users: int) -> dict[str, A
         worker.stop()
         valkey.stop()
     samples.sort()
-    return {"p50": statistics.median(samples), "p99": samples[min(len(samples) - 1, int(0.99 * len(samples)))],
-            "events": len(samples), "rate_per_s": rate, "users": users}
+    return {
+        "p50": statistics.median(samples),
+        "p99": samples[min(len(samples) - 1, int(0.99 * len(samples)))],
+        "events": len(samples),
+        "rate_per_s": rate,
+        "users": users,
+    }
 
 
 def print_kinds(q: dict[str, Any]) -> None:
     print(f"\n{'kind':8s} {'events':>6s} {'rate':>6s} {'base':>6s}  notes")
     for kind in ("correct", "accept", "prefer"):
         r = q[kind]
-        note = (f"rejected greeting {r['rejected_rate']:.2f} (base {r['base_rejected_rate']:.2f})"
-                if kind == "prefer" else "")
+        note = (
+            f"rejected greeting {r['rejected_rate']:.2f} (base {r['base_rejected_rate']:.2f})"
+            if kind == "prefer"
+            else ""
+        )
         print(f"{kind:8s} {r['events']:6d} {r['rate']:6.2f} {r['base_rate']:6.2f}  {note}")
     r = q["reject"]
-    print(f"{'reject':8s} {r['events']:6d} {r['after_reject_rate']:6.2f} {r['base_rate']:6.2f}  taught rate before "
-          f"{r['taught_rate']:.2f}; other behaviour {r['other_before_rate']:.2f} -> {r['other_after_rate']:.2f}")
+    print(
+        f"{'reject':8s} {r['events']:6d} {r['after_reject_rate']:6.2f} {r['base_rate']:6.2f}  taught rate before "
+        f"{r['taught_rate']:.2f}; other behaviour {r['other_before_rate']:.2f} -> {r['other_after_rate']:.2f}"
+    )
     lp = q["loops"]
-    print(f"loops on {lp['prompts']} unrelated prompts: base {lp['base_unrelated_loops']}, "
-          + ", ".join(f"after {n} ACCEPT {lp[f'after_{n}']['unrelated_loops']} "
-                      f"(taught {lp[f'after_{n}']['taught_answer']!r})" for n in (1, 2, 4)))
+    print(
+        f"loops on {lp['prompts']} unrelated prompts: base {lp['base_unrelated_loops']}, "
+        + ", ".join(
+            f"after {n} ACCEPT {lp[f'after_{n}']['unrelated_loops']} (taught {lp[f'after_{n}']['taught_answer']!r})"
+            for n in (1, 2, 4)
+        )
+    )
     print(f"cross-user leaks {q['cross_user_leaks']}", flush=True)
 
 
@@ -360,10 +432,14 @@ def main() -> None:
         f = freshness(tmp / "f", seconds=20 if args.quick else 60, rate=2.0, users=50)
     result = {"kinds": q, "training": t, "freshness_ms": f}
     print(f"\n{'figure':40s} {'value':>12s}")
-    rows = [("kinds.cross_user_leaks", q["cross_user_leaks"]),
-            ("training.batched_users_per_s", t["batched_users_per_s"]),
-            ("training.sequential_peft_users_per_s", t["sequential_peft_users_per_s"]),
-            ("training.speedup", t["speedup"]), ("freshness_ms.p50", f["p50"]), ("freshness_ms.p99", f["p99"])]
+    rows = [
+        ("kinds.cross_user_leaks", q["cross_user_leaks"]),
+        ("training.batched_users_per_s", t["batched_users_per_s"]),
+        ("training.sequential_peft_users_per_s", t["sequential_peft_users_per_s"]),
+        ("training.speedup", t["speedup"]),
+        ("freshness_ms.p50", f["p50"]),
+        ("freshness_ms.p99", f["p99"]),
+    ]
     for name, value in rows:
         print(f"{name:40s} {value:12.3f}")
     if args.json:

@@ -34,17 +34,24 @@ FILL_BATCH = 10_000
 def synthetic_record(i: int) -> AdapterRecord:
     """A plausible record for synthetic user i (realistic magnitudes: ms clocks, stream ids)."""
     now = 1_760_000_000_000 + i
-    return AdapterRecord(version=1 + i % 40, rank=8 << (i % 3), fingerprint=FINGERPRINT, examples_seen=i % 5000,
-                         last_event_id=f"{now - 7}-{i % 3}", updated_at_ms=now,
-                         checksum="sha256:" + user_digest("bench", str(i)).hex())
+    return AdapterRecord(
+        version=1 + i % 40,
+        rank=8 << (i % 3),
+        fingerprint=FINGERPRINT,
+        examples_seen=i % 5000,
+        last_event_id=f"{now - 7}-{i % 3}",
+        updated_at_ms=now,
+        checksum="sha256:" + user_digest("bench", str(i)).hex(),
+    )
 
 
 def fill_synthetic(registry: Registry, users: int, tenant: str = "bench") -> float:
     """Write `users` records with pipelined compare-and-sets; returns users written per second."""
     start = time.perf_counter()
     for first in range(0, users, FILL_BATCH):
-        updates = [CasUpdate(tenant, f"user-{i}", 0, synthetic_record(i))
-                   for i in range(first, min(users, first + FILL_BATCH))]
+        updates = [
+            CasUpdate(tenant, f"user-{i}", 0, synthetic_record(i)) for i in range(first, min(users, first + FILL_BATCH))
+        ]
         lost = [c for c in registry.compare_and_set_many(updates) if c is not None]
         if lost:
             raise RuntimeError(f"fill lost {len(lost)} compare-and-sets, e.g. {lost[0]}")
@@ -57,9 +64,18 @@ def fill_naive(client: redis.Redis, namespace: str, users: int) -> None:
     for i in range(users):
         rec = synthetic_record(i)
         key = f"{namespace}:user:{user_digest('bench', f'user-{i}')[:16].hex()}"
-        pipe.hset(key, mapping={"version": rec.version, "rank": rec.rank, "fingerprint": rec.fingerprint,
-                                "examples_seen": rec.examples_seen, "last_event_id": rec.last_event_id,
-                                "updated_at_ms": rec.updated_at_ms, "checksum": rec.checksum})
+        pipe.hset(
+            key,
+            mapping={
+                "version": rec.version,
+                "rank": rec.rank,
+                "fingerprint": rec.fingerprint,
+                "examples_seen": rec.examples_seen,
+                "last_event_id": rec.last_event_id,
+                "updated_at_ms": rec.updated_at_ms,
+                "checksum": rec.checksum,
+            },
+        )
         if len(pipe) >= FILL_BATCH:
             pipe.execute()
     pipe.execute()
@@ -118,8 +134,9 @@ def drop_namespace(client: redis.Redis, namespace: str) -> None:
         client.unlink(*keys)
 
 
-def run_registry_bench(url: str, users: int, lookups: int = 5000, baseline_users: int | None = None,
-                       bucket_bits: int = 16) -> dict[str, Any]:
+def run_registry_bench(
+    url: str, users: int, lookups: int = 5000, baseline_users: int | None = None, bucket_bits: int = 16
+) -> dict[str, Any]:
     """Fill `users` records into a fresh namespace on the server at `url`, then time `lookups` gets.
 
     Returns users, bytes_per_user (server used_memory delta / users), lookup_p50_us, lookup_p99_us,
@@ -181,8 +198,10 @@ def main() -> None:
     if args.url:
         result = run_registry_bench(args.url, args.users, args.lookups, bucket_bits=args.bucket_bits)
     else:
-        with tempfile.TemporaryDirectory(prefix="bench-registry-") as tmp, \
-                EmbeddedValkey(EmbeddedValkeyConfig(data_dir=Path(tmp))) as server:
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-registry-") as tmp,
+            EmbeddedValkey(EmbeddedValkeyConfig(data_dir=Path(tmp))) as server,
+        ):
             result = run_registry_bench(server.url, args.users, args.lookups, bucket_bits=args.bucket_bits)
     width = max(len(k) for k in result)
     print(f"{'registry benchmark':<{width}}  value")

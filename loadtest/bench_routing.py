@@ -71,6 +71,7 @@ def user_key(rank: int) -> str:
 
 # ---- ring figures -------------------------------------------------------------------------------
 
+
 def per_call_us(fn: Callable[[Sequence[str]], None], batches: list[list[str]]) -> float:
     """Median over batches of the mean time of one call in the batch, microseconds."""
     times = []
@@ -84,7 +85,7 @@ def per_call_us(fn: Callable[[Sequence[str]], None], batches: list[list[str]]) -
 def lookup_timings(ring: Ring, calls: int) -> dict[str, float]:
     """p50 of route_key + owner, route_key + pick, and balancer acquire + release (8 busy workers)."""
     user_ids = [f"user-{i}" for i in range(calls)]
-    batches = [user_ids[i:i + 1000] for i in range(0, calls, 1000)]
+    batches = [user_ids[i : i + 1000] for i in range(0, calls, 1000)]
     loads = {name: 100.0 + i for i, name in enumerate(ring.nodes)}  # busy, nobody over the bound
     balancer = BoundedLoadBalancer(ring)
 
@@ -101,8 +102,11 @@ def lookup_timings(ring: Ring, calls: int) -> dict[str, float]:
             balancer.release(balancer.acquire(route_key(TENANT, user_id)))
 
     per_call_us(owner, batches[:10])  # warm up caches and the allocator
-    return {"lookup_us_p50": per_call_us(owner, batches), "pick_us_p50": per_call_us(pick, batches),
-            "acquire_release_us_p50": per_call_us(acquire, batches)}
+    return {
+        "lookup_us_p50": per_call_us(owner, batches),
+        "pick_us_p50": per_call_us(pick, batches),
+        "acquire_release_us_p50": per_call_us(acquire, batches),
+    }
 
 
 def moved_on_join(nodes: int, users: int) -> dict[str, Any]:
@@ -119,11 +123,16 @@ def moved_on_join(nodes: int, users: int) -> dict[str, Any]:
             moved += 1
             elsewhere += now != new
     ideal = 1 / (nodes + 1)
-    return {"moved_fraction_on_join": moved / users, "ideal_fraction": ideal,
-            "moved_over_ideal": moved / users / ideal, "moved_between_old_workers": elsewhere}
+    return {
+        "moved_fraction_on_join": moved / users,
+        "ideal_fraction": ideal,
+        "moved_over_ideal": moved / users / ideal,
+        "moved_between_old_workers": elsewhere,
+    }
 
 
 # ---- routing a request stream -------------------------------------------------------------------
+
 
 def route_stream(ranks: list[int], nodes: list[str], route: str, eps: float) -> list[int]:
     """The worker index of every request: `bounded` (balancer, sticky spill), `stateless` (balancer,
@@ -175,22 +184,29 @@ def simulate(cfg: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
     cfg["hottest_user_share"] = Counter(ranks).most_common(1)[0][1] / len(ranks)
     n, per_node = cfg["nodes"], cfg["adapters_per_node"]
     nodes = [f"worker-{i}" for i in range(n)]
-    routes = {route: route_stream(ranks, nodes, route, cfg["eps"])
-              for route in ("bounded", "stateless", "plain", "round_robin")}
-    loads = {"max_over_avg_load": max_over_avg(routes["bounded"], n),
-             "max_over_avg_load_stateless_spill": max_over_avg(routes["stateless"], n),
-             "max_over_avg_load_unbounded": max_over_avg(routes["plain"], n)}
-    hits = {"consistent_hash": lru_hit_rate(ranks, routes["bounded"], n, per_node),
-            "consistent_hash_stateless_spill": lru_hit_rate(ranks, routes["stateless"], n, per_node),
-            "consistent_hash_unbounded": lru_hit_rate(ranks, routes["plain"], n, per_node),
-            "round_robin": lru_hit_rate(ranks, routes["round_robin"], n, per_node),
-            "ideal": lru_hit_rate(ranks, [0] * len(ranks), 1, per_node * n)}
+    routes = {
+        route: route_stream(ranks, nodes, route, cfg["eps"])
+        for route in ("bounded", "stateless", "plain", "round_robin")
+    }
+    loads = {
+        "max_over_avg_load": max_over_avg(routes["bounded"], n),
+        "max_over_avg_load_stateless_spill": max_over_avg(routes["stateless"], n),
+        "max_over_avg_load_unbounded": max_over_avg(routes["plain"], n),
+    }
+    hits = {
+        "consistent_hash": lru_hit_rate(ranks, routes["bounded"], n, per_node),
+        "consistent_hash_stateless_spill": lru_hit_rate(ranks, routes["stateless"], n, per_node),
+        "consistent_hash_unbounded": lru_hit_rate(ranks, routes["plain"], n, per_node),
+        "round_robin": lru_hit_rate(ranks, routes["round_robin"], n, per_node),
+        "ideal": lru_hit_rate(ranks, [0] * len(ranks), 1, per_node * n),
+    }
     hits["consistent_hash_over_ideal"] = hits["consistent_hash"] / hits["ideal"]
     hits["miss_ratio"] = (1 - hits["round_robin"]) / (1 - hits["consistent_hash"])
     return loads, hits
 
 
 # ---- real cluster ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ClusterConfig:
@@ -217,9 +233,18 @@ def _cache_flags(base: Any, cfg: ClusterConfig, slots: int) -> list[str]:
     """Device and host budgets of `slots` adapters of rank cfg.rank (disk holds them all)."""
     from personalize.lora.adapter import TARGET_MODULES
     from personalize.lora.slots import slot_nbytes
+
     device = slots * slot_nbytes(base.config, cfg.rank, TARGET_MODULES, base.dtype)
-    return ["--max-rank", str(cfg.rank), "--device-cache", str(device), "--host-cache", str(device),
-            "--disk-cache", "64MiB"]
+    return [
+        "--max-rank",
+        str(cfg.rank),
+        "--device-cache",
+        str(device),
+        "--host-cache",
+        str(device),
+        "--disk-cache",
+        "64MiB",
+    ]
 
 
 def _import_adapters(client: Any, base: Any, cfg: ClusterConfig) -> list[str]:
@@ -227,6 +252,7 @@ def _import_adapters(client: Any, base: Any, cfg: ClusterConfig) -> list[str]:
     import torch
 
     from personalize.lora.format import AdapterSpec, random_adapter, write_peft
+
     spec = AdapterSpec.for_model(base, cfg.rank)
     generator = torch.Generator().manual_seed(cfg.seed)
     users = [f"user-{i}" for i in range(cfg.adapters)]
@@ -258,15 +284,18 @@ def _tier_rates(before: Counter[str], after: Counter[str]) -> dict[str, float | 
 
 def _drive(cfg: ClusterConfig, calls: list[tuple[Any, str]]) -> None:
     """Generate(max_new_tokens=1) for each (stub, user), cfg.concurrency at a time; failures raise."""
+
     def one(call: tuple[Any, str]) -> None:
         stub, user = call
         stub.Generate(pb.GenerateRequest(user_id=user, prompt="Hello", max_new_tokens=1), timeout=120)
+
     with ThreadPoolExecutor(cfg.concurrency) as pool:
         list(pool.map(one, calls))
 
 
-def _strategy(cfg: ClusterConfig, admin: Any, nodes: set[str], route: Callable[[int, str], Any],
-              users: list[str]) -> dict[str, float | None]:
+def _strategy(
+    cfg: ClusterConfig, admin: Any, nodes: set[str], route: Callable[[int, str], Any], users: list[str]
+) -> dict[str, float | None]:
     """Warm up, then measure per-tier hit rates of the Zipf stream sent where route(index, user) says."""
     warm = [users[r] for r in zipf_ranks(len(users), cfg.warmup, cfg.zipf_s, cfg.seed + 1)]
     _drive(cfg, [(route(i, u), u) for i, u in enumerate(warm)])
@@ -280,8 +309,9 @@ def _p50_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
 
-def _overhead(cfg: ClusterConfig, router: Any, direct: dict[str, Any], routing_client: Any,
-              users: list[str]) -> dict[str, float]:
+def _overhead(
+    cfg: ClusterConfig, router: Any, direct: dict[str, Any], routing_client: Any, users: list[str]
+) -> dict[str, float]:
     """p50 Generate(max_new_tokens=1) latency via the router, via the SDK's routing client and straight
     to the owner, interleaved call by call. An untimed call first makes the user's adapter resident on its
     owner, so all three timed calls are device hits (there are more users than slots: without it the first
@@ -301,9 +331,13 @@ def _overhead(cfg: ClusterConfig, router: Any, direct: dict[str, Any], routing_c
         direct[owner].Generate(request, timeout=60)
         times["direct"].append(time.perf_counter() - start)
     p50 = {name: _p50_ms(samples) for name, samples in times.items()}
-    return {"router_ms_p50": p50["router"], "routing_client_ms_p50": p50["routing_client"],
-            "direct_ms_p50": p50["direct"], "router_overhead_ms_p50": p50["router"] - p50["direct"],
-            "routing_client_overhead_ms_p50": p50["routing_client"] - p50["direct"]}
+    return {
+        "router_ms_p50": p50["router"],
+        "routing_client_ms_p50": p50["routing_client"],
+        "direct_ms_p50": p50["direct"],
+        "router_overhead_ms_p50": p50["router"] - p50["direct"],
+        "routing_client_overhead_ms_p50": p50["routing_client"] - p50["direct"],
+    }
 
 
 class _Stages:
@@ -329,14 +363,25 @@ def measure_cluster(args: argparse.Namespace) -> dict[str, Any]:
     from personalize_service.client import PersonalizeClient
     from tests.e2e.upserver import start_server, start_up
 
-    cfg = ClusterConfig(requests=300 if args.quick else 1500, warmup=90 if args.quick else 300,
-                        overhead_pairs=60 if args.quick else 300, seed=args.seed)
+    cfg = ClusterConfig(
+        requests=300 if args.quick else 1500,
+        warmup=90 if args.quick else 300,
+        overhead_pairs=60 if args.quick else 300,
+        seed=args.seed,
+    )
     base = load_base_model(ModelConfig())
     stages = _Stages()
     with tempfile.TemporaryDirectory(prefix="bench-routing-") as tmp, ThreadPoolExecutor(1) as background:
         root = Path(tmp)
-        up = start_up(root / "data", root / "up.log", "--workers", str(cfg.workers), "--threads", "64",
-                      *_cache_flags(base, cfg, cfg.slots_per_worker))
+        up = start_up(
+            root / "data",
+            root / "up.log",
+            "--workers",
+            str(cfg.workers),
+            "--threads",
+            "64",
+            *_cache_flags(base, cfg, cfg.slots_per_worker),
+        )
         stages.done("start_cluster")
         ideal = None
         try:
@@ -351,10 +396,15 @@ def measure_cluster(args: argparse.Namespace) -> dict[str, Any]:
                 stages.done("import_adapters")
                 rates = {"consistent_hash": _strategy(cfg, admin, set(nodes), lambda i, u: router, users)}
                 stages.done("consistent_hash")
-                starting = background.submit(start_server, _ideal_command(base, cfg, registry[1], up.data_dir, root),
-                                             root / "ideal", root / "ideal.log")
-                rates["round_robin"] = _strategy(cfg, admin, set(nodes), lambda i, u: direct[order[i % len(order)]],
-                                                 users)
+                starting = background.submit(
+                    start_server,
+                    _ideal_command(base, cfg, registry[1], up.data_dir, root),
+                    root / "ideal",
+                    root / "ideal.log",
+                )
+                rates["round_robin"] = _strategy(
+                    cfg, admin, set(nodes), lambda i, u: direct[order[i % len(order)]], users
+                )
                 stages.done("round_robin")
                 ideal = starting.result()
                 ideal_stub = pb_grpc.PersonalizeStub(grpc.insecure_channel(ideal.target))
@@ -376,22 +426,47 @@ def measure_cluster(args: argparse.Namespace) -> dict[str, Any]:
 
 def _ideal_command(base: Any, cfg: ClusterConfig, registry_url: str, data_dir: Path, root: Path) -> list[str]:
     """One more worker with the device and host budgets of all the cluster's workers together."""
-    return [sys.executable, "-m", "personalize_service.cli", "serve", "--role", "worker", "--node-id", "ideal",
-            "--registry-url", registry_url, "--store-url", (data_dir / "store").as_uri(), "--data-dir",
-            str(root / "ideal"), "--port", "0", "--threads", "64",
-            *_cache_flags(base, cfg, cfg.slots_per_worker * cfg.workers)]
+    return [
+        sys.executable,
+        "-m",
+        "personalize_service.cli",
+        "serve",
+        "--role",
+        "worker",
+        "--node-id",
+        "ideal",
+        "--registry-url",
+        registry_url,
+        "--store-url",
+        (data_dir / "store").as_uri(),
+        "--data-dir",
+        str(root / "ideal"),
+        "--port",
+        "0",
+        "--threads",
+        "64",
+        *_cache_flags(base, cfg, cfg.slots_per_worker * cfg.workers),
+    ]
 
 
-def _cluster_result(cfg: ClusterConfig, rates: dict[str, dict[str, float | None]], overhead: dict[str, float],
-                    stages: dict[str, float]) -> dict[str, Any]:
+def _cluster_result(
+    cfg: ClusterConfig, rates: dict[str, dict[str, float | None]], overhead: dict[str, float], stages: dict[str, float]
+) -> dict[str, Any]:
     device = {name: tiers["device"] for name, tiers in rates.items()}
     ch, rr = device["consistent_hash"], device["round_robin"]
     miss_ratio = (1 - rr) / (1 - ch) if ch is not None and rr is not None and ch < 1 else None
-    return {"config": asdict(cfg), "cache_hit_rate_cluster": {**device, "miss_ratio": miss_ratio},
-            "tiers": rates, **overhead, "stage_seconds": stages, "seconds": round(sum(stages.values()), 1)}
+    return {
+        "config": asdict(cfg),
+        "cache_hit_rate_cluster": {**device, "miss_ratio": miss_ratio},
+        "tiers": rates,
+        **overhead,
+        "stage_seconds": stages,
+        "seconds": round(sum(stages.values()), 1),
+    }
 
 
 # ---- report -------------------------------------------------------------------------------------
+
 
 def flatten(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
@@ -430,8 +505,11 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer lookup timings and join users (same stream)")
     ap.add_argument("--json", type=Path, help="write the result here")
-    ap.add_argument("--cluster", action="store_true",
-                    help="also measure `personalize up --workers 3`: real hit rates and the router's overhead")
+    ap.add_argument(
+        "--cluster",
+        action="store_true",
+        help="also measure `personalize up --workers 3`: real hit rates and the router's overhead",
+    )
     ap.add_argument("--requests", type=int, default=1_000_000)
     ap.add_argument("--users", type=int, default=1_000_000)
     ap.add_argument("--eps", type=float, default=0.25)
@@ -441,23 +519,39 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    cfg: dict[str, Any] = {"requests": args.requests, "users": args.users, "zipf_s": 1.1, "seed": args.seed,
-                           "nodes": 8, "eps": args.eps, "cache_fraction_of_users": 0.025,
-                           "lookup_calls": 100_000 if args.quick else 500_000,
-                           "join_users": 200_000 if args.quick else 1_000_000, "vnodes": DEFAULT_VNODES,
-                           "sticky_keys": DEFAULT_STICKY_KEYS, "load": "requests assigned so far (none finish)"}
+    cfg: dict[str, Any] = {
+        "requests": args.requests,
+        "users": args.users,
+        "zipf_s": 1.1,
+        "seed": args.seed,
+        "nodes": 8,
+        "eps": args.eps,
+        "cache_fraction_of_users": 0.025,
+        "lookup_calls": 100_000 if args.quick else 500_000,
+        "join_users": 200_000 if args.quick else 1_000_000,
+        "vnodes": DEFAULT_VNODES,
+        "sticky_keys": DEFAULT_STICKY_KEYS,
+        "load": "requests assigned so far (none finish)",
+    }
     cfg["adapters_per_node"] = math.floor(cfg["cache_fraction_of_users"] * cfg["users"] / cfg["nodes"])
     started = time.perf_counter()
     ring8 = Ring([f"worker-{i}" for i in range(cfg["nodes"])])
-    ring: dict[str, Any] = {**lookup_timings(ring8, cfg["lookup_calls"]),
-                            **moved_on_join(cfg["nodes"], cfg["join_users"])}
+    ring: dict[str, Any] = {
+        **lookup_timings(ring8, cfg["lookup_calls"]),
+        **moved_on_join(cfg["nodes"], cfg["join_users"]),
+    }
     loads, hits = simulate(cfg)
     ring.update(loads)
     cluster = measure_cluster(args) if args.cluster else None
-    result: dict[str, Any] = {"bench": "routing", "config": cfg, "ring": ring, "cache_hit_rate": hits,
-                              "cache_hit_rate_cluster": cluster.pop("cache_hit_rate_cluster") if cluster else None,
-                              "router_overhead_ms_p50": cluster.pop("router_overhead_ms_p50") if cluster else None,
-                              "cluster": cluster}
+    result: dict[str, Any] = {
+        "bench": "routing",
+        "config": cfg,
+        "ring": ring,
+        "cache_hit_rate": hits,
+        "cache_hit_rate_cluster": cluster.pop("cache_hit_rate_cluster") if cluster else None,
+        "router_overhead_ms_p50": cluster.pop("router_overhead_ms_p50") if cluster else None,
+        "cluster": cluster,
+    }
     checks = check_targets(flatten(result))
     result["targets"] = checks
     result["seconds"] = round(time.perf_counter() - started, 1)

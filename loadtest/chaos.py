@@ -70,6 +70,7 @@ REGISTRY_RE = re.compile(r"embedded Valkey (redis://\S+)")
 
 # ---- windows and the summary --------------------------------------------------------------------------
 
+
 @dataclass
 class Fault:
     """One injected fault and what came of it."""
@@ -94,12 +95,17 @@ def window_stats(calls: list[Call], window: tuple[float, float]) -> dict[str, in
     inside = [c for c in calls if overlaps(c, [window])]
     generates = [c for c in inside if c.rpc == "Generate"]
     feedback = [c for c in inside if c.rpc == "SubmitFeedback"]
-    return {"generate_calls": len(generates), "generate_failed": sum(c.code != "OK" for c in generates),
-            "generate_degraded": sum(c.degraded for c in generates), "feedback_calls": len(feedback),
-            "feedback_retries": sum(c.code != "OK" for c in feedback)}
+    return {
+        "generate_calls": len(generates),
+        "generate_failed": sum(c.code != "OK" for c in generates),
+        "generate_degraded": sum(c.degraded for c in generates),
+        "feedback_calls": len(feedback),
+        "feedback_retries": sum(c.code != "OK" for c in feedback),
+    }
 
 
 # ---- the run ------------------------------------------------------------------------------------------
+
 
 class ChaosError(RuntimeError):
     """A fault could not be injected, or the system did not recover within its bound."""
@@ -148,13 +154,23 @@ class Chaos:
             proxy = FaultProxy(functools.partial(self.worker_port, node)).start()
             self._stack.callback(proxy.stop)
             self.proxies[node] = proxy
-        args = ["--workers", str(self.config.workers),
-                "--worker-advertise", ",".join(p.address for p in self.proxies.values()),
-                "--feedback-partitions", str(PARTITIONS), *self.config.up_args]
+        args = [
+            "--workers",
+            str(self.config.workers),
+            "--worker-advertise",
+            ",".join(p.address for p in self.proxies.values()),
+            "--feedback-partitions",
+            str(PARTITIONS),
+            *self.config.up_args,
+        ]
         if self.degrade:
             args += ["--degrade-to-base", "true"]
-        self.up = start_up(data_dir, self.work_dir / "up.log", *args,  # S3 credentials stay off argv
-                           env={"PERSONALIZE_STORE_URL": self.s3.s3_url(BUCKET, PREFIX)})
+        self.up = start_up(
+            data_dir,
+            self.work_dir / "up.log",
+            *args,  # S3 credentials stay off argv
+            env={"PERSONALIZE_STORE_URL": self.s3.s3_url(BUCKET, PREFIX)},
+        )
         self._stack.callback(self.up.stop)
         found = REGISTRY_RE.search(self.up.log())
         if found is None:
@@ -200,8 +216,9 @@ class Chaos:
                 return time.monotonic()
             last = found
             time.sleep(0.25)
-        raise ChaosError(f"{what}: not reached within {timeout_s or self.config.settle_timeout_s:.0f}s; last "
-                         f"problem: {last}")
+        raise ChaosError(
+            f"{what}: not reached within {timeout_s or self.config.settle_timeout_s:.0f}s; last problem: {last}"
+        )
 
     def unhealthy(self) -> str | None:
         """Why the system is not fully healthy, or None: Valkey, S3, the trainer, every worker (its pid, its
@@ -238,11 +255,19 @@ class Chaos:
         lost = {u: acked[u] - seen[u] for u in self.users if seen[u] < acked[u]}
         twice = {u: seen[u] - acked[u] - maybe[u] for u in self.users if seen[u] > acked[u] + maybe[u]}
         dead = self.dead_letters()
-        result = {"at": label, "acked": sum(acked.values()), "applied": sum(seen.values()),
-                  "unacked": sum(maybe.values()), "lost": sum(lost.values()),
-                  "applied_twice": sum(twice.values()), "lost_by_user": lost, "twice_by_user": twice,
-                  "dead_letters": dead, "undrained": undrained,
-                  "ok": not lost and not twice and not dead and not undrained}
+        result = {
+            "at": label,
+            "acked": sum(acked.values()),
+            "applied": sum(seen.values()),
+            "unacked": sum(maybe.values()),
+            "lost": sum(lost.values()),
+            "applied_twice": sum(twice.values()),
+            "lost_by_user": lost,
+            "twice_by_user": twice,
+            "dead_letters": dead,
+            "undrained": undrained,
+            "ok": not lost and not twice and not dead and not undrained,
+        }
         self.checks.append(result)
         return result
 
@@ -418,23 +443,32 @@ class Chaos:
 
         self.wait(f"{user} healed past v{version}", healed)
         served = [c for c in self.load.calls if c.user == user and c.rpc == "Generate" and c.start >= fault.injected_at]
-        bad = [asdict(c) for c in served if c.code == "OK" and c.version == version and not c.degraded
-               and c.text != reference[c.prompt]]
-        fault.detail.update(healed_version=served[-1].version, served_after=len(served),
-                            served_corrupt=len(bad), bad_calls=bad[:5],
-                            degraded=sum(c.degraded for c in served),
-                            data_loss=sum(c.code == "DATA_LOSS" for c in served))
+        bad = [
+            asdict(c)
+            for c in served
+            if c.code == "OK" and c.version == version and not c.degraded and c.text != reference[c.prompt]
+        ]
+        fault.detail.update(
+            healed_version=served[-1].version,
+            served_after=len(served),
+            served_corrupt=len(bad),
+            bad_calls=bad[:5],
+            degraded=sum(c.degraded for c in served),
+            data_loss=sum(c.code == "DATA_LOSS" for c in served),
+        )
 
     def corrupt(self, user: str, version: int) -> str:
         """Overwrite the stored object of the user's `version` with bytes flipped in place, its metadata
         (the checksum it was written with) kept: bit rot behind the store's back. Returns its name."""
         client = self.s3.client()
         folder = f"{PREFIX}/{user_prefix(TENANT, user)}"
-        names = [o.object_name for o in client.list_objects(BUCKET, prefix=folder)
-                 if adapter_version(o.object_name[len(PREFIX) + 1:]) == version]
+        names = [
+            o.object_name
+            for o in client.list_objects(BUCKET, prefix=folder)
+            if adapter_version(o.object_name[len(PREFIX) + 1 :]) == version
+        ]
         if len(names) != 1:
-            raise ChaosError(f"corrupt_adapter: expected one object of {user} v{version} under {folder}, "
-                             f"found {names}")
+            raise ChaosError(f"corrupt_adapter: expected one object of {user} v{version} under {folder}, found {names}")
         name = names[0]
         response = client.get_object(BUCKET, name)
         try:
@@ -443,7 +477,7 @@ class Chaos:
             response.close()
             response.release_conn()
         middle = len(data) // 2
-        data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+        data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
         metadata = {k: v for k, v in headers.items() if k.lower().startswith("x-amz-meta-")}
         client.put_object(BUCKET, name, io.BytesIO(bytes(data)), len(data), metadata=metadata)  # type: ignore[arg-type]
         return name
@@ -498,37 +532,57 @@ class Chaos:
         failed = [c for c in generates if c.code != "OK"]
         outside = [c for c in failed if not overlaps(c, windows)]
         events = list(self.load.events.values())
-        faults = {f.name: {"injected_at_s": round(f.injected_at - self.t0, 1) if f.injected_at else None,
-                           "recovery_s": round(f.recovered_at - f.injected_at, 1) if f.recovered_at else None,
-                           **window_stats(self.load.calls, f.window(self.config.grace_s)), "detail": f.detail,
-                           "check_ok": bool(f.check.get("ok")), "error": f.error} for f in self.faults}
+        faults = {
+            f.name: {
+                "injected_at_s": round(f.injected_at - self.t0, 1) if f.injected_at else None,
+                "recovery_s": round(f.recovered_at - f.injected_at, 1) if f.recovered_at else None,
+                **window_stats(self.load.calls, f.window(self.config.grace_s)),
+                "detail": f.detail,
+                "check_ok": bool(f.check.get("ok")),
+                "error": f.error,
+            }
+            for f in self.faults
+        }
         violations = [f"{f.name}: {f.error}" for f in self.faults if f.error]
         violations += [f"check after {c['at']}: {compact(c)}" for c in self.checks if not c["ok"]]
         violations += [f"generate failed outside every fault window: {asdict(c)}" for c in outside[:20]]
-        violations += [f"corrupt_adapter served v{f.detail['version']} with other output: {f.detail['bad_calls']}"
-                       for f in self.faults if f.detail.get("served_corrupt")]
+        violations += [
+            f"corrupt_adapter served v{f.detail['version']} with other output: {f.detail['bad_calls']}"
+            for f in self.faults
+            if f.detail.get("served_corrupt")
+        ]
         injected = [f.name for f in self.faults if f.injected_at and not f.error]
         if len(injected) < len(self.config.faults):
             violations.append(f"faults injected and recovered from: {injected} of {list(self.config.faults)}")
         if final["unacked"]:
             violations.append(f"{final['unacked']} events never acked")
         return {
-            "events_sent": len(events), "events_acked": sum(e.acked for e in events),
-            "events_applied": final["applied"], "lost": final["lost"], "applied_twice": final["applied_twice"],
-            "generate_calls": len(generates), "generate_failed": len(failed),
-            "failed_during_fault": len(failed) - len(outside), "faults": faults,
+            "events_sent": len(events),
+            "events_acked": sum(e.acked for e in events),
+            "events_applied": final["applied"],
+            "lost": final["lost"],
+            "applied_twice": final["applied_twice"],
+            "generate_calls": len(generates),
+            "generate_failed": len(failed),
+            "failed_during_fault": len(failed) - len(outside),
+            "faults": faults,
             "failed_outside_fault": [asdict(c) for c in outside[:50]],
             "feedback_calls": sum(c.rpc == "SubmitFeedback" for c in self.load.calls),
             "feedback_retries": sum(c.rpc == "SubmitFeedback" and c.code != "OK" for c in self.load.calls),
-            "resent_at_end": resent, "dead_letters": final["dead_letters"], "checks": self.checks,
+            "resent_at_end": resent,
+            "dead_letters": final["dead_letters"],
+            "checks": self.checks,
             "failure_codes": dict(Counter(c.code for c in failed)),
-            "duration_s": round(time.monotonic() - self.t0, 1), "config": asdict(self.config),
+            "duration_s": round(time.monotonic() - self.t0, 1),
+            "config": asdict(self.config),
             "degrade_to_base": self.degrade,
-            "ok": not violations, "violations": violations,
+            "ok": not violations,
+            "violations": violations,
         }
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
+
 
 def read_pid(path: Path) -> int:
     with contextlib.suppress(OSError, ValueError):
@@ -558,8 +612,13 @@ def serving(address: str) -> bool:
 
 
 def up_help() -> str:
-    done = subprocess.run([sys.executable, "-m", "personalize_service.cli", "up", "--help"], capture_output=True,
-                          text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "personalize_service.cli", "up", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     return done.stdout
 
 
@@ -578,8 +637,10 @@ def run_chaos(config: ChaosConfig, work_dir: Path) -> dict[str, Any]:
     if missing:
         raise ChaosError(f"`personalize up` lacks {missing}: this run needs them")
     with Chaos(config, work_dir, degrade="--degrade-to-base" in options) as chaos:
-        log(f"cluster up: router {chaos.up.target}, proxies "
-            f"{ {n: p.address for n, p in chaos.proxies.items()} }, data in {chaos.data_dir}")
+        log(
+            f"cluster up: router {chaos.up.target}, proxies "
+            f"{ {n: p.address for n, p in chaos.proxies.items()} }, data in {chaos.data_dir}"
+        )
         try:
             return chaos.run()
         except BaseException:
@@ -591,9 +652,11 @@ def table(summary: dict[str, Any]) -> str:
     head = f"{'fault':<16}{'at s':>7}{'recover s':>10}{'gen':>6}{'gen fail':>9}{'degraded':>9}{'fb retry':>9}  check"
     rows = [head, "-" * len(head)]
     for name, f in summary["faults"].items():
-        rows.append(f"{name:<16}{f['injected_at_s'] or '-':>7}{f['recovery_s'] or '-':>10}{f['generate_calls']:>6}"
-                    f"{f['generate_failed']:>9}{f['generate_degraded']:>9}{f['feedback_retries']:>9}  "
-                    f"{'ok' if f['check_ok'] else 'FAILED ' + f['error'][:60]}")
+        rows.append(
+            f"{name:<16}{f['injected_at_s'] or '-':>7}{f['recovery_s'] or '-':>10}{f['generate_calls']:>6}"
+            f"{f['generate_failed']:>9}{f['generate_degraded']:>9}{f['feedback_retries']:>9}  "
+            f"{'ok' if f['check_ok'] else 'FAILED ' + f['error'][:60]}"
+        )
     return "\n".join(rows)
 
 
@@ -614,16 +677,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-timeout", type=float, default=240.0)
     parser.add_argument("--faults", default=",".join(FAULTS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--feedback-per-s", type=float, default=ChaosConfig.feedback_per_s,
-                        help="new feedback events per second over all load threads")
+    parser.add_argument(
+        "--feedback-per-s",
+        type=float,
+        default=ChaosConfig.feedback_per_s,
+        help="new feedback events per second over all load threads",
+    )
     parser.add_argument("--quick", action="store_true", help="a smaller run: 8 users, 2 clients, 4 s holds")
     parser.add_argument("--work-dir", help="keep everything here (default: a temp dir, removed on success)")
     parser.add_argument("--json", default=str(ROOT / "loadtest" / "results" / "chaos.json"))
     args = parser.parse_args(argv)
-    config = ChaosConfig(workers=args.workers, users=args.users, clients=args.clients, hold_s=args.hold_s,
-                         settle_timeout_s=args.settle_timeout, drain_timeout_s=args.drain_timeout,
-                         faults=tuple(f for f in args.faults.split(",") if f), seed=args.seed,
-                         feedback_per_s=args.feedback_per_s)
+    config = ChaosConfig(
+        workers=args.workers,
+        users=args.users,
+        clients=args.clients,
+        hold_s=args.hold_s,
+        settle_timeout_s=args.settle_timeout,
+        drain_timeout_s=args.drain_timeout,
+        faults=tuple(f for f in args.faults.split(",") if f),
+        seed=args.seed,
+        feedback_per_s=args.feedback_per_s,
+    )
     if args.quick:
         config = ChaosConfig(**{**asdict(config), "users": 8, "clients": 2, "hold_s": 4.0, "calm_s": 2.0})
     with work_directory(args.work_dir) as work_dir:

@@ -47,19 +47,32 @@ class ChaosConfig:
     """How long a load thread keeps re-sending one event before leaving it for the end."""
     faults: tuple[str, ...] = FAULTS
     seed: int = 0
-    up_args: tuple[str, ...] = ("--train-steps", "1", "--train-max-steps", "4", "--train-max-events", "64",
-                                "--grace-s", "2", "--disk-cache", "0")
+    up_args: tuple[str, ...] = (
+        "--train-steps",
+        "1",
+        "--train-max-steps",
+        "4",
+        "--train-max-events",
+        "64",
+        "--grace-s",
+        "2",
+        "--disk-cache",
+        "0",
+    )
     """Short training rounds (the run checks bookkeeping, not what the adapters learn); no disk cache, so a
     restarted worker loads adapters from the store."""
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - set(FAULTS)
         if unknown or self.workers < 2 or self.users < self.workers or self.clients < 1:
-            raise ValueError(f"bad chaos config (unknown faults {sorted(unknown)}, or workers < 2, users < "
-                             f"workers, clients < 1): {self}")
+            raise ValueError(
+                f"bad chaos config (unknown faults {sorted(unknown)}, or workers < 2, users < "
+                f"workers, clients < 1): {self}"
+            )
 
 
 # ---- the load -----------------------------------------------------------------------------------------
+
 
 @dataclass
 class Call:
@@ -109,8 +122,9 @@ class Load:
         self._feedback_open = threading.Event()
         self._feedback_open.set()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), name=f"load-{i}", daemon=True)
-                         for i in range(config.clients)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(i,), name=f"load-{i}", daemon=True) for i in range(config.clients)
+        ]
 
     def start(self) -> Load:
         for thread in self._threads:
@@ -170,11 +184,22 @@ class Load:
         try:
             reply = client.generate(user, PROMPTS[prompt], max_new_tokens=max_new_tokens or self.config.max_new_tokens)
         except PersonalizeClientError as exc:
-            call = Call("Generate", user, start, time.monotonic(), exc.code().name, prompt=prompt,
-                        text=exc.details()[:200])
+            call = Call(
+                "Generate", user, start, time.monotonic(), exc.code().name, prompt=prompt, text=exc.details()[:200]
+            )
         else:
-            call = Call("Generate", user, start, time.monotonic(), "OK", reply.adapter_version, reply.node_id,
-                        prompt, reply.text, bool(getattr(reply, "degraded", False)))
+            call = Call(
+                "Generate",
+                user,
+                start,
+                time.monotonic(),
+                "OK",
+                reply.adapter_version,
+                reply.node_id,
+                prompt,
+                reply.text,
+                bool(getattr(reply, "degraded", False)),
+            )
             self.owner[user] = reply.node_id
         self.calls.append(call)
         return call
@@ -206,8 +231,11 @@ class Load:
             try:
                 client.feedback(event.user, PROMPTS[0], f"Hello {event.user}", kind="accept", event_key=event.key)
             except PersonalizeClientError as exc:
-                self.calls.append(Call("SubmitFeedback", event.user, start, time.monotonic(), exc.code().name,
-                                       text=exc.details()[:200]))
+                self.calls.append(
+                    Call(
+                        "SubmitFeedback", event.user, start, time.monotonic(), exc.code().name, text=exc.details()[:200]
+                    )
+                )
                 if time.monotonic() + backoff > give_up_at:
                     return False
                 time.sleep(backoff)

@@ -87,7 +87,7 @@ class _Connection:
             if self._closed:
                 raise ConnectionAbortedError("connection reset by the proxy")
             try:
-                view = view[sink.send(view):]
+                view = view[sink.send(view) :]
             except TimeoutError:  # the reader is slow: wait on, unless the connection was reset meanwhile
                 continue
 
@@ -105,8 +105,14 @@ class FaultProxy:
     """A loopback TCP forwarder to the port `backend()` names, on a fixed `port` (0 = a free one, fixed
     from then on). Thread-safe; `partition`/`heal` may be called from any thread."""
 
-    def __init__(self, backend: Callable[[], int | None], port: int = 0, *, max_connections: int = 128,
-                 connect_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        backend: Callable[[], int | None],
+        port: int = 0,
+        *,
+        max_connections: int = 128,
+        connect_timeout_s: float = 5.0,
+    ) -> None:
         self.backend = backend
         self.port = port
         self.max_connections = max_connections
@@ -149,8 +155,9 @@ class FaultProxy:
             self.port = listener.getsockname()[1]
             self._listener = listener
             self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._accept_loop, args=(listener, self._stop),
-                                            name=f"faultproxy-{self.port}", daemon=True)
+            self._thread = threading.Thread(
+                target=self._accept_loop, args=(listener, self._stop), name=f"faultproxy-{self.port}", daemon=True
+            )
             self._thread.start()
         return self
 

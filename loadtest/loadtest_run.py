@@ -70,11 +70,22 @@ STOP_TIMEOUT_S = 60.0
 TTFP_SUFFIX = ":ttfp"
 """Request names ending so are a stream's time to first piece, not calls of their own."""
 PERCENTILES = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
-WORKLOAD_FLAGS = ("population", "zipf_s", "mix", "feedback_kinds", "prompt_chars", "max_new_tokens", "seed",
-                  "user_prefix", "think_time", "call_timeout")
+WORKLOAD_FLAGS = (
+    "population",
+    "zipf_s",
+    "mix",
+    "feedback_kinds",
+    "prompt_chars",
+    "max_new_tokens",
+    "seed",
+    "user_prefix",
+    "think_time",
+    "call_timeout",
+)
 
 
 # ---- the server --------------------------------------------------------------------------------------
+
 
 @dataclass
 class Server:
@@ -108,12 +119,29 @@ def server_env() -> dict[str, str]:
 def launch_up(data_dir: Path, log_path: Path, workers: int, extra: Sequence[str]) -> Server | None:
     """Start `personalize up --workers N` on a free port; the Server once it prints its banner, None if it
     exited refusing `--workers` (AssertionError, with the log tail, for any other failure to start)."""
-    command = [sys.executable, "-m", "personalize_service.cli", "up", "--data-dir", str(data_dir), "--port", "0",
-               "--workers", str(workers), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "personalize_service.cli",
+        "up",
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        "0",
+        "--workers",
+        str(workers),
+        *extra,
+    ]
     offset = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=server_env(), start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=server_env(),
+            start_new_session=True,
+        )
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         text = log_path.read_bytes()[offset:]
@@ -135,8 +163,12 @@ def start_server(data_dir: Path, log_path: Path, workers: int, extra: Sequence[s
     """`up --workers N`, falling back to one worker (with a warning) while `up` refuses N > 1."""
     server = launch_up(data_dir, log_path, workers, extra)
     if server is None:
-        print(f"WARNING: `personalize up --workers {workers}` was refused (see {log_path}); running with "
-              "--workers 1 instead", file=sys.stderr, flush=True)
+        print(
+            f"WARNING: `personalize up --workers {workers}` was refused (see {log_path}); running with "
+            "--workers 1 instead",
+            file=sys.stderr,
+            flush=True,
+        )
         server = launch_up(data_dir, log_path, 1, extra)
         assert server is not None
     wait_serving(server.target, time.monotonic() + START_TIMEOUT_S)
@@ -149,8 +181,10 @@ def wait_serving(target: str, deadline: float) -> None:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             with contextlib.suppress(grpc.RpcError):
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             if time.monotonic() > deadline:
                 raise AssertionError(f"{target} never answered SERVING")
@@ -158,6 +192,7 @@ def wait_serving(target: str, deadline: float) -> None:
 
 
 # ---- the service's own figures: Admin.Stats -----------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class StatsSample:
@@ -215,8 +250,16 @@ def write_timeline(samples: Sequence[StatsSample], path: Path) -> None:
         writer.writerow(["unix_time", "t_s", "tier", "hits", "misses", "stream_lag"])
         for sample in samples:
             for tier in tiers:
-                writer.writerow([f"{sample.at:.3f}", f"{sample.at - samples[0].at:.2f}", tier, sample.hits.get(tier, 0),
-                                 sample.misses.get(tier, 0), sample.stream_lag])
+                writer.writerow(
+                    [
+                        f"{sample.at:.3f}",
+                        f"{sample.at - samples[0].at:.2f}",
+                        tier,
+                        sample.hits.get(tier, 0),
+                        sample.misses.get(tier, 0),
+                        sample.stream_lag,
+                    ]
+                )
 
 
 def cache_figures(before: StatsSample, after: StatsSample) -> tuple[dict[str, float | None], dict[str, Any]]:
@@ -234,6 +277,7 @@ def cache_figures(before: StatsSample, after: StatsSample) -> tuple[dict[str, fl
 
 
 # ---- feedback: sent by locust, applied by the trainer ----------------------------------------------------
+
 
 def read_records(record_dir: Path) -> tuple[Counter[str], Counter[str]]:
     """(events acknowledged per end user, generations per serving cache tier) over every locust process."""
@@ -305,16 +349,18 @@ def tiny_model_adapter(rank: int = 8, seed: int = 0) -> dict[str, bytes]:
     from personalize.model import ModelConfig, load_base_model
 
     torch.manual_seed(seed)
-    model = get_peft_model(load_base_model(ModelConfig()).model,
-                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"],
-                                      init_lora_weights=False))
+    model = get_peft_model(
+        load_base_model(ModelConfig()).model,
+        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     with tempfile.TemporaryDirectory(prefix="loadtest-adapter-") as tmp:
         model.save_pretrained(tmp)
         return {name: (Path(tmp) / name).read_bytes() for name in ADAPTER_FILES}
 
 
-def preload_adapters(client: PersonalizeClient, prefix: str, count: int, files: Mapping[str, bytes],
-                     threads: int = 8) -> float:
+def preload_adapters(
+    client: PersonalizeClient, prefix: str, count: int, files: Mapping[str, bytes], threads: int = 8
+) -> float:
     """Import `files` as the adapter of the `count` hottest users (ranks 0..count-1); returns seconds taken.
 
     Real apps have users with adapters from the first request on; without this, only users whose feedback
@@ -328,13 +374,45 @@ def preload_adapters(client: PersonalizeClient, prefix: str, count: int, files: 
 
 # ---- locust ------------------------------------------------------------------------------------------
 
-def locust_command(target: str, out: Path, users: int, spawn_rate: float, duration_s: int,
-                   workload: Mapping[str, Any], api_key: str = "") -> list[str]:
+
+def locust_command(
+    target: str,
+    out: Path,
+    users: int,
+    spawn_rate: float,
+    duration_s: int,
+    workload: Mapping[str, Any],
+    api_key: str = "",
+) -> list[str]:
     """The headless locust run writing CSV (full history), final JSON stats and the HTML report to `out`."""
-    command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", target,
-               "-u", str(users), "-r", str(spawn_rate), "-t", f"{duration_s}s", "--stop-timeout", "30",
-               "--csv", str(out / "locust"), "--csv-full-history", "--json-file", str(out / "locust_final"),
-               "--html", str(out / "report.html"), "--record-dir", str(out / "records"), "--only-summary"]
+    command = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--host",
+        target,
+        "-u",
+        str(users),
+        "-r",
+        str(spawn_rate),
+        "-t",
+        f"{duration_s}s",
+        "--stop-timeout",
+        "30",
+        "--csv",
+        str(out / "locust"),
+        "--csv-full-history",
+        "--json-file",
+        str(out / "locust_final"),
+        "--html",
+        str(out / "report.html"),
+        "--record-dir",
+        str(out / "records"),
+        "--only-summary",
+    ]
     for name, value in workload.items():
         command += [f"--{name.replace('_', '-')}", str(value)]
     if api_key:
@@ -370,12 +448,16 @@ def request_figures(final_stats: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         times = {int(float(ms)): int(n) for ms, n in entry["response_times"].items()}
         count = sum(times.values())
         if count:
-            latency[entry["name"]] = {key: response_time_percentile(times, count, q)
-                                      for key, q in PERCENTILES.items()}
-    return {"requests": requests, "failures": failures,
-            "rps": round(requests / (ended - started), 3) if ended > started else 0.0, "latency_ms": latency,
-            "calls": {e["name"]: {"requests": int(e["num_requests"]), "failures": int(e["num_failures"])}
-                      for e in final_stats}}
+            latency[entry["name"]] = {key: response_time_percentile(times, count, q) for key, q in PERCENTILES.items()}
+    return {
+        "requests": requests,
+        "failures": failures,
+        "rps": round(requests / (ended - started), 3) if ended > started else 0.0,
+        "latency_ms": latency,
+        "calls": {
+            e["name"]: {"requests": int(e["num_requests"]), "failures": int(e["num_failures"])} for e in final_stats
+        },
+    }
 
 
 def response_time_percentile(response_times: Mapping[int, int], count: int, q: float) -> int:
@@ -397,6 +479,7 @@ def read_final_stats(out: Path) -> list[dict[str, Any]]:
 
 # ---- the report --------------------------------------------------------------------------------------
 
+
 def machine() -> dict[str, Any]:
     """What the figures came from."""
     model = ""
@@ -406,26 +489,46 @@ def machine() -> dict[str, Any]:
     memory = 0
     with contextlib.suppress(OSError, ValueError):
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpu": model or platform.processor(), "cores": os.cpu_count(), "memory_gib": round(memory / 2**30, 1),
-            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-            "device": "cpu (built-in tiny model)"}
+    return {
+        "cpu": model or platform.processor(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory / 2**30, 1),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "device": "cpu (built-in tiny model)",
+    }
 
 
-def build_summary(final_stats: Sequence[Mapping[str, Any]], before: StatsSample, after: StatsSample,
-                  sent: Counter[str], applied: int, drained: Drain, served_from: Counter[str],
-                  run: Mapping[str, Any]) -> dict[str, Any]:
+def build_summary(
+    final_stats: Sequence[Mapping[str, Any]],
+    before: StatsSample,
+    after: StatsSample,
+    sent: Counter[str],
+    applied: int,
+    drained: Drain,
+    served_from: Counter[str],
+    run: Mapping[str, Any],
+) -> dict[str, Any]:
     """summary.json: the figures people read first, then where they came from."""
     figures = request_figures(final_stats)
     rates, counts = cache_figures(before, after)
     locust_sent = figures["calls"].get("SubmitFeedback", {"requests": 0, "failures": 0})
     return {
-        "requests": figures["requests"], "failures": figures["failures"], "rps": figures["rps"],
+        "requests": figures["requests"],
+        "failures": figures["failures"],
+        "rps": figures["rps"],
         "latency_ms": figures["latency_ms"],
         "cache_hit_rate": rates,
-        "feedback": {"sent": locust_sent["requests"] - locust_sent["failures"], "applied": applied,
-                     "users": len(sent), "acked_by_record": sum(sent.values()),
-                     "applied_at_load_end": drained.applied_at_load_end, "drained": drained.drained,
-                     "drain_s": drained.seconds, "pending_after_drain": drained.pending},
+        "feedback": {
+            "sent": locust_sent["requests"] - locust_sent["failures"],
+            "applied": applied,
+            "users": len(sent),
+            "acked_by_record": sum(sent.values()),
+            "applied_at_load_end": drained.applied_at_load_end,
+            "drained": drained.drained,
+            "drain_s": drained.seconds,
+            "pending_after_drain": drained.pending,
+        },
         "cache": counts,
         "served_from": dict(sorted(served_from.items())),
         "calls": figures["calls"],
@@ -492,16 +595,31 @@ def load(client: PersonalizeClient, server: Server, args: argparse.Namespace, ou
         code = run_locust(command, out / "locust.log")
     write_timeline(sampler.samples, out / "cache_timeline.csv")
     sent, served_from = read_records(out / "records")
-    print(f"waiting up to {args.drain_timeout:.0f} s for the trainer to apply {sum(sent.values())} feedback "
-          f"event(s) of {len(sent)} user(s)...", flush=True)
+    print(
+        f"waiting up to {args.drain_timeout:.0f} s for the trainer to apply {sum(sent.values())} feedback "
+        f"event(s) of {len(sent)} user(s)...",
+        flush=True,
+    )
     drained = drain(client, sent, args.drain_timeout)
     applied = examples_seen(client, sent)
-    run_info = {"started": out.name, "duration_s": args.duration, "users": args.users, "spawn_rate": args.spawn_rate,
-                "workers": server.workers, "nodes": sampler.samples[-1].nodes, "target": server.target,
-                "external_target": bool(args.target), "adapters_preloaded": adapters, "preload_s": preload_s,
-                "drain_timeout_s": args.drain_timeout, "locust_exit_code": code, **workload}
-    return build_summary(read_final_stats(out), sampler.samples[0], sampler.samples[-1], sent, applied, drained,
-                         served_from, run_info)
+    run_info = {
+        "started": out.name,
+        "duration_s": args.duration,
+        "users": args.users,
+        "spawn_rate": args.spawn_rate,
+        "workers": server.workers,
+        "nodes": sampler.samples[-1].nodes,
+        "target": server.target,
+        "external_target": bool(args.target),
+        "adapters_preloaded": adapters,
+        "preload_s": preload_s,
+        "drain_timeout_s": args.drain_timeout,
+        "locust_exit_code": code,
+        **workload,
+    }
+    return build_summary(
+        read_final_stats(out), sampler.samples[0], sampler.samples[-1], sent, applied, drained, served_from, run_info
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -532,14 +650,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=2, help="`personalize up --workers N` (1 while N > 1 is refused)")
     ap.add_argument("--target", default="", help="a running server instead of starting `personalize up`")
     ap.add_argument("--api-key", default=os.environ.get("PERSONALIZE_API_KEY", ""), help="for --target")
-    ap.add_argument("--up-arg", action="append", default=[], help="extra `personalize up` flag (repeatable), "
-                    "e.g. --up-arg=--device-cache --up-arg=64MiB")
+    ap.add_argument(
+        "--up-arg",
+        action="append",
+        default=[],
+        help="extra `personalize up` flag (repeatable), e.g. --up-arg=--device-cache --up-arg=64MiB",
+    )
     ap.add_argument("--results", type=Path, default=RESULTS, help="results folder")
-    ap.add_argument("--drain-timeout", type=float, default=180.0,
-                    help="seconds to wait after the load for the trainer to apply every feedback event")
-    ap.add_argument("--adapters", type=int, default=None,
-                    help="the N hottest users get an adapter (ImportAdapter) before the load; default 1000 "
-                    "(0 with --target: the adapter is made for the built-in tiny model)")
+    ap.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=180.0,
+        help="seconds to wait after the load for the trainer to apply every feedback event",
+    )
+    ap.add_argument(
+        "--adapters",
+        type=int,
+        default=None,
+        help="the N hottest users get an adapter (ImportAdapter) before the load; default 1000 "
+        "(0 with --target: the adapter is made for the built-in tiny model)",
+    )
     ap.add_argument("--population", type=int, default=1_000_000)
     ap.add_argument("--zipf-s", type=float, default=1.1)
     ap.add_argument("--mix", default="generate=80,stream=10,feedback=10")
@@ -558,9 +688,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = run(args)
     feedback = summary["feedback"]
     if not feedback["drained"]:
-        print(f"WARNING: the trainer had applied {feedback['applied']} of {feedback['sent']} feedback events "
-              f"{args.drain_timeout:.0f} s after the load ({feedback['pending_after_drain']} still in the "
-              "streams); --drain-timeout waits longer", file=sys.stderr)
+        print(
+            f"WARNING: the trainer had applied {feedback['applied']} of {feedback['sent']} feedback events "
+            f"{args.drain_timeout:.0f} s after the load ({feedback['pending_after_drain']} still in the "
+            "streams); --drain-timeout waits longer",
+            file=sys.stderr,
+        )
     if not succeeded(summary):
         print("FAILED: failures, a locust error, or feedback not applied (see summary.json)", file=sys.stderr)
         return 1

@@ -55,41 +55,116 @@ grpc_gevent.init_gevent()  # grpc's C core must yield to gevent, or one call blo
 
 CALLS = ("generate", "stream", "feedback")
 KINDS = ("accept", "correct", "reject", "prefer")
-WORDS = ("the", "adapter", "user", "model", "cache", "slot", "batch", "token", "lora", "rank", "serve",
-         "learn", "answer", "prompt", "quick", "brown", "fox", "hello", "world", "tell", "me", "about")
+WORDS = (
+    "the",
+    "adapter",
+    "user",
+    "model",
+    "cache",
+    "slot",
+    "batch",
+    "token",
+    "lora",
+    "rank",
+    "serve",
+    "learn",
+    "answer",
+    "prompt",
+    "quick",
+    "brown",
+    "fox",
+    "hello",
+    "world",
+    "tell",
+    "me",
+    "about",
+)
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 # ---- options -------------------------------------------------------------------------------------------
 
+
 @events.init_command_line_parser.add_listener
 def add_arguments(parser: Any) -> None:
     """The workload's knobs as locust options (each also read from its environment variable; shown in the
     web UI; not in `locust --help`, which is printed before the locustfile loads)."""
-    parser.add_argument("--api-key", env_var="PERSONALIZE_API_KEY", default="", is_secret=True,
-                        help="API key sent as 'authorization: Bearer KEY' (none = no key)")
-    parser.add_argument("--population", type=int, env_var="LOADTEST_POPULATION", default=1_000_000,
-                        help="distinct end users ids are drawn from")
-    parser.add_argument("--zipf-s", type=float, env_var="LOADTEST_ZIPF_S", default=1.1,
-                        help="Zipf exponent of user popularity (P(rank k) ~ 1/k^s)")
-    parser.add_argument("--mix", env_var="LOADTEST_MIX", default="generate=80,stream=10,feedback=10",
-                        help="call weights: generate, stream, feedback")
-    parser.add_argument("--feedback-kinds", env_var="LOADTEST_FEEDBACK_KINDS",
-                        default="accept=5,correct=3,reject=1,prefer=1", help="feedback kind weights")
-    parser.add_argument("--prompt-chars", type=int, env_var="LOADTEST_PROMPT_CHARS", default=64,
-                        help="prompt length in characters (~ tokens for the byte-level tiny model)")
-    parser.add_argument("--max-new-tokens", type=int, env_var="LOADTEST_MAX_NEW_TOKENS", default=32,
-                        help="max_new_tokens of each generation")
-    parser.add_argument("--seed", type=int, env_var="LOADTEST_SEED", default=0,
-                        help="seed of every user draw, call choice and prompt")
-    parser.add_argument("--user-prefix", env_var="LOADTEST_USER_PREFIX", default="user-",
-                        help="end user ids are PREFIX + rank (rank 0 hottest)")
-    parser.add_argument("--think-time", type=float, env_var="LOADTEST_THINK_TIME", default=0.0,
-                        help="mean seconds a locust user waits between calls (exponential; 0 = none)")
-    parser.add_argument("--call-timeout", type=float, env_var="LOADTEST_CALL_TIMEOUT", default=120.0,
-                        help="deadline of each call in seconds")
-    parser.add_argument("--record-dir", env_var="LOADTEST_RECORD_DIR", default="",
-                        help="write record-<pid>.json (feedback users, cache tiers seen) here on test stop")
+    parser.add_argument(
+        "--api-key",
+        env_var="PERSONALIZE_API_KEY",
+        default="",
+        is_secret=True,
+        help="API key sent as 'authorization: Bearer KEY' (none = no key)",
+    )
+    parser.add_argument(
+        "--population",
+        type=int,
+        env_var="LOADTEST_POPULATION",
+        default=1_000_000,
+        help="distinct end users ids are drawn from",
+    )
+    parser.add_argument(
+        "--zipf-s",
+        type=float,
+        env_var="LOADTEST_ZIPF_S",
+        default=1.1,
+        help="Zipf exponent of user popularity (P(rank k) ~ 1/k^s)",
+    )
+    parser.add_argument(
+        "--mix",
+        env_var="LOADTEST_MIX",
+        default="generate=80,stream=10,feedback=10",
+        help="call weights: generate, stream, feedback",
+    )
+    parser.add_argument(
+        "--feedback-kinds",
+        env_var="LOADTEST_FEEDBACK_KINDS",
+        default="accept=5,correct=3,reject=1,prefer=1",
+        help="feedback kind weights",
+    )
+    parser.add_argument(
+        "--prompt-chars",
+        type=int,
+        env_var="LOADTEST_PROMPT_CHARS",
+        default=64,
+        help="prompt length in characters (~ tokens for the byte-level tiny model)",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        env_var="LOADTEST_MAX_NEW_TOKENS",
+        default=32,
+        help="max_new_tokens of each generation",
+    )
+    parser.add_argument(
+        "--seed", type=int, env_var="LOADTEST_SEED", default=0, help="seed of every user draw, call choice and prompt"
+    )
+    parser.add_argument(
+        "--user-prefix",
+        env_var="LOADTEST_USER_PREFIX",
+        default="user-",
+        help="end user ids are PREFIX + rank (rank 0 hottest)",
+    )
+    parser.add_argument(
+        "--think-time",
+        type=float,
+        env_var="LOADTEST_THINK_TIME",
+        default=0.0,
+        help="mean seconds a locust user waits between calls (exponential; 0 = none)",
+    )
+    parser.add_argument(
+        "--call-timeout",
+        type=float,
+        env_var="LOADTEST_CALL_TIMEOUT",
+        default=120.0,
+        help="deadline of each call in seconds",
+    )
+    parser.add_argument(
+        "--record-dir",
+        env_var="LOADTEST_RECORD_DIR",
+        default="",
+        help="write record-<pid>.json (feedback users, cache tiers seen) here on test stop",
+    )
 
 
 def parse_weights(text: str, names: tuple[str, ...]) -> dict[str, float]:
@@ -127,8 +202,13 @@ class Workload:
     def from_options(cls, options: Any) -> Workload:
         if options is None:
             return cls()
-        return cls(**{name: getattr(options, name) for name in cls.__dataclass_fields__
-                      if getattr(options, name, None) is not None})
+        return cls(
+            **{
+                name: getattr(options, name)
+                for name in cls.__dataclass_fields__
+                if getattr(options, name, None) is not None
+            }
+        )
 
     def call_weights(self) -> dict[str, float]:
         return parse_weights(self.mix, CALLS)
@@ -138,6 +218,7 @@ class Workload:
 
 
 # ---- user ids ------------------------------------------------------------------------------------------
+
 
 class ZipfUsers:
     """Bounded Zipf over user ranks 0..population-1 (rank 0 hottest), sampled by inverse CDF."""
@@ -161,6 +242,7 @@ def zipf_users(population: int, s: float) -> ZipfUsers:
 
 
 # ---- what the run saw: feedback users and cache tiers ---------------------------------------------------
+
 
 class Record:
     """Per-process tally, written to --record-dir when the test stops."""
@@ -200,6 +282,7 @@ def write_record(environment: Environment, **_kwargs: Any) -> None:
 
 # ---- the client locust sees ----------------------------------------------------------------------------
 
+
 class LocustPersonalizeClient:
     """The SDK's calls, each reported to locust with `events.request.fire` (locust's pattern for non-HTTP
     protocols): response time in ms, response size in bytes, the exception if it failed."""
@@ -209,11 +292,17 @@ class LocustPersonalizeClient:
         self.environment = environment
         self.record = record
 
-    def _fire(self, name: str, started: float, length: int, exception: Exception | None,
-              context: Mapping[str, Any]) -> None:
+    def _fire(
+        self, name: str, started: float, length: int, exception: Exception | None, context: Mapping[str, Any]
+    ) -> None:
         self.environment.events.request.fire(
-            request_type="grpc", name=name, response_time=(time.perf_counter() - started) * 1000.0,
-            response_length=length, exception=exception, context=dict(context))
+            request_type="grpc",
+            name=name,
+            response_time=(time.perf_counter() - started) * 1000.0,
+            response_length=length,
+            exception=exception,
+            context=dict(context),
+        )
 
     def _call(self, name: str, fn: Callable[[], Any], context: Mapping[str, Any]) -> Any:
         """fn() timed and reported under `name`; None on failure (reported, not raised)."""
@@ -227,8 +316,9 @@ class LocustPersonalizeClient:
         return response
 
     def generate(self, user_id: str, prompt: str, max_new_tokens: int) -> Any:
-        response = self._call("Generate", lambda: self.sdk.generate(user_id, prompt, max_new_tokens=max_new_tokens),
-                              {"user_id": user_id})
+        response = self._call(
+            "Generate", lambda: self.sdk.generate(user_id, prompt, max_new_tokens=max_new_tokens), {"user_id": user_id}
+        )
         if response is not None:
             self.record.served_from(response.cache_tier)
         return response
@@ -250,19 +340,27 @@ class LocustPersonalizeClient:
             self._fire("GenerateStream", started, size, exc, context)
             return None
         if stream.response is None:
-            self._fire("GenerateStream", started, size, RuntimeError("stream ended without a final chunk"),
-                       context)
+            self._fire("GenerateStream", started, size, RuntimeError("stream ended without a final chunk"), context)
             return None
         self._fire("GenerateStream", started, size, None, context)
         self.record.served_from(stream.response.cache_tier)
         return stream.response
 
-    def feedback(self, user_id: str, prompt: str, completion: str, kind: str, *, correction: str = "",
-                 rejected: str = "") -> Any:
-        ack = self._call("SubmitFeedback",
-                         lambda: self.sdk.feedback(user_id, prompt, completion, kind,  # type: ignore[arg-type]
-                                                   correction=correction, rejected=rejected),
-                         {"user_id": user_id, "kind": kind})
+    def feedback(
+        self, user_id: str, prompt: str, completion: str, kind: str, *, correction: str = "", rejected: str = ""
+    ) -> Any:
+        ack = self._call(
+            "SubmitFeedback",
+            lambda: self.sdk.feedback(
+                user_id,
+                prompt,
+                completion,
+                kind,  # type: ignore[arg-type]
+                correction=correction,
+                rejected=rejected,
+            ),
+            {"user_id": user_id, "kind": kind},
+        )
         if ack is not None:
             self.record.feedback_acked(user_id)
         return ack
@@ -295,8 +393,9 @@ class PersonalizeUser(User):
         calls, kinds = self.workload.call_weights(), self.workload.kind_weights()
         self.calls, self.call_p = list(calls), np.array(list(calls.values()))
         self.kinds, self.kind_p = list(kinds), np.array(list(kinds.values()))
-        sdk = PersonalizeClient(self.host or DEFAULT_TARGET, api_key=self.workload.api_key or None,
-                                timeout=self.workload.call_timeout)
+        sdk = PersonalizeClient(
+            self.host or DEFAULT_TARGET, api_key=self.workload.api_key or None, timeout=self.workload.call_timeout
+        )
         self.client = LocustPersonalizeClient(sdk, environment)
 
     def wait_time(self) -> float:
@@ -323,8 +422,13 @@ class PersonalizeUser(User):
         kind = self.kinds[int(self.rng.choice(len(self.kinds), p=self.kind_p))]
         answer_chars = max(8, self.workload.max_new_tokens)
         completion = self.text(answer_chars)
-        extra = {"correction": self.text(answer_chars)} if kind == "correct" else \
-            {"rejected": self.text(answer_chars)} if kind == "prefer" else {}
+        extra = (
+            {"correction": self.text(answer_chars)}
+            if kind == "correct"
+            else {"rejected": self.text(answer_chars)}
+            if kind == "prefer"
+            else {}
+        )
         self.client.feedback(user_id, prompt, completion, kind, **extra)
 
     def text(self, chars: int) -> str:
@@ -335,4 +439,4 @@ class PersonalizeUser(User):
             word = WORDS[int(self.rng.integers(len(WORDS)))]
             words.append(word)
             length += len(word) + 1
-        return " ".join(words)[:max(1, chars)]
+        return " ".join(words)[: max(1, chars)]

@@ -1,12 +1,12 @@
 """PNG plots of a load test run, from the files loadtest/loadtest_run.py writes into a results folder.
 
-    latency.png     per call: p50 / p95 / p99 response time (ms) over the run, from locust's
-                    locust_stats_history.csv (locust's rolling window of recent requests)
-    throughput.png  requests/s per call and in total, failures/s, and the number of locust users
-    cache.png       cache hits and misses per tier over the run (Admin.Stats deltas), with hit rates, and
-                    cumulative hits per tier over time (cache_timeline.csv)
+latency.png     per call: p50 / p95 / p99 response time (ms) over the run, from locust's
+                locust_stats_history.csv (locust's rolling window of recent requests)
+throughput.png  requests/s per call and in total, failures/s, and the number of locust users
+cache.png       cache hits and misses per tier over the run (Admin.Stats deltas), with hit rates, and
+                cumulative hits per tier over time (cache_timeline.csv)
 
-    python loadtest/plots.py loadtest/results/latest      # redraw the plots of a results folder
+python loadtest/plots.py loadtest/results/latest      # redraw the plots of a results folder
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def plot_latency(history: Mapping[str, Series], path: Path) -> Path:
         title = f"{name} (time to first piece)" if name.endswith(TTFP_SUFFIX) else name
         _decorate(ax, title, "response time (ms)")
         ax.set_ylim(bottom=0)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.set_visible(False)
     fig.suptitle("Latency percentiles over the run (locust's rolling window of recent requests)")
     return _save(fig, path)
@@ -160,8 +160,15 @@ def plot_cache(summary: Mapping[str, Any], timeline: Mapping[str, Series], path:
     for x, tier in zip(xs, tiers, strict=True):
         rate = rates.get(tier)
         text = "no lookups" if rate is None else f"hit rate {rate:.1%}\nof {hits[x] + misses[x]:,}"
-        left.annotate(text, (x, max(hits[x], misses[x])), ha="center", va="bottom", fontsize=8,
-                      xytext=(0, 3), textcoords="offset points")
+        left.annotate(
+            text,
+            (x, max(hits[x], misses[x])),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            xytext=(0, 3),
+            textcoords="offset points",
+        )
     left.set_ylim(0, max([*hits, *misses, 1]) * 1.5)  # room for the labels and the legend above the bars
     left.set_xticks(list(xs), tiers)
     left.set_xlabel("cache tier")
@@ -173,8 +180,13 @@ def plot_cache(summary: Mapping[str, Any], timeline: Mapping[str, Series], path:
     for n, tier in enumerate(sorted(timeline, key=_tier_key)):
         series = timeline[tier]
         base = series["hits"][0] if series["hits"] else 0.0
-        right.plot(series["t"], [h - base for h in series["hits"]], label=tier, linewidth=1.8,
-                   linestyle=styles[n % len(styles)])
+        right.plot(
+            series["t"],
+            [h - base for h in series["hits"]],
+            label=tier,
+            linewidth=1.8,
+            linestyle=styles[n % len(styles)],
+        )
     _decorate(right, "Cumulative cache hits per tier (Admin.Stats)", "hits since start (count)")
     right.set_ylim(bottom=0)
     return _save(fig, path)
@@ -204,8 +216,10 @@ def make_plots(results: Path) -> list[Path]:
     start = history_start(history_path) if history_path.exists() else None
     if history_path.exists():
         history = read_history(history_path)
-        written += [plot_latency(history, results / "latency.png"),
-                    plot_throughput(history, results / "throughput.png")]
+        written += [
+            plot_latency(history, results / "latency.png"),
+            plot_throughput(history, results / "throughput.png"),
+        ]
     summary_path = results / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())

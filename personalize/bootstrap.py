@@ -55,8 +55,14 @@ def worker(config: Config) -> Worker:
     base = load_base_model(config.model)
     spec = adapter_spec(config, base)
     per_slot = slot_nbytes(base.config, config.lora.r_max, config.lora.target_modules, base.dtype)
-    pool = SlotPool(base.config, slots_for_budget(config.lora.device_bytes, per_slot), config.lora.r_max,
-                    config.lora.target_modules, base.dtype, config.model.device)
+    pool = SlotPool(
+        base.config,
+        slots_for_budget(config.lora.device_bytes, per_slot),
+        config.lora.r_max,
+        config.lora.target_modules,
+        base.dtype,
+        config.model.device,
+    )
     engine = Engine(base, config.engine, pool)
     registry = open_registry(config.registry)
     store = open_store(config.store_url)
@@ -65,13 +71,18 @@ def worker(config: Config) -> Worker:
     def parse(data: bytes) -> Adapter:
         return adapter_from_bytes(data, spec, dtype=base.dtype)
 
-    cache = AdapterCache(CacheConfig(host_bytes=config.lora.host_bytes, disk_bytes=config.lora.disk_bytes,
-                                     disk_dir=disk_dir),
-                         pool, engine.pool_lock, fetch=store_fetch(store, registry), parse=parse)
+    cache = AdapterCache(
+        CacheConfig(host_bytes=config.lora.host_bytes, disk_bytes=config.lora.disk_bytes, disk_dir=disk_dir),
+        pool,
+        engine.pool_lock,
+        fetch=store_fetch(store, registry),
+        parse=parse,
+    )
     stream = FeedbackStream(client, config.feedback)
     updates = UpdateListener(client, config.registry.namespace)
-    return Worker(config, base, registry, store, cache, engine, spec, stream, updates,
-                  ownership=Ownership(config.node_id))
+    return Worker(
+        config, base, registry, store, cache, engine, spec, stream, updates, ownership=Ownership(config.node_id)
+    )
 
 
 def trainer(config: Config, consumer: str = "") -> Trainer:
@@ -85,8 +96,12 @@ def trainer(config: Config, consumer: str = "") -> Trainer:
     client = redis_client(config.registry.url)
     check_durability(client, config.allow_unsynced_registry)
     base = load_base_model(config.model)
-    repo = AdapterRepository(open_registry(config.registry), open_store(config.store_url), adapter_spec(config, base),
-                             config.lora.keep_versions)
+    repo = AdapterRepository(
+        open_registry(config.registry),
+        open_store(config.store_url),
+        adapter_spec(config, base),
+        config.lora.keep_versions,
+    )
     stream = FeedbackStream(client, config.feedback)
     stream.ensure_group()
     namespace = config.registry.namespace

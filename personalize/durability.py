@@ -31,8 +31,11 @@ def unsynced_reason(client: Any) -> str | None:
     try:
         reply = client.config_get("append*")
     except redis.exceptions.ResponseError as exc:  # CONFIG renamed or disabled
-        log.warning("the registry server refuses CONFIG GET (%s): cannot check that it fsyncs every write "
-                    "(appendonly yes, appendfsync always); make sure it does", exc)
+        log.warning(
+            "the registry server refuses CONFIG GET (%s): cannot check that it fsyncs every write "
+            "(appendonly yes, appendfsync always); make sure it does",
+            exc,
+        )
         return None
     except (redis.exceptions.RedisError, OSError) as exc:
         log.warning("the registry server is unreachable (%s): its appendfsync setting was not checked", exc)
@@ -42,8 +45,10 @@ def unsynced_reason(client: Any) -> str | None:
     if appendonly != "yes":
         return f"appendonly is {appendonly or 'unset'!r}: no AOF, so acknowledged writes live only in memory"
     if appendfsync != "always":
-        return (f"appendfsync is {appendfsync or 'unset'!r}, not 'always': the server acknowledges writes "
-                "before they are on disk, so a power cut loses acknowledged feedback and adapter records")
+        return (
+            f"appendfsync is {appendfsync or 'unset'!r}, not 'always': the server acknowledges writes "
+            "before they are on disk, so a power cut loses acknowledged feedback and adapter records"
+        )
     return ""
 
 
@@ -54,6 +59,8 @@ def check_durability(client: Any, allow_unsynced: bool = False) -> None:
     if not reason:
         return
     if not allow_unsynced:
-        raise InvalidArgument(f"registry server is not durable: {reason}. Configure it with "
-                              f"'appendonly yes' and 'appendfsync always', or {ALLOW_HINT}")
+        raise InvalidArgument(
+            f"registry server is not durable: {reason}. Configure it with "
+            f"'appendonly yes' and 'appendfsync always', or {ALLOW_HINT}"
+        )
     log.error("registry server is not durable, running anyway (allowed by the operator): %s", reason)

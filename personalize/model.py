@@ -59,17 +59,32 @@ class ModelConfig:
 def default_llama_config(**overrides: Any) -> LlamaConfig:
     """The tiny default: byte vocabulary, 4 layers, hidden 128, GQA (4 heads over 2 KV heads)."""
     fields: dict[str, Any] = dict(
-        vocab_size=384, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        rms_norm_eps=1e-5, rope_theta=10000.0, initializer_range=0.05, tie_word_embeddings=False,
-        bos_token_id=None, eos_token_id=1, pad_token_id=0,
+        vocab_size=384,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        initializer_range=0.05,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=0,
     )
     fields.update(overrides)
     return LlamaConfig(**fields)
 
 
-def build_random_llama(config: LlamaConfig, seed: int, dtype: torch.dtype = torch.float32,
-                       embed_std: float | None = None, head_std: float | None = None) -> LlamaForCausalLM:
+def build_random_llama(
+    config: LlamaConfig,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    embed_std: float | None = None,
+    head_std: float | None = None,
+) -> LlamaForCausalLM:
     """A Llama with weights drawn from a fixed seed on the CPU (deterministic for one torch build).
 
     Layer weights use config.initializer_range; embeddings and the LM head may use their own scale.
@@ -120,8 +135,11 @@ def fingerprint(model: torch.nn.Module) -> str:
     checkpoint on disk uses `checkpoint.checkpoint_fingerprint` instead, computed once and cached)."""
     digest = hashlib.sha256()
     cfg = model.config.to_dict()  # type: ignore[union-attr,operator]
-    keep = {k: cfg.get(k) for k in sorted(cfg) if k not in ("transformers_version", "_name_or_path", "torch_dtype",
-                                                             "dtype", "architectures", "use_cache")}
+    keep = {
+        k: cfg.get(k)
+        for k in sorted(cfg)
+        if k not in ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures", "use_cache")
+    }
     digest.update(json.dumps(keep, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().contiguous().cpu()
@@ -133,8 +151,9 @@ def fingerprint(model: torch.nn.Module) -> str:
 def _check_supported(config: dict[str, Any], path: Path) -> None:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise InvalidArgument(f"model type {model_type!r} of {path} is not supported; "
-                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise InvalidArgument(
+            f"model type {model_type!r} of {path} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
 
 
 def _load_checkpoint(config: ModelConfig) -> BaseModel:
@@ -145,12 +164,18 @@ def _load_checkpoint(config: ModelConfig) -> BaseModel:
     _check_supported(hf_config, path)
     read_family(AutoConfig.from_pretrained(path, local_files_only=True))  # refuse what the forward lacks
     digest = checkpoint_fingerprint(path, hf_config)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=config.torch_dtype, local_files_only=True,
-                                                 device_map=torch.device(config.device))
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=config.torch_dtype, local_files_only=True, device_map=torch.device(config.device)
+    )
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model.eval().requires_grad_(False)
-    return BaseModel(model=model, tokenizer=tokenizer, fingerprint=digest, name=config.path,
-                     eos_ids=eos_ids(path, hf_config, tokenizer.eos_token_id))
+    return BaseModel(
+        model=model,
+        tokenizer=tokenizer,
+        fingerprint=digest,
+        name=config.path,
+        eos_ids=eos_ids(path, hf_config, tokenizer.eos_token_id),
+    )
 
 
 def load_base_model(config: ModelConfig) -> BaseModel:
@@ -163,11 +188,17 @@ def load_base_model(config: ModelConfig) -> BaseModel:
     # Token identity dominates the residual stream (embeddings >> layer outputs), as in trained models:
     # a random model built this way can be personalized from a handful of examples. Fingerprinted in
     # float32, before the cast, so every serving dtype gives the same identity.
-    model = build_random_llama(default_llama_config(), config.seed, torch.float32,
-                               embed_std=DEFAULT_EMBED_STD, head_std=DEFAULT_HEAD_STD)
+    model = build_random_llama(
+        default_llama_config(), config.seed, torch.float32, embed_std=DEFAULT_EMBED_STD, head_std=DEFAULT_HEAD_STD
+    )
     model.eval().requires_grad_(False)
     digest = fingerprint(model)
     model.to(device=config.device, dtype=config.torch_dtype)  # type: ignore[arg-type,call-arg]
     tokenizer = ByT5Tokenizer()
-    return BaseModel(model=model, tokenizer=tokenizer, fingerprint=digest,
-                     name=f"personalize-tiny-llama(seed={config.seed})", eos_ids=frozenset({tokenizer.eos_token_id}))
+    return BaseModel(
+        model=model,
+        tokenizer=tokenizer,
+        fingerprint=digest,
+        name=f"personalize-tiny-llama(seed={config.seed})",
+        eos_ids=frozenset({tokenizer.eos_token_id}),
+    )

@@ -39,8 +39,10 @@ from personalize.routing.announce import Ownership
 log = logging.getLogger(__name__)
 
 _UNLOADABLE = (Unavailable, CorruptObject, DeadlineExceeded)
-_CAUSES = {CorruptObject: "is corrupt: the stored object failed its checksum",
-           DeadlineExceeded: "unavailable: loading it timed out"}
+_CAUSES = {
+    CorruptObject: "is corrupt: the stored object failed its checksum",
+    DeadlineExceeded: "unavailable: loading it timed out",
+}
 """degraded_reason per load failure: names the component, never an address, path or object key."""
 _MAX_EXAMPLES_SEEN = (1 << 48) - 1  # the registry record's field width
 
@@ -51,9 +53,12 @@ def imported_examples_seen(metadata: dict[str, str]) -> int:
     if not raw:
         return 0
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 15 or int(raw) > _MAX_EXAMPLES_SEEN:
-        raise InvalidArgument(f"adapter metadata examples_seen must be an integer in [0, {_MAX_EXAMPLES_SEEN}], "
-                              f"got {raw[:40]!r}")
+        raise InvalidArgument(
+            f"adapter metadata examples_seen must be an integer in [0, {_MAX_EXAMPLES_SEEN}], got {raw[:40]!r}"
+        )
     return int(raw)
+
+
 """Failures to load a user's current adapter that `degrade_to_base` answers with the base model: store or
 registry unreachable, a corrupt object or record, the load not done within load_timeout_s."""
 
@@ -137,9 +142,19 @@ class _Running:
 class Worker:
     """One serving node: registry -> tiered cache -> continuous-batching engine. Thread-safe."""
 
-    def __init__(self, config: Config, base: BaseModel, registry: Registry, store: ObjectStore,
-                 cache: AdapterCache, engine: Engine, spec: AdapterSpec, stream: FeedbackStream | None = None,
-                 updates: UpdateListener | None = None, ownership: Ownership | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        base: BaseModel,
+        registry: Registry,
+        store: ObjectStore,
+        cache: AdapterCache,
+        engine: Engine,
+        spec: AdapterSpec,
+        stream: FeedbackStream | None = None,
+        updates: UpdateListener | None = None,
+        ownership: Ownership | None = None,
+    ) -> None:
         self.config = config
         self.node_id = config.node_id
         self.base = base
@@ -169,8 +184,9 @@ class Worker:
         self.store.close()
 
     # -- generation -------------------------------------------------------------------------------------------
-    def generate(self, tenant: str, user_id: str, prompt: str, params: SamplingParams,
-                 use_base_model: bool = False) -> Generation:
+    def generate(
+        self, tenant: str, user_id: str, prompt: str, params: SamplingParams, use_base_model: bool = False
+    ) -> Generation:
         """Start a generation with the user's current adapter (or the base model); returns at once.
 
         When the adapter cannot be loaded (Unavailable, CorruptObject, DeadlineExceeded of the load), that
@@ -187,16 +203,22 @@ class Worker:
             return self._base(prompt, params, tenant=tenant)
         self.repo.check_base(user_id, record)
         try:
-            lease = self.cache.acquire(tenant, user_id, record.version, timeout=self.config.load_timeout_s,
-                                       checksum=record.checksum)
+            lease = self.cache.acquire(
+                tenant, user_id, record.version, timeout=self.config.load_timeout_s, checksum=record.checksum
+            )
         except _UNLOADABLE as exc:
             if not self.config.degrade_to_base:
                 raise
             return self._degraded(tenant, prompt, params, f"adapter v{record.version} of user {user_id!r}", exc)
         try:
-            handle = self.engine.submit(prompt, params, slot=lease.slot,
-                                        on_done=lambda _result: self.cache.release(lease), tenant=tenant,
-                                        label=f"adapter v{record.version} of user {user_id!r}")
+            handle = self.engine.submit(
+                prompt,
+                params,
+                slot=lease.slot,
+                on_done=lambda _result: self.cache.release(lease),
+                tenant=tenant,
+                label=f"adapter v{record.version} of user {user_id!r}",
+            )
         except BaseException:
             self.cache.release(lease)
             raise
@@ -204,11 +226,11 @@ class Worker:
 
     def _base(self, prompt: str, params: SamplingParams, reason: str = "", tenant: str = "") -> Generation:
         handle = self.engine.submit(prompt, params, tenant=tenant)
-        return _Running(handle, GenerationInfo(0, "none", self.node_id, degraded=bool(reason),
-                                               degraded_reason=reason))
+        return _Running(handle, GenerationInfo(0, "none", self.node_id, degraded=bool(reason), degraded_reason=reason))
 
-    def _degraded(self, tenant: str, prompt: str, params: SamplingParams, what: str,
-                  exc: PersonalizeError) -> Generation:
+    def _degraded(
+        self, tenant: str, prompt: str, params: SamplingParams, what: str, exc: PersonalizeError
+    ) -> Generation:
         """The base model, flagged degraded, for a request whose adapter (`what`) failed to load with `exc`."""
         reason = f"{what} {_CAUSES.get(type(exc), 'unavailable: the adapter store or registry is unreachable')}"
         log.warning("serving the base model instead (degrade_to_base): %s: %s", reason, exc)  # details: log only
@@ -253,9 +275,16 @@ class Worker:
         return self._info(user_id, record, pending)
 
     def _info(self, user_id: str, record: AdapterRecord, pending: int = 0) -> AdapterInfo:
-        return AdapterInfo(user_id=user_id, version=record.version, rank=record.rank,
-                           examples_seen=record.examples_seen, base_fingerprint=record.fingerprint,
-                           updated_at_unix_ms=record.updated_at_ms, pending_events=pending, owner_node=self.node_id)
+        return AdapterInfo(
+            user_id=user_id,
+            version=record.version,
+            rank=record.rank,
+            examples_seen=record.examples_seen,
+            base_fingerprint=record.fingerprint,
+            updated_at_unix_ms=record.updated_at_ms,
+            pending_events=pending,
+            owner_node=self.node_id,
+        )
 
     def import_adapter(self, tenant: str, user_id: str, files: dict[str, bytes]) -> AdapterInfo:
         """Validate PEFT files and install them as the user's next version."""
@@ -293,10 +322,17 @@ class Worker:
     # -- figures ----------------------------------------------------------------------------------------------
     def stats(self) -> NodeStats:
         s = self.cache.stats()
-        return NodeStats(node_id=self.node_id, resident=s["resident"], bytes=s["bytes"], hits=s["hits"],
-                         misses=s["misses"], batch_occupancy=self.engine.mean_occupancy,
-                         max_batch_occupancy=self.engine.max_occupancy, queue_depth=self.engine.queue_depth,
-                         stream_lag=self._lag())
+        return NodeStats(
+            node_id=self.node_id,
+            resident=s["resident"],
+            bytes=s["bytes"],
+            hits=s["hits"],
+            misses=s["misses"],
+            batch_occupancy=self.engine.mean_occupancy,
+            max_batch_occupancy=self.engine.max_occupancy,
+            queue_depth=self.engine.queue_depth,
+            stream_lag=self._lag(),
+        )
 
     def _lag(self) -> int:
         try:

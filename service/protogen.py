@@ -32,8 +32,15 @@ def generate(proto_root: Path = PROTO_ROOT) -> dict[str, bytes]:
     """
     include = str(resources.files("grpc_tools") / "_proto")
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["grpc_tools.protoc", f"-I{proto_root}", f"-I{include}", f"--python_out={tmp}",
-                f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *PROTO_FILES]
+        args = [
+            "grpc_tools.protoc",
+            f"-I{proto_root}",
+            f"-I{include}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *PROTO_FILES,
+        ]
         status = protoc.main(args)
         if status != 0:
             raise RuntimeError(f"protoc failed with exit status {status} on {', '.join(PROTO_FILES)}")
@@ -56,8 +63,11 @@ def _rewrite_imports(source: bytes) -> bytes:
 
 def stale_files(generated: dict[str, bytes], gen_root: Path = GEN_ROOT) -> list[str]:
     """The generated paths whose committed copy under gen_root is missing or differs byte for byte."""
-    return [rel for rel, data in generated.items()
-            if not (gen_root / rel).is_file() or (gen_root / rel).read_bytes() != data]
+    return [
+        rel
+        for rel, data in generated.items()
+        if not (gen_root / rel).is_file() or (gen_root / rel).read_bytes() != data
+    ]
 
 
 def write(generated: dict[str, bytes], gen_root: Path = GEN_ROOT) -> None:
@@ -69,10 +79,16 @@ def write(generated: dict[str, bytes], gen_root: Path = GEN_ROOT) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m personalize_service.protogen", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true",
-                        help="do not write; exit 1 if the committed stubs differ from freshly generated ones")
+    parser = argparse.ArgumentParser(
+        prog="python -m personalize_service.protogen",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="do not write; exit 1 if the committed stubs differ from freshly generated ones",
+    )
     args = parser.parse_args(argv)
     generated = generate()
     if args.check:

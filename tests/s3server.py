@@ -32,8 +32,16 @@ from minio import Minio
 
 HOST = "127.0.0.1"
 # Every listener weed mini opens: HTTP and gRPC of master, volume, filer and S3 (admin: see below).
-_PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-               "filer.port.grpc", "s3.port", "s3.port.grpc")
+_PORT_FLAGS = (
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+)
 _GRPC_OFFSET = 10_000  # weed's built-in worker dials the admin server at its HTTP port + this
 
 
@@ -52,8 +60,15 @@ class S3Server:
 
     def s3_url(self, bucket: str, prefix: str = "") -> str:
         """An `s3://` store URL for `bucket`/`prefix` on this server, credentials included."""
-        query = urlencode({"endpoint": self.endpoint, "secure": "false", "access_key": self.access_key,
-                           "secret_key": self.secret_key}, safe=":")
+        query = urlencode(
+            {
+                "endpoint": self.endpoint,
+                "secure": "false",
+                "access_key": self.access_key,
+                "secret_key": self.secret_key,
+            },
+            safe=":",
+        )
         return f"s3://{bucket}/{prefix.strip('/')}?{query}"
 
     def client(self) -> Minio:
@@ -104,8 +119,11 @@ class S3Server:
         _wait_ready(self, max(1.0, deadline - time.monotonic()))
 
     def _ports(self) -> list[int]:
-        return [int(arg.split("=", 1)[1]) for arg in self.command
-                if arg.split("=", 1)[0].lstrip("-") in (*_PORT_FLAGS, "admin.port", "admin.port.grpc")]
+        return [
+            int(arg.split("=", 1)[1])
+            for arg in self.command
+            if arg.split("=", 1)[0].lstrip("-") in (*_PORT_FLAGS, "admin.port", "admin.port.grpc")
+        ]
 
 
 def weed_binary() -> Path:
@@ -124,18 +142,40 @@ def start_weed_mini(data_dir: Path, timeout_s: float = 60.0) -> S3Server:
     data_dir.mkdir(parents=True, exist_ok=True)
     access_key, secret_key = "pz" + secrets.token_hex(8), secrets.token_hex(20)
     config = data_dir / "s3.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "admin", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "admin",
+                        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
     config.chmod(0o600)
     ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS)), strict=True))
     ports["admin.port"] = _free_port_pair(_GRPC_OFFSET, avoid=set(ports.values()))
     ports["admin.port.grpc"] = ports["admin.port"] + _GRPC_OFFSET
-    args = [str(weed_binary()), "mini", f"-dir={data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
-            *(f"-{flag}={port}" for flag, port in ports.items()),
-            "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            "-master.telemetry=false", "-volume.preStopSeconds=0", f"-s3.config={config}",
-            f"-filer.localSocket={data_dir / 'filer.sock'}", f"-s3.localSocket={data_dir / 's3.sock'}"]
+    args = [
+        str(weed_binary()),
+        "mini",
+        f"-dir={data_dir}",
+        f"-ip={HOST}",
+        f"-ip.bind={HOST}",
+        *(f"-{flag}={port}" for flag, port in ports.items()),
+        "-webdav=false",
+        "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-master.telemetry=false",
+        "-volume.preStopSeconds=0",
+        f"-s3.config={config}",
+        f"-filer.localSocket={data_dir / 'filer.sock'}",
+        f"-s3.localSocket={data_dir / 's3.sock'}",
+    ]
     server = S3Server(f"{HOST}:{ports['s3.port']}", access_key, secret_key, data_dir, _spawn(args, data_dir), args)
     try:
         _wait_ready(server, timeout_s)
@@ -147,8 +187,15 @@ def start_weed_mini(data_dir: Path, timeout_s: float = 60.0) -> S3Server:
 
 def _spawn(args: list[str], data_dir: Path) -> subprocess.Popen[bytes]:
     with open(data_dir / "weed.log", "ab") as log:
-        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                cwd=data_dir, start_new_session=True, env={**os.environ, "HOME": str(data_dir)})
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=data_dir,
+            start_new_session=True,
+            env={**os.environ, "HOME": str(data_dir)},
+        )
 
 
 def _wait_ready(server: S3Server, timeout_s: float) -> None:
@@ -157,16 +204,14 @@ def _wait_ready(server: S3Server, timeout_s: float) -> None:
     last: Exception | None = None
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            raise RuntimeError(f"weed mini exited with code {server.process.returncode}:\n"
-                               f"{server.log_tail()}")
+            raise RuntimeError(f"weed mini exited with code {server.process.returncode}:\n{server.log_tail()}")
         try:
             client.list_buckets()
             return
         except Exception as exc:  # not up yet: connection refused, 503, identities not loaded
             last = exc
             time.sleep(0.1)
-    raise RuntimeError(f"weed mini S3 at {server.endpoint} not ready after {timeout_s}s ({last}):\n"
-                       f"{server.log_tail()}")
+    raise RuntimeError(f"weed mini S3 at {server.endpoint} not ready after {timeout_s}s ({last}):\n{server.log_tail()}")
 
 
 def _free_ports(count: int) -> list[int]:

@@ -27,9 +27,18 @@ CORPUS = [
     "emoji 🙂🚀 and math ∑∫√ symbols",
 ]
 VOCAB = 320
-_SHAPE: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                              eos_token_id=2, bos_token_id=None, pad_token_id=0)
+_SHAPE: dict[str, Any] = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    eos_token_id=2,
+    bos_token_id=None,
+    pad_token_id=0,
+)
 
 
 def _rope(rope_type: str, **extra: Any) -> dict[str, Any]:
@@ -38,19 +47,34 @@ def _rope(rope_type: str, **extra: Any) -> dict[str, Any]:
 
 FAMILIES: dict[str, Any] = {
     "llama": lambda: LlamaConfig(**_SHAPE),
-    "llama3-rope": lambda: LlamaConfig(**_SHAPE, rope_parameters=_rope(
-        "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)),
-    "yarn-rope": lambda: LlamaConfig(**_SHAPE, rope_parameters=_rope(
-        "yarn", factor=16.0, original_max_position_embeddings=16)),
+    "llama3-rope": lambda: LlamaConfig(
+        **_SHAPE,
+        rope_parameters=_rope(
+            "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
+        ),
+    ),
+    "yarn-rope": lambda: LlamaConfig(
+        **_SHAPE, rope_parameters=_rope("yarn", factor=16.0, original_max_position_embeddings=16)
+    ),
     "mistral": lambda: MistralConfig(**_SHAPE, sliding_window=7),
     "qwen2": lambda: Qwen2Config(**_SHAPE, tie_word_embeddings=True),
     "qwen3": lambda: Qwen3Config(**_SHAPE, head_dim=24, tie_word_embeddings=True),
-    "gemma2": lambda: Gemma2Config(**_SHAPE, head_dim=16, sliding_window=7, query_pre_attn_scalar=12,
-                                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
-    "gemma3": lambda: Gemma3TextConfig(**_SHAPE, head_dim=16, sliding_window=7, query_pre_attn_scalar=12,
-                                       layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                                       rope_parameters={"full_attention": _rope("linear", factor=2.0),
-                                                        "sliding_attention": _rope("default")}),
+    "gemma2": lambda: Gemma2Config(
+        **_SHAPE,
+        head_dim=16,
+        sliding_window=7,
+        query_pre_attn_scalar=12,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0,
+    ),
+    "gemma3": lambda: Gemma3TextConfig(
+        **_SHAPE,
+        head_dim=16,
+        sliding_window=7,
+        query_pre_attn_scalar=12,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": _rope("linear", factor=2.0), "sliding_attention": _rope("default")},
+    ),
 }
 """name -> a tiny config of that family; each exercises what the family adds (rope scaling, sliding
 windows, qkv bias, tied embeddings, q/k norms, sandwich norms, per-layer rope)."""
@@ -64,13 +88,15 @@ def train_tokenizer(kind: str = "byte_level") -> PreTrainedTokenizerFast:
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=special,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=VOCAB, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
     else:
         tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
-        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
         bytes_tokens = [f"<0x{b:02X}>" for b in range(256)]
         trainer = trainers.BpeTrainer(vocab_size=VOCAB + 256, special_tokens=special + bytes_tokens)
     tok.train_from_iterator(CORPUS * 4, trainer)

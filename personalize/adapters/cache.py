@@ -63,6 +63,7 @@ DEVICE, HOST, DISK, STORE = "device", "host", "disk", "store"
 TIERS = (DEVICE, HOST, DISK, STORE)
 """Tier names, fastest first."""
 
+
 class Key(NamedTuple):
     """What every tier keys an adapter by. The checksum (AdapterRecord.checksum, "" = unknown) tells apart
     two objects with one version number (a user deleted and created again)."""
@@ -71,6 +72,8 @@ class Key(NamedTuple):
     user_id: str
     version: int
     checksum: str
+
+
 Fetch = Callable[[str, str, int, str], bytes]
 """(tenant, user_id, version, checksum) -> verified object bytes; raises NotFound, CorruptObject, Unavailable."""
 Parse = Callable[[bytes], Adapter]
@@ -97,8 +100,9 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         if self.host_bytes < 0 or self.disk_bytes < 0:
-            raise InvalidArgument(f"cache budgets must be >= 0 bytes, got host_bytes={self.host_bytes}, "
-                                  f"disk_bytes={self.disk_bytes}")
+            raise InvalidArgument(
+                f"cache budgets must be >= 0 bytes, got host_bytes={self.host_bytes}, disk_bytes={self.disk_bytes}"
+            )
         if self.load_threads < 1:
             raise InvalidArgument(f"load_threads must be >= 1, got {self.load_threads}")
         if not self.wait_timeout_s > 0:
@@ -113,8 +117,10 @@ def slots_for_budget(device_bytes: int, slot_nbytes: int) -> int:
         raise InvalidArgument(f"slot_nbytes must be >= 1, got {slot_nbytes}")
     slots = device_bytes // slot_nbytes
     if slots < 1:
-        raise InvalidArgument(f"device budget of {device_bytes} bytes holds no adapter slot "
-                              f"({slot_nbytes} bytes each): raise it or lower r_max")
+        raise InvalidArgument(
+            f"device budget of {device_bytes} bytes holds no adapter slot "
+            f"({slot_nbytes} bytes each): raise it or lower r_max"
+        )
     return slots
 
 
@@ -240,14 +246,18 @@ def store_fetch(store: ObjectStore, registry: Registry) -> Fetch:
     Only the current object is served: an older version, another object under the same version number (a
     checksum other than the record's; "" accepts the record's), or a user without a record (deleted)
     raises NotFound rather than serving bytes the registry no longer vouches for."""
+
     def fetch(tenant: str, user_id: str, version: int, checksum: str) -> bytes:
         record = registry.get(tenant, user_id)
         if record is None:
             raise NotFound(f"user {user_id!r} of tenant {tenant!r} has no adapter")
         if record.version != version or (checksum and record.checksum != checksum):
-            raise NotFound(f"adapter version {version} of user {user_id!r} is not current (the registry "
-                           f"has version {record.version}, another object): look the version up again")
+            raise NotFound(
+                f"adapter version {version} of user {user_id!r} is not current (the registry "
+                f"has version {record.version}, another object): look the version up again"
+            )
         return store.get(adapter_key(tenant, user_id, version, record.checksum), record.checksum)
+
     return fetch
 
 
@@ -260,8 +270,9 @@ class AdapterCache:
     superseded versions are freed before LRU victims.
     """
 
-    def __init__(self, config: CacheConfig, pool: SlotPool, pool_lock: threading.Lock, fetch: Fetch,
-                 parse: Parse) -> None:
+    def __init__(
+        self, config: CacheConfig, pool: SlotPool, pool_lock: threading.Lock, fetch: Fetch, parse: Parse
+    ) -> None:
         self.config, self.pool, self.pool_lock = config, pool, pool_lock
         self._fetch, self._parse = fetch, parse
         self._lock = threading.Lock()
@@ -287,8 +298,9 @@ class AdapterCache:
         self._closed = False
 
     # -- public API ------------------------------------------------------------------------------------
-    def acquire(self, tenant: str, user_id: str, version: int, timeout: float | None = None, *,
-                checksum: str = "") -> Lease:
+    def acquire(
+        self, tenant: str, user_id: str, version: int, timeout: float | None = None, *, checksum: str = ""
+    ) -> Lease:
         """Pin the slot holding this adapter, loading it first if needed (waiting at most `timeout`
         seconds, default config.wait_timeout_s). Release the lease when the request is done with it.
         `checksum` is the record's (AdapterRecord.checksum): only that object is served.
@@ -383,8 +395,7 @@ class AdapterCache:
             occupied = self._slots.occupied
             return {
                 "resident": {DEVICE: occupied, HOST: len(self._host), DISK: len(self._disk_lru)},
-                "bytes": {DEVICE: occupied * self._slot_nbytes, HOST: self._host.nbytes,
-                          DISK: self._disk_lru.nbytes},
+                "bytes": {DEVICE: occupied * self._slot_nbytes, HOST: self._host.nbytes, DISK: self._disk_lru.nbytes},
                 "hits": hits,
                 "misses": misses,
             }
@@ -405,8 +416,9 @@ class AdapterCache:
     def __enter__(self) -> AdapterCache:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     # -- misses (caller's thread) ----------------------------------------------------------------------
@@ -461,7 +473,8 @@ class AdapterCache:
     def _exhausted(self, waited: float) -> ResourceExhausted:
         return ResourceExhausted(
             f"all {self._slots.num_slots} device adapter slots are pinned by in-flight requests or loads "
-            f"(waited {waited:.3g} s for one): raise the device budget or lower concurrency")
+            f"(waited {waited:.3g} s for one): raise the device budget or lower concurrency"
+        )
 
     def _check_open(self) -> None:
         if self._closed:

@@ -101,8 +101,7 @@ class AdapterRecord:
         _check_int("examples_seen", self.examples_seen, 0, _U48)
         _check_int("updated_at_ms", self.updated_at_ms, 0, _U48)
         if not isinstance(self.fingerprint, str) or not 0 < len(self.fingerprint) <= 256:
-            raise InvalidArgument(f"fingerprint must be a non-empty str of <= 256 chars, "
-                                  f"got {self.fingerprint!r:.80}")
+            raise InvalidArgument(f"fingerprint must be a non-empty str of <= 256 chars, got {self.fingerprint!r:.80}")
         _parse_event_id(self.last_event_id)
         check_checksum(self.checksum)
 
@@ -138,10 +137,17 @@ class RegistryConfig:
 def pack_record(record: AdapterRecord, fingerprint_id: int) -> bytes:
     """The 63-byte stored form of `record`, its fingerprint replaced by `fingerprint_id`."""
     ms, seq = _parse_event_id(record.last_event_id)
-    return _RECORD.pack(_FORMAT, record.version, record.rank, fingerprint_id,
-                        record.examples_seen.to_bytes(6, "little"),
-                        record.updated_at_ms.to_bytes(6, "little"),
-                        ms.to_bytes(6, "little"), seq, bytes.fromhex(record.checksum[7:]))
+    return _RECORD.pack(
+        _FORMAT,
+        record.version,
+        record.rank,
+        fingerprint_id,
+        record.examples_seen.to_bytes(6, "little"),
+        record.updated_at_ms.to_bytes(6, "little"),
+        ms.to_bytes(6, "little"),
+        seq,
+        bytes.fromhex(record.checksum[7:]),
+    )
 
 
 def unpack_record(raw: bytes, fingerprint_of: Callable[[int], str]) -> AdapterRecord:
@@ -150,10 +156,15 @@ def unpack_record(raw: bytes, fingerprint_of: Callable[[int], str]) -> AdapterRe
         raise CorruptObject(f"registry record of {len(raw)} bytes has an unknown format")
     _, version, rank, fp_id, examples, updated, ms, seq, digest = _RECORD.unpack(raw)
     ms_int = int.from_bytes(ms, "little")
-    return AdapterRecord(version=version, rank=rank, fingerprint=fingerprint_of(fp_id),
-                         examples_seen=int.from_bytes(examples, "little"),
-                         last_event_id=f"{ms_int}-{seq}" if ms_int or seq else "",
-                         updated_at_ms=int.from_bytes(updated, "little"), checksum="sha256:" + digest.hex())
+    return AdapterRecord(
+        version=version,
+        rank=rank,
+        fingerprint=fingerprint_of(fp_id),
+        examples_seen=int.from_bytes(examples, "little"),
+        last_event_id=f"{ms_int}-{seq}" if ms_int or seq else "",
+        updated_at_ms=int.from_bytes(updated, "little"),
+        checksum="sha256:" + digest.hex(),
+    )
 
 
 class Registry:
@@ -181,15 +192,15 @@ class Registry:
         raw = self._call(lambda: self._client.hget(bucket, field))
         return None if raw is None else unpack_record(raw, self._fingerprint_of)
 
-    def compare_and_set(self, tenant: str, user_id: str, expected_version: int,
-                        record: AdapterRecord) -> None:
+    def compare_and_set(self, tenant: str, user_id: str, expected_version: int, record: AdapterRecord) -> None:
         """Store `record` only if the stored version is `expected_version` (0 = no record) and
         `record.version` is greater; otherwise raise Conflict naming the user and both versions."""
         _check_int("expected_version", expected_version, 0, _U32)
         packed = pack_record(record, self._fingerprint_id(record.fingerprint))
         bucket, field = self._locate(tenant, user_id)
-        ok, stored = self._call(lambda: self._cas(keys=[bucket],
-                                                  args=[field, expected_version, record.version, packed]))
+        ok, stored = self._call(
+            lambda: self._cas(keys=[bucket], args=[field, expected_version, record.version, packed])
+        )
         if not ok:
             raise _conflict(CasUpdate(tenant, user_id, expected_version, record), int(stored))
 
@@ -201,10 +212,11 @@ class Registry:
         ids = {fp: self._fingerprint_id(fp) for fp in {u.record.fingerprint for u in updates}}
         results: list[Conflict | None] = []
         for start in range(0, len(updates), _BATCH):
-            batch = updates[start:start + _BATCH]
+            batch = updates[start : start + _BATCH]
             replies = self._call(functools.partial(self._run_cas_batch, batch, ids))
-            results.extend(None if ok else _conflict(update, stored)
-                           for update, (ok, stored) in zip(batch, replies, strict=True))
+            results.extend(
+                None if ok else _conflict(update, stored) for update, (ok, stored) in zip(batch, replies, strict=True)
+            )
         return results
 
     def delete(self, tenant: str, user_id: str) -> AdapterRecord | None:
@@ -215,15 +227,17 @@ class Registry:
 
     def count(self) -> int:
         """Users with a record. Scans every bucket: O(2**bucket_bits), for tools and tests only."""
+
         def scan() -> int:
             total = 0
             keys = list(self._client.scan_iter(match=f"{self.namespace}:a:*", count=1000))
             for start in range(0, len(keys), _BATCH):
                 pipe = self._client.pipeline(transaction=False)
-                for key in keys[start:start + _BATCH]:
+                for key in keys[start : start + _BATCH]:
                     pipe.hlen(key)
                 total += sum(pipe.execute())
             return total
+
         return self._call(scan)
 
     def _locate(self, tenant: str, user_id: str) -> tuple[str, bytes]:
@@ -261,14 +275,15 @@ class Registry:
         groups: dict[str, list[int]] = {}
         for i, (key, _) in enumerate(calls):
             groups.setdefault(self._client.get_node_from_key(key).name, []).append(i)
-        return [(self._client.get_redis_connection(self._client.get_node(node_name=name)), indexes)
-                for name, indexes in groups.items()]
+        return [
+            (self._client.get_redis_connection(self._client.get_node(node_name=name)), indexes)
+            for name, indexes in groups.items()
+        ]
 
     def _fingerprint_id(self, fingerprint: str) -> int:
         found = self._fingerprint_ids.get(fingerprint)
         if found is None:
-            found = int(self._call(lambda: self._intern(keys=[self._meta_key],
-                                                        args=[fingerprint, _MAX_FINGERPRINTS])))
+            found = int(self._call(lambda: self._intern(keys=[self._meta_key], args=[fingerprint, _MAX_FINGERPRINTS])))
             self._fingerprint_ids[fingerprint] = found
             self._fingerprints[found] = fingerprint
         return found
@@ -278,8 +293,9 @@ class Registry:
         if found is None:
             raw = self._call(lambda: self._client.hget(self._meta_key, f"id:{fingerprint_id}"))
             if raw is None:
-                raise CorruptObject(f"registry {self.namespace!r} has a record with unknown fingerprint id "
-                                    f"{fingerprint_id}")
+                raise CorruptObject(
+                    f"registry {self.namespace!r} has a record with unknown fingerprint id {fingerprint_id}"
+                )
             found = raw.decode()
             self._fingerprints[fingerprint_id] = found
             self._fingerprint_ids[found] = fingerprint_id
@@ -287,15 +303,19 @@ class Registry:
 
     def _check_layout(self) -> None:
         """Refuse to run against a namespace written with another bucket_bits (users would vanish)."""
+
         def check() -> bytes:
             pipe = self._client.pipeline(transaction=False)
             pipe.hsetnx(self._meta_key, "bucket_bits", self.bucket_bits)
             pipe.hget(self._meta_key, "bucket_bits")
             return pipe.execute()[1]
+
         stored = int(self._call(check))
         if stored != self.bucket_bits:
-            raise InvalidArgument(f"registry namespace {self.namespace!r} uses bucket_bits={stored}, "
-                                  f"this client was configured with {self.bucket_bits}")
+            raise InvalidArgument(
+                f"registry namespace {self.namespace!r} uses bucket_bits={stored}, "
+                f"this client was configured with {self.bucket_bits}"
+            )
         self._layout_checked = True
 
     def _call(self, fn: Callable[[], T]) -> T:
@@ -314,8 +334,12 @@ def open_registry(config: RegistryConfig) -> Registry:
     """A Registry over a new client for `config.url` (connects lazily, on first use)."""
     if not config.url:
         raise InvalidArgument("the registry URL is empty: set registry.url (--registry-url)")
-    options: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0,
-                               "decode_responses": False, "max_connections": valkey.MAX_CONNECTIONS}
+    options: dict[str, Any] = {
+        "socket_timeout": 5.0,
+        "socket_connect_timeout": 2.0,
+        "decode_responses": False,
+        "max_connections": valkey.MAX_CONNECTIONS,
+    }
     client: Any
     if config.cluster:
         client = redis.cluster.RedisCluster.from_url(config.url, **options)
@@ -326,12 +350,16 @@ def open_registry(config: RegistryConfig) -> Registry:
 
 def _conflict(update: CasUpdate, stored: int) -> Conflict:
     if update.record.version <= update.expected_version:
-        reason = (f"new version {update.record.version} must be greater than {update.expected_version} "
-                  f"(registry has {stored})")
+        reason = (
+            f"new version {update.record.version} must be greater than {update.expected_version} "
+            f"(registry has {stored})"
+        )
     else:
         reason = f"expected version {update.expected_version}, registry has {stored}"
-    return Conflict(f"adapter of user {update.user_id!r:.80} (tenant {update.tenant!r:.40}) not updated to "
-                    f"version {update.record.version}: {reason}")
+    return Conflict(
+        f"adapter of user {update.user_id!r:.80} (tenant {update.tenant!r:.40}) not updated to "
+        f"version {update.record.version}: {reason}"
+    )
 
 
 def _parse_event_id(event_id: str) -> tuple[int, int]:
@@ -339,8 +367,10 @@ def _parse_event_id(event_id: str) -> tuple[int, int]:
         return 0, 0
     match = _EVENT_ID_RE.match(event_id) if isinstance(event_id, str) else None
     if not match or int(match.group(1)) >= _U48 or int(match.group(2)) >= _U32 or event_id == "0-0":
-        raise InvalidArgument(f"last_event_id must be a stream id like '1700000000000-0' (ms < 2**48, "
-                              f"seq < 2**32, not 0-0) or '', got {event_id!r:.80}")
+        raise InvalidArgument(
+            f"last_event_id must be a stream id like '1700000000000-0' (ms < 2**48, "
+            f"seq < 2**32, not 0-0) or '', got {event_id!r:.80}"
+        )
     return int(match.group(1)), int(match.group(2))
 
 
@@ -363,5 +393,4 @@ def _check_bucket_bits(bits: int) -> int:
 def _check_binary_client(client: Any) -> None:
     pool = getattr(client, "connection_pool", None) or getattr(client, "nodes_manager", None)
     if getattr(pool, "connection_kwargs", {}).get("decode_responses"):
-        raise InvalidArgument("the registry needs a redis client with decode_responses=False "
-                              "(records are binary)")
+        raise InvalidArgument("the registry needs a redis client with decode_responses=False (records are binary)")

@@ -59,7 +59,8 @@ class AdapterRepository:
         if record.fingerprint != self.fingerprint:
             raise IncompatibleAdapter(
                 f"user {user_id!r}'s adapter v{record.version} was trained on base {record.fingerprint[:19]}..., "
-                f"this node serves {self.fingerprint[:19]}...; re-import or retrain it for this base")
+                f"this node serves {self.fingerprint[:19]}...; re-import or retrain it for this base"
+            )
 
     def stored(self, tenant: str, user_id: str) -> list[tuple[int, str]]:
         """(version, object key) of every stored object of the user, in the store's listing order."""
@@ -83,8 +84,9 @@ class AdapterRepository:
         data = self.read_bytes(tenant, user_id, record.version, record.checksum)
         return adapter_from_bytes(data, self.spec, dtype=dtype)
 
-    def load_intact(self, tenant: str, user_id: str, below: int,
-                    dtype: torch.dtype = torch.float32) -> tuple[Adapter, int] | None:
+    def load_intact(
+        self, tenant: str, user_id: str, below: int, dtype: torch.dtype = torch.float32
+    ) -> tuple[Adapter, int] | None:
         """The newest stored version of the user older than `below` whose object is intact, with that version;
         None when there is none. For recovery when the current version's object is corrupt or missing.
 
@@ -103,18 +105,36 @@ class AdapterRepository:
                 log.warning("user %r: skipping stored adapter v%d: %s", user_id, version, exc)
         return None
 
-    def publish(self, tenant: str, user_id: str, adapter: Adapter, based_on: AdapterRecord | None,
-                examples_seen: int, last_event_id: str = "") -> Published:
+    def publish(
+        self,
+        tenant: str,
+        user_id: str,
+        adapter: Adapter,
+        based_on: AdapterRecord | None,
+        examples_seen: int,
+        last_event_id: str = "",
+    ) -> Published:
         """Write version based_on.version + 1 and CAS it in; raises Conflict if another writer got there first."""
         version = (based_on.version if based_on else 0) + 1
-        meta = {**adapter.metadata, "base_fingerprint": self.fingerprint, "version": str(version),
-                "examples_seen": str(examples_seen), "last_event_id": last_event_id}
+        meta = {
+            **adapter.metadata,
+            "base_fingerprint": self.fingerprint,
+            "version": str(version),
+            "examples_seen": str(examples_seen),
+            "last_event_id": last_event_id,
+        }
         data = adapter_to_bytes(Adapter(adapter.rank, adapter.alpha, adapter.weights, meta), self.spec)
         key = adapter_key(tenant, user_id, version, checksum_of(data))
         checksum = self.store.put(key, data)
-        record = AdapterRecord(version=version, rank=adapter.rank, fingerprint=self.fingerprint,
-                               examples_seen=examples_seen, last_event_id=last_event_id,
-                               updated_at_ms=int(time.time() * 1000), checksum=checksum)
+        record = AdapterRecord(
+            version=version,
+            rank=adapter.rank,
+            fingerprint=self.fingerprint,
+            examples_seen=examples_seen,
+            last_event_id=last_event_id,
+            updated_at_ms=int(time.time() * 1000),
+            checksum=checksum,
+        )
         try:
             self.registry.compare_and_set(tenant, user_id, based_on.version if based_on else 0, record)
         except Conflict:
@@ -134,8 +154,11 @@ class AdapterRepository:
         if not self.keep_versions:
             return 0
         current_key = adapter_key(tenant, user_id, current.version, current.checksum)
-        doomed = [k for v, k in self.stored(tenant, user_id)
-                  if v <= current.version - self.keep_versions or (v == current.version and k != current_key)]
+        doomed = [
+            k
+            for v, k in self.stored(tenant, user_id)
+            if v <= current.version - self.keep_versions or (v == current.version and k != current_key)
+        ]
         for key in doomed:
             self.store.delete(key)
         return len(doomed)
@@ -148,8 +171,7 @@ class AdapterRepository:
         try:
             self.prune(tenant, user_id, current)
         except PersonalizeError as exc:
-            log.warning("user %r: pruning old adapter versions failed (retried at a later version): %s",
-                        user_id, exc)
+            log.warning("user %r: pruning old adapter versions failed (retried at a later version): %s", user_id, exc)
 
     def delete(self, tenant: str, user_id: str) -> int:
         """Remove the registry record (nothing new is served), then every stored version. Returns versions."""

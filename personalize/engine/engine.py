@@ -129,8 +129,9 @@ class Engine:
         """Held while reading or writing `pool` slots (the cache writes, the engine copies into lanes)."""
         lanes = None
         if pool is not None:
-            lanes = SlotPool(base.config, config.max_batch, pool.r_max, pool.target_modules,
-                             pool.scaling.dtype, pool.scaling.device)
+            lanes = SlotPool(
+                base.config, config.max_batch, pool.r_max, pool.target_modules, pool.scaling.dtype, pool.scaling.device
+            )
         self.model = FastLlama(base.model, config.max_batch, config.max_len, lanes)
         self.device = base.device
         self._waiting = _FairQueue()
@@ -148,9 +149,15 @@ class Engine:
     def encode(self, prompt: str) -> list[int]:
         return encode_prompt(self.tokenizer, prompt)
 
-    def submit(self, prompt: str | list[int], params: SamplingParams, slot: int | None = None,
-               on_done: Callable[[GenerationResult | None], None] | None = None, tenant: str = "",
-               label: str = "") -> RequestHandle:
+    def submit(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        slot: int | None = None,
+        on_done: Callable[[GenerationResult | None], None] | None = None,
+        tenant: str = "",
+        label: str = "",
+    ) -> RequestHandle:
         """Queue a request of `tenant` using adapter `slot` of the pool (None = base model), named `label` in
         errors. on_done runs on completion."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -161,8 +168,9 @@ class Engine:
         gen = None
         if not is_greedy(params.temperature):
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        req = _Request(next(self._ids), ids, params, slot, TextStream(self.tokenizer, params.stop), on_done, gen,
-                       tenant, label)
+        req = _Request(
+            next(self._ids), ids, params, slot, TextStream(self.tokenizer, params.stop), on_done, gen, tenant, label
+        )
         with self._cond:
             if len(self._waiting) >= self.config.max_waiting:
                 raise ResourceExhausted(f"engine queue is full ({self.config.max_waiting} waiting requests)")
@@ -262,7 +270,7 @@ class Engine:
         longest = max(len(r.prompt_ids) for r in joiners)
         ids = torch.zeros(len(joiners), longest, dtype=torch.long)
         for n, req in enumerate(joiners):
-            ids[n, :len(req.prompt_ids)] = torch.tensor(req.prompt_ids)
+            ids[n, : len(req.prompt_ids)] = torch.tensor(req.prompt_ids)
         lengths = torch.tensor([len(r.prompt_ids) for r in joiners])
         try:
             logits = self.model.prefill(ids.to(self.device), lengths.to(self.device), row0)
@@ -309,8 +317,7 @@ class Engine:
 
     def _emit(self, req: _Request, greedy: int, logits: torch.Tensor) -> None:
         p = req.params
-        token = greedy if is_greedy(p.temperature) else sample_token(logits, p.temperature, p.top_p,
-                                                                     req.generator)
+        token = greedy if is_greedy(p.temperature) else sample_token(logits, p.temperature, p.top_p, req.generator)
         req.generated += 1
         self.tokens_generated += 1
         req.last_token = token
@@ -408,4 +415,3 @@ class _FairQueue:
         else:
             del self._queues[tenant]
         return req
-

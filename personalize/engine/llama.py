@@ -57,8 +57,10 @@ def read_family(cfg: Any) -> Family:
     """The family description of a transformers config; refuses what this forward does not implement."""
     dependent = _rope_types(cfg) & set(_LENGTH_DEPENDENT_ROPE)
     if dependent:
-        raise InvalidArgument(f"rope scaling {sorted(dependent)} is not supported (its tables depend on the "
-                              f"sequence length); supported: default, linear, llama3, yarn")
+        raise InvalidArgument(
+            f"rope scaling {sorted(dependent)} is not supported (its tables depend on the "
+            f"sequence length); supported: default, linear, llama3, yarn"
+        )
     gemma = cfg.model_type.startswith("gemma")
     layers = cfg.num_hidden_layers
     layer_types = getattr(cfg, "layer_types", None)
@@ -71,11 +73,16 @@ def read_family(cfg: Any) -> Family:
     per_type = bool(layer_types) and all(isinstance(rope.get(t), dict) for t in set(layer_types or ()))
     rope_keys: tuple[str | None, ...] = tuple(layer_types or ()) if per_type else (None,) * layers
     scalar = getattr(cfg, "query_pre_attn_scalar", None)
-    return Family(norm_offset=1.0 if gemma else 0.0, qk_norm=cfg.model_type in ("qwen3", "gemma3_text"),
-                  sandwich=gemma, windows=windows, rope_keys=rope_keys,
-                  query_scale=scalar ** -0.5 if scalar else None,
-                  attn_softcap=getattr(cfg, "attn_logit_softcapping", None),
-                  final_softcap=getattr(cfg, "final_logit_softcapping", None))
+    return Family(
+        norm_offset=1.0 if gemma else 0.0,
+        qk_norm=cfg.model_type in ("qwen3", "gemma3_text"),
+        sandwich=gemma,
+        windows=windows,
+        rope_keys=rope_keys,
+        query_scale=scalar**-0.5 if scalar else None,
+        attn_softcap=getattr(cfg, "attn_logit_softcapping", None),
+        final_softcap=getattr(cfg, "final_logit_softcapping", None),
+    )
 
 
 @dataclass
@@ -117,8 +124,9 @@ def window_mask(q_pos: Tensor, span: int, window: int | None) -> Tensor:
     return visible.unsqueeze(1)
 
 
-def lora_into(y: Tensor, x: Tensor, group: LoraGroup, lane_a: Tensor, lane_b: dict[str, Tensor],
-              lane_scaling: Tensor, r_max: int) -> None:
+def lora_into(
+    y: Tensor, x: Tensor, group: LoraGroup, lane_a: Tensor, lane_b: dict[str, Tensor], lane_scaling: Tensor, r_max: int
+) -> None:
     """Add each part's LoRA delta to its columns of the fused output y, in place.
 
     x: [N, L, d_in]; y: [N, L, d_fused]; lane_a: [N, parts*r, d_in]; lane_b[m]: [N, r, d_out(m)].
@@ -127,11 +135,12 @@ def lora_into(y: Tensor, x: Tensor, group: LoraGroup, lane_a: Tensor, lane_b: di
     shrunk = torch.bmm(x, lane_a.transpose(1, 2)) * lane_scaling.view(-1, 1, 1)  # [N, L, parts*r]
     for p, m in enumerate(group.parts):
         start, end = group.out_slices[m]
-        y[..., start:end] += torch.bmm(shrunk[..., p * r_max:(p + 1) * r_max], lane_b[m])
+        y[..., start:end] += torch.bmm(shrunk[..., p * r_max : (p + 1) * r_max], lane_b[m])
 
 
-def _rotary_tables(inner: Any, family: Family, max_len: int, dtype: torch.dtype,
-                   probe: Tensor) -> dict[str | None, tuple[Tensor, Tensor]]:
+def _rotary_tables(
+    inner: Any, family: Family, max_len: int, dtype: torch.dtype, probe: Tensor
+) -> dict[str | None, tuple[Tensor, Tensor]]:
     """cos, sin [max_len, D] per rope key, from the model's own rotary module (float32, then cast)."""
     positions = torch.arange(max_len, device=probe.device).unsqueeze(0)
     tables = {}
@@ -177,8 +186,15 @@ class FastLlama:
     @staticmethod
     def _fuse(layer: Any) -> LayerWeights:
         attn, mlp = layer.self_attn, layer.mlp
-        mods = {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj, "o_proj": attn.o_proj,
-                "gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj, "down_proj": mlp.down_proj}
+        mods = {
+            "q_proj": attn.q_proj,
+            "k_proj": attn.k_proj,
+            "v_proj": attn.v_proj,
+            "o_proj": attn.o_proj,
+            "gate_proj": mlp.gate_proj,
+            "up_proj": mlp.up_proj,
+            "down_proj": mlp.down_proj,
+        }
         members = dict(GROUPS)  # the slots' fused groups: the engine fuses the same projections
         w, bias = {}, {}
         for g, names in members.items():
@@ -221,8 +237,8 @@ class FastLlama:
         qkv = self._proj(x, i, qkv_g, rows)
         dq, dk = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q = self._heads(qkv[..., :dq], self.heads, lw.norms.get("q_norm") if fam.qk_norm else None)
-        k = self._heads(qkv[..., dq:dq + dk], self.kv_heads, lw.norms.get("k_norm") if fam.qk_norm else None)
-        v = self._heads(qkv[..., dq + dk:], self.kv_heads, None)
+        k = self._heads(qkv[..., dq : dq + dk], self.kv_heads, lw.norms.get("k_norm") if fam.qk_norm else None)
+        v = self._heads(qkv[..., dq + dk :], self.kv_heads, None)
         attn = attend(i, q, k, v)  # [N, heads, L, D]
         attn = self._proj(attn.transpose(1, 2).reshape(n, length, dq), i, o_g, rows)
         if fam.sandwich:
@@ -250,17 +266,25 @@ class FastLlama:
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         if self.family.attn_softcap is not None:
             return self._capped_attention(q, k, v, mask, causal, self.family.attn_softcap)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                              scale=self.family.query_scale, enable_gqa=self.kv_heads != self.heads)
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            scale=self.family.query_scale,
+            enable_gqa=self.kv_heads != self.heads,
+        )
 
-    def _capped_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
-                          cap: float) -> Tensor:
+    def _capped_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, cap: float
+    ) -> Tensor:
         """Attention with soft-capped scores, as transformers' eager Gemma 2 attention (softmax in float32).
 
         q: [N, heads, Lq, D]; k, v: [N, kv_heads, Lk, D]; mask: boolean [N, 1, Lq, Lk] or None (causal)."""
         groups = self.heads // self.kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        scale = self.family.query_scale or self.head_dim ** -0.5
+        scale = self.family.query_scale or self.head_dim**-0.5
         scores = torch.tanh(torch.matmul(q, k.transpose(2, 3)) * scale / cap) * cap  # [N, heads, Lq, Lk]
         if mask is None and causal:
             lq, lk = q.shape[2], k.shape[2]

@@ -58,15 +58,15 @@ class TextStream:
     def _new_text(self, final: bool) -> str:
         """Text the tokens since `read` add to the window; empty while it ends in an unfinished character
         (unless `final`: at the end a broken byte decodes as U+FFFD, as in a full decode)."""
-        window = self.ids[self._prefix:]
-        before = self._decode(self.ids[self._prefix:self._read])
+        window = self.ids[self._prefix :]
+        before = self._decode(self.ids[self._prefix : self._read])
         after = self._decode(window)
         if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
             return ""
         # Re-anchor: the window now starts a few tokens back from the end.
         self._read = len(self.ids)
         self._prefix = max(self._prefix, self._read - _PREFIX_TOKENS)
-        return after[len(before):]
+        return after[len(before) :]
 
     def _emit(self, piece: str) -> str:
         if piece:
@@ -90,8 +90,8 @@ class TextStream:
             self._pending = ""
             return self._emit(buf[:cut])
         keep = min(self.hold, len(buf))
-        self._pending = buf[len(buf) - keep:]
-        return self._emit(buf[:len(buf) - keep])
+        self._pending = buf[len(buf) - keep :]
+        return self._emit(buf[: len(buf) - keep])
 
     def flush(self) -> str:
         """The rest of the text, at the end of generation."""

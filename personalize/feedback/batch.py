@@ -36,9 +36,15 @@ def select_rows(batch: TrainBatch, rows: Tensor) -> TrainBatch:
     """The batch restricted to rows where `rows` (bool [N]) is set; a prefer pair is kept or dropped whole."""
     new_index = torch.cumsum(rows.long(), 0) - 1
     keep_pairs = rows[batch.pairs[:, 0]] & rows[batch.pairs[:, 1]] if batch.pairs.numel() else rows[:0]
-    return TrainBatch(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows],
-                      labels=batch.labels[rows], user_index=batch.user_index[rows], is_sft=batch.is_sft[rows],
-                      is_reject=batch.is_reject[rows], pairs=new_index[batch.pairs[keep_pairs]].view(-1, 2))
+    return TrainBatch(
+        input_ids=batch.input_ids[rows],
+        attention_mask=batch.attention_mask[rows],
+        labels=batch.labels[rows],
+        user_index=batch.user_index[rows],
+        is_sft=batch.is_sft[rows],
+        is_reject=batch.is_reject[rows],
+        pairs=new_index[batch.pairs[keep_pairs]].view(-1, 2),
+    )
 
 
 def encode_example(tokenizer: Any, prompt: str, answer: str, max_tokens: int) -> tuple[list[int], list[int]]:
@@ -50,8 +56,9 @@ def encode_example(tokenizer: Any, prompt: str, answer: str, max_tokens: int) ->
     return ids, labels
 
 
-def build_batch(tokenizer: Any, users_events: list[list[FeedbackEvent]], max_tokens: int,
-                device: torch.device | str = "cpu") -> TrainBatch:
+def build_batch(
+    tokenizer: Any, users_events: list[list[FeedbackEvent]], max_tokens: int, device: torch.device | str = "cpu"
+) -> TrainBatch:
     """One row per accept/correct/reject event and two per prefer event, for users 0..U-1."""
     rows: list[tuple[list[int], list[int], int, str]] = []
     pairs: list[tuple[int, int]] = []
@@ -68,13 +75,16 @@ def build_batch(tokenizer: Any, users_events: list[list[FeedbackEvent]], max_tok
     labels = torch.full((len(rows), length), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     for n, (row_ids, row_labels, _, _) in enumerate(rows):
-        ids[n, :len(row_ids)] = torch.tensor(row_ids)
-        labels[n, :len(row_labels)] = torch.tensor(row_labels)
-        mask[n, :len(row_ids)] = 1
+        ids[n, : len(row_ids)] = torch.tensor(row_ids)
+        labels[n, : len(row_labels)] = torch.tensor(row_labels)
+        mask[n, : len(row_ids)] = 1
     kinds = [r[3] for r in rows]
     return TrainBatch(
-        input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device),
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        labels=labels.to(device),
         user_index=torch.tensor([r[2] for r in rows], dtype=torch.long, device=device),
         is_sft=torch.tensor([k in ("accept", "correct") for k in kinds], device=device),
         is_reject=torch.tensor([k == "reject" for k in kinds], device=device),
-        pairs=torch.tensor(pairs, dtype=torch.long, device=device).view(-1, 2))
+        pairs=torch.tensor(pairs, dtype=torch.long, device=device).view(-1, 2),
+    )

@@ -43,15 +43,33 @@ class FeedbackEvent:
         return self.correction if self.kind == "correct" else self.completion
 
     def to_fields(self) -> dict[str, str]:
-        return {"t": self.tenant, "u": self.user_id, "k": self.kind, "p": self.prompt, "c": self.completion,
-                "x": self.correction, "r": self.rejected, "e": self.event_key}
+        return {
+            "t": self.tenant,
+            "u": self.user_id,
+            "k": self.kind,
+            "p": self.prompt,
+            "c": self.completion,
+            "x": self.correction,
+            "r": self.rejected,
+            "e": self.event_key,
+        }
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes] | dict[str, str]) -> FeedbackEvent:
-        f = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-             for k, v in fields.items()}
-        return cls(tenant=f["t"], user_id=f["u"], kind=f["k"], prompt=f["p"], completion=f["c"],
-                   correction=f.get("x", ""), rejected=f.get("r", ""), event_key=f.get("e", ""))
+        f = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in fields.items()
+        }
+        return cls(
+            tenant=f["t"],
+            user_id=f["u"],
+            kind=f["k"],
+            prompt=f["p"],
+            completion=f["c"],
+            correction=f.get("x", ""),
+            rejected=f.get("r", ""),
+            event_key=f.get("e", ""),
+        )
 
 
 def event_id_key(event_id: str) -> tuple[int, int]:

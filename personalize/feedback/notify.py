@@ -1,4 +1,4 @@
-""""User U is now version v": trainers publish it, workers listen and load the new version at once."""
+""" "User U is now version v": trainers publish it, workers listen and load the new version at once."""
 
 from __future__ import annotations
 
@@ -16,8 +16,14 @@ log = logging.getLogger(__name__)
 
 def redis_client(url: str) -> Any:
     """A binary-safe client with bounded timeouts (the stream and notifications share it)."""
-    return redis.Redis.from_url(url, socket_timeout=10.0, socket_connect_timeout=2.0, decode_responses=False,
-                                health_check_interval=30, max_connections=valkey.MAX_CONNECTIONS)
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=10.0,
+        socket_connect_timeout=2.0,
+        decode_responses=False,
+        health_check_interval=30,
+        max_connections=valkey.MAX_CONNECTIONS,
+    )
 
 
 def channel(namespace: str) -> str:

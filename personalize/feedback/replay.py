@@ -49,7 +49,7 @@ def balanced(buffer: list[FeedbackEvent], k: int) -> list[FeedbackEvent]:
     others = [i for i, e in enumerate(buffer) if e.kind != "reject"]
     n_rej = min(len(rejects), max(k // 2, k - len(others)))
     n_oth = min(len(others), k - n_rej)
-    chosen = sorted(rejects[len(rejects) - n_rej:] + others[len(others) - n_oth:])
+    chosen = sorted(rejects[len(rejects) - n_rej :] + others[len(others) - n_oth :])
     return [buffer[i] for i in chosen]
 
 

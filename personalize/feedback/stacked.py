@@ -35,8 +35,8 @@ class StackedAdapters:
                 for u, adapter in enumerate(adapters):
                     pair = adapter.weights.get(module_key(layer, m))
                     if pair is not None:
-                        a[u, :adapter.rank] = pair[0].float()
-                        b[u, :adapter.rank] = pair[1].float().T
+                        a[u, : adapter.rank] = pair[0].float()
+                        b[u, : adapter.rank] = pair[1].float().T
                 self.a[(layer, m)] = nn.Parameter(a)
                 self.b[(layer, m)] = nn.Parameter(b)
         self.scaling = torch.tensor([a.scaling for a in adapters], dtype=torch.float32, device=device)
@@ -76,8 +76,14 @@ class MaskedAdam:
     That lets each user train for their own number of steps inside one batched round.
     """
 
-    def __init__(self, groups: list[tuple[list[nn.Parameter], float]], users: int,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        groups: list[tuple[list[nn.Parameter], float]],
+        users: int,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
         self.groups = groups
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
         device = groups[0][0][0].device
@@ -105,7 +111,7 @@ class MaskedAdam:
                 m, v = self.m[id(p)], self.v[id(p)]
                 m.copy_(torch.where(keep, b1 * m + (1 - b1) * p.grad, m))
                 v.copy_(torch.where(keep, b2 * v + (1 - b2) * p.grad.square(), v))
-                m_hat = m / (1 - b1 ** t).view(shape)
-                v_hat = v / (1 - b2 ** t).view(shape)
+                m_hat = m / (1 - b1**t).view(shape)
+                v_hat = v / (1 - b2**t).view(shape)
                 update = lr * (m_hat / (v_hat.sqrt() + self.eps) + self.weight_decay * p)
                 p.sub_(torch.where(keep, update, torch.zeros_like(update)))

@@ -124,8 +124,10 @@ class FeedbackStream:
             args += [k, v]
         keys = [self.stream_key(p), self._idempotency_key(event.tenant, event.user_id), pending]
         if int(self._call(functools.partial(self.client.xlen, keys[0]))) >= self.config.max_len:
-            raise ResourceExhausted(f"feedback partition {p} holds {self.config.max_len} untrained events "
-                                    f"(feedback max_len); retry once the trainer catches up")
+            raise ResourceExhausted(
+                f"feedback partition {p} holds {self.config.max_len} untrained events "
+                f"(feedback max_len); retry once the trainer catches up"
+            )
         event_id = self._call(lambda: self._append(keys=keys, args=args))
         return _s(event_id), p
 
@@ -134,8 +136,7 @@ class FeedbackStream:
         for p in range(self.config.partitions):
             key = self.stream_key(p)
             try:
-                self._call(functools.partial(self.client.xgroup_create, key, self.config.group, id="0",
-                                             mkstream=True))
+                self._call(functools.partial(self.client.xgroup_create, key, self.config.group, id="0", mkstream=True))
             except Unavailable as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
@@ -143,8 +144,11 @@ class FeedbackStream:
     def read(self, consumer: str, count: int, block_ms: int) -> list[Delivered]:
         """New events for this consumer across all partitions (blocks up to block_ms when there are none)."""
         streams = {self.stream_key(p): ">" for p in range(self.config.partitions)}
-        reply = self._call(lambda: self.client.xreadgroup(self.config.group, consumer, streams,
-                                                          count=self._per_stream(count), block=block_ms or None))
+        reply = self._call(
+            lambda: self.client.xreadgroup(
+                self.config.group, consumer, streams, count=self._per_stream(count), block=block_ms or None
+            )
+        )
         return self._parse(reply or [])
 
     def _per_stream(self, count: int) -> int:
@@ -154,8 +158,9 @@ class FeedbackStream:
     def read_own_pending(self, consumer: str, count: int) -> list[Delivered]:
         """Events delivered to this consumer name earlier and never acknowledged (it restarted mid-round)."""
         streams = {self.stream_key(p): "0" for p in range(self.config.partitions)}
-        reply = self._call(lambda: self.client.xreadgroup(self.config.group, consumer, streams,
-                                                          count=self._per_stream(count)))
+        reply = self._call(
+            lambda: self.client.xreadgroup(self.config.group, consumer, streams, count=self._per_stream(count))
+        )
         return self._parse(reply or [])
 
     def claim(self, consumer: str, min_idle_ms: int, count: int = 1000) -> list[Delivered]:
@@ -163,8 +168,17 @@ class FeedbackStream:
         count = self._per_stream(count)
         out: list[Delivered] = []
         for p in range(self.config.partitions):
-            reply = self._call(functools.partial(self.client.xautoclaim, self.stream_key(p), self.config.group,
-                                                 consumer, min_idle_ms, "0-0", count=count))
+            reply = self._call(
+                functools.partial(
+                    self.client.xautoclaim,
+                    self.stream_key(p),
+                    self.config.group,
+                    consumer,
+                    min_idle_ms,
+                    "0-0",
+                    count=count,
+                )
+            )
             entries = reply[1] if reply else []
             out += [Delivered(p, _s(i), FeedbackEvent.from_fields(f)) for i, f in entries if f]
         return out
@@ -174,14 +188,16 @@ class FeedbackStream:
         if not ids:
             return 0
         p, pending = self._pending_key(tenant, user_id)
-        return int(self._call(lambda: self._ack(keys=[self.stream_key(p), pending],
-                                                args=[self.config.group, *ids])))
+        return int(self._call(lambda: self._ack(keys=[self.stream_key(p), pending], args=[self.config.group, *ids])))
 
     def dead_letter(self, delivered: Delivered, reason: str) -> None:
         """Move an event that cannot be applied to the dead-letter stream, with the reason."""
         fields = {**delivered.event.to_fields(), "id": delivered.event_id, "reason": reason}
-        self._call(lambda: self.client.xadd(self._key(delivered.partition, "dead"), fields,
-                                            maxlen=self.config.max_dead_letters, approximate=True))
+        self._call(
+            lambda: self.client.xadd(
+                self._key(delivered.partition, "dead"), fields, maxlen=self.config.max_dead_letters, approximate=True
+            )
+        )
         self.ack(delivered.event.tenant, delivered.event.user_id, [delivered.event_id])
 
     def dead_letters(self, p: int) -> list[dict[str, str]]:
@@ -221,8 +237,10 @@ class FeedbackStream:
 
     def lag(self) -> int:
         """Events appended but not yet acknowledged, over all partitions."""
-        return sum(int(self._call(functools.partial(self.client.xlen, self.stream_key(p))))
-                   for p in range(self.config.partitions))
+        return sum(
+            int(self._call(functools.partial(self.client.xlen, self.stream_key(p))))
+            for p in range(self.config.partitions)
+        )
 
     # -- plumbing -----------------------------------------------------------------------------------------------
     def _parse(self, reply: list[Any]) -> list[Delivered]:
@@ -238,4 +256,3 @@ class FeedbackStream:
 
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
-

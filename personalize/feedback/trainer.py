@@ -157,17 +157,22 @@ class RoundReport:
     train_seconds: float = 0.0
 
 
-def train_round(model: Any, tokenizer: Any, jobs: list[UserJob], config: TrainerConfig,
-                device: torch.device | str = "cpu") -> tuple[list[Adapter], list[bool], list[float]]:
+def train_round(
+    model: Any, tokenizer: Any, jobs: list[UserJob], config: TrainerConfig, device: torch.device | str = "cpu"
+) -> tuple[list[Adapter], list[bool], list[float]]:
     """Train every job's adapter together. Returns (new adapters, finite flags, last loss) per job."""
     stacked = StackedAdapters([j.adapter for j in jobs], model.config, device=device)
-    batch = build_batch(tokenizer, [j.training(config.replay_for(len(j.events))) for j in jobs],
-                        config.max_tokens, device)
+    batch = build_batch(
+        tokenizer, [j.training(config.replay_for(len(j.events))) for j in jobs], config.max_tokens, device
+    )
     eject(model)
     state = inject(model, stacked)
     # LoRA+: B learns faster than A (Hayou et al. 2024), which matters when B starts at zero.
-    opt = MaskedAdam([(list(stacked.a.values()), config.lr), (list(stacked.b.values()), config.lr * config.lr_ratio_b)],
-                     users=len(jobs), weight_decay=config.weight_decay)
+    opt = MaskedAdam(
+        [(list(stacked.a.values()), config.lr), (list(stacked.b.values()), config.lr * config.lr_ratio_b)],
+        users=len(jobs),
+        weight_decay=config.weight_decay,
+    )
     budget = torch.tensor([config.steps_for(len(j.events)) for j in jobs], device=device)
     cap = torch.tensor([config.fit_steps_for(len(j.events)) for j in jobs], device=device)
     finite = torch.ones(len(jobs), dtype=torch.bool, device=device)
@@ -181,8 +186,9 @@ def train_round(model: Any, tokenizer: Any, jobs: list[UserJob], config: Trainer
                 break
             rows = active[batch.user_index]  # only users with steps left pay for a forward/backward
             sub = batch if bool(rows.all()) else select_rows(batch, rows)
-            per_user, fit, sub_ref = _user_losses(model, state, sub, config, None if ref is None else ref[rows],
-                                                  len(jobs))
+            per_user, fit, sub_ref = _user_losses(
+                model, state, sub, config, None if ref is None else ref[rows], len(jobs)
+            )
             ref = sub_ref if ref is None else ref  # step 0 runs every row: the reference is complete
             finite &= torch.isfinite(per_user) | ~active
             unfit = torch.where(active, fit > config.fit_loss, unfit)
@@ -200,8 +206,9 @@ def train_round(model: Any, tokenizer: Any, jobs: list[UserJob], config: Trainer
     return adapters, finite.tolist(), per_user.detach().tolist()
 
 
-def _user_losses(model: Any, state: dict[str, Any], batch: TrainBatch, config: TrainerConfig,
-                 ref: torch.Tensor | None, users: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _user_losses(
+    model: Any, state: dict[str, Any], batch: TrainBatch, config: TrainerConfig, ref: torch.Tensor | None, users: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, fit, reference) per user: fit is the mean token NLL of the answers the user wants."""
     with use_slots(state, batch.user_index, config.lora_dropout):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -265,9 +272,18 @@ def _replay_event(item: object) -> FeedbackEvent | None:
 def with_replay(adapter: Adapter, examples: list[FeedbackEvent]) -> Adapter:
     """The adapter with `examples` stored in its metadata (texts capped so a version stays small)."""
     cap = 2048
-    items = [{"tenant": e.tenant, "user_id": e.user_id, "kind": e.kind, "prompt": e.prompt[-cap:],
-              "completion": e.completion[:cap], "correction": e.correction[:cap], "rejected": e.rejected[:cap]}
-             for e in examples]
+    items = [
+        {
+            "tenant": e.tenant,
+            "user_id": e.user_id,
+            "kind": e.kind,
+            "prompt": e.prompt[-cap:],
+            "completion": e.completion[:cap],
+            "correction": e.correction[:cap],
+            "rejected": e.rejected[:cap],
+        }
+        for e in examples
+    ]
     meta = {**adapter.metadata, "replay": json.dumps(items, ensure_ascii=False)}
     if not items:
         meta.pop("replay")
@@ -277,8 +293,15 @@ def with_replay(adapter: Adapter, examples: list[FeedbackEvent]) -> Adapter:
 class Trainer:
     """Consumes the feedback stream and publishes new adapter versions. One round at a time."""
 
-    def __init__(self, config: TrainerConfig, base: Any, repo: AdapterRepository, stream: FeedbackStream,
-                 consumer: str, notify: Callable[[str, str, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainerConfig,
+        base: Any,
+        repo: AdapterRepository,
+        stream: FeedbackStream,
+        consumer: str,
+        notify: Callable[[str, str, int], None] | None = None,
+    ) -> None:
         self.config = config
         self.base = base
         self.repo = repo
@@ -300,8 +323,9 @@ class Trainer:
             got += self.stream.read(self.consumer, room, 0 if got else self.config.block_ms)
         deadline = time.monotonic() + self.config.linger_ms / 1000
         while got and len(got) < self.config.max_events and time.monotonic() < deadline:
-            more = self.stream.read(self.consumer, self.config.max_events - len(got),
-                                    max(1, int((deadline - time.monotonic()) * 1000)))
+            more = self.stream.read(
+                self.consumer, self.config.max_events - len(got), max(1, int((deadline - time.monotonic()) * 1000))
+            )
             if not more:
                 break
             got += more
@@ -318,8 +342,9 @@ class Trainer:
             applied = [d.event_id for d in events if event_id_key(d.event_id) <= done_id]
             live = self.stream.pending_ids(tenant, user_id)
             fresh = [d for d in events if event_id_key(d.event_id) > done_id and d.event_id in live]
-            stale = applied + [d.event_id for d in events if event_id_key(d.event_id) > done_id
-                               and d.event_id not in live]
+            stale = applied + [
+                d.event_id for d in events if event_id_key(d.event_id) > done_id and d.event_id not in live
+            ]
             self.stream.ack(tenant, user_id, stale)  # already applied, or deleted with the user
             report.skipped_applied += len(applied)
             fresh = self._unbroken(fresh, live, done_id, report)
@@ -329,8 +354,9 @@ class Trainer:
                     jobs.append(job)
         return jobs
 
-    def _unbroken(self, fresh: list[Delivered], live: set[str], done_id: tuple[int, int],
-                  report: RoundReport) -> list[Delivered]:
+    def _unbroken(
+        self, fresh: list[Delivered], live: set[str], done_id: tuple[int, int], report: RoundReport
+    ) -> list[Delivered]:
         """The fresh events older than any unapplied event of the user this trainer does not hold; the rest
         wait. Publishing last_event_id past such an event would make its holder skip it as applied."""
         held = {d.event_id for d in fresh}
@@ -344,8 +370,9 @@ class Trainer:
             report.deferred_users += 1
         return [d for d in fresh if event_id_key(d.event_id) < gap]
 
-    def _job(self, tenant: str, user_id: str, record: AdapterRecord | None, events: list[Delivered],
-             report: RoundReport) -> UserJob | None:
+    def _job(
+        self, tenant: str, user_id: str, record: AdapterRecord | None, events: list[Delivered], report: RoundReport
+    ) -> UserJob | None:
         """The user's share of the round, or None when its adapter cannot be had now (events wait or fail)."""
         try:
             adapter = self._start_adapter(tenant, user_id, record, report)
@@ -361,8 +388,7 @@ class Trainer:
             return None
         return UserJob(tenant, user_id, record, adapter, events, replay_of(adapter))
 
-    def _start_adapter(self, tenant: str, user_id: str, record: AdapterRecord | None,
-                       report: RoundReport) -> Adapter:
+    def _start_adapter(self, tenant: str, user_id: str, record: AdapterRecord | None, report: RoundReport) -> Adapter:
         """The adapter the user's training starts from: the current version, or after losing it (corrupt or
         missing object) the newest intact older one, or the seeded zero adapter."""
         if record is None:
@@ -372,8 +398,14 @@ class Trainer:
         except (CorruptObject, NotFound) as exc:
             found = self.repo.load_intact(tenant, user_id, record.version)
             adapter, version = found if found is not None else (self._fresh_adapter(tenant, user_id), 0)
-            log.warning("user %r: adapter v%d is lost (%s); training v%d from %s", user_id, record.version, exc,
-                        record.version + 1, f"intact v{version}" if version else "a fresh adapter")
+            log.warning(
+                "user %r: adapter v%d is lost (%s); training v%d from %s",
+                user_id,
+                record.version,
+                exc,
+                record.version + 1,
+                f"intact v{version}" if version else "a fresh adapter",
+            )
             report.recovered_users += 1
             return adapter
 

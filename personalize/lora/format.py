@@ -94,12 +94,16 @@ class AdapterSpec:
             raise InvalidArgument(f"r_max must be >= 1, got {self.r_max}")
         unknown = [m for m in self.target_modules if m not in TARGET_MODULES]
         if not self.target_modules or unknown:
-            raise InvalidArgument(f"target_modules must be a non-empty subset of {TARGET_MODULES}, "
-                                  f"got {self.target_modules}")
+            raise InvalidArgument(
+                f"target_modules must be a non-empty subset of {TARGET_MODULES}, got {self.target_modules}"
+            )
         for key, shape in self.shapes.items():
             match = _MODULE_PATH.fullmatch(key)
-            if match is None or match["module"] not in self.target_modules \
-                    or module_key(int(match["layer"]), match["module"]) != key:
+            if (
+                match is None
+                or match["module"] not in self.target_modules
+                or module_key(int(match["layer"]), match["module"]) != key
+            ):
                 raise InvalidArgument(f"shapes key {key!r} is not the module_key of a target module")
             if len(shape) != 2 or min(shape) < 1:
                 raise InvalidArgument(f"shape of {key} must be (d_out, d_in) > 0, got {shape}")
@@ -109,8 +113,9 @@ class AdapterSpec:
         return 1 + max((_layer_of(key) for key in self.shapes), default=-1)
 
     @classmethod
-    def for_model(cls, model: Any, r_max: int, target_modules: tuple[str, ...] = TARGET_MODULES,
-                  base_fingerprint: str = "") -> AdapterSpec:
+    def for_model(
+        cls, model: Any, r_max: int, target_modules: tuple[str, ...] = TARGET_MODULES, base_fingerprint: str = ""
+    ) -> AdapterSpec:
         """Spec of a Llama-family HF causal LM, or of a `personalize.model.BaseModel` (whose fingerprint
         is then the default), read from `model.model.layers[i].self_attn.q_proj` etc."""
         if isinstance(getattr(model, "fingerprint", None), str):  # a BaseModel, without importing it
@@ -122,8 +127,7 @@ class AdapterSpec:
                 key = module_key(index, name)
                 weight = layer.get_submodule(key.split(".", 3)[3]).weight
                 shapes[key] = (int(weight.shape[0]), int(weight.shape[1]))
-        return cls(r_max=r_max, target_modules=tuple(target_modules), shapes=shapes,
-                   base_fingerprint=base_fingerprint)
+        return cls(r_max=r_max, target_modules=tuple(target_modules), shapes=shapes, base_fingerprint=base_fingerprint)
 
 
 def _layer_of(key: str) -> int:
@@ -150,8 +154,13 @@ def _stamped(spec: AdapterSpec, metadata: Mapping[str, str] | None) -> dict[str,
     return out
 
 
-def _constructed(spec: AdapterSpec, rank: int, alpha: float, metadata: Mapping[str, str] | None,
-                 draw: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]) -> Adapter:
+def _constructed(
+    spec: AdapterSpec,
+    rank: int,
+    alpha: float,
+    metadata: Mapping[str, str] | None,
+    draw: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],
+) -> Adapter:
     """An adapter with draw(d_out, d_in) -> (lora_a, lora_b) on every module of `spec`, in canonical order."""
     if not 1 <= rank <= spec.r_max:
         raise AdapterError(f"rank must be in [1, r_max={spec.r_max}], got {rank}")
@@ -159,34 +168,54 @@ def _constructed(spec: AdapterSpec, rank: int, alpha: float, metadata: Mapping[s
     return Adapter(rank=rank, alpha=float(alpha), weights=weights, metadata=_stamped(spec, metadata))
 
 
-def zero_adapter(spec: AdapterSpec, rank: int, alpha: float, metadata: Mapping[str, str] | None = None, *,
-                 generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Adapter:
+def zero_adapter(
+    spec: AdapterSpec,
+    rank: int,
+    alpha: float,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Adapter:
     """An adapter whose delta is exactly zero, on every layer and target module of `spec`.
 
     Without a generator both lora_a and lora_b are zero (no gradient flows: not trainable as is). With one,
     lora_a is drawn like PEFT's default init (kaiming-uniform, a=sqrt(5)) and lora_b is zero, so the
     delta is still zero but training can start from it. Metadata gets spec.base_fingerprint if unset.
     """
+
     def draw(d_out: int, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
         lora_a = torch.zeros(rank, d_in, dtype=dtype)
         if generator is not None:
             bound = 1.0 / math.sqrt(d_in)  # what kaiming_uniform_(a=sqrt(5)) gives on [rank, d_in]
             lora_a = (torch.rand(rank, d_in, generator=generator) * 2 - 1).mul_(bound).to(dtype)
         return lora_a, torch.zeros(d_out, rank, dtype=dtype)
+
     return _constructed(spec, rank, alpha, metadata, draw)
 
 
-def random_adapter(spec: AdapterSpec, rank: int, alpha: float, generator: torch.Generator, std: float = 0.02,
-                   metadata: Mapping[str, str] | None = None, *,
-                   dtype: torch.dtype = torch.float32) -> Adapter:
+def random_adapter(
+    spec: AdapterSpec,
+    rank: int,
+    alpha: float,
+    generator: torch.Generator,
+    std: float = 0.02,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> Adapter:
     """An adapter with lora_a and lora_b ~ N(0, std^2) on every layer and target module of `spec`.
 
     lora_b is nonzero, so the adapter changes the model's outputs. Deterministic for a given generator
     state. Metadata gets spec.base_fingerprint if unset.
     """
+
     def draw(d_out: int, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return ((torch.randn(rank, d_in, generator=generator) * std).to(dtype),
-                (torch.randn(d_out, rank, generator=generator) * std).to(dtype))
+        return (
+            (torch.randn(rank, d_in, generator=generator) * std).to(dtype),
+            (torch.randn(d_out, rank, generator=generator) * std).to(dtype),
+        )
+
     return _constructed(spec, rank, alpha, metadata, draw)
 
 
@@ -198,20 +227,26 @@ def _check_rank(rank: int, spec: AdapterSpec, source: str) -> None:
         raise AdapterError(f"{source}: rank r={rank} exceeds this deployment's maximum r_max={spec.r_max}")
 
 
-def _check_pair(key: str, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int, spec: AdapterSpec,
-                source: str) -> None:
+def _check_pair(
+    key: str, lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int, spec: AdapterSpec, source: str
+) -> None:
     """lora_a must be [rank, d_in] and lora_b [d_out, rank] for the base linear `key`."""
     d_out, d_in = spec.shapes[key]
     name_a, name_b = _tensor_name(key, "A"), _tensor_name(key, "B")
     if lora_a.ndim != 2 or lora_a.shape[1] != d_in:
-        raise AdapterError(f"{source}: {name_a} has shape {list(lora_a.shape)}, expected [r, {d_in}] "
-                           f"(d_in of the base {key} is {d_in})")
+        raise AdapterError(
+            f"{source}: {name_a} has shape {list(lora_a.shape)}, expected [r, {d_in}] "
+            f"(d_in of the base {key} is {d_in})"
+        )
     if lora_b.ndim != 2 or lora_b.shape[0] != d_out:
-        raise AdapterError(f"{source}: {name_b} has shape {list(lora_b.shape)}, expected [{d_out}, r] "
-                           f"(d_out of the base {key} is {d_out})")
+        raise AdapterError(
+            f"{source}: {name_b} has shape {list(lora_b.shape)}, expected [{d_out}, r] "
+            f"(d_out of the base {key} is {d_out})"
+        )
     if lora_a.shape[0] != lora_b.shape[1]:
-        raise AdapterError(f"{source}: rank mismatch in {key}: lora_A has rank {lora_a.shape[0]}, "
-                           f"lora_B has rank {lora_b.shape[1]}")
+        raise AdapterError(
+            f"{source}: rank mismatch in {key}: lora_A has rank {lora_a.shape[0]}, lora_B has rank {lora_b.shape[1]}"
+        )
     if lora_a.shape[0] != rank:
         raise AdapterError(f"{source}: {name_a} has rank {lora_a.shape[0]}, but the config says r={rank}")
 
@@ -238,21 +273,24 @@ def _check_magnitude(key: str, lora_a: torch.Tensor, lora_b: torch.Tensor, scali
     for name, tensor in ((_tensor_name(key, "A"), lora_a), (_tensor_name(key, "B"), lora_b)):
         peak = float(tensor.abs().max()) if tensor.numel() else 0.0
         if peak > MAX_WEIGHT:
-            raise AdapterError(f"{source}: {name} has a value of magnitude {peak:.3g}, over the limit "
-                               f"{MAX_WEIGHT:g}")
+            raise AdapterError(f"{source}: {name} has a value of magnitude {peak:.3g}, over the limit {MAX_WEIGHT:g}")
     bound = scaling * float(torch.linalg.norm(lora_a.float())) * float(torch.linalg.norm(lora_b.float()))
     limit = max_delta_norm(lora_a.dtype)
     if not bound <= limit:
-        raise AdapterError(f"{source}: the delta of {key} (scaling {scaling:.3g} x |lora_B| x |lora_A|) has "
-                           f"norm bound {bound:.3g}, over the limit {limit:.3g} for {lora_a.dtype}")
+        raise AdapterError(
+            f"{source}: the delta of {key} (scaling {scaling:.3g} x |lora_B| x |lora_A|) has "
+            f"norm bound {bound:.3g}, over the limit {limit:.3g} for {lora_a.dtype}"
+        )
 
 
 def check_served(adapter: Adapter, dtype: torch.dtype, source: str = ADAPTER_WEIGHTS) -> None:
     """Refuse an adapter that would overflow when served in `dtype`: finite there, and in magnitude bounds."""
     _check_scaling(adapter.rank, adapter.alpha, source)
     for key, (lora_a, lora_b) in adapter.weights.items():
-        pair = (_converted(_tensor_name(key, "A"), lora_a, dtype, source),
-                _converted(_tensor_name(key, "B"), lora_b, dtype, source))
+        pair = (
+            _converted(_tensor_name(key, "A"), lora_a, dtype, source),
+            _converted(_tensor_name(key, "B"), lora_b, dtype, source),
+        )
         _check_magnitude(key, *pair, adapter.alpha / adapter.rank, source)
 
 
@@ -265,23 +303,25 @@ def _check_adapter(adapter: Adapter, spec: AdapterSpec) -> None:
     """What a writer refuses: anything a reader would refuse."""
     source = "adapter"
     if adapter.rank < 1 or not math.isfinite(adapter.alpha):
-        raise AdapterError(f"{source}: rank must be >= 1 and alpha finite, got r={adapter.rank}, "
-                           f"alpha={adapter.alpha}")
+        raise AdapterError(f"{source}: rank must be >= 1 and alpha finite, got r={adapter.rank}, alpha={adapter.alpha}")
     _check_rank(adapter.rank, spec, source)
     if not adapter.weights:
         raise AdapterError(f"{source}: has no LoRA weights")
     for key, (lora_a, lora_b) in adapter.weights.items():
         if key not in spec.shapes:
-            raise AdapterError(f"{source}: {key!r} is not a target module of this base model "
-                               f"(targets: {spec.target_modules}, {spec.num_layers} layers)")
+            raise AdapterError(
+                f"{source}: {key!r} is not a target module of this base model "
+                f"(targets: {spec.target_modules}, {spec.num_layers} layers)"
+            )
         _check_pair(key, lora_a, lora_b, adapter.rank, spec, source)
         for name, tensor in ((_tensor_name(key, "A"), lora_a), (_tensor_name(key, "B"), lora_b)):
             _check_dtype(name, tensor, source)
             _check_finite(name, tensor, source)
     for k, v in adapter.metadata.items():
         if not isinstance(k, str) or not isinstance(v, str) or k in _RESERVED_METADATA:
-            raise AdapterError(f"{source}: metadata must map str to str and not use {_RESERVED_METADATA}, "
-                               f"got {k!r}: {v!r}")
+            raise AdapterError(
+                f"{source}: metadata must map str to str and not use {_RESERVED_METADATA}, got {k!r}: {v!r}"
+            )
 
 
 # --- writing ----------------------------------------------------------------------------------------
@@ -294,13 +334,26 @@ def _json_number(value: float) -> int | float:
 def _config_json(adapter: Adapter, spec: AdapterSpec) -> str:
     """The adapter_config.json PEFT writes for a plain LoRA on a causal LM (PEFT fills unlisted fields)."""
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": adapter.rank,
-        "lora_alpha": _json_number(adapter.alpha), "target_modules": sorted(adapter.target_modules),
-        "bias": "none", "base_model_name_or_path": spec.base_model_name or None, "lora_dropout": 0.0,
-        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": adapter.rank,
+        "lora_alpha": _json_number(adapter.alpha),
+        "target_modules": sorted(adapter.target_modules),
+        "bias": "none",
+        "base_model_name_or_path": spec.base_model_name or None,
+        "lora_dropout": 0.0,
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
         # True: modules this adapter leaves out get lora_B = 0 in PEFT, i.e. no change
-        "init_lora_weights": True, "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
-        "layers_to_transform": None, "layers_pattern": None, "revision": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
     }
     return json.dumps(config, indent=2, sort_keys=True)
 
@@ -334,7 +387,7 @@ def canonical_safetensors(data: bytes) -> bytes:
     if not 0 < size <= len(data) - 8:
         return data
     try:
-        header = json.loads(data[8:8 + size])
+        header = json.loads(data[8 : 8 + size])
     except ValueError:
         return data
     if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
@@ -342,7 +395,7 @@ def canonical_safetensors(data: bytes) -> bytes:
     ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
     text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes with spaces
-    return len(text).to_bytes(8, "little") + text + data[8 + size:]
+    return len(text).to_bytes(8, "little") + text + data[8 + size :]
 
 
 def write_peft(adapter: Adapter, spec: AdapterSpec) -> dict[str, bytes]:
@@ -352,8 +405,10 @@ def write_peft(adapter: Adapter, spec: AdapterSpec) -> dict[str, bytes]:
     IncompatibleAdapter if its metadata names another base fingerprint.
     """
     metadata = _file_metadata(adapter, spec)
-    return {ADAPTER_CONFIG: _config_json(adapter, spec).encode(),
-            ADAPTER_WEIGHTS: _safetensors_bytes(adapter, metadata)}
+    return {
+        ADAPTER_CONFIG: _config_json(adapter, spec).encode(),
+        ADAPTER_WEIGHTS: _safetensors_bytes(adapter, metadata),
+    }
 
 
 def save_peft(adapter: Adapter, spec: AdapterSpec, directory: str | os.PathLike[str]) -> Path:
@@ -391,18 +446,23 @@ def _header_metadata(data: bytes, source: str) -> dict[str, str]:
         raise AdapterError(f"{source} is truncated: {len(data)} bytes, not even a safetensors header length")
     size = int.from_bytes(data[:8], "little")
     if size > len(data) - 8:
-        raise AdapterError(f"{source} is truncated or corrupt: its header claims {size} bytes, "
-                           f"only {len(data) - 8} follow")
+        raise AdapterError(
+            f"{source} is truncated or corrupt: its header claims {size} bytes, only {len(data) - 8} follow"
+        )
     try:
-        header = json.loads(data[8:8 + size])
+        header = json.loads(data[8 : 8 + size])
     except (ValueError, RecursionError) as exc:
         raise AdapterError(f"{source} has a corrupt safetensors header: {exc}") from None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     metadata = {} if metadata is None else metadata
-    if not isinstance(header, dict) or not isinstance(metadata, dict) \
-            or not all(isinstance(v, str) for v in metadata.values()):
-        raise AdapterError(f"{source} has a corrupt safetensors header: not a JSON object of tensors "
-                           f"with string->string __metadata__")
+    if (
+        not isinstance(header, dict)
+        or not isinstance(metadata, dict)
+        or not all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise AdapterError(
+            f"{source} has a corrupt safetensors header: not a JSON object of tensors with string->string __metadata__"
+        )
     return metadata
 
 
@@ -416,8 +476,10 @@ def _tensors(data: bytes, source: str) -> dict[str, torch.Tensor]:
     for name, view in views:
         dtype = _FILE_DTYPES.get(view["dtype"])
         if dtype is None:
-            raise AdapterError(f"{source}: tensor {name} has dtype {view['dtype']}; "
-                               f"accepted: F32 (float32), BF16 (bfloat16), F16 (float16)")
+            raise AdapterError(
+                f"{source}: tensor {name} has dtype {view['dtype']}; "
+                f"accepted: F32 (float32), BF16 (bfloat16), F16 (float16)"
+            )
         raw = view["data"]
         flat = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         tensors[name] = flat.reshape(view["shape"])
@@ -491,8 +553,10 @@ def _check_options(config: dict[str, Any], source: str) -> None:
         raise AdapterError(f"{source}: use_rslora must be true or false, got {config['use_rslora']!r}")
     init = config.get("init_lora_weights", True)
     if not any(init is safe or (isinstance(init, str) and init == safe) for safe in _SAFE_INITS):
-        raise AdapterError(f"{source}: init_lora_weights={init!r} is not supported: that initialisation "
-                           f"rewrites the base weights (convert the adapter to plain LoRA with PEFT first)")
+        raise AdapterError(
+            f"{source}: init_lora_weights={init!r} is not supported: that initialisation "
+            f"rewrites the base weights (convert the adapter to plain LoRA with PEFT first)"
+        )
 
 
 def _check_patterns(config: dict[str, Any], rank: int, alpha: float, source: str) -> None:
@@ -503,8 +567,10 @@ def _check_patterns(config: dict[str, Any], rank: int, alpha: float, source: str
             raise AdapterError(f"{source}: {key} must be an object, got {pattern!r}")
         differing = {k: v for k, v in pattern.items() if v != default}
         if differing:
-            raise AdapterError(f"{source}: per-module {key} is not supported (one rank and alpha per "
-                               f"adapter), got {json.dumps(differing)}")
+            raise AdapterError(
+                f"{source}: per-module {key} is not supported (one rank and alpha per "
+                f"adapter), got {json.dumps(differing)}"
+            )
 
 
 def _parse_targets(targets: object, source: str) -> list[str] | None:
@@ -514,8 +580,9 @@ def _parse_targets(targets: object, source: str) -> list[str] | None:
         raise AdapterError(f"{source}: target_modules must be a list of names or a regex, got {targets!r}")
     for target in targets:
         if target.rsplit(".", 1)[-1] not in TARGET_MODULES:
-            raise AdapterError(f"{source}: target module {target!r} is not supported "
-                               f"(supported: {', '.join(TARGET_MODULES)})")
+            raise AdapterError(
+                f"{source}: target module {target!r} is not supported (supported: {', '.join(TARGET_MODULES)})"
+            )
     return targets
 
 
@@ -526,34 +593,48 @@ def _parse_name(name: str, spec: AdapterSpec, targets: list[str] | None, source:
     """(module_key, "A" or "B") of a PEFT tensor name, or AdapterError saying why it cannot be used."""
     match = _LORA_TENSOR.fullmatch(name)
     if match is None:
-        raise AdapterError(f"{source}: unknown tensor name {name!r} (expected base_model.model."
-                           f"model.layers.N.<self_attn|mlp>.<module>.lora_A.weight / lora_B.weight)")
+        raise AdapterError(
+            f"{source}: unknown tensor name {name!r} (expected base_model.model."
+            f"model.layers.N.<self_attn|mlp>.<module>.lora_A.weight / lora_B.weight)"
+        )
     path = match["path"]
     module = path.rsplit(".", 1)[-1]
     if module not in TARGET_MODULES:
-        raise AdapterError(f"{source}: tensor {name} adapts module {module!r}, which is not supported "
-                           f"(supported: {', '.join(TARGET_MODULES)})")
+        raise AdapterError(
+            f"{source}: tensor {name} adapts module {module!r}, which is not supported "
+            f"(supported: {', '.join(TARGET_MODULES)})"
+        )
     if match["rest"] not in ("A.weight", "B.weight"):
-        raise AdapterError(f"{source}: unknown tensor name {name!r}: lora_{match['rest']} is not supported, "
-                           f"only lora_A.weight and lora_B.weight")
+        raise AdapterError(
+            f"{source}: unknown tensor name {name!r}: lora_{match['rest']} is not supported, "
+            f"only lora_A.weight and lora_B.weight"
+        )
     layer = _MODULE_PATH.fullmatch(path)
     if layer is None or module_key(int(layer["layer"]), module) != path:
-        raise AdapterError(f"{source}: unknown tensor name {name!r} (expected module path "
-                           f"{module_key(0, module).replace('.0.', '.N.')})")
+        raise AdapterError(
+            f"{source}: unknown tensor name {name!r} (expected module path "
+            f"{module_key(0, module).replace('.0.', '.N.')})"
+        )
     if module not in spec.target_modules:
-        raise AdapterError(f"{source}: tensor {name} adapts {module}, which is not a target module here "
-                           f"(targets: {', '.join(spec.target_modules)})")
+        raise AdapterError(
+            f"{source}: tensor {name} adapts {module}, which is not a target module here "
+            f"(targets: {', '.join(spec.target_modules)})"
+        )
     if path not in spec.shapes:
-        raise AdapterError(f"{source}: tensor {name} is for layer {layer['layer']}, out of range: the base "
-                           f"model has {spec.num_layers} layers")
+        raise AdapterError(
+            f"{source}: tensor {name} is for layer {layer['layer']}, out of range: the base "
+            f"model has {spec.num_layers} layers"
+        )
     if targets is not None and not any(path == t or path.endswith("." + t) for t in targets):
-        raise AdapterError(f"{source}: tensor {name} adapts {module}, which the config's target_modules "
-                           f"{targets} does not list")
+        raise AdapterError(
+            f"{source}: tensor {name} adapts {module}, which the config's target_modules {targets} does not list"
+        )
     return path, match["rest"][0]
 
 
-def _pairs(tensors: dict[str, torch.Tensor], spec: AdapterSpec, targets: list[str] | None,
-           source: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _pairs(
+    tensors: dict[str, torch.Tensor], spec: AdapterSpec, targets: list[str] | None, source: str
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Group tensors into (lora_a, lora_b) per module key; every lora_A needs its lora_B and vice versa."""
     halves: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
@@ -564,8 +645,7 @@ def _pairs(tensors: dict[str, torch.Tensor], spec: AdapterSpec, targets: list[st
     for key, pair in halves.items():
         for half, other in (("A", "B"), ("B", "A")):
             if half not in pair:
-                raise AdapterError(f"{source}: {_tensor_name(key, other)} has no matching "
-                                   f"{_tensor_name(key, half)}")
+                raise AdapterError(f"{source}: {_tensor_name(key, other)} has no matching {_tensor_name(key, half)}")
     return {key: (halves[key]["A"], halves[key]["B"]) for key in _canonical(halves)}
 
 
@@ -580,12 +660,20 @@ def _converted(name: str, tensor: torch.Tensor, dtype: torch.dtype, source: str)
 def _check_fingerprint(metadata: Mapping[str, str], spec: AdapterSpec, source: str) -> None:
     found = metadata.get("base_fingerprint", "")
     if spec.base_fingerprint and found and found != spec.base_fingerprint:
-        raise IncompatibleAdapter(f"{source}: adapter was trained on base model {found}, "
-                                  f"this base model is {spec.base_fingerprint}")
+        raise IncompatibleAdapter(
+            f"{source}: adapter was trained on base model {found}, this base model is {spec.base_fingerprint}"
+        )
 
 
-def _decode(blob: bytes, config: bytes | str, config_source: str, source: str, spec: AdapterSpec,
-            dtype: torch.dtype, check_fingerprint: bool) -> Adapter:
+def _decode(
+    blob: bytes,
+    config: bytes | str,
+    config_source: str,
+    source: str,
+    spec: AdapterSpec,
+    dtype: torch.dtype,
+    check_fingerprint: bool,
+) -> Adapter:
     """Validate and build an Adapter from a safetensors blob and a PEFT config."""
     if not dtype.is_floating_point:
         raise InvalidArgument(f"adapter dtype must be a floating point dtype, got {dtype}")
@@ -598,14 +686,22 @@ def _decode(blob: bytes, config: bytes | str, config_source: str, source: str, s
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for key, (lora_a, lora_b) in pairs.items():
         _check_pair(key, lora_a, lora_b, options.rank, spec, source)
-        weights[key] = (_converted(_tensor_name(key, "A"), lora_a, dtype, source),
-                        _converted(_tensor_name(key, "B"), lora_b, dtype, source))
+        weights[key] = (
+            _converted(_tensor_name(key, "A"), lora_a, dtype, source),
+            _converted(_tensor_name(key, "B"), lora_b, dtype, source),
+        )
     ours = {k: v for k, v in metadata.items() if k not in _RESERVED_METADATA}
     return Adapter(rank=options.rank, alpha=options.alpha, weights=weights, metadata=ours)
 
 
-def read_peft(files: Mapping[str, bytes], spec: AdapterSpec, *, dtype: torch.dtype = torch.float32,
-              check_fingerprint: bool = True, max_bytes: int = DEFAULT_MAX_BYTES) -> Adapter:
+def read_peft(
+    files: Mapping[str, bytes],
+    spec: AdapterSpec,
+    *,
+    dtype: torch.dtype = torch.float32,
+    check_fingerprint: bool = True,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Adapter:
     """Read PEFT's files (name -> content) into an Adapter of `dtype`, validated against `spec`.
 
     Raises AdapterError naming the file and tensor for anything malformed or not fitting the base, and
@@ -615,12 +711,19 @@ def read_peft(files: Mapping[str, bytes], spec: AdapterSpec, *, dtype: torch.dty
     _required(files.keys(), "adapter files")
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         _check_size(files[name], name, max_bytes)
-    return _decode(files[ADAPTER_WEIGHTS], files[ADAPTER_CONFIG], ADAPTER_CONFIG, ADAPTER_WEIGHTS, spec,
-                   dtype, check_fingerprint)
+    return _decode(
+        files[ADAPTER_WEIGHTS], files[ADAPTER_CONFIG], ADAPTER_CONFIG, ADAPTER_WEIGHTS, spec, dtype, check_fingerprint
+    )
 
 
-def load_peft(directory: str | os.PathLike[str], spec: AdapterSpec, *, dtype: torch.dtype = torch.float32,
-              check_fingerprint: bool = True, max_bytes: int = DEFAULT_MAX_BYTES) -> Adapter:
+def load_peft(
+    directory: str | os.PathLike[str],
+    spec: AdapterSpec,
+    *,
+    dtype: torch.dtype = torch.float32,
+    check_fingerprint: bool = True,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Adapter:
     """`read_peft` on a directory; sizes are checked before anything is read into memory."""
     root = Path(directory)
     present = {name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLE_WEIGHTS) if (root / name).is_file()}
@@ -634,12 +737,17 @@ def load_peft(directory: str | os.PathLike[str], spec: AdapterSpec, *, dtype: to
     return read_peft(files, spec, dtype=dtype, check_fingerprint=check_fingerprint, max_bytes=max_bytes)
 
 
-def adapter_from_bytes(data: bytes, spec: AdapterSpec, *, dtype: torch.dtype = torch.float32,
-                       check_fingerprint: bool = True, max_bytes: int = DEFAULT_MAX_BYTES) -> Adapter:
+def adapter_from_bytes(
+    data: bytes,
+    spec: AdapterSpec,
+    *,
+    dtype: torch.dtype = torch.float32,
+    check_fingerprint: bool = True,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Adapter:
     """Read a blob written by `adapter_to_bytes`, with the same validation as `read_peft`."""
     _check_size(data, _OBJECT, max_bytes)
     config = _header_metadata(data, _OBJECT).get(ADAPTER_CONFIG)
     if config is None:
         raise AdapterError(f"{_OBJECT}: no {ADAPTER_CONFIG} in its safetensors metadata")
-    return _decode(data, config, f"{_OBJECT} metadata {ADAPTER_CONFIG}", _OBJECT, spec, dtype,
-                   check_fingerprint)
+    return _decode(data, config, f"{_OBJECT} metadata {ADAPTER_CONFIG}", _OBJECT, spec, dtype, check_fingerprint)

@@ -47,9 +47,13 @@ def module_shapes(hf_config: Any) -> dict[str, tuple[int, int]]:
     head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
     inter = hf_config.intermediate_size
     return {
-        "q_proj": (heads * head_dim, hidden), "k_proj": (kv_heads * head_dim, hidden),
-        "v_proj": (kv_heads * head_dim, hidden), "o_proj": (hidden, heads * head_dim),
-        "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter),
+        "q_proj": (heads * head_dim, hidden),
+        "k_proj": (kv_heads * head_dim, hidden),
+        "v_proj": (kv_heads * head_dim, hidden),
+        "o_proj": (hidden, heads * head_dim),
+        "gate_proj": (inter, hidden),
+        "up_proj": (inter, hidden),
+        "down_proj": (hidden, inter),
     }
 
 
@@ -70,8 +74,9 @@ def llama_groups(hf_config: Any, target_modules: tuple[str, ...]) -> tuple[LoraG
     return tuple(groups)
 
 
-def slot_nbytes(hf_config: Any, r_max: int, target_modules: tuple[str, ...] = TARGET_MODULES,
-                dtype: torch.dtype = torch.float32) -> int:
+def slot_nbytes(
+    hf_config: Any, r_max: int, target_modules: tuple[str, ...] = TARGET_MODULES, dtype: torch.dtype = torch.float32
+) -> int:
     """Bytes one SlotPool slot takes for this model, rank and dtype (equals `SlotPool.slot_nbytes`)."""
     per_layer = 0
     for group in llama_groups(hf_config, target_modules):
@@ -84,8 +89,15 @@ def slot_nbytes(hf_config: Any, r_max: int, target_modules: tuple[str, ...] = TA
 class SlotPool:
     """Stacked adapter tensors for `num_slots` adapters on one device. Not thread-safe: the owner locks."""
 
-    def __init__(self, hf_config: Any, num_slots: int, r_max: int, target_modules: tuple[str, ...] = TARGET_MODULES,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        hf_config: Any,
+        num_slots: int,
+        r_max: int,
+        target_modules: tuple[str, ...] = TARGET_MODULES,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
         if num_slots < 1 or r_max < 1:
             raise InvalidArgument(f"num_slots and r_max must be >= 1, got {num_slots}, {r_max}")
         self.num_slots, self.r_max = num_slots, r_max
@@ -139,7 +151,7 @@ class SlotPool:
                     if pair is None:
                         continue
                     lora_a, lora_b = pair
-                    self.lora_a[layer][g.name][slot, p * self.r_max: p * self.r_max + r].copy_(lora_a)
+                    self.lora_a[layer][g.name][slot, p * self.r_max : p * self.r_max + r].copy_(lora_a)
                     self.lora_b[layer][m][slot, :r].copy_(lora_b.T)
         self.scaling[slot] = adapter.scaling
 
@@ -167,5 +179,5 @@ class SlotPool:
         for g in self.groups:
             if module in g.parts:
                 p = g.parts.index(module)
-                return self.lora_a[layer][g.name][:, p * self.r_max:(p + 1) * self.r_max], self.lora_b[layer][module]
+                return self.lora_a[layer][g.name][:, p * self.r_max : (p + 1) * self.r_max], self.lora_b[layer][module]
         raise InvalidArgument(f"{module} is not a LoRA target of this pool")

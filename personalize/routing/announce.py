@@ -108,10 +108,17 @@ class Announcement:
     worker's hottest users, published for rebalancing; `warm_fn(tenant, user_id)` starts loading the
     adapter of a hot user that moved here."""
 
-    def __init__(self, config: AnnounceConfig, node_id: str, capacity: float,
-                 load_fn: Callable[[], float] | None = None, *, ownership: Ownership | None = None,
-                 hot_fn: Callable[[int], list[tuple[str, str]]] | None = None,
-                 warm_fn: Callable[[str, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: AnnounceConfig,
+        node_id: str,
+        capacity: float,
+        load_fn: Callable[[], float] | None = None,
+        *,
+        ownership: Ownership | None = None,
+        hot_fn: Callable[[int], list[tuple[str, str]]] | None = None,
+        warm_fn: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.config = config
         self.node_id = node_id
         self.capacity = capacity
@@ -132,8 +139,13 @@ class Announcement:
         self._watcher = membership.watch(self._on_change)
         if self._hot_fn is not None:
             threading.Thread(target=self._publish_hot, name="hot-users", daemon=True).start()
-        log.info("announced %s at %s (capacity %g) in namespace %r", self.node_id, address, self.capacity,
-                 self.config.membership.namespace)
+        log.info(
+            "announced %s at %s (capacity %g) in namespace %r",
+            self.node_id,
+            address,
+            self.capacity,
+            self.config.membership.namespace,
+        )
         return self
 
     @property

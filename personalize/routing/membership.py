@@ -34,11 +34,17 @@ from personalize.routing.ring import DEFAULT_VNODES, Ring
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+
 def membership_client(registry_url: str) -> Any:
     """A binary-safe redis client for membership reads and beats, with short timeouts (a beat that
     hangs longer than the TTL is worthless)."""
-    return redis.Redis.from_url(registry_url, socket_timeout=2.0, socket_connect_timeout=2.0,
-                                decode_responses=False, max_connections=valkey.MAX_CONNECTIONS)
+    return redis.Redis.from_url(
+        registry_url,
+        socket_timeout=2.0,
+        socket_connect_timeout=2.0,
+        decode_responses=False,
+        max_connections=valkey.MAX_CONNECTIONS,
+    )
 
 
 SERVING = "serving"
@@ -110,8 +116,10 @@ def _finite(value: object) -> bool:
 
 def pack_node(node: NodeInfo) -> bytes:
     """The stored value of a node (its id is in the key)."""
-    return json.dumps({"address": node.address, "capacity": node.capacity, "load": node.load,
-                       "state": node.state}, separators=(",", ":")).encode()
+    return json.dumps(
+        {"address": node.address, "capacity": node.capacity, "load": node.load, "state": node.state},
+        separators=(",", ":"),
+    ).encode()
 
 
 def unpack_node(node_id: str, raw: bytes) -> NodeInfo:
@@ -153,8 +161,9 @@ class Heartbeat:
     within ttl_s. The node info is owned by this object (drain() and load_fn change it).
     """
 
-    def __init__(self, client: Any, config: MembershipConfig, node: NodeInfo,
-                 load_fn: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self, client: Any, config: MembershipConfig, node: NodeInfo, load_fn: Callable[[], float] | None = None
+    ) -> None:
         _check_binary_client(client)
         self._client = client
         self.config = config
@@ -181,6 +190,7 @@ class Heartbeat:
             pipe.set(key, pack_node(node), px=ttl_ms)
             pipe.zadd(self.config.index_key, {node.node_id: int(time.time() * 1000)})
             pipe.execute()
+
         _call(write)
 
     def start(self) -> Heartbeat:
@@ -218,6 +228,7 @@ class Heartbeat:
             pipe.delete(self.config.node_key(node_id))
             pipe.zrem(self.config.index_key, node_id)
             pipe.execute()
+
         try:
             _call(delete)
         except Unavailable as exc:
@@ -226,8 +237,9 @@ class Heartbeat:
     def __enter__(self) -> Heartbeat:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop(leave=True)
 
     def _refresh_load(self) -> None:
@@ -296,8 +308,7 @@ class Membership:
         """A ring of the serving nodes read now, weighted by capacity (see `ring_of`)."""
         return ring_of(self.nodes(), vnodes)
 
-    def watch(self, on_change: Callable[[dict[str, NodeInfo]], None] | None = None,
-              poll_s: float = 0.5) -> Watcher:
+    def watch(self, on_change: Callable[[dict[str, NodeInfo]], None] | None = None, poll_s: float = 0.5) -> Watcher:
         """Start a thread polling `nodes()` every `poll_s`; see Watcher."""
         return Watcher(self, on_change, poll_s).start()
 
@@ -315,8 +326,12 @@ class Watcher:
     unreachable the last view is kept, not emptied: routing on a stale view beats routing nowhere.
     """
 
-    def __init__(self, membership: Membership, on_change: Callable[[dict[str, NodeInfo]], None] | None = None,
-                 poll_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        membership: Membership,
+        on_change: Callable[[dict[str, NodeInfo]], None] | None = None,
+        poll_s: float = 0.5,
+    ) -> None:
         if not math.isfinite(poll_s) or poll_s <= 0:
             raise InvalidArgument(f"poll_s must be a finite number > 0, got {poll_s!r}")
         self.membership = membership
@@ -379,8 +394,9 @@ class Watcher:
     def __enter__(self) -> Watcher:
         return self if self._thread is not None else self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def _run(self) -> None:

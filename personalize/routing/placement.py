@@ -139,5 +139,3 @@ class Placement:
     def _floor(self, node_id: str) -> int:
         node = self._nodes.get(node_id)
         return 0 if node is None else int(self.config.owner_share * node.capacity)
-
-

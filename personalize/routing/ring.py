@@ -58,9 +58,12 @@ def key_hash(key: str) -> int:
 def node_points(name: str, count: int) -> tuple[int, ...]:
     """The first `count` ring positions of node `name`: BLAKE2b-64 of name, 0x00, j (4 bytes)."""
     prefix = name.encode("utf-8", "surrogatepass") + b"\0"
-    return tuple(int.from_bytes(hashlib.blake2b(prefix + j.to_bytes(4, "big"), digest_size=8,
-                                                person=_NODE_PERSON).digest(), "big")
-                 for j in range(count))
+    return tuple(
+        int.from_bytes(
+            hashlib.blake2b(prefix + j.to_bytes(4, "big"), digest_size=8, person=_NODE_PERSON).digest(), "big"
+        )
+        for j in range(count)
+    )
 
 
 def load_bound(total_load: float, weight: float, total_weight: float, eps: float) -> int:
@@ -78,8 +81,7 @@ def _check_weights(nodes: Mapping[str, float] | Iterable[str]) -> dict[str, floa
     for name, weight in weights.items():
         if not isinstance(name, str) or not name:
             raise InvalidArgument(f"node names must be non-empty str, got {name!r}")
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) \
-                or weight <= 0:
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
             raise InvalidArgument(f"weight of node {name!r} must be a finite number > 0, got {weight!r}")
     return weights
 
@@ -109,8 +111,9 @@ class Ring:
         for name, weight in self._weights.items():
             count = max(1, round(vnodes * weight))
             if count > MAX_POINTS_PER_NODE:
-                raise InvalidArgument(f"node {name!r}: vnodes * weight = {count} points, "
-                                      f"more than {MAX_POINTS_PER_NODE}")
+                raise InvalidArgument(
+                    f"node {name!r}: vnodes * weight = {count} points, more than {MAX_POINTS_PER_NODE}"
+                )
             placed.extend((point, name) for point in node_points(name, count))
         placed.sort()  # ties (a 2**-64 chance) break by name, so every process agrees
         self._points = [point for point, _ in placed]
@@ -157,8 +160,15 @@ class Ring:
                 break
         return found
 
-    def pick(self, key: str, loads: Mapping[str, float], eps: float = DEFAULT_EPS, *,
-             total_load: float | None = None, exclude: Collection[str] = ()) -> str:
+    def pick(
+        self,
+        key: str,
+        loads: Mapping[str, float],
+        eps: float = DEFAULT_EPS,
+        *,
+        total_load: float | None = None,
+        exclude: Collection[str] = (),
+    ) -> str:
         """The first node of `owners(key)` whose load + 1 <= `load_bound(L, w, W, eps)` (bounded loads).
 
         `loads` maps node -> current load (missing = 0; nodes not on the ring are ignored); L is their
@@ -168,8 +178,15 @@ class Ring:
         """
         return self.pick_ranked(key, loads, eps, total_load=total_load, exclude=exclude)[0]
 
-    def pick_ranked(self, key: str, loads: Mapping[str, float], eps: float = DEFAULT_EPS, *,
-                    total_load: float | None = None, exclude: Collection[str] = ()) -> tuple[str, int]:
+    def pick_ranked(
+        self,
+        key: str,
+        loads: Mapping[str, float],
+        eps: float = DEFAULT_EPS,
+        *,
+        total_load: float | None = None,
+        exclude: Collection[str] = (),
+    ) -> tuple[str, int]:
         """`pick`, and the chosen node's position in `owners(key)` (0: the owner, no spill)."""
         _check_eps(eps)
         start = self._start(key)
@@ -186,8 +203,7 @@ class Ring:
             if (load + 1.0) / weight < best_ratio:  # only reached with `exclude` or inconsistent loads
                 best, best_ratio = (name, rank), (load + 1.0) / weight
         if best is None:
-            raise Unavailable(f"no worker left to route to ({len(self._weights)} on the ring, "
-                              f"{len(exclude)} excluded)")
+            raise Unavailable(f"no worker left to route to ({len(self._weights)} on the ring, {len(exclude)} excluded)")
         return best
 
     def with_node(self, name: str, weight: float = 1.0) -> Ring:
@@ -261,8 +277,7 @@ class BoundedLoadBalancer:
         with self._lock:
             node = self._sticky_node(key, exclude)
             if node is None:
-                node, rank = self._ring.pick_ranked(key, self._loads, self.eps, total_load=self._total,
-                                                    exclude=exclude)
+                node, rank = self._ring.pick_ranked(key, self._loads, self.eps, total_load=self._total, exclude=exclude)
                 self._remember(key, node, spilled=rank > 0)
             self._loads[node] = self._loads.get(node, 0) + 1
             self._total += 1

@@ -71,14 +71,28 @@ and the router in front of the workers (it finds them through the same registry)
 
 Flags win over environment variables, which win over the --config file (JSON or TOML)."""
 
-_GROUPS = {"data_dir": "state", "registry": "state", "store_url": "state", "node_id": "state",
-           "allow_unsynced_registry": "state",
-           "service": "server", "router": "server", "model": "model", "lora": "adapters", "load_timeout_s": "adapters",
-           "degrade_to_base": "adapters",
-           "engine": "engine", "limits": "request limits", "workers": "server", "worker_restarts": "server",
-           "worker_advertise": "server", "http_port": "server", "gateway_target": "server",
-           "feedback": "feedback and training",
-           "trainer": "feedback and training"}
+_GROUPS = {
+    "data_dir": "state",
+    "registry": "state",
+    "store_url": "state",
+    "node_id": "state",
+    "allow_unsynced_registry": "state",
+    "service": "server",
+    "router": "server",
+    "model": "model",
+    "lora": "adapters",
+    "load_timeout_s": "adapters",
+    "degrade_to_base": "adapters",
+    "engine": "engine",
+    "limits": "request limits",
+    "workers": "server",
+    "worker_restarts": "server",
+    "worker_advertise": "server",
+    "http_port": "server",
+    "gateway_target": "server",
+    "feedback": "feedback and training",
+    "trainer": "feedback and training",
+}
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -88,26 +102,39 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 # ---- the parser --------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {personalize.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_server_command(commands, settings.UP, "run everything on this machine: embedded Valkey, file store, "
-                        "one worker (or --workers N behind a router), on 127.0.0.1", UP_EPILOG)
-    serve = _add_server_command(commands, settings.SERVE, "run one server role against external Valkey/Redis "
-                                "and S3 (production)", SERVE_EPILOG)
-    serve.add_argument("--role", choices=list(launcher.ROLES), default="worker",
-                       help="worker: serves generations; router: forwards each call to the worker owning its "
-                            "user; trainer: consumes feedback and publishes new versions")
+    _add_server_command(
+        commands,
+        settings.UP,
+        "run everything on this machine: embedded Valkey, file store, "
+        "one worker (or --workers N behind a router), on 127.0.0.1",
+        UP_EPILOG,
+    )
+    serve = _add_server_command(
+        commands, settings.SERVE, "run one server role against external Valkey/Redis and S3 (production)", SERVE_EPILOG
+    )
+    serve.add_argument(
+        "--role",
+        choices=list(launcher.ROLES),
+        default="worker",
+        help="worker: serves generations; router: forwards each call to the worker owning its "
+        "user; trainer: consumes feedback and publishes new versions",
+    )
     client = _client_options()
     _add_generate(commands, client)
     _add_feedback(commands, client)
     _add_adapter(commands, client)
-    stats = commands.add_parser("stats", parents=[client], formatter_class=_Formatter,
-                                help="per-node cache, batch and queue figures")
+    stats = commands.add_parser(
+        "stats", parents=[client], formatter_class=_Formatter, help="per-node cache, batch and queue figures"
+    )
     stats.set_defaults(run=_stats)
-    nodes = commands.add_parser("nodes", parents=[client], formatter_class=_Formatter,
-                                help="list the serving nodes with their state and load")
+    nodes = commands.add_parser(
+        "nodes", parents=[client], formatter_class=_Formatter, help="list the serving nodes with their state and load"
+    )
     nodes.set_defaults(run=_nodes)
     return parser
 
@@ -115,17 +142,29 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_server_command(commands: Any, name: str, help: str, epilog: str) -> argparse.ArgumentParser:
     """A server subcommand whose options are the settings table's rows for it."""
     parser = commands.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=_Formatter)
-    parser.add_argument("--config", metavar="FILE",
-                        help=f"JSON or TOML file of settings, keys as in the README [env {settings.CONFIG_ENV}]")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                        help="log verbosity on stderr (default info)")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"JSON or TOML file of settings, keys as in the README [env {settings.CONFIG_ENV}]",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity on stderr (default info)",
+    )
     groups: dict[str, Any] = {}
     for setting in settings.settings_for(name):
         title = _GROUPS[setting.key.split(".")[0]]
         group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
         shown = setting.show(setting.default) if setting.default != "" else "none"
-        group.add_argument(setting.flag, dest=settings.dest(setting), default=None, metavar=setting.metavar or None,
-                           help=f"{setting.help} [env {setting.env}; default {shown}]")
+        group.add_argument(
+            setting.flag,
+            dest=settings.dest(setting),
+            default=None,
+            metavar=setting.metavar or None,
+            help=f"{setting.help} [env {setting.env}; default {shown}]",
+        )
     parser.set_defaults(server=name)
     return parser
 
@@ -134,19 +173,31 @@ def _client_options() -> argparse.ArgumentParser:
     """Connection options every client command takes."""
     options = argparse.ArgumentParser(add_help=False)
     group = options.add_argument_group("connection")
-    group.add_argument("--target", default=os.environ.get("PERSONALIZE_TARGET", DEFAULT_TARGET),
-                       metavar="HOST:PORT", help=f"server address [env PERSONALIZE_TARGET; default {DEFAULT_TARGET}]")
-    group.add_argument("--api-key", default=os.environ.get("PERSONALIZE_API_KEY"), metavar="KEY",
-                       help="API key, sent as 'authorization: Bearer KEY' [env PERSONALIZE_API_KEY]")
+    group.add_argument(
+        "--target",
+        default=os.environ.get("PERSONALIZE_TARGET", DEFAULT_TARGET),
+        metavar="HOST:PORT",
+        help=f"server address [env PERSONALIZE_TARGET; default {DEFAULT_TARGET}]",
+    )
+    group.add_argument(
+        "--api-key",
+        default=os.environ.get("PERSONALIZE_API_KEY"),
+        metavar="KEY",
+        help="API key, sent as 'authorization: Bearer KEY' [env PERSONALIZE_API_KEY]",
+    )
     group.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds per call (default 60)")
     group.add_argument("--json", action="store_true", help="print the response as JSON")
     return options
 
 
 def _add_generate(commands: Any, client: argparse.ArgumentParser) -> None:
-    p = commands.add_parser("generate", parents=[client], formatter_class=_Formatter,
-                            help="a completion with the user's adapter (the base model if they have none)",
-                            epilog='example:\n  personalize generate alice "Say hello" --max-new-tokens 16 --stream')
+    p = commands.add_parser(
+        "generate",
+        parents=[client],
+        formatter_class=_Formatter,
+        help="a completion with the user's adapter (the base model if they have none)",
+        epilog='example:\n  personalize generate alice "Say hello" --max-new-tokens 16 --stream',
+    )
     p.add_argument("user", help="user id (1-256 bytes of UTF-8)")
     p.add_argument("prompt", help="the prompt text")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="most tokens to generate (default 64)")
@@ -160,15 +211,22 @@ def _add_generate(commands: Any, client: argparse.ArgumentParser) -> None:
 
 
 def _add_feedback(commands: Any, client: argparse.ArgumentParser) -> None:
-    p = commands.add_parser("feedback", parents=[client], formatter_class=_Formatter,
-                            help="record a user's reaction to an answer (durable once acknowledged)",
-                            epilog='example:\n  personalize feedback alice --prompt "Say hi" --completion "Hello!" '
-                                   '--kind accept')
+    p = commands.add_parser(
+        "feedback",
+        parents=[client],
+        formatter_class=_Formatter,
+        help="record a user's reaction to an answer (durable once acknowledged)",
+        epilog='example:\n  personalize feedback alice --prompt "Say hi" --completion "Hello!" --kind accept',
+    )
     p.add_argument("user", help="user id")
     p.add_argument("--prompt", required=True, help="the prompt the user saw answered")
     p.add_argument("--completion", required=True, help="the answer (the chosen one for --kind prefer)")
-    p.add_argument("--kind", choices=["accept", "reject", "correct", "prefer"], default="accept",
-                   help="accept (good), reject (bad), correct (needs --correction), prefer (needs --rejected)")
+    p.add_argument(
+        "--kind",
+        choices=["accept", "reject", "correct", "prefer"],
+        default="accept",
+        help="accept (good), reject (bad), correct (needs --correction), prefer (needs --rejected)",
+    )
     p.add_argument("--correction", default="", help="the answer the user wanted (--kind correct)")
     p.add_argument("--rejected", default="", help="the answer the user did not prefer (--kind prefer)")
     p.add_argument("--event-key", default="", help="idempotency key: a repeated key is stored once")
@@ -176,8 +234,9 @@ def _add_feedback(commands: Any, client: argparse.ArgumentParser) -> None:
 
 
 def _add_adapter(commands: Any, client: argparse.ArgumentParser) -> None:
-    adapter = commands.add_parser("adapter", help="show, export, import or delete a user's adapter",
-                                  formatter_class=_Formatter)
+    adapter = commands.add_parser(
+        "adapter", help="show, export, import or delete a user's adapter", formatter_class=_Formatter
+    )
     actions = adapter.add_subparsers(dest="action", metavar="ACTION", required=True)
     show = actions.add_parser("show", parents=[client], help="what the server knows of a user's adapter")
     show.add_argument("user")
@@ -188,11 +247,19 @@ def _add_adapter(commands: Any, client: argparse.ArgumentParser) -> None:
     export.add_argument("--version", type=int, default=0, help="version to export (default 0 = current)")
     export.set_defaults(run=_adapter_export)
     imp = actions.add_parser(
-        "import", parents=[client], formatter_class=_Formatter, help="install PEFT LoRA adapters for users",
+        "import",
+        parents=[client],
+        formatter_class=_Formatter,
+        help="install PEFT LoRA adapters for users",
         epilog="examples:\n  personalize adapter import alice ./alice-adapter\n"
-               "  personalize adapter import alice=./a bob=./b carol=./c   # several, with a progress bar")
-    imp.add_argument("items", nargs="+", metavar="USER DIR | USER=DIR",
-                     help="a user and a PEFT adapter directory, or several USER=DIR pairs")
+        "  personalize adapter import alice=./a bob=./b carol=./c   # several, with a progress bar",
+    )
+    imp.add_argument(
+        "items",
+        nargs="+",
+        metavar="USER DIR | USER=DIR",
+        help="a user and a PEFT adapter directory, or several USER=DIR pairs",
+    )
     imp.set_defaults(run=_adapter_import)
     delete = actions.add_parser("delete", parents=[client], help="forget a user: adapter versions and records")
     delete.add_argument("user")
@@ -201,14 +268,22 @@ def _add_adapter(commands: Any, client: argparse.ArgumentParser) -> None:
 
 # ---- client commands ---------------------------------------------------------------------------------
 
+
 def _print_message(message: Message) -> None:
-    print(json_format.MessageToJson(message, preserving_proto_field_name=True,
-                                    always_print_fields_with_no_presence=True))
+    print(
+        json_format.MessageToJson(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    )
 
 
 def _generate(client: PersonalizeClient, args: argparse.Namespace) -> int:
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   seed=args.seed, stop=args.stop, use_base_model=args.base)
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        use_base_model=args.base,
+    )
     if args.stream:
         with client.generate_stream(args.user, args.prompt, **options) as stream:
             for piece in stream:
@@ -224,18 +299,31 @@ def _generate(client: PersonalizeClient, args: argparse.Namespace) -> int:
     if not args.stream:
         print(response.text, end="")
     print()
-    print(f"[adapter v{response.adapter_version}, cache {response.cache_tier}, node {response.node_id}, "
-          f"{response.prompt_tokens} prompt + {response.completion_tokens} completion tokens, "
-          f"finish {response.finish_reason}]", file=sys.stderr)
+    print(
+        f"[adapter v{response.adapter_version}, cache {response.cache_tier}, node {response.node_id}, "
+        f"{response.prompt_tokens} prompt + {response.completion_tokens} completion tokens, "
+        f"finish {response.finish_reason}]",
+        file=sys.stderr,
+    )
     if response.degraded:
-        print(f"[degraded: the base model served because the user's adapter could not be loaded: "
-              f"{response.degraded_reason}]", file=sys.stderr)
+        print(
+            f"[degraded: the base model served because the user's adapter could not be loaded: "
+            f"{response.degraded_reason}]",
+            file=sys.stderr,
+        )
     return 0
 
 
 def _feedback(client: PersonalizeClient, args: argparse.Namespace) -> int:
-    ack = client.feedback(args.user, args.prompt, args.completion, args.kind, correction=args.correction,
-                          rejected=args.rejected, event_key=args.event_key)
+    ack = client.feedback(
+        args.user,
+        args.prompt,
+        args.completion,
+        args.kind,
+        correction=args.correction,
+        rejected=args.rejected,
+        event_key=args.event_key,
+    )
     if args.json:
         _print_message(ack)
     else:
@@ -248,8 +336,16 @@ def _adapter_show(client: PersonalizeClient, args: argparse.Namespace) -> int:
     if args.json:
         _print_message(info)
         return 0
-    for name in ("user_id", "version", "rank", "examples_seen", "base_fingerprint", "updated_at_unix_ms",
-                 "pending_events", "owner_node"):
+    for name in (
+        "user_id",
+        "version",
+        "rank",
+        "examples_seen",
+        "base_fingerprint",
+        "updated_at_unix_ms",
+        "pending_events",
+        "owner_node",
+    ):
         print(f"{name:<20}{getattr(info, name)}")
     return 0
 
@@ -260,8 +356,10 @@ def _adapter_export(client: PersonalizeClient, args: argparse.Namespace) -> int:
     if args.json:
         _print_message(exported.info)
     else:
-        print(f"wrote {', '.join(sorted(exported.files))} of {args.user!r} version "
-              f"{args.version or exported.info.version} to {path}")
+        print(
+            f"wrote {', '.join(sorted(exported.files))} of {args.user!r} version "
+            f"{args.version or exported.info.version} to {path}"
+        )
     return 0
 
 
@@ -285,8 +383,9 @@ def _adapter_import(client: PersonalizeClient, args: argparse.Namespace) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     failed = 0
-    for user, directory in tqdm(pairs, desc="importing", unit="adapter", file=sys.stderr,
-                                disable=len(pairs) == 1 or None):
+    for user, directory in tqdm(
+        pairs, desc="importing", unit="adapter", file=sys.stderr, disable=len(pairs) == 1 or None
+    ):
         try:
             info = client.import_adapter(user, directory)
         except (PersonalizeClientError, OSError) as exc:
@@ -307,8 +406,10 @@ def _adapter_delete(client: PersonalizeClient, args: argparse.Namespace) -> int:
     if args.json:
         _print_message(response)
     else:
-        print(f"deleted {args.user!r}: {response.versions_deleted} adapter versions, "
-              f"{response.events_deleted} feedback events")
+        print(
+            f"deleted {args.user!r}: {response.versions_deleted} adapter versions, "
+            f"{response.events_deleted} feedback events"
+        )
     return 0
 
 
@@ -377,6 +478,7 @@ def _run_client(args: argparse.Namespace) -> int:
 
 
 # ---- server commands ---------------------------------------------------------------------------------
+
 
 def _run_server(args: argparse.Namespace) -> int:
     launcher.configure_logging(args.log_level)

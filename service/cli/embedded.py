@@ -172,8 +172,9 @@ class EmbeddedValkey:
     def __enter__(self) -> EmbeddedValkey:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def __repr__(self) -> str:
@@ -193,8 +194,9 @@ class EmbeddedValkey:
     def _choose_port(self) -> int:
         if self.config.port:
             if not port_is_free(HOST, self.config.port):
-                raise EmbeddedValkeyError(f"port {self.config.port} on {HOST} is already in use; "
-                                          "choose another or 0 for a free one")
+                raise EmbeddedValkeyError(
+                    f"port {self.config.port} on {HOST} is already in use; choose another or 0 for a free one"
+                )
             return self.config.port
         if self._port is not None and port_is_free(HOST, self._port):
             return self._port  # a restart keeps its URL when it can
@@ -208,9 +210,14 @@ class EmbeddedValkey:
             assert self._lock_fd is not None
             # The child inherits the data-dir lock, so an orphaned server still guards its files.
             self._process = subprocess.Popen(
-                [str(valkey_binary()), str(conf)], stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, cwd=self.data_dir, pass_fds=(self._lock_fd,),
-                start_new_session=True)  # Ctrl-C goes to the app, which stops the server last
+                [str(valkey_binary()), str(conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.data_dir,
+                pass_fds=(self._lock_fd,),
+                start_new_session=True,
+            )  # Ctrl-C goes to the app, which stops the server last
         self._port = port
         try:
             self._wait_ready()
@@ -228,14 +235,18 @@ class EmbeddedValkey:
                 tail = self.log_tail()
                 if "Address already in use" in tail:
                     raise _PortRaced()
-                raise EmbeddedValkeyError(f"valkey-server exited with code {self._process.returncode} "
-                                          f"during startup; log {self.log_path}:\n{tail}")
+                raise EmbeddedValkeyError(
+                    f"valkey-server exited with code {self._process.returncode} "
+                    f"during startup; log {self.log_path}:\n{tail}"
+                )
             if _ping(self._port):
                 return
             time.sleep(0.02)
-        raise EmbeddedValkeyError(f"valkey-server did not answer PING on port {self._port} within "
-                                  f"{self.config.startup_timeout_s}s; log {self.log_path}:\n"
-                                  f"{self.log_tail()}")
+        raise EmbeddedValkeyError(
+            f"valkey-server did not answer PING on port {self._port} within "
+            f"{self.config.startup_timeout_s}s; log {self.log_path}:\n"
+            f"{self.log_tail()}"
+        )
 
     def _send_shutdown(self) -> bool:
         """Ask the server to SHUTDOWN; True if it accepted (it closes the connection without a reply)."""
@@ -283,8 +294,9 @@ def _lock_data_dir(data_dir: Path) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise EmbeddedValkeyError(f"data dir {data_dir} is in use by another valkey server "
-                                  f"(pid {holder}); stop it first") from None
+        raise EmbeddedValkeyError(
+            f"data dir {data_dir} is in use by another valkey server (pid {holder}); stop it first"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd

@@ -44,12 +44,17 @@ class LaunchError(Exception):
 
 def check_ports(host: str, values: Mapping[str, Any]) -> None:
     """LaunchError naming the flag if the gRPC or metrics port (when not 0) is taken."""
-    for key, flag in (("service.port", "--port"), ("service.metrics_port", "--metrics-port"),
-                      ("http_port", "--http-port")):
+    for key, flag in (
+        ("service.port", "--port"),
+        ("service.metrics_port", "--metrics-port"),
+        ("http_port", "--http-port"),
+    ):
         port = values.get(key)
         if port and not port_is_free(host, port):
-            raise LaunchError(f"port {port} on {host} is already in use (another `personalize up`?): stop "
-                              f"what holds it, or choose another with {flag} N (0 picks a free one)")
+            raise LaunchError(
+                f"port {port} on {host} is already in use (another `personalize up`?): stop "
+                f"what holds it, or choose another with {flag} N (0 picks a free one)"
+            )
 
 
 @contextmanager
@@ -91,8 +96,11 @@ def run_up(values: Mapping[str, Any]) -> int:
     from personalize_service.server.base import stop_on_signals
 
     up = _Up(values, resolved, data_dir, values["store_url"] or (data_dir / "store").as_uri(), threading.Event())
-    stages = (("starting valkey", "loading model", "starting server") if workers == 1 else
-              ("starting valkey", f"starting {workers} workers", "starting router"))
+    stages = (
+        ("starting valkey", "loading model", "starting server")
+        if workers == 1
+        else ("starting valkey", f"starting {workers} workers", "starting router")
+    )
     with stop_on_signals(up.stop), _stages(stages) as step:
         valkey = EmbeddedValkey(EmbeddedValkeyConfig(data_dir=data_dir / "valkey")).start()
         keeper = threading.Thread(target=_keep_alive, args=(valkey, up.stop), name="valkey-keeper", daemon=True)
@@ -166,14 +174,32 @@ class _Up:
         base = self.resolved.config
         return replace(base, registry=replace(base.registry, url=self.registry_url), store_url=self.store_url)
 
-    def banner(self, port: int, metrics_port: int, node_id: str, model: str, fingerprint: str,
-               workers: Mapping[str, str] | None = None, http_port: int = 0) -> str:
+    def banner(
+        self,
+        port: int,
+        metrics_port: int,
+        node_id: str,
+        model: str,
+        fingerprint: str,
+        workers: Mapping[str, str] | None = None,
+        http_port: int = 0,
+    ) -> str:
         keys = self.resolved.service.api_keys
         from personalize.adapters.store.s3 import redact_url
 
-        return up_banner(port, metrics_port, node_id, model, fingerprint, self.registry_url, self.data_dir,
-                         redact_url(self.store_url), keys.tenants if keys.enabled else (), workers=workers,
-                         http_port=http_port)
+        return up_banner(
+            port,
+            metrics_port,
+            node_id,
+            model,
+            fingerprint,
+            self.registry_url,
+            self.data_dir,
+            redact_url(self.store_url),
+            keys.tenants if keys.enabled else (),
+            workers=workers,
+            http_port=http_port,
+        )
 
     def start_http(self, grpc_port: int, model: str, fingerprint: str) -> Any:
         """The OpenAI-compatible edge on 127.0.0.1:--http-port calling this up's gRPC port (None if 0)."""
@@ -205,12 +231,26 @@ def _up_one_worker(up: _Up, step: Callable[[], None]) -> None:
     def ready(port: int, metrics_port: int) -> None:
         step()
         http.append(up.start_http(port, worker.base.name, worker.base.fingerprint))
-        print(up.banner(port, metrics_port, worker.node_id, f"{worker.base.name} on {config.model.device}",
-                        worker.base.fingerprint, http_port=http[0].port if http[0] else 0), flush=True)
+        print(
+            up.banner(
+                port,
+                metrics_port,
+                worker.node_id,
+                f"{worker.base.name} on {config.model.device}",
+                worker.base.fingerprint,
+                http_port=http[0].port if http[0] else 0,
+            ),
+            flush=True,
+        )
 
     try:  # no router watches this worker: it need not wait for one to see it draining
-        serve(replace(up.resolved.service, host=UP_HOST), worker, up.stop, on_ready=ready,
-              announce=AnnounceConfig(up.registry_url, drain_notice_s=0.0))
+        serve(
+            replace(up.resolved.service, host=UP_HOST),
+            worker,
+            up.stop,
+            on_ready=ready,
+            announce=AnnounceConfig(up.registry_url, drain_notice_s=0.0),
+        )
     finally:
         for server in http:
             if server is not None:
@@ -235,17 +275,27 @@ def _up_cluster(up: _Up, count: int, step: Callable[[], None]) -> None:
         if up.stop.is_set():
             return
         model = f"{up.values['model.path'] or 'built-in tiny model'} on {up.values['model.device']}"
-        cluster = Cluster(bootstrap.membership(up.config(), membership),
-                          worker_channel_opener(up.resolved.router, service.limits))
+        cluster = Cluster(
+            bootstrap.membership(up.config(), membership), worker_channel_opener(up.resolved.router, service.limits)
+        )
 
         http: list[Any] = []
 
         def ready(port: int, metrics_port: int) -> None:
             step()
             http.append(up.start_http(port, up.values["model.path"] or "tiny", ""))
-            print(up.banner(port, metrics_port, "router", model, "",
-                            workers={node_id: node.address for node_id, node in nodes.items()},
-                            http_port=http[0].port if http[0] else 0), flush=True)
+            print(
+                up.banner(
+                    port,
+                    metrics_port,
+                    "router",
+                    model,
+                    "",
+                    workers={node_id: node.address for node_id, node in nodes.items()},
+                    http_port=http[0].port if http[0] else 0,
+                ),
+                flush=True,
+            )
 
         try:
             serve_router(service, cluster, up.stop, on_ready=ready)
@@ -267,8 +317,9 @@ def run_serve(role: str, values: Mapping[str, Any]) -> int:
     needed = {"router": ("registry.url",), "gateway": ()}.get(role, ("registry.url", "store_url"))
     missing = [f"{settings.BY_KEY[k].flag} / {settings.BY_KEY[k].env}" for k in needed if not values[k]]
     if missing:
-        raise LaunchError(f"serve needs {' and '.join(missing)}; to run everything on one machine without "
-                          "setup, use `personalize up`")
+        raise LaunchError(
+            f"serve needs {' and '.join(missing)}; to run everything on one machine without setup, use `personalize up`"
+        )
     if role == "trainer":
         return run_trainer(values)
     if role == "router":
@@ -293,8 +344,11 @@ def run_serve(role: str, values: Mapping[str, Any]) -> int:
         def ready(port: int, metrics_port: int) -> None:
             step()
             metrics = f", metrics on :{metrics_port}" if metrics_port else ""
-            print(f"personalize serve: worker {worker.node_id} serving on {resolved.service.host}:{port}"
-                  f"{metrics} ({worker.base.name} on {resolved.config.model.device})", flush=True)
+            print(
+                f"personalize serve: worker {worker.node_id} serving on {resolved.service.host}:{port}"
+                f"{metrics} ({worker.base.name} on {resolved.config.model.device})",
+                flush=True,
+            )
 
         serve(resolved.service, worker, stop, on_ready=ready, announce=AnnounceConfig(resolved.config.registry.url))
     return 0
@@ -314,10 +368,14 @@ def run_router(values: Mapping[str, Any]) -> int:
     cluster = Cluster(bootstrap.membership(resolved.config), worker_channel_opener(resolved.router, service.limits))
     stop = threading.Event()
     with stop_on_signals(stop):
+
         def ready(port: int, metrics_port: int) -> None:
             metrics = f", metrics on :{metrics_port}" if metrics_port else ""
-            print(f"personalize serve: router serving on {service.host}:{port}{metrics} over "
-                  f"{len(cluster.ring())} workers", flush=True)
+            print(
+                f"personalize serve: router serving on {service.host}:{port}{metrics} over "
+                f"{len(cluster.ring())} workers",
+                flush=True,
+            )
 
         serve_router(service, cluster, stop, on_ready=ready)
     print("personalize serve: router stopped", flush=True)
@@ -337,8 +395,11 @@ def run_gateway(values: Mapping[str, Any]) -> int:
     with stop_on_signals(stop):
         model = values["model.path"] or "tiny"
         server = serve_http(values["gateway_target"], values["service.host"], port, model)
-        print(f"personalize serve: gateway serving on {values['service.host']}:{server.port} over "
-              f"{values['gateway_target']}", flush=True)
+        print(
+            f"personalize serve: gateway serving on {values['service.host']}:{server.port} over "
+            f"{values['gateway_target']}",
+            flush=True,
+        )
         try:
             stop.wait()
         finally:
@@ -361,8 +422,10 @@ def run_trainer(values: Mapping[str, Any]) -> int:
     with stop_on_signals(stop):
         config = resolved.config
         trainer = bootstrap.trainer(config)
-        print(f"personalize serve: trainer {config.node_id} consuming {config.feedback.partitions} feedback "
-              f"partition(s)", flush=True)
+        print(
+            f"personalize serve: trainer {config.node_id} consuming {config.feedback.partitions} feedback partition(s)",
+            flush=True,
+        )
         trainer.run_forever(stop)
     print("personalize serve: trainer stopped", flush=True)
     return 0
@@ -378,8 +441,20 @@ class TrainerSupervisor:
     DATA_DIR/trainer.pid."""
 
     def __init__(self, values: Mapping[str, Any], registry_url: str, store_url: str, data_dir: Path) -> None:
-        self.args = [sys.executable, "-m", "personalize_service.cli", "serve", "--role", "trainer",
-                     "--registry-url", registry_url, "--data-dir", str(data_dir), "--node-id", "trainer-0"]
+        self.args = [
+            sys.executable,
+            "-m",
+            "personalize_service.cli",
+            "serve",
+            "--role",
+            "trainer",
+            "--registry-url",
+            registry_url,
+            "--data-dir",
+            str(data_dir),
+            "--node-id",
+            "trainer-0",
+        ]
         self.env = {**os.environ, settings.BY_KEY["store_url"].env: store_url}  # credentials stay off argv
         for setting in settings.SETTINGS:
             if setting.key.startswith(TRAINER_KEYS):
@@ -396,9 +471,11 @@ class TrainerSupervisor:
 
     def _run(self) -> None:
         from personalize_service.cli.local_cluster import die_with_parent
+
         while not self._stop.is_set():  # own session: a Ctrl-C reaches `up` only, which stops it last
-            self._proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, start_new_session=True,
-                                          env=self.env, preexec_fn=die_with_parent)
+            self._proc = subprocess.Popen(
+                self.args, stdin=subprocess.DEVNULL, start_new_session=True, env=self.env, preexec_fn=die_with_parent
+            )
             self.pid_file.write_text(str(self._proc.pid))
             code = self._proc.wait()
             if self._stop.is_set():
@@ -421,9 +498,20 @@ class TrainerSupervisor:
         self.pid_file.unlink(missing_ok=True)
 
 
-def up_banner(port: int, metrics_port: int, node_id: str, model: str, fingerprint: str, valkey_url: str,
-              data_dir: Path, store_url: str, tenants: tuple[str, ...], *,
-              workers: Mapping[str, str] | None = None, http_port: int = 0) -> str:
+def up_banner(
+    port: int,
+    metrics_port: int,
+    node_id: str,
+    model: str,
+    fingerprint: str,
+    valkey_url: str,
+    data_dir: Path,
+    store_url: str,
+    tenants: tuple[str, ...],
+    *,
+    workers: Mapping[str, str] | None = None,
+    http_port: int = 0,
+) -> str:
     """What `personalize up` prints once it serves: what runs where, and commands to try.
 
     `tenants` empty = no API keys configured; `fingerprint` empty = not shown. `workers` (node id ->
@@ -433,34 +521,41 @@ def up_banner(port: int, metrics_port: int, node_id: str, model: str, fingerprin
     target = f"{UP_HOST}:{port}"
     target_flag = "" if port == DEFAULT_PORT else f" --target {target}"
     if tenants:
-        auth = (f"API keys for {len(tenants)} tenant(s) ({', '.join(tenants)}); calls send "
-                "'authorization: Bearer <key>'")
+        auth = f"API keys for {len(tenants)} tenant(s) ({', '.join(tenants)}); calls send 'authorization: Bearer <key>'"
         key_flag, key_arg, key_note = " --api-key $KEY", ", api_key=KEY", " (KEY: one of your API keys)"
     else:
         auth = "no API keys configured: accepting tenant 'default' without a key"
         key_flag = key_arg = key_note = ""
-    metrics = (f"http://{UP_HOST}:{metrics_port}/metrics" if metrics_port
-               else "off (--metrics-port N serves Prometheus metrics)")
-    return "\n".join([
-        f"personalize up: serving on {target}",
-        *_nodes_lines(node_id, workers, data_dir),
-        f"  model     {model}" + (f" ({fingerprint[:19]}…)" if fingerprint else ""),
-        f"  registry  embedded Valkey {valkey_url} (AOF in {data_dir / 'valkey'})",
-        f"  store     {store_url}",
-        f"  metrics   {metrics}",
-        *([f"  openai    http://{UP_HOST}:{http_port}/v1 (OpenAI-compatible HTTP; `user` = user id)"]
-          if http_port else []),
-        f"  auth      {auth}",
-        "",
-        f"Try it from another terminal{key_note}:",
-        f"  personalize generate{target_flag}{key_flag} alice \"Tell me about LoRA\"",
-        f"  python -c 'from personalize_service.client import PersonalizeClient as C; "
-        f"print(C(\"{target}\"{key_arg}).generate(\"alice\", \"Tell me about LoRA\").text)'",
-        f"  grpcurl -plaintext {target} list",
-        *_http_lines(http_port, "$KEY" if tenants else ""),
-        "",
-        f"Stop with Ctrl-C or SIGTERM; adapters and the registry stay in {data_dir}.",
-    ])
+    metrics = (
+        f"http://{UP_HOST}:{metrics_port}/metrics"
+        if metrics_port
+        else "off (--metrics-port N serves Prometheus metrics)"
+    )
+    return "\n".join(
+        [
+            f"personalize up: serving on {target}",
+            *_nodes_lines(node_id, workers, data_dir),
+            f"  model     {model}" + (f" ({fingerprint[:19]}…)" if fingerprint else ""),
+            f"  registry  embedded Valkey {valkey_url} (AOF in {data_dir / 'valkey'})",
+            f"  store     {store_url}",
+            f"  metrics   {metrics}",
+            *(
+                [f"  openai    http://{UP_HOST}:{http_port}/v1 (OpenAI-compatible HTTP; `user` = user id)"]
+                if http_port
+                else []
+            ),
+            f"  auth      {auth}",
+            "",
+            f"Try it from another terminal{key_note}:",
+            f'  personalize generate{target_flag}{key_flag} alice "Tell me about LoRA"',
+            f"  python -c 'from personalize_service.client import PersonalizeClient as C; "
+            f'print(C("{target}"{key_arg}).generate("alice", "Tell me about LoRA").text)\'',
+            f"  grpcurl -plaintext {target} list",
+            *_http_lines(http_port, "$KEY" if tenants else ""),
+            "",
+            f"Stop with Ctrl-C or SIGTERM; adapters and the registry stay in {data_dir}.",
+        ]
+    )
 
 
 def _http_lines(http_port: int, key: str) -> list[str]:
@@ -469,23 +564,28 @@ def _http_lines(http_port: int, key: str) -> list[str]:
         return []
     base = f"http://{UP_HOST}:{http_port}/v1"
     auth = f" -H 'Authorization: Bearer {key}'" if key else ""
-    return [f"  curl {base}/completions -H 'Content-Type: application/json'{auth} "
-            "-d '{\"prompt\": \"Tell me about LoRA\", \"user\": \"alice\", \"max_tokens\": 32}'",
-            f"  python -c 'from openai import OpenAI; print(OpenAI(base_url=\"{base}\", "
-            f"api_key=\"{key or 'none'}\").completions.create(model=\"tiny\", prompt=\"Hi\", "
-            "user=\"alice\").choices[0].text)'"]
+    return [
+        f"  curl {base}/completions -H 'Content-Type: application/json'{auth} "
+        '-d \'{"prompt": "Tell me about LoRA", "user": "alice", "max_tokens": 32}\'',
+        f'  python -c \'from openai import OpenAI; print(OpenAI(base_url="{base}", '
+        f'api_key="{key or "none"}").completions.create(model="tiny", prompt="Hi", '
+        'user="alice").choices[0].text)\'',
+    ]
 
 
 def _nodes_lines(node_id: str, workers: Mapping[str, str] | None, data_dir: Path) -> list[str]:
     if workers is None:
         return [f"  node      {node_id}"]
     listed = ", ".join(f"{node} {address}" for node, address in sorted(workers.items()))
-    return [f"  router    consistent hashing on (tenant, user) over {len(workers)} workers",
-            f"  workers   {listed}",
-            f"  logs      {data_dir / 'workers'}/<node>/worker.log (pids and ports in {data_dir / 'workers.json'})"]
+    return [
+        f"  router    consistent hashing on (tenant, user) over {len(workers)} workers",
+        f"  workers   {listed}",
+        f"  logs      {data_dir / 'workers'}/<node>/worker.log (pids and ports in {data_dir / 'workers.json'})",
+    ]
 
 
 def configure_logging(level: str) -> None:
     """Log lines on stderr: `time level logger: message`."""
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )

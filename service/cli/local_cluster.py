@@ -35,8 +35,17 @@ from personalize_service.net import find_free_port
 
 log = logging.getLogger(__name__)
 
-WORKER_KEYS = ("model.", "lora.", "load_timeout_s", "degrade_to_base", "engine.", "limits.", "feedback.",
-               "service.grace_s", "service.threads")
+WORKER_KEYS = (
+    "model.",
+    "lora.",
+    "load_timeout_s",
+    "degrade_to_base",
+    "engine.",
+    "limits.",
+    "feedback.",
+    "service.grace_s",
+    "service.threads",
+)
 """Settings `up` passes on to its worker processes (API keys go by environment, never on a command line)."""
 JOIN_TIMEOUT_S = 300.0
 """How long `up` waits for its workers to load the model and join the ring."""
@@ -79,12 +88,29 @@ class WorkerProcess:
         return ""
 
 
-def worker_command(values: Mapping[str, Any], node_id: str, registry_url: str, data_dir: Path, port: int,
-                   advertise: str = "") -> list[str]:
+def worker_command(
+    values: Mapping[str, Any], node_id: str, registry_url: str, data_dir: Path, port: int, advertise: str = ""
+) -> list[str]:
     """The `personalize serve --role worker` command line of one of up's workers (the store URL, which may
     hold credentials, goes by environment: see worker_environment)."""
-    args = [sys.executable, "-m", "personalize_service.cli", "serve", "--role", "worker", "--node-id", node_id,
-            "--registry-url", registry_url, "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port)]
+    args = [
+        sys.executable,
+        "-m",
+        "personalize_service.cli",
+        "serve",
+        "--role",
+        "worker",
+        "--node-id",
+        node_id,
+        "--registry-url",
+        registry_url,
+        "--data-dir",
+        str(data_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     if advertise:
         args += ["--advertise-address", advertise]
     for setting in settings.SETTINGS:
@@ -112,10 +138,10 @@ def advertise_list(text: str, count: int) -> list[str]:
     if not text.strip():
         return [""] * count
     addresses = [a.strip() for a in text.split(",")]
-    if len(addresses) != count or not all(a.rpartition(":")[0] and a.rpartition(":")[2].isdigit()
-                                          for a in addresses):
-        raise ValueError(f"--worker-advertise {text!r}: give {count} comma-separated host:port addresses, "
-                         "one per worker")
+    if len(addresses) != count or not all(a.rpartition(":")[0] and a.rpartition(":")[2].isdigit() for a in addresses):
+        raise ValueError(
+            f"--worker-advertise {text!r}: give {count} comma-separated host:port addresses, one per worker"
+        )
     return addresses
 
 
@@ -133,8 +159,9 @@ class WorkerProcesses:
     router first); if `up` itself is killed, the kernel sends them SIGTERM.
     """
 
-    def __init__(self, values: Mapping[str, Any], count: int, registry_url: str, store_url: str,
-                 data_dir: Path) -> None:
+    def __init__(
+        self, values: Mapping[str, Any], count: int, registry_url: str, store_url: str, data_dir: Path
+    ) -> None:
         self.values = values
         self.count = count
         self.registry_url = registry_url
@@ -164,12 +191,20 @@ class WorkerProcesses:
         port = find_free_port()
         command = worker_command(self.values, node_id, self.registry_url, own, port, advertise)
         with open(own / "worker.log", "ab") as out:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                       env=self._env, start_new_session=True, preexec_fn=die_with_parent)
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self._env,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
         return WorkerProcess(node_id, process, own, port, advertise, started_at=time.monotonic())
 
-    def wait_joined(self, membership: MembershipConfig, stop: threading.Event,
-                    timeout_s: float = JOIN_TIMEOUT_S) -> dict[str, NodeInfo]:
+    def wait_joined(
+        self, membership: MembershipConfig, stop: threading.Event, timeout_s: float = JOIN_TIMEOUT_S
+    ) -> dict[str, NodeInfo]:
         """Block until every worker serves on the ring; returns their membership records. RuntimeError
         (with the log tail) if one exits first or they take longer than `timeout_s`; {} if `stop` is set."""
         reader = Membership(membership_client(self.registry_url), membership)
@@ -183,8 +218,9 @@ class WorkerProcesses:
                     self._monitor.start()
                     return nodes
             if time.monotonic() > deadline:
-                raise RuntimeError(f"workers did not join within {timeout_s:.0f}s; see their logs under "
-                                   f"{self.data_dir / 'workers'}")
+                raise RuntimeError(
+                    f"workers did not join within {timeout_s:.0f}s; see their logs under {self.data_dir / 'workers'}"
+                )
         return {}
 
     def terminate(self) -> None:
@@ -218,8 +254,10 @@ class WorkerProcesses:
         for worker in self.workers.values():
             code = worker.process.poll()
             if code is not None:
-                raise RuntimeError(f"{worker.node_id} exited with status {code} while starting; the end of "
-                                   f"{worker.log_path}:\n{worker.log_tail()}")
+                raise RuntimeError(
+                    f"{worker.node_id} exited with status {code} while starting; the end of "
+                    f"{worker.log_path}:\n{worker.log_tail()}"
+                )
 
     def _record(self) -> None:
         """Write workers.json (atomically: tests and the chaos runner read it while up runs)."""
@@ -242,17 +280,32 @@ class WorkerProcesses:
                 if node_id not in due:
                     if worker.restarts >= self.max_restarts:
                         given_up.add(node_id)
-                        log.warning("%s (pid %d) exited with status %s and is not restarted (%d restarts "
-                                    "allowed): the router sends its users to the other workers (log: %s)",
-                                    node_id, worker.process.pid, code, self.max_restarts, worker.log_path)
+                        log.warning(
+                            "%s (pid %d) exited with status %s and is not restarted (%d restarts "
+                            "allowed): the router sends its users to the other workers (log: %s)",
+                            node_id,
+                            worker.process.pid,
+                            code,
+                            self.max_restarts,
+                            worker.log_path,
+                        )
                         continue
                     quick = now - worker.started_at < HEALTHY_RUN_S
-                    wait = min(RESTART_BACKOFF_S[1], 2 * backoff.get(node_id, RESTART_BACKOFF_S[0] / 2)) \
-                        if quick else RESTART_BACKOFF_S[0]
+                    wait = (
+                        min(RESTART_BACKOFF_S[1], 2 * backoff.get(node_id, RESTART_BACKOFF_S[0] / 2))
+                        if quick
+                        else RESTART_BACKOFF_S[0]
+                    )
                     backoff[node_id] = wait
                     due[node_id] = now + wait
-                    log.warning("%s (pid %d) exited with status %s; restarting it in %.0f s (log: %s)", node_id,
-                                worker.process.pid, code, wait, worker.log_path)
+                    log.warning(
+                        "%s (pid %d) exited with status %s; restarting it in %.0f s (log: %s)",
+                        node_id,
+                        worker.process.pid,
+                        code,
+                        wait,
+                        worker.log_path,
+                    )
                     continue
                 del due[node_id]
                 with self._lock:

@@ -119,153 +119,536 @@ class Setting:
         return str(value)
 
 
-def _s(key: str, flag: str, env: str, default: Any, parse: Callable[[str], Any], help: str,
-       commands: tuple[str, ...] = BOTH, metavar: str = "") -> Setting:
+def _s(
+    key: str,
+    flag: str,
+    env: str,
+    default: Any,
+    parse: Callable[[str], Any],
+    help: str,
+    commands: tuple[str, ...] = BOTH,
+    metavar: str = "",
+) -> Setting:
     return Setting(key, flag, env, default, parse, help, commands, metavar)
 
 
 SETTINGS: tuple[Setting, ...] = (
     # -- where state lives
-    _s("data_dir", "--data-dir", "PERSONALIZE_DATA_DIR", "./data", _str,
-       "local state: embedded Valkey AOF (up), file store (up), disk cache", metavar="DIR"),
-    _s("registry.url", "--registry-url", "PERSONALIZE_REGISTRY_URL", "", _str,
-       "redis:// URL of the registry (Valkey/Redis); required", (SERVE,), "URL"),
-    _s("registry.namespace", "--namespace", "PERSONALIZE_NAMESPACE", "pz", _str,
-       "prefix of every registry and feedback key, so deployments can share one server", metavar="NAME"),
-    _s("registry.bucket_bits", "--bucket-bits", "PERSONALIZE_BUCKET_BITS", 16, _int,
-       "users are spread over 2**N registry hashes; fixed for the life of a namespace", (SERVE,), "N"),
-    _s("registry.cluster", "--registry-cluster", "PERSONALIZE_REGISTRY_CLUSTER", False, _bool,
-       "the registry is a Redis/Valkey Cluster (speak its protocol)", (SERVE,), "BOOL"),
-    _s("allow_unsynced_registry", "--allow-unsynced-registry", "PERSONALIZE_ALLOW_UNSYNCED_REGISTRY", False, _bool,
-       "start even when the registry server acknowledges writes before they are on disk (appendonly off or "
-       "appendfsync other than always; a power cut then loses acknowledged feedback)", metavar="BOOL"),
-    _s("store_url", "--store-url", "PERSONALIZE_STORE_URL", "", _str,
-       "adapter store: file:///abs/path or s3://bucket/prefix?endpoint=host:port; required by serve, "
-       "up defaults to file://DATA_DIR/store", metavar="URL"),
-    _s("node_id", "--node-id", "PERSONALIZE_NODE_ID", "worker-0", _str,
-       "stable node name (the StatefulSet pod name in Kubernetes)", metavar="NAME"),
+    _s(
+        "data_dir",
+        "--data-dir",
+        "PERSONALIZE_DATA_DIR",
+        "./data",
+        _str,
+        "local state: embedded Valkey AOF (up), file store (up), disk cache",
+        metavar="DIR",
+    ),
+    _s(
+        "registry.url",
+        "--registry-url",
+        "PERSONALIZE_REGISTRY_URL",
+        "",
+        _str,
+        "redis:// URL of the registry (Valkey/Redis); required",
+        (SERVE,),
+        "URL",
+    ),
+    _s(
+        "registry.namespace",
+        "--namespace",
+        "PERSONALIZE_NAMESPACE",
+        "pz",
+        _str,
+        "prefix of every registry and feedback key, so deployments can share one server",
+        metavar="NAME",
+    ),
+    _s(
+        "registry.bucket_bits",
+        "--bucket-bits",
+        "PERSONALIZE_BUCKET_BITS",
+        16,
+        _int,
+        "users are spread over 2**N registry hashes; fixed for the life of a namespace",
+        (SERVE,),
+        "N",
+    ),
+    _s(
+        "registry.cluster",
+        "--registry-cluster",
+        "PERSONALIZE_REGISTRY_CLUSTER",
+        False,
+        _bool,
+        "the registry is a Redis/Valkey Cluster (speak its protocol)",
+        (SERVE,),
+        "BOOL",
+    ),
+    _s(
+        "allow_unsynced_registry",
+        "--allow-unsynced-registry",
+        "PERSONALIZE_ALLOW_UNSYNCED_REGISTRY",
+        False,
+        _bool,
+        "start even when the registry server acknowledges writes before they are on disk (appendonly off or "
+        "appendfsync other than always; a power cut then loses acknowledged feedback)",
+        metavar="BOOL",
+    ),
+    _s(
+        "store_url",
+        "--store-url",
+        "PERSONALIZE_STORE_URL",
+        "",
+        _str,
+        "adapter store: file:///abs/path or s3://bucket/prefix?endpoint=host:port; required by serve, "
+        "up defaults to file://DATA_DIR/store",
+        metavar="URL",
+    ),
+    _s(
+        "node_id",
+        "--node-id",
+        "PERSONALIZE_NODE_ID",
+        "worker-0",
+        _str,
+        "stable node name (the StatefulSet pod name in Kubernetes)",
+        metavar="NAME",
+    ),
     # -- the gRPC server
-    _s("service.host", "--host", "PERSONALIZE_HOST", "127.0.0.1", _str,
-       "address to listen on (0.0.0.0 in a container); up always uses 127.0.0.1", (SERVE,), "ADDR"),
-    _s("service.port", "--port", "PERSONALIZE_PORT", 50051, _int, "gRPC port (0 = pick a free one)",
-       metavar="N"),
-    _s("service.advertise", "--advertise-address", "PERSONALIZE_ADVERTISE_ADDRESS", "", _str,
-       "host:port routers dial to reach this worker (the pod's DNS name); empty = host:port "
-       "(hostname for 0.0.0.0)", (SERVE,), "HOST:PORT"),
-    _s("service.metrics_port", "--metrics-port", "PERSONALIZE_METRICS_PORT", 0, _int,
-       "Prometheus /metrics port (0 = off)", metavar="N"),
-    _s("service.grace_s", "--grace-s", "PERSONALIZE_GRACE_S", 10.0, _float,
-       "on SIGTERM, seconds in-flight calls get to finish", metavar="S"),
-    _s("service.threads", "--threads", "PERSONALIZE_THREADS", 1024, _int,
-       "gRPC handler threads (concurrent calls being served)", metavar="N"),
-    _s("service.api_keys_file", "--api-keys-file", "PERSONALIZE_API_KEYS_FILE", "", _str,
-       "file of tenant:key lines; none = tenant 'default' without a key", metavar="FILE"),
-    _s("service.tls_cert", "--tls-cert", "PERSONALIZE_TLS_CERT", "", _str,
-       "PEM certificate chain: serve TLS (with --tls-key)", metavar="FILE"),
-    _s("service.tls_key", "--tls-key", "PERSONALIZE_TLS_KEY", "", _str, "PEM private key of --tls-cert",
-       metavar="FILE"),
-    _s("service.tls_client_ca", "--tls-client-ca", "PERSONALIZE_TLS_CLIENT_CA", "", _str,
-       "PEM CA: require client certificates it signed (mutual TLS)", metavar="FILE"),
-    _s("router.upstream_ca", "--upstream-ca", "PERSONALIZE_UPSTREAM_CA", "", _str,
-       "PEM CA that signed the workers' certificates: the router dials workers over TLS", metavar="FILE"),
-    _s("router.upstream_cert", "--upstream-cert", "PERSONALIZE_UPSTREAM_CERT", "", _str,
-       "PEM client certificate the router presents to workers that require mutual TLS", metavar="FILE"),
-    _s("router.upstream_key", "--upstream-key", "PERSONALIZE_UPSTREAM_KEY", "", _str,
-       "PEM private key of --upstream-cert", metavar="FILE"),
-    _s("service.api_keys", "--api-keys", "PERSONALIZE_API_KEYS", "", _str,
-       "tenant:key entries, comma-separated (prefer the env var: flags show in ps)", metavar="KEYS"),
+    _s(
+        "service.host",
+        "--host",
+        "PERSONALIZE_HOST",
+        "127.0.0.1",
+        _str,
+        "address to listen on (0.0.0.0 in a container); up always uses 127.0.0.1",
+        (SERVE,),
+        "ADDR",
+    ),
+    _s("service.port", "--port", "PERSONALIZE_PORT", 50051, _int, "gRPC port (0 = pick a free one)", metavar="N"),
+    _s(
+        "service.advertise",
+        "--advertise-address",
+        "PERSONALIZE_ADVERTISE_ADDRESS",
+        "",
+        _str,
+        "host:port routers dial to reach this worker (the pod's DNS name); empty = host:port (hostname for 0.0.0.0)",
+        (SERVE,),
+        "HOST:PORT",
+    ),
+    _s(
+        "service.metrics_port",
+        "--metrics-port",
+        "PERSONALIZE_METRICS_PORT",
+        0,
+        _int,
+        "Prometheus /metrics port (0 = off)",
+        metavar="N",
+    ),
+    _s(
+        "service.grace_s",
+        "--grace-s",
+        "PERSONALIZE_GRACE_S",
+        10.0,
+        _float,
+        "on SIGTERM, seconds in-flight calls get to finish",
+        metavar="S",
+    ),
+    _s(
+        "service.threads",
+        "--threads",
+        "PERSONALIZE_THREADS",
+        1024,
+        _int,
+        "gRPC handler threads (concurrent calls being served)",
+        metavar="N",
+    ),
+    _s(
+        "service.api_keys_file",
+        "--api-keys-file",
+        "PERSONALIZE_API_KEYS_FILE",
+        "",
+        _str,
+        "file of tenant:key lines; none = tenant 'default' without a key",
+        metavar="FILE",
+    ),
+    _s(
+        "service.tls_cert",
+        "--tls-cert",
+        "PERSONALIZE_TLS_CERT",
+        "",
+        _str,
+        "PEM certificate chain: serve TLS (with --tls-key)",
+        metavar="FILE",
+    ),
+    _s(
+        "service.tls_key", "--tls-key", "PERSONALIZE_TLS_KEY", "", _str, "PEM private key of --tls-cert", metavar="FILE"
+    ),
+    _s(
+        "service.tls_client_ca",
+        "--tls-client-ca",
+        "PERSONALIZE_TLS_CLIENT_CA",
+        "",
+        _str,
+        "PEM CA: require client certificates it signed (mutual TLS)",
+        metavar="FILE",
+    ),
+    _s(
+        "router.upstream_ca",
+        "--upstream-ca",
+        "PERSONALIZE_UPSTREAM_CA",
+        "",
+        _str,
+        "PEM CA that signed the workers' certificates: the router dials workers over TLS",
+        metavar="FILE",
+    ),
+    _s(
+        "router.upstream_cert",
+        "--upstream-cert",
+        "PERSONALIZE_UPSTREAM_CERT",
+        "",
+        _str,
+        "PEM client certificate the router presents to workers that require mutual TLS",
+        metavar="FILE",
+    ),
+    _s(
+        "router.upstream_key",
+        "--upstream-key",
+        "PERSONALIZE_UPSTREAM_KEY",
+        "",
+        _str,
+        "PEM private key of --upstream-cert",
+        metavar="FILE",
+    ),
+    _s(
+        "service.api_keys",
+        "--api-keys",
+        "PERSONALIZE_API_KEYS",
+        "",
+        _str,
+        "tenant:key entries, comma-separated (prefer the env var: flags show in ps)",
+        metavar="KEYS",
+    ),
     # -- the base model
-    _s("model.path", "--model", "PERSONALIZE_MODEL_PATH", "", _str,
-       "Hugging Face checkpoint: local directory or cached repo id (docs/models.md); empty = built-in "
-       "tiny model",
-       metavar="PATH"),
-    _s("model.device", "--device", "PERSONALIZE_DEVICE", "cpu", _str, "torch device: cpu, cuda, cuda:1",
-       metavar="DEV"),
-    _s("model.dtype", "--dtype", "PERSONALIZE_DTYPE", "float32", _str,
-       "weight dtype: float32, bfloat16, float16", metavar="DTYPE"),
-    _s("model.threads", "--torch-threads", "PERSONALIZE_TORCH_THREADS", 0, _int,
-       "torch threads per process (0 = one per core; up with several processes splits the cores)",
-       metavar="N"),
+    _s(
+        "model.path",
+        "--model",
+        "PERSONALIZE_MODEL_PATH",
+        "",
+        _str,
+        "Hugging Face checkpoint: local directory or cached repo id (docs/models.md); empty = built-in tiny model",
+        metavar="PATH",
+    ),
+    _s("model.device", "--device", "PERSONALIZE_DEVICE", "cpu", _str, "torch device: cpu, cuda, cuda:1", metavar="DEV"),
+    _s(
+        "model.dtype",
+        "--dtype",
+        "PERSONALIZE_DTYPE",
+        "float32",
+        _str,
+        "weight dtype: float32, bfloat16, float16",
+        metavar="DTYPE",
+    ),
+    _s(
+        "model.threads",
+        "--torch-threads",
+        "PERSONALIZE_TORCH_THREADS",
+        0,
+        _int,
+        "torch threads per process (0 = one per core; up with several processes splits the cores)",
+        metavar="N",
+    ),
     # -- adapters and the cache
-    _s("lora.r_max", "--max-rank", "PERSONALIZE_MAX_RANK", 16, _int, "largest adapter rank accepted",
-       metavar="R"),
-    _s("lora.device_bytes", "--device-cache", "PERSONALIZE_DEVICE_CACHE", 512 * 2**20, parse_size,
-       "device slot budget (adapters resident on the GPU/CPU)", metavar="SIZE"),
-    _s("lora.host_bytes", "--host-cache", "PERSONALIZE_HOST_CACHE", 2**30, parse_size,
-       "host RAM budget of parsed adapters", metavar="SIZE"),
-    _s("lora.disk_bytes", "--disk-cache", "PERSONALIZE_DISK_CACHE", 8 * 2**30, parse_size,
-       "local disk budget of adapter files (under DATA_DIR/cache; 0 = off)", metavar="SIZE"),
-    _s("lora.keep_versions", "--keep-versions", "PERSONALIZE_KEEP_VERSIONS", 4, _int,
-       "stored adapter versions kept per user (older ones are deleted as new ones are published; "
-       "0 = keep all)", metavar="N"),
-    _s("load_timeout_s", "--load-timeout-s", "PERSONALIZE_LOAD_TIMEOUT_S", 30.0, _float,
-       "how long a request waits for its adapter to load", metavar="S"),
-    _s("degrade_to_base", "--degrade-to-base", "PERSONALIZE_DEGRADE_TO_BASE", False, _bool,
-       "when a user's adapter cannot be loaded (store down, corrupt object), serve the base model and flag "
-       "the response degraded instead of failing UNAVAILABLE / DATA_LOSS", metavar="BOOL"),
+    _s("lora.r_max", "--max-rank", "PERSONALIZE_MAX_RANK", 16, _int, "largest adapter rank accepted", metavar="R"),
+    _s(
+        "lora.device_bytes",
+        "--device-cache",
+        "PERSONALIZE_DEVICE_CACHE",
+        512 * 2**20,
+        parse_size,
+        "device slot budget (adapters resident on the GPU/CPU)",
+        metavar="SIZE",
+    ),
+    _s(
+        "lora.host_bytes",
+        "--host-cache",
+        "PERSONALIZE_HOST_CACHE",
+        2**30,
+        parse_size,
+        "host RAM budget of parsed adapters",
+        metavar="SIZE",
+    ),
+    _s(
+        "lora.disk_bytes",
+        "--disk-cache",
+        "PERSONALIZE_DISK_CACHE",
+        8 * 2**30,
+        parse_size,
+        "local disk budget of adapter files (under DATA_DIR/cache; 0 = off)",
+        metavar="SIZE",
+    ),
+    _s(
+        "lora.keep_versions",
+        "--keep-versions",
+        "PERSONALIZE_KEEP_VERSIONS",
+        4,
+        _int,
+        "stored adapter versions kept per user (older ones are deleted as new ones are published; 0 = keep all)",
+        metavar="N",
+    ),
+    _s(
+        "load_timeout_s",
+        "--load-timeout-s",
+        "PERSONALIZE_LOAD_TIMEOUT_S",
+        30.0,
+        _float,
+        "how long a request waits for its adapter to load",
+        metavar="S",
+    ),
+    _s(
+        "degrade_to_base",
+        "--degrade-to-base",
+        "PERSONALIZE_DEGRADE_TO_BASE",
+        False,
+        _bool,
+        "when a user's adapter cannot be loaded (store down, corrupt object), serve the base model and flag "
+        "the response degraded instead of failing UNAVAILABLE / DATA_LOSS",
+        metavar="BOOL",
+    ),
     # -- the engine
-    _s("engine.max_batch", "--max-batch", "PERSONALIZE_MAX_BATCH", 32, _int,
-       "requests decoded together in one step", metavar="N"),
-    _s("engine.max_len", "--max-len", "PERSONALIZE_MAX_LEN", 1024, _int,
-       "tokens per request, prompt plus completion", metavar="N"),
-    _s("engine.max_waiting", "--max-waiting", "PERSONALIZE_MAX_WAITING", 1024, _int,
-       "requests queued before RESOURCE_EXHAUSTED", metavar="N"),
+    _s(
+        "engine.max_batch",
+        "--max-batch",
+        "PERSONALIZE_MAX_BATCH",
+        32,
+        _int,
+        "requests decoded together in one step",
+        metavar="N",
+    ),
+    _s(
+        "engine.max_len",
+        "--max-len",
+        "PERSONALIZE_MAX_LEN",
+        1024,
+        _int,
+        "tokens per request, prompt plus completion",
+        metavar="N",
+    ),
+    _s(
+        "engine.max_waiting",
+        "--max-waiting",
+        "PERSONALIZE_MAX_WAITING",
+        1024,
+        _int,
+        "requests queued before RESOURCE_EXHAUSTED",
+        metavar="N",
+    ),
     # -- request limits
-    _s("limits.max_prompt_bytes", "--max-prompt-bytes", "PERSONALIZE_MAX_PROMPT_BYTES", 16 * 2**10,
-       parse_size, "prompt size limit", metavar="SIZE"),
-    _s("limits.max_new_tokens", "--max-new-tokens-limit", "PERSONALIZE_MAX_NEW_TOKENS", 512, _int,
-       "largest max_new_tokens a request may ask for", metavar="N"),
-    _s("limits.default_new_tokens", "--default-new-tokens", "PERSONALIZE_DEFAULT_NEW_TOKENS", 64, _int,
-       "max_new_tokens of a request that leaves it 0", metavar="N"),
-    _s("limits.max_import_file_bytes", "--max-import-bytes", "PERSONALIZE_MAX_IMPORT_BYTES", 64 * 2**20,
-       parse_size, "size limit of each imported adapter file", metavar="SIZE"),
-    _s("limits.requests_per_second", "--rate", "PERSONALIZE_RATE", 1000.0, _float,
-       "sustained requests/s per tenant", metavar="R"),
-    _s("limits.burst", "--burst", "PERSONALIZE_BURST", 2000, _int,
-       "requests a tenant may make at once above the rate", metavar="N"),
-    _s("limits.max_concurrent_generations", "--max-concurrent", "PERSONALIZE_MAX_CONCURRENT", 256, _int,
-       "generations one tenant may have running or queued (keep well below --threads)", metavar="N"),
+    _s(
+        "limits.max_prompt_bytes",
+        "--max-prompt-bytes",
+        "PERSONALIZE_MAX_PROMPT_BYTES",
+        16 * 2**10,
+        parse_size,
+        "prompt size limit",
+        metavar="SIZE",
+    ),
+    _s(
+        "limits.max_new_tokens",
+        "--max-new-tokens-limit",
+        "PERSONALIZE_MAX_NEW_TOKENS",
+        512,
+        _int,
+        "largest max_new_tokens a request may ask for",
+        metavar="N",
+    ),
+    _s(
+        "limits.default_new_tokens",
+        "--default-new-tokens",
+        "PERSONALIZE_DEFAULT_NEW_TOKENS",
+        64,
+        _int,
+        "max_new_tokens of a request that leaves it 0",
+        metavar="N",
+    ),
+    _s(
+        "limits.max_import_file_bytes",
+        "--max-import-bytes",
+        "PERSONALIZE_MAX_IMPORT_BYTES",
+        64 * 2**20,
+        parse_size,
+        "size limit of each imported adapter file",
+        metavar="SIZE",
+    ),
+    _s(
+        "limits.requests_per_second",
+        "--rate",
+        "PERSONALIZE_RATE",
+        1000.0,
+        _float,
+        "sustained requests/s per tenant",
+        metavar="R",
+    ),
+    _s(
+        "limits.burst",
+        "--burst",
+        "PERSONALIZE_BURST",
+        2000,
+        _int,
+        "requests a tenant may make at once above the rate",
+        metavar="N",
+    ),
+    _s(
+        "limits.max_concurrent_generations",
+        "--max-concurrent",
+        "PERSONALIZE_MAX_CONCURRENT",
+        256,
+        _int,
+        "generations one tenant may have running or queued (keep well below --threads)",
+        metavar="N",
+    ),
     # -- feedback and training
-    _s("feedback.partitions", "--feedback-partitions", "PERSONALIZE_FEEDBACK_PARTITIONS", 4, _int,
-       "feedback streams; fixed for the life of a deployment", metavar="P"),
-    _s("trainer.steps", "--train-steps", "PERSONALIZE_TRAIN_STEPS", 4, _int,
-       "optimizer steps a user gets per new feedback event", metavar="N"),
-    _s("trainer.min_steps", "--train-min-steps", "PERSONALIZE_TRAIN_MIN_STEPS", 1, _int,
-       "fewest optimizer steps of a user in a round", metavar="N"),
-    _s("trainer.max_steps", "--train-max-steps", "PERSONALIZE_TRAIN_MAX_STEPS", 48, _int,
-       "most optimizer steps of a user in a round", metavar="N"),
+    _s(
+        "feedback.partitions",
+        "--feedback-partitions",
+        "PERSONALIZE_FEEDBACK_PARTITIONS",
+        4,
+        _int,
+        "feedback streams; fixed for the life of a deployment",
+        metavar="P",
+    ),
+    _s(
+        "trainer.steps",
+        "--train-steps",
+        "PERSONALIZE_TRAIN_STEPS",
+        4,
+        _int,
+        "optimizer steps a user gets per new feedback event",
+        metavar="N",
+    ),
+    _s(
+        "trainer.min_steps",
+        "--train-min-steps",
+        "PERSONALIZE_TRAIN_MIN_STEPS",
+        1,
+        _int,
+        "fewest optimizer steps of a user in a round",
+        metavar="N",
+    ),
+    _s(
+        "trainer.max_steps",
+        "--train-max-steps",
+        "PERSONALIZE_TRAIN_MAX_STEPS",
+        48,
+        _int,
+        "most optimizer steps of a user in a round",
+        metavar="N",
+    ),
     _s("trainer.lr", "--train-lr", "PERSONALIZE_TRAIN_LR", 2e-3, _float, "trainer learning rate", metavar="LR"),
-    _s("trainer.rank", "--train-rank", "PERSONALIZE_TRAIN_RANK", 8, _int, "rank of a new user's adapter",
-       metavar="R"),
-    _s("trainer.max_events", "--train-max-events", "PERSONALIZE_TRAIN_MAX_EVENTS", 256, _int,
-       "most events in one training round", metavar="N"),
-    _s("trainer.fit_loss", "--train-fit-loss", "PERSONALIZE_TRAIN_FIT_LOSS", 0.1, _float,
-       "a user whose wanted answers still have a mean token NLL above this keeps training past its step budget",
-       metavar="NLL"),
-    _s("trainer.fit_steps", "--train-fit-steps", "PERSONALIZE_TRAIN_FIT_STEPS", 16, _int,
-       "most steps per new event of a user whose wanted answers are not learned yet", metavar="N"),
-    _s("trainer.reject_weight", "--train-reject-weight", "PERSONALIZE_TRAIN_REJECT_WEIGHT", 0.5, _float,
-       "weight of a reject event's unlikelihood loss", metavar="W"),
-    _s("trainer.prefer_nll", "--train-prefer-nll", "PERSONALIZE_TRAIN_PREFER_NLL", 1.0, _float,
-       "weight of the chosen answer's NLL added to a prefer event's DPO loss", metavar="W"),
-    _s("trainer.claim_idle_ms", "--claim-idle-ms", "PERSONALIZE_CLAIM_IDLE_MS", 30_000, _int,
-       "a dead trainer's events are claimed after this idle time", metavar="MS"),
+    _s("trainer.rank", "--train-rank", "PERSONALIZE_TRAIN_RANK", 8, _int, "rank of a new user's adapter", metavar="R"),
+    _s(
+        "trainer.max_events",
+        "--train-max-events",
+        "PERSONALIZE_TRAIN_MAX_EVENTS",
+        256,
+        _int,
+        "most events in one training round",
+        metavar="N",
+    ),
+    _s(
+        "trainer.fit_loss",
+        "--train-fit-loss",
+        "PERSONALIZE_TRAIN_FIT_LOSS",
+        0.1,
+        _float,
+        "a user whose wanted answers still have a mean token NLL above this keeps training past its step budget",
+        metavar="NLL",
+    ),
+    _s(
+        "trainer.fit_steps",
+        "--train-fit-steps",
+        "PERSONALIZE_TRAIN_FIT_STEPS",
+        16,
+        _int,
+        "most steps per new event of a user whose wanted answers are not learned yet",
+        metavar="N",
+    ),
+    _s(
+        "trainer.reject_weight",
+        "--train-reject-weight",
+        "PERSONALIZE_TRAIN_REJECT_WEIGHT",
+        0.5,
+        _float,
+        "weight of a reject event's unlikelihood loss",
+        metavar="W",
+    ),
+    _s(
+        "trainer.prefer_nll",
+        "--train-prefer-nll",
+        "PERSONALIZE_TRAIN_PREFER_NLL",
+        1.0,
+        _float,
+        "weight of the chosen answer's NLL added to a prefer event's DPO loss",
+        metavar="W",
+    ),
+    _s(
+        "trainer.claim_idle_ms",
+        "--claim-idle-ms",
+        "PERSONALIZE_CLAIM_IDLE_MS",
+        30_000,
+        _int,
+        "a dead trainer's events are claimed after this idle time",
+        metavar="MS",
+    ),
     # -- the OpenAI-compatible HTTP edge (service/http)
-    _s("http_port", "--http-port", "PERSONALIZE_HTTP_PORT", 8000, _int,
-       "OpenAI-compatible HTTP port (up: on 127.0.0.1; serve --role gateway: on --host); 0 = off",
-       metavar="N"),
-    _s("gateway_target", "--gateway-target", "PERSONALIZE_GATEWAY_TARGET", "127.0.0.1:50051", _str,
-       "host:port of the router (or worker) the gateway role calls over gRPC", (SERVE,), "HOST:PORT"),
+    _s(
+        "http_port",
+        "--http-port",
+        "PERSONALIZE_HTTP_PORT",
+        8000,
+        _int,
+        "OpenAI-compatible HTTP port (up: on 127.0.0.1; serve --role gateway: on --host); 0 = off",
+        metavar="N",
+    ),
+    _s(
+        "gateway_target",
+        "--gateway-target",
+        "PERSONALIZE_GATEWAY_TARGET",
+        "127.0.0.1:50051",
+        _str,
+        "host:port of the router (or worker) the gateway role calls over gRPC",
+        (SERVE,),
+        "HOST:PORT",
+    ),
     # -- up only
-    _s("workers", "--workers", "PERSONALIZE_WORKERS", 1, _int,
-       "worker processes behind a consistent-hash router; 1 = one worker in the up process, no router",
-       (UP,), "N"),
-    _s("worker_restarts", "--worker-restarts", "PERSONALIZE_WORKER_RESTARTS", 10, _int,
-       "times up restarts a worker process that dies (backoff 1 s doubling to 30 s); 0 = never",
-       (UP,), "N"),
-    _s("worker_advertise", "--worker-advertise", "PERSONALIZE_WORKER_ADVERTISE", "", _str,
-       "comma-separated host:port per worker, the address each announces and the router dials (a proxy "
-       "or sidecar in front of it); empty = its own port", (UP,), "ADDRS"),
+    _s(
+        "workers",
+        "--workers",
+        "PERSONALIZE_WORKERS",
+        1,
+        _int,
+        "worker processes behind a consistent-hash router; 1 = one worker in the up process, no router",
+        (UP,),
+        "N",
+    ),
+    _s(
+        "worker_restarts",
+        "--worker-restarts",
+        "PERSONALIZE_WORKER_RESTARTS",
+        10,
+        _int,
+        "times up restarts a worker process that dies (backoff 1 s doubling to 30 s); 0 = never",
+        (UP,),
+        "N",
+    ),
+    _s(
+        "worker_advertise",
+        "--worker-advertise",
+        "PERSONALIZE_WORKER_ADVERTISE",
+        "",
+        _str,
+        "comma-separated host:port per worker, the address each announces and the router dials (a proxy "
+        "or sidecar in front of it); empty = its own port",
+        (UP,),
+        "ADDRS",
+    ),
 )
 """Every server setting, grouped by component (the README and manifests list them in this order)."""
 
@@ -283,8 +666,10 @@ def dest(setting: Setting) -> str:
 
 # ---- resolution -------------------------------------------------------------------------------------
 
-def resolve(command: str, flags: Mapping[str, Any], environ: Mapping[str, str],
-            config_file: str | None = None) -> dict[str, Any]:
+
+def resolve(
+    command: str, flags: Mapping[str, Any], environ: Mapping[str, str], config_file: str | None = None
+) -> dict[str, Any]:
     """Values of `command`'s settings by key: flag (a `dest(setting)` entry that is not None), else
     environment, else `config_file` (or the file env PERSONALIZE_CONFIG names), else default.
 
@@ -336,8 +721,9 @@ def load_config_file(path: str | os.PathLike[str], command: str = SERVE) -> dict
     known = {s.key for s in settings_for(command)}
     unknown = sorted(set(flat) - known)
     if unknown:
-        raise SettingsError(f"config file {file}: unknown settings {unknown} for `personalize {command}`; "
-                            f"known: {sorted(known)}")
+        raise SettingsError(
+            f"config file {file}: unknown settings {unknown} for `personalize {command}`; known: {sorted(known)}"
+        )
     return flat
 
 
@@ -353,6 +739,7 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # ---- building the config objects ---------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Resolved:
@@ -383,19 +770,27 @@ def build(values: Mapping[str, Any]) -> Resolved:
     from personalize_service.server.router import RouterConfig
 
     registry = RegistryConfig(**_section(values, "registry."))
-    config = Config(node_id=values["node_id"], data_dir=values["data_dir"],
-                    registry=registry, store_url=values.get("store_url", ""),
-                    model=ModelConfig(**_section(values, "model.")), lora=LoraConfig(**_section(values, "lora.")),
-                    engine=EngineConfig(**_section(values, "engine.")), load_timeout_s=values["load_timeout_s"],
-                    degrade_to_base=values["degrade_to_base"],
-                    allow_unsynced_registry=values["allow_unsynced_registry"],
-                    feedback=StreamConfig(**_section(values, "feedback."), namespace=registry.namespace),
-                    trainer=TrainerConfig(**_section(values, "trainer.")))
+    config = Config(
+        node_id=values["node_id"],
+        data_dir=values["data_dir"],
+        registry=registry,
+        store_url=values.get("store_url", ""),
+        model=ModelConfig(**_section(values, "model.")),
+        lora=LoraConfig(**_section(values, "lora.")),
+        engine=EngineConfig(**_section(values, "engine.")),
+        load_timeout_s=values["load_timeout_s"],
+        degrade_to_base=values["degrade_to_base"],
+        allow_unsynced_registry=values["allow_unsynced_registry"],
+        feedback=StreamConfig(**_section(values, "feedback."), namespace=registry.namespace),
+        trainer=TrainerConfig(**_section(values, "trainer.")),
+    )
     service_values = _section(values, "service.")
     keys_file, keys_text = service_values.pop("api_keys_file"), service_values.pop("api_keys")
     if keys_file and keys_text:
-        raise SettingsError("API keys are given both as a file (--api-keys-file / PERSONALIZE_API_KEYS_FILE) "
-                            "and inline (--api-keys / PERSONALIZE_API_KEYS); use one")
+        raise SettingsError(
+            "API keys are given both as a file (--api-keys-file / PERSONALIZE_API_KEYS_FILE) "
+            "and inline (--api-keys / PERSONALIZE_API_KEYS); use one"
+        )
     api_keys = load_api_keys(keys_file) if keys_file else ApiKeys.parse(keys_text)
     service = ServiceConfig(**service_values, limits=Limits(**_section(values, "limits.")), api_keys=api_keys)
     router = RouterConfig(**_section(values, "router."))
@@ -404,10 +799,10 @@ def build(values: Mapping[str, Any]) -> Resolved:
 
 # ---- documentation -----------------------------------------------------------------------------------
 
+
 def markdown_table() -> str:
     """The settings as the README's Markdown table."""
-    lines = ["| config key | flag | environment variable | default | meaning |",
-             "|---|---|---|---|---|"]
+    lines = ["| config key | flag | environment variable | default | meaning |", "|---|---|---|---|---|"]
     for s in SETTINGS:
         default = f"`{s.show(s.default)}`" if s.default != "" else "(empty)"
         only = "" if s.commands == BOTH else f" *({' and '.join(s.commands)} only)*"

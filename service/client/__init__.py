@@ -1,6 +1,6 @@
 """The Python SDK: `PersonalizeClient` (one target) and `RoutingClient` (every worker, routed by user).
 
-    from personalize_service.client import PersonalizeClient
+from personalize_service.client import PersonalizeClient
 """
 
 from personalize_service.client.sdk import (

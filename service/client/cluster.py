@@ -67,9 +67,14 @@ class Cluster:
     """Routing state over the live workers; thread-safe. `start()` watches membership; `apply(nodes)`
     sets a view directly (tests, or a caller with its own source of membership)."""
 
-    def __init__(self, membership: Membership | None, open_channel: Callable[[str], grpc.Channel],
-                 config: RouteConfig = DEFAULT_ROUTE, clock: Callable[[], float] = time.monotonic,
-                 on_change: Callable[[dict[str, NodeInfo]], None] | None = None) -> None:
+    def __init__(
+        self,
+        membership: Membership | None,
+        open_channel: Callable[[str], grpc.Channel],
+        config: RouteConfig = DEFAULT_ROUTE,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[dict[str, NodeInfo]], None] | None = None,
+    ) -> None:
         self.config = config
         self.placement = Placement(config, clock)
         self._membership = membership
@@ -131,8 +136,9 @@ class Cluster:
                 else:
                     channel = self._open_channel(node.address)
                     keep_warm(channel)
-                upstream = Upstream(node_id, node.address, channel, pb_grpc.PersonalizeStub(channel),
-                                    pb_grpc.AdminStub(channel))
+                upstream = Upstream(
+                    node_id, node.address, channel, pb_grpc.PersonalizeStub(channel), pb_grpc.AdminStub(channel)
+                )
                 self._upstreams[node.address] = upstream
             return upstream
 
@@ -219,8 +225,9 @@ def keep_warm(channel: grpc.Channel, poll_s: float = 0.5) -> threading.Thread:
 class Attempt:
     """One try of a call on one worker: a context manager yielding its Upstream (see Cluster.attempts)."""
 
-    def __init__(self, cluster: Cluster, key: str, tried: list[str], *, may_retry: bool,
-                 first_error: BaseException | None = None) -> None:
+    def __init__(
+        self, cluster: Cluster, key: str, tried: list[str], *, may_retry: bool, first_error: BaseException | None = None
+    ) -> None:
         self._cluster = cluster
         self._key = key
         self._tried = tried
@@ -249,8 +256,9 @@ class Attempt:
             raise
         return self._ticket.upstream
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> bool:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
         assert self._ticket is not None
         self._cluster.release(self._ticket)
         node = self._ticket.upstream.node_id
@@ -272,6 +280,7 @@ def _details(exc: BaseException) -> str:
 
 # ---- Admin over every worker -------------------------------------------------------------------------
 
+
 def gather_stats(cluster: Cluster, timeout: float, metadata: Sequence[tuple[str, Any]] = ()) -> pb.StatsResponse:
     """Admin.Stats of every live worker, asked in parallel, their nodes in one response; `degraded` when
     some did not answer within `timeout` seconds."""
@@ -279,8 +288,9 @@ def gather_stats(cluster: Cluster, timeout: float, metadata: Sequence[tuple[str,
     calls: dict[str, Any] = {}
     for node_id in sorted(cluster.nodes()):
         try:
-            calls[node_id] = cluster.upstream(node_id).admin.Stats.future(pb.StatsRequest(), timeout=timeout,
-                                                                          metadata=metadata)
+            calls[node_id] = cluster.upstream(node_id).admin.Stats.future(
+                pb.StatsRequest(), timeout=timeout, metadata=metadata
+            )
         except Unavailable:  # it left between the two reads
             response.degraded = True
     for node_id, call in calls.items():
@@ -296,7 +306,13 @@ def node_list(cluster: Cluster) -> list[pb.Node]:
     """ListNodes' view of membership by node id: state up, draining, or down for a node that failed calls
     just now; load as the node last announced it."""
     suspects = cluster.suspects()
-    return [pb.Node(node_id=node_id, address=node.address,
-                    state="down" if node_id in suspects else "draining" if node.state == DRAINING else "up",
-                    load=round(node.load), capacity=round(node.capacity))
-            for node_id, node in sorted(cluster.nodes().items())]
+    return [
+        pb.Node(
+            node_id=node_id,
+            address=node.address,
+            state="down" if node_id in suspects else "draining" if node.state == DRAINING else "up",
+            load=round(node.load),
+            capacity=round(node.capacity),
+        )
+        for node_id, node in sorted(cluster.nodes().items())
+    ]

@@ -49,15 +49,26 @@ class RoutingClient(PersonalizeClient):
     with a key; `default` without). route, membership: must match the deployment's routers (defaults do).
     """
 
-    def __init__(self, registry_url: str, api_key: str | None = None, timeout: float = 30.0,
-                 tls: bool | bytes | grpc.ChannelCredentials | None = None, *, tenant: str | None = None,
-                 route: RouteConfig | None = None, membership: MembershipConfig | None = None) -> None:
+    def __init__(
+        self,
+        registry_url: str,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        tls: bool | bytes | grpc.ChannelCredentials | None = None,
+        *,
+        tenant: str | None = None,
+        route: RouteConfig | None = None,
+        membership: MembershipConfig | None = None,
+    ) -> None:
         if tenant is None and api_key:
             raise ValueError("tenant= is needed to route with an API key: pass the tenant your key selects")
         self._configure(api_key, timeout, RetryPolicy(retries=1, backoff=0.0))
         self.tenant = tenant or DEFAULT_TENANT
-        self._cluster = Cluster(Membership(membership_client(registry_url), membership or MembershipConfig()),
-                                lambda address: open_channel(address, tls), route or RouteConfig()).start()
+        self._cluster = Cluster(
+            Membership(membership_client(registry_url), membership or MembershipConfig()),
+            lambda address: open_channel(address, tls),
+            route or RouteConfig(),
+        ).start()
 
     @property
     def cluster(self) -> Cluster:
@@ -80,6 +91,7 @@ class RoutingClient(PersonalizeClient):
 
         def send(upstream: Upstream) -> Any:
             return getattr(upstream.api, rpc)(request, timeout=time_left(deadline), metadata=self._metadata)
+
         try:
             return self._cluster.call(route_key(self.tenant, request.user_id), send, retry=idempotent)
         except grpc.RpcError as exc:

@@ -42,12 +42,17 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 FeedbackKind = Literal["accept", "reject", "correct", "prefer"]
-_KINDS: dict[str, int] = {"accept": pb.FeedbackRequest.ACCEPT, "reject": pb.FeedbackRequest.REJECT,
-                          "correct": pb.FeedbackRequest.CORRECT, "prefer": pb.FeedbackRequest.PREFER}
+_KINDS: dict[str, int] = {
+    "accept": pb.FeedbackRequest.ACCEPT,
+    "reject": pb.FeedbackRequest.REJECT,
+    "correct": pb.FeedbackRequest.CORRECT,
+    "prefer": pb.FeedbackRequest.PREFER,
+}
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
 # ---- errors ------------------------------------------------------------------------------------------
+
 
 class PersonalizeClientError(grpc.RpcError):
     """A failed call: `.code()` is its grpc.StatusCode, `.details()` the server's message."""
@@ -121,6 +126,7 @@ def error_from(rpc_error: grpc.RpcError) -> PersonalizeClientError:
 
 
 # ---- results -----------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ExportedAdapter:
@@ -201,6 +207,7 @@ class GenerationStream:
 
 # ---- retry -------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Retry policy: up to `retries` more attempts on UNAVAILABLE, sleeping backoff * 2**n (+ jitter)."""
@@ -209,8 +216,11 @@ class RetryPolicy:
     backoff: float
 
     def should_retry(self, exc: grpc.RpcError, attempt: int) -> bool:
-        return attempt < self.retries and callable(getattr(exc, "code", None)) \
+        return (
+            attempt < self.retries
+            and callable(getattr(exc, "code", None))
             and exc.code() == grpc.StatusCode.UNAVAILABLE
+        )
 
     def sleep(self, attempt: int) -> None:
         time.sleep(self.backoff * (2 ** (attempt - 1)) * (1.0 + 0.25 * random.random()))
@@ -230,6 +240,7 @@ class RetryPolicy:
 
 # ---- client ------------------------------------------------------------------------------------------
 
+
 class PersonalizeClient:
     """A connection to a personalize router (or worker). Thread-safe; one per process is plenty.
 
@@ -239,9 +250,16 @@ class PersonalizeClient:
     retries: extra attempts on UNAVAILABLE for idempotent calls (at most 2 by default).
     """
 
-    def __init__(self, target: str = "127.0.0.1:50051", api_key: str | None = None, timeout: float = 30.0,
-                 tls: bool | bytes | grpc.ChannelCredentials | None = None, *, retries: int = 2,
-                 backoff: float = 0.05) -> None:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        tls: bool | bytes | grpc.ChannelCredentials | None = None,
+        *,
+        retries: int = 2,
+        backoff: float = 0.05,
+    ) -> None:
         self._configure(api_key, timeout, RetryPolicy(retries=retries, backoff=backoff))
         self._channel = open_channel(target, tls)
         self._api = pb_grpc.PersonalizeStub(self._channel)
@@ -249,39 +267,70 @@ class PersonalizeClient:
 
     # -- generation --
 
-    def generate(self, user_id: str, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
-                 use_base_model: bool = False) -> pb.GenerateResponse:
+    def generate(
+        self,
+        user_id: str,
+        prompt: str,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        use_base_model: bool = False,
+    ) -> pb.GenerateResponse:
         """One completion with the user's current adapter (temperature 0 = greedy).
 
         The response says which adapter served (`adapter_version`, 0 = the base model) and where it was
         found (`cache_tier`); `degraded` is true (with `degraded_reason`) when the user's adapter could not
         be loaded and the base model served instead (a server running with degrade_to_base)."""
-        request = _generate_request(user_id, prompt, max_new_tokens, temperature, top_p, seed, stop,
-                                    use_base_model)
+        request = _generate_request(user_id, prompt, max_new_tokens, temperature, top_p, seed, stop, use_base_model)
         return self._call("Generate", request, idempotent=True)
 
-    def generate_stream(self, user_id: str, prompt: str, *, max_new_tokens: int = 64,
-                        temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                        stop: Sequence[str] = (), use_base_model: bool = False) -> GenerationStream:
+    def generate_stream(
+        self,
+        user_id: str,
+        prompt: str,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        use_base_model: bool = False,
+    ) -> GenerationStream:
         """The same as `generate`, as text pieces while they are produced; see GenerationStream (its
         `response`, with `degraded`, is set after the last piece)."""
-        request = _generate_request(user_id, prompt, max_new_tokens, temperature, top_p, seed, stop,
-                                    use_base_model)
+        request = _generate_request(user_id, prompt, max_new_tokens, temperature, top_p, seed, stop, use_base_model)
         return self._stream(request)
 
     # -- feedback and adapters --
 
-    def feedback(self, user_id: str, prompt: str, completion: str, kind: FeedbackKind = "accept", *,
-                 correction: str = "", rejected: str = "", event_key: str = "") -> pb.FeedbackAck:
+    def feedback(
+        self,
+        user_id: str,
+        prompt: str,
+        completion: str,
+        kind: FeedbackKind = "accept",
+        *,
+        correction: str = "",
+        rejected: str = "",
+        event_key: str = "",
+    ) -> pb.FeedbackAck:
         """Record the user's reaction; durable once this returns. `correct` needs `correction`; `prefer`
         takes `completion` as the chosen answer and `rejected` as the other. Without `event_key` a random
         one is sent, so a retry can never store the event twice."""
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {sorted(_KINDS)}, got {kind!r}")
-        request = pb.FeedbackRequest(user_id=user_id, prompt=prompt, completion=completion,
-                                     kind=_KINDS[kind], correction=correction, rejected=rejected,
-                                     event_key=event_key or uuid.uuid4().hex)
+        request = pb.FeedbackRequest(
+            user_id=user_id,
+            prompt=prompt,
+            completion=completion,
+            kind=_KINDS[kind],
+            correction=correction,
+            rejected=rejected,
+            event_key=event_key or uuid.uuid4().hex,
+        )
         return self._call("SubmitFeedback", request, idempotent=True)
 
     def get_adapter(self, user_id: str) -> pb.AdapterInfo:
@@ -294,12 +343,10 @@ class PersonalizeClient:
 
     def export_adapter(self, user_id: str, version: int = 0) -> ExportedAdapter:
         """The PEFT files of the user's adapter (version 0 = current)."""
-        bundle = self._call("ExportAdapter", pb.ExportAdapterRequest(user_id=user_id, version=version),
-                            idempotent=True)
+        bundle = self._call("ExportAdapter", pb.ExportAdapterRequest(user_id=user_id, version=version), idempotent=True)
         return ExportedAdapter(files=dict(bundle.files), info=bundle.info)
 
-    def import_adapter(self, user_id: str,
-                       files: Mapping[str, bytes] | str | os.PathLike[str]) -> pb.AdapterInfo:
+    def import_adapter(self, user_id: str, files: Mapping[str, bytes] | str | os.PathLike[str]) -> pb.AdapterInfo:
         """Install a PEFT LoRA adapter for the user: a name -> bytes mapping, or a directory holding
         adapter_config.json and adapter_model.safetensors (other files there are ignored). Not retried."""
         payload = _read_adapter_dir(files) if isinstance(files, str | os.PathLike) else dict(files)
@@ -326,11 +373,13 @@ class PersonalizeClient:
         self.close()
 
     @classmethod
-    def discover(cls, registry_url: str, api_key: str | None = None, *, tenant: str | None = None,
-                 **options: Any) -> RoutingClient:
+    def discover(
+        cls, registry_url: str, api_key: str | None = None, *, tenant: str | None = None, **options: Any
+    ) -> RoutingClient:
         """A RoutingClient: calls go straight to the worker owning each user, found through the membership
         the workers announce in the registry at `registry_url` (no router hop). See routing_client.py."""
         from personalize_service.client.routing import RoutingClient
+
         return RoutingClient(registry_url, api_key, tenant=tenant, **options)
 
     def _configure(self, api_key: str | None, timeout: float, retry: RetryPolicy) -> None:
@@ -349,13 +398,14 @@ class PersonalizeClient:
     def _stream(self, request: pb.GenerateRequest) -> GenerationStream:
         deadline = time.monotonic() + self.timeout
         return GenerationStream(
-            lambda: self._api.GenerateStream(request, timeout=time_left(deadline), metadata=self._metadata),
-            self._retry)
+            lambda: self._api.GenerateStream(request, timeout=time_left(deadline), metadata=self._metadata), self._retry
+        )
 
     def _unary(self, method: Callable[..., T], request: Any, *, idempotent: bool) -> T:
         deadline = time.monotonic() + self.timeout
         return self._retry.run(
-            lambda: method(request, timeout=time_left(deadline), metadata=self._metadata), idempotent)
+            lambda: method(request, timeout=time_left(deadline), metadata=self._metadata), idempotent
+        )
 
 
 def time_left(deadline: float) -> float:
@@ -363,11 +413,26 @@ def time_left(deadline: float) -> float:
     return max(deadline - time.monotonic(), 0.001)
 
 
-def _generate_request(user_id: str, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
-                      seed: int, stop: Sequence[str], use_base_model: bool) -> pb.GenerateRequest:
-    return pb.GenerateRequest(user_id=user_id, prompt=prompt, max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_p=top_p, seed=seed, stop=list(stop),
-                              use_base_model=use_base_model)
+def _generate_request(
+    user_id: str,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    stop: Sequence[str],
+    use_base_model: bool,
+) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        user_id=user_id,
+        prompt=prompt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop=list(stop),
+        use_base_model=use_base_model,
+    )
 
 
 def _read_adapter_dir(directory: str | os.PathLike[str]) -> dict[str, bytes]:
@@ -375,14 +440,15 @@ def _read_adapter_dir(directory: str | os.PathLike[str]) -> dict[str, bytes]:
     path = Path(directory)
     missing = [name for name in IMPORT_FILE_NAMES if not (path / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{path} lacks {missing}; a PEFT adapter directory holds "
-                                f"{list(IMPORT_FILE_NAMES)}")
+        raise FileNotFoundError(f"{path} lacks {missing}; a PEFT adapter directory holds {list(IMPORT_FILE_NAMES)}")
     return {name: (path / name).read_bytes() for name in IMPORT_FILE_NAMES}
 
 
 def open_channel(target: str, tls: bool | bytes | grpc.ChannelCredentials | None) -> grpc.Channel:
-    options = [("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)]
+    options = [
+        ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+    ]
     if tls is None or tls is False:
         return grpc.insecure_channel(target, options=options)
     if tls is True:

@@ -54,8 +54,14 @@ def render_chat(messages: list[ChatMessage]) -> str:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
@@ -79,6 +85,7 @@ def error_response(exc: PersonalizeClientError) -> JSONResponse:
 
 def _install_error_handlers(app: FastAPI) -> None:
     """Every failure as OpenAI's error JSON."""
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(_body(exc.message, exc.type, exc.param, exc.code), exc.status)
@@ -92,8 +99,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
-        return JSONResponse(_body(f"{param or 'body'}: {first.get('msg', 'invalid request')}",
-                                  "invalid_request_error", param, None), 400)
+        return JSONResponse(
+            _body(f"{param or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request_error", param, None),
+            400,
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -114,13 +123,21 @@ def _install_body_limit(app: FastAPI) -> None:
     async def _limit(request: Request, call_next: Callable[[Request], Any]) -> Any:
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return JSONResponse(_body(f"request body is {length} bytes; the limit is {MAX_BODY_BYTES}",
-                                      "invalid_request_error", None, "request_too_large"), 413)
+            return JSONResponse(
+                _body(
+                    f"request body is {length} bytes; the limit is {MAX_BODY_BYTES}",
+                    "invalid_request_error",
+                    None,
+                    "request_too_large",
+                ),
+                413,
+            )
         return await call_next(request)
 
 
-def create_app(client_for: Callable[[str | None], PersonalizeClient], model_name: str,
-               fingerprint: str = "") -> FastAPI:
+def create_app(
+    client_for: Callable[[str | None], PersonalizeClient], model_name: str, fingerprint: str = ""
+) -> FastAPI:
     """The app; `client_for(api_key)` gives the SDK client sending that key (None = no key)."""
     app = FastAPI(title="personalize (OpenAI-compatible)", docs_url=None, redoc_url=None)
     created = int(time.time())
@@ -148,8 +165,18 @@ def create_app(client_for: Callable[[str | None], PersonalizeClient], model_name
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "personalize", "fingerprint": fingerprint}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "personalize",
+                    "fingerprint": fingerprint,
+                }
+            ],
+        }
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
@@ -168,37 +195,61 @@ def create_app(client_for: Callable[[str | None], PersonalizeClient], model_name
             raise ApiError(400, "give exactly one of prompt and messages", param="prompt")
         prompt = body.prompt if body.prompt is not None else render_chat(body.messages or [])
         sdk = client(request)
-        ack = await run_in_threadpool(lambda: sdk.feedback(
-            body.user, prompt, body.completion, body.kind, correction=body.correction,
-            rejected=body.rejected, event_key=body.event_key))
+        ack = await run_in_threadpool(
+            lambda: sdk.feedback(
+                body.user,
+                prompt,
+                body.completion,
+                body.kind,
+                correction=body.correction,
+                rejected=body.rejected,
+                event_key=body.event_key,
+            )
+        )
         return {"object": "feedback", "event_id": ack.event_id, "partition": ack.partition}
 
     return app
 
 
-async def _generate(model_name: str, sdk: PersonalizeClient, body: CompletionRequest | ChatCompletionRequest,
-                    prompt: str, *, chat: bool) -> JSONResponse | StreamingResponse:
+async def _generate(
+    model_name: str, sdk: PersonalizeClient, body: CompletionRequest | ChatCompletionRequest, prompt: str, *, chat: bool
+) -> JSONResponse | StreamingResponse:
     if body.n != 1:
         raise ApiError(400, f"n: only n=1 is supported, got {body.n}", param="n")
     options: dict[str, Any] = {
-        "max_new_tokens": body.new_tokens(), "temperature": body.temperature, "top_p": body.top_p,
-        "seed": body.seed or 0, "stop": body.stops(), "use_base_model": not body.user}
+        "max_new_tokens": body.new_tokens(),
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "seed": body.seed or 0,
+        "stop": body.stops(),
+        "use_base_model": not body.user,
+    }
     user = body.user or ANONYMOUS
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     model = body.model or model_name
     if body.stream:
         stream = sdk.generate_stream(user, prompt, **options)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(stream, ident, model, chat, include_usage),
-                                 media_type="text/event-stream")
+        return StreamingResponse(_sse(stream, ident, model, chat, include_usage), media_type="text/event-stream")
     response = await run_in_threadpool(lambda: sdk.generate(user, prompt, **options))
     finish = FINISH.get(response.finish_reason, "stop")
-    choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant", "content": response.text},
-                               "finish_reason": finish} if chat else
-                              {"index": 0, "text": response.text, "logprobs": None, "finish_reason": finish})
-    return JSONResponse({
-        "id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-        "model": model, "choices": [choice], "usage": _usage(response)}, headers=_headers(response))
+    choice: dict[str, Any] = (
+        {"index": 0, "message": {"role": "assistant", "content": response.text}, "finish_reason": finish}
+        if chat
+        else {"index": 0, "text": response.text, "logprobs": None, "finish_reason": finish}
+    )
+    return JSONResponse(
+        {
+            "id": ident,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+            "usage": _usage(response),
+        },
+        headers=_headers(response),
+    )
+
 
 async def _sse(stream: Any, ident: str, model: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
     """OpenAI's chunks as SSE; leaving early (the client disconnected) cancels the gRPC call."""
@@ -206,8 +257,14 @@ async def _sse(stream: Any, ident: str, model: str, chat: bool, include_usage: b
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choice: dict[str, Any] | None, **extra: Any) -> str:
-        payload = {"id": ident, "object": kind, "created": now, "model": model,
-                   "choices": [choice] if choice else [], **extra}
+        payload = {
+            "id": ident,
+            "object": kind,
+            "created": now,
+            "model": model,
+            "choices": [choice] if choice else [],
+            **extra,
+        }
         return f"data: {json.dumps(payload)}\n\n"
 
     def piece(text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
@@ -244,10 +301,16 @@ async def _sse(stream: Any, ident: str, model: str, chat: bool, include_usage: b
 
 
 def _usage(response: Any) -> dict[str, int]:
-    return {"prompt_tokens": response.prompt_tokens, "completion_tokens": response.completion_tokens,
-            "total_tokens": response.prompt_tokens + response.completion_tokens}
+    return {
+        "prompt_tokens": response.prompt_tokens,
+        "completion_tokens": response.completion_tokens,
+        "total_tokens": response.prompt_tokens + response.completion_tokens,
+    }
 
 
 def _headers(response: Any) -> dict[str, str]:
-    return {"x-personalize-adapter-version": str(response.adapter_version),
-            "x-personalize-cache-tier": response.cache_tier, "x-personalize-node": response.node_id}
+    return {
+        "x-personalize-adapter-version": str(response.adapter_version),
+        "x-personalize-cache-tier": response.cache_tier,
+        "x-personalize-node": response.node_id,
+    }

@@ -27,8 +27,7 @@ class _Clients:
         with self._lock:
             client = self._clients.get(key)
             if client is None:
-                client = self._clients[key] = PersonalizeClient(self._target, api_key=key,
-                                                                timeout=self._timeout)
+                client = self._clients[key] = PersonalizeClient(self._target, api_key=key, timeout=self._timeout)
             return client
 
     def close(self) -> None:
@@ -54,9 +53,16 @@ class HttpServer:
         self._clients.close()
 
 
-def serve_http(grpc_target: str, host: str, port: int, model_name: str, fingerprint: str = "", *,
-               timeout: float = 120.0, client_for: Callable[[str | None], PersonalizeClient] | None = None,
-               ) -> HttpServer:
+def serve_http(
+    grpc_target: str,
+    host: str,
+    port: int,
+    model_name: str,
+    fingerprint: str = "",
+    *,
+    timeout: float = 120.0,
+    client_for: Callable[[str | None], PersonalizeClient] | None = None,
+) -> HttpServer:
     """Start the OpenAI-compatible edge on host:port calling `grpc_target`; returns once it listens.
     Raises RuntimeError if uvicorn cannot bind within START_TIMEOUT_S."""
     clients = _Clients(grpc_target, timeout)

@@ -140,8 +140,7 @@ def bearer_key(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None
     return None
 
 
-def load_api_keys(path: str | os.PathLike[str] | None = None,
-                  environ: Mapping[str, str] | None = None) -> ApiKeys:
+def load_api_keys(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> ApiKeys:
     """Keys from the file at `path` if given, else from env PERSONALIZE_API_KEYS, else none (no auth)."""
     if path is not None:
         return ApiKeys.parse(Path(path).read_text(encoding="utf-8"))

@@ -77,8 +77,9 @@ class ServiceConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
-            raise InvalidArgument(f"ports must be in [0, 65535], got port={self.port}, "
-                                  f"metrics_port={self.metrics_port}")
+            raise InvalidArgument(
+                f"ports must be in [0, 65535], got port={self.port}, metrics_port={self.metrics_port}"
+            )
         if not self.grace_s >= 0:
             raise InvalidArgument(f"grace_s must be >= 0 seconds, got {self.grace_s}")
         if self.threads < 1:
@@ -143,8 +144,13 @@ Register = Callable[[grpc.Server, int, NodeState], None]
 """Adds a role's servicers to a bound server, given its port and state."""
 
 
-def create(config: ServiceConfig, register: Register, metrics: ServiceMetrics | None = None,
-           state: NodeState | None = None, thread_prefix: str = "grpc") -> tuple[grpc.Server, int]:
+def create(
+    config: ServiceConfig,
+    register: Register,
+    metrics: ServiceMetrics | None = None,
+    state: NodeState | None = None,
+    thread_prefix: str = "grpc",
+) -> tuple[grpc.Server, int]:
     """A bound, not yet started server with the interceptors, `register`'s servicers, health checking and
     reflection; returns it and its port. Health answers NOT_SERVING until `state.serving()`.
 
@@ -152,10 +158,12 @@ def create(config: ServiceConfig, register: Register, metrics: ServiceMetrics | 
     """
     state = state or NodeState()
     options = [*grpc_message_options(config.limits), ("grpc.so_reuseport", 0)]  # a taken port must fail
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=thread_prefix),
-                         interceptors=server_interceptors(config.api_keys, RateLimiter(config.limits), metrics,
-                                                          state.drain),
-                         options=options, maximum_concurrent_rpcs=MAX_QUEUED_PER_THREAD * config.threads)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=thread_prefix),
+        interceptors=server_interceptors(config.api_keys, RateLimiter(config.limits), metrics, state.drain),
+        options=options,
+        maximum_concurrent_rpcs=MAX_QUEUED_PER_THREAD * config.threads,
+    )
     port = bind(server, config.address, config.tls_cert, config.tls_key, config.tls_client_ca)
     register(server, port, state)
     health_pb2_grpc.add_HealthServicer_to_server(state.health, server)
@@ -214,8 +222,13 @@ def drain_and_stop(server: grpc.Server, state: NodeState, grace_s: float) -> Non
     server.stop(_REFUSAL_GRACE_S if idle else 0).wait()  # 0 cancels what is left
 
 
-def serve(config: ServiceConfig, role: Role, stop: threading.Event, metrics: ServiceMetrics | None = None,
-          on_ready: Callable[[int, int], None] | None = None) -> None:
+def serve(
+    config: ServiceConfig,
+    role: Role,
+    stop: threading.Event,
+    metrics: ServiceMetrics | None = None,
+    on_ready: Callable[[int, int], None] | None = None,
+) -> None:
     """Create the server, start the role and the server, report SERVING, and block until `stop` is set;
     then shut down gracefully: `role.draining()`, health NOT_SERVING and new calls refused with UNAVAILABLE,
     calls in flight finish (those still running after grace_s are cancelled), the server stops listening,
@@ -255,6 +268,7 @@ def serve(config: ServiceConfig, role: Role, stop: threading.Event, metrics: Ser
 def stop_on_signals(stop: threading.Event) -> Iterator[None]:
     """Within the block, SIGTERM and SIGINT set `stop`; a second signal raises KeyboardInterrupt (so an
     impatient Ctrl-C still unwinds and cleans up). Main thread only; previous handlers are restored."""
+
     def handle(signum: int, frame: FrameType | None) -> None:
         if stop.is_set():
             raise KeyboardInterrupt

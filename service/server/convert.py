@@ -36,6 +36,7 @@ FEEDBACK_KINDS: dict[int, str] = {
 
 # ---- requests -> library -----------------------------------------------------------------------------
 
+
 class GenerateArgs(NamedTuple):
     user_id: str
     prompt: str
@@ -56,8 +57,12 @@ def generate_args(request: pb.GenerateRequest, limits: Limits) -> GenerateArgs:
         seed=int(request.seed),
         stop=check_stop(list(request.stop), limits),
     )
-    return GenerateArgs(check_user_id(request.user_id, limits), check_prompt(request.prompt, limits),
-                        params, bool(request.use_base_model))
+    return GenerateArgs(
+        check_user_id(request.user_id, limits),
+        check_prompt(request.prompt, limits),
+        params,
+        bool(request.use_base_model),
+    )
 
 
 class FeedbackArgs(NamedTuple):
@@ -83,12 +88,17 @@ def feedback_args(request: pb.FeedbackRequest, limits: Limits) -> FeedbackArgs:
     if kind == "correct" and not request.correction:
         raise InvalidArgument("feedback kind CORRECT needs a non-empty correction")
     if kind == "prefer" and not request.rejected:
-        raise InvalidArgument("feedback kind PREFER needs a non-empty rejected answer "
-                              "(completion is the chosen one)")
-    texts = {name: check_feedback_text(name, getattr(request, name), limits)
-             for name in ("prompt", "completion", "correction", "rejected")}
-    return FeedbackArgs(user_id=check_user_id(request.user_id, limits), kind=kind,
-                        event_key=check_event_key(request.event_key, limits), **texts)
+        raise InvalidArgument("feedback kind PREFER needs a non-empty rejected answer (completion is the chosen one)")
+    texts = {
+        name: check_feedback_text(name, getattr(request, name), limits)
+        for name in ("prompt", "completion", "correction", "rejected")
+    }
+    return FeedbackArgs(
+        user_id=check_user_id(request.user_id, limits),
+        kind=kind,
+        event_key=check_event_key(request.event_key, limits),
+        **texts,
+    )
 
 
 class ExportArgs(NamedTuple):
@@ -114,12 +124,18 @@ def import_args(request: pb.ImportAdapterRequest, limits: Limits) -> ImportArgs:
 
 # ---- library -> responses ----------------------------------------------------------------------------
 
+
 def generate_response(result: GenerationResult, info: GenerationInfo) -> pb.GenerateResponse:
     return pb.GenerateResponse(
-        text=result.text, adapter_version=info.adapter_version, node_id=info.node_id,
-        cache_tier=info.cache_tier, prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens, finish_reason=result.finish_reason,
-        degraded=info.degraded, degraded_reason=info.degraded_reason,
+        text=result.text,
+        adapter_version=info.adapter_version,
+        node_id=info.node_id,
+        cache_tier=info.cache_tier,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        finish_reason=result.finish_reason,
+        degraded=info.degraded,
+        degraded_reason=info.degraded_reason,
     )
 
 
@@ -139,16 +155,22 @@ def feedback_ack(event_id: str, partition: int) -> pb.FeedbackAck:
 
 def adapter_info(info: AdapterInfo) -> pb.AdapterInfo:
     return pb.AdapterInfo(
-        user_id=info.user_id, version=info.version, rank=info.rank, examples_seen=info.examples_seen,
-        base_fingerprint=info.base_fingerprint, updated_at_unix_ms=info.updated_at_unix_ms,
-        pending_events=info.pending_events, owner_node=info.owner_node,
+        user_id=info.user_id,
+        version=info.version,
+        rank=info.rank,
+        examples_seen=info.examples_seen,
+        base_fingerprint=info.base_fingerprint,
+        updated_at_unix_ms=info.updated_at_unix_ms,
+        pending_events=info.pending_events,
+        owner_node=info.owner_node,
     )
 
 
 def adapter_bundle(files: Mapping[str, bytes], info: AdapterInfo) -> pb.AdapterBundle:
     """The exported files, each safetensors file in canonical form (so one adapter exports to the same bytes)."""
-    canonical = {name: canonical_safetensors(data) if name.endswith(".safetensors") else data
-                 for name, data in files.items()}
+    canonical = {
+        name: canonical_safetensors(data) if name.endswith(".safetensors") else data for name, data in files.items()
+    }
     return pb.AdapterBundle(files=canonical, info=adapter_info(info))
 
 
@@ -158,9 +180,14 @@ def delete_response(versions_deleted: int, events_deleted: int) -> pb.DeleteUser
 
 def node_stats(stats: NodeStats) -> pb.NodeStats:
     return pb.NodeStats(
-        node_id=stats.node_id, resident=stats.resident, bytes=stats.bytes, hits=stats.hits,
-        misses=stats.misses, batch_occupancy=stats.batch_occupancy,
-        max_batch_occupancy=stats.max_batch_occupancy, queue_depth=stats.queue_depth,
+        node_id=stats.node_id,
+        resident=stats.resident,
+        bytes=stats.bytes,
+        hits=stats.hits,
+        misses=stats.misses,
+        batch_occupancy=stats.batch_occupancy,
+        max_batch_occupancy=stats.max_batch_occupancy,
+        queue_depth=stats.queue_depth,
         stream_lag=stats.stream_lag,
     )
 

@@ -58,8 +58,7 @@ class CallInterceptor(grpc.ServerInterceptor, abc.ABC):
         """Return call()'s response, or raise."""
 
     @abc.abstractmethod
-    def stream(self, call: Callable[[], Iterator[Any]], context: grpc.ServicerContext,
-               method: str) -> Iterator[Any]:
+    def stream(self, call: Callable[[], Iterator[Any]], context: grpc.ServicerContext, method: str) -> Iterator[Any]:
         """Yield call()'s responses, or raise; a generator, so it runs as the responses are taken."""
 
     def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
@@ -78,12 +77,14 @@ def _wrap_handler(handler: Any, interceptor: CallInterceptor, method: str) -> An
     def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
         def call() -> Any:
             return behavior(request, context)
+
         if handler.response_streaming:
             return interceptor.stream(call, context, method)
         return interceptor.unary(call, context, method)
 
-    return make(wrapped, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    return make(
+        wrapped, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
 
 
 def _is_public(method: str) -> bool:
@@ -91,6 +92,7 @@ def _is_public(method: str) -> bool:
 
 
 # ---- status mapping ----------------------------------------------------------------------------------
+
 
 class ErrorInterceptor(CallInterceptor):
     """Maps exceptions to status codes (service/server/errors.py) and counts every call's final status.
@@ -113,8 +115,7 @@ class ErrorInterceptor(CallInterceptor):
         self._observe(method, _handler_code(context) or grpc.StatusCode.OK, start)
         return response
 
-    def stream(self, call: Callable[[], Iterator[Any]], context: grpc.ServicerContext,
-               method: str) -> Iterator[Any]:
+    def stream(self, call: Callable[[], Iterator[Any]], context: grpc.ServicerContext, method: str) -> Iterator[Any]:
         start = time.perf_counter()
         try:
             yield from call()
@@ -138,8 +139,7 @@ class ErrorInterceptor(CallInterceptor):
             self.metrics.observe_call(method.lstrip("/"), code.name, time.perf_counter() - start)
 
 
-def _classify(exc: Exception, context: grpc.ServicerContext,
-              method: str) -> tuple[grpc.StatusCode, str | None]:
+def _classify(exc: Exception, context: grpc.ServicerContext, method: str) -> tuple[grpc.StatusCode, str | None]:
     """(code, details) for an exception a handler raised; details None = the handler already set them."""
     if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
         return exc.code(), exc.details() or ""
@@ -151,8 +151,9 @@ def _classify(exc: Exception, context: grpc.ServicerContext,
         return already, None
     error_id = uuid.uuid4().hex[:12]
     log.error("internal error %s in %s", error_id, method, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, (f"internal error {error_id} ({type(exc).__name__}); "
-                                      "the server log has the details")
+    return grpc.StatusCode.INTERNAL, (
+        f"internal error {error_id} ({type(exc).__name__}); the server log has the details"
+    )
 
 
 def _handler_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
@@ -162,6 +163,7 @@ def _handler_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
 
 
 # ---- authentication and rate limit -------------------------------------------------------------------
+
 
 class AuthInterceptor(CallInterceptor):
     """Resolves the caller's tenant from `authorization: Bearer <key>` and runs the call with
@@ -179,8 +181,7 @@ class AuthInterceptor(CallInterceptor):
         tenant = self.keys.tenant_of(context.invocation_metadata())
         return tenant_context(tenant).run(call)
 
-    def stream(self, call: Callable[[], Iterator[Any]], context: grpc.ServicerContext,
-               method: str) -> Iterator[Any]:
+    def stream(self, call: Callable[[], Iterator[Any]], context: grpc.ServicerContext, method: str) -> Iterator[Any]:
         tenant = self.keys.tenant_of(context.invocation_metadata())
         ctx = tenant_context(tenant)
         responses = ctx.run(call)
@@ -213,13 +214,13 @@ class RateLimitInterceptor(CallInterceptor):
         self.limiter.check(current_tenant())
         return call()
 
-    def stream(self, call: Callable[[], Iterator[Any]], context: grpc.ServicerContext,
-               method: str) -> Iterator[Any]:
+    def stream(self, call: Callable[[], Iterator[Any]], context: grpc.ServicerContext, method: str) -> Iterator[Any]:
         self.limiter.check(current_tenant())
         yield from call()
 
 
 # ---- graceful shutdown -------------------------------------------------------------------------------
+
 
 class Drain:
     """Calls in flight, and a draining flag: once draining, new calls are refused with UNAVAILABLE while
@@ -238,8 +239,10 @@ class Drain:
         """Count a new call; Unavailable if draining."""
         with self._cond:
             if self._draining:
-                raise Unavailable("this server is shutting down and takes no new calls; retry (another "
-                                  "node, or this one once it is back, will answer)")
+                raise Unavailable(
+                    "this server is shutting down and takes no new calls; retry (another "
+                    "node, or this one once it is back, will answer)"
+                )
             self._active += 1
 
     def exit(self) -> None:
@@ -275,8 +278,7 @@ class DrainInterceptor(CallInterceptor):
         finally:
             self.drain.exit()
 
-    def stream(self, call: Callable[[], Iterator[Any]], context: grpc.ServicerContext,
-               method: str) -> Iterator[Any]:
+    def stream(self, call: Callable[[], Iterator[Any]], context: grpc.ServicerContext, method: str) -> Iterator[Any]:
         self.drain.enter()
         try:
             yield from call()
@@ -284,9 +286,9 @@ class DrainInterceptor(CallInterceptor):
             self.drain.exit()
 
 
-def server_interceptors(keys: ApiKeys, limiter: RateLimiter | None = None,
-                        metrics: ServiceMetrics | None = None,
-                        drain: Drain | None = None) -> list[grpc.ServerInterceptor]:
+def server_interceptors(
+    keys: ApiKeys, limiter: RateLimiter | None = None, metrics: ServiceMetrics | None = None, drain: Drain | None = None
+) -> list[grpc.ServerInterceptor]:
     """The service's interceptors in the order they must run (outermost first): errors, drain (if given),
     auth, rate limit."""
     chain: list[grpc.ServerInterceptor] = [ErrorInterceptor(metrics)]

@@ -59,9 +59,18 @@ class Limits:
     threads, so one tenant can never hold every thread."""
 
     def __post_init__(self) -> None:
-        for name in ("max_user_id_bytes", "max_prompt_bytes", "max_new_tokens", "default_new_tokens",
-                     "max_stop_bytes", "max_feedback_text_bytes", "max_event_key_bytes",
-                     "max_import_file_bytes", "burst", "max_concurrent_generations"):
+        for name in (
+            "max_user_id_bytes",
+            "max_prompt_bytes",
+            "max_new_tokens",
+            "default_new_tokens",
+            "max_stop_bytes",
+            "max_feedback_text_bytes",
+            "max_event_key_bytes",
+            "max_import_file_bytes",
+            "burst",
+            "max_concurrent_generations",
+        ):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"limit {name} must be >= 1, got {getattr(self, name)}")
         if self.max_stop_strings < 0:
@@ -69,8 +78,9 @@ class Limits:
         if not self.requests_per_second > 0:
             raise InvalidArgument(f"limit requests_per_second must be > 0, got {self.requests_per_second}")
         if self.default_new_tokens > self.max_new_tokens:
-            raise InvalidArgument(f"limit default_new_tokens ({self.default_new_tokens}) exceeds "
-                                  f"max_new_tokens ({self.max_new_tokens})")
+            raise InvalidArgument(
+                f"limit default_new_tokens ({self.default_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})"
+            )
 
 
 DEFAULT_LIMITS = Limits()
@@ -86,6 +96,7 @@ def grpc_message_options(limits: Limits) -> list[tuple[str, int]]:
 
 
 # ---- validators --------------------------------------------------------------------------------------
+
 
 def _utf8_size(name: str, text: str) -> int:
     try:
@@ -151,15 +162,16 @@ def check_import_files(files: Mapping[str, bytes], limits: Limits) -> dict[str, 
     """The files as a dict if they are exactly IMPORT_FILE_NAMES, each <= max_import_file_bytes."""
     unknown = sorted(set(files) - set(IMPORT_FILE_NAMES))
     if unknown:
-        raise InvalidArgument(f"import files {unknown} are not accepted; "
-                              f"send exactly {list(IMPORT_FILE_NAMES)}")
+        raise InvalidArgument(f"import files {unknown} are not accepted; send exactly {list(IMPORT_FILE_NAMES)}")
     missing = [name for name in IMPORT_FILE_NAMES if name not in files]
     if missing:
         raise InvalidArgument(f"import is missing {missing}; send exactly {list(IMPORT_FILE_NAMES)}")
     for name, data in files.items():
         if len(data) > limits.max_import_file_bytes:
-            raise InvalidArgument(f"import file {name} is {len(data)} bytes; the limit is "
-                                  f"{limits.max_import_file_bytes} (max_import_file_bytes)")
+            raise InvalidArgument(
+                f"import file {name} is {len(data)} bytes; the limit is "
+                f"{limits.max_import_file_bytes} (max_import_file_bytes)"
+            )
     return dict(files)
 
 
@@ -171,17 +183,18 @@ def user_id_of(request: Any, context: Any, limits: Limits = DEFAULT_LIMITS) -> s
     gRPC metadata values are printable ASCII, so a non-ASCII user id can only come from the request.
     """
     from_request = getattr(request, "user_id", "") if request is not None else ""
-    from_metadata = next((v for k, v in context.invocation_metadata() or () if k == USER_ID_METADATA_KEY),
-                         None)
+    from_metadata = next((v for k, v in context.invocation_metadata() or () if k == USER_ID_METADATA_KEY), None)
     if isinstance(from_metadata, bytes):
         from_metadata = from_metadata.decode("utf-8", "replace")
     if from_metadata is not None and from_request and from_metadata != from_request:
-        raise InvalidArgument(f"{USER_ID_METADATA_KEY} metadata {from_metadata!r} differs from the "
-                              f"request's user_id {from_request!r}")
+        raise InvalidArgument(
+            f"{USER_ID_METADATA_KEY} metadata {from_metadata!r} differs from the request's user_id {from_request!r}"
+        )
     return check_user_id(from_metadata if from_metadata is not None else from_request, limits)
 
 
 # ---- rate and concurrency ----------------------------------------------------------------------------
+
 
 @dataclass
 class TokenBucket:
@@ -218,15 +231,15 @@ class RateLimiter:
             now = self.clock()
             bucket = self._buckets.get(tenant)
             if bucket is None:
-                bucket = TokenBucket(self.limits.requests_per_second, self.limits.burst,
-                                     self.limits.burst, now)
+                bucket = TokenBucket(self.limits.requests_per_second, self.limits.burst, self.limits.burst, now)
                 self._buckets[tenant] = bucket
             allowed = bucket.try_take(now)
         if not allowed:
             raise ResourceExhausted(
                 f"tenant {tenant!r} is over its request rate: the limit is "
                 f"{self.limits.requests_per_second:g} requests/s with a burst of {self.limits.burst}"
-                f" (requests_per_second, burst); retry later")
+                f" (requests_per_second, burst); retry later"
+            )
 
 
 @dataclass
@@ -244,8 +257,10 @@ class ConcurrencyLimiter:
         with self._lock:
             running = self._running.get(tenant, 0)
             if running >= limit:
-                raise ResourceExhausted(f"tenant {tenant!r} has {running} generations running; the limit "
-                                        f"is {limit} (max_concurrent_generations); retry later")
+                raise ResourceExhausted(
+                    f"tenant {tenant!r} has {running} generations running; the limit "
+                    f"is {limit} (max_concurrent_generations); retry later"
+                )
             self._running[tenant] = running + 1
         try:
             yield

@@ -38,28 +38,36 @@ class ServiceMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.requests = Counter(f"{PREFIX}_requests", "gRPC calls finished, by method and status code.",
-                                ["rpc", "code"], registry=r)
-        self.request_seconds = Histogram(f"{PREFIX}_request_seconds", "gRPC call latency in seconds.",
-                                         ["rpc"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.cache_hits = Counter(f"{PREFIX}_cache_hits", "Adapter lookups answered by a cache tier.",
-                                  ["tier"], registry=r)
-        self.cache_misses = Counter(f"{PREFIX}_cache_misses",
-                                    "Adapter lookups a cache tier could not answer.", ["tier"], registry=r)
+        self.requests = Counter(
+            f"{PREFIX}_requests", "gRPC calls finished, by method and status code.", ["rpc", "code"], registry=r
+        )
+        self.request_seconds = Histogram(
+            f"{PREFIX}_request_seconds", "gRPC call latency in seconds.", ["rpc"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.cache_hits = Counter(
+            f"{PREFIX}_cache_hits", "Adapter lookups answered by a cache tier.", ["tier"], registry=r
+        )
+        self.cache_misses = Counter(
+            f"{PREFIX}_cache_misses", "Adapter lookups a cache tier could not answer.", ["tier"], registry=r
+        )
         self.adapter_load_seconds = Histogram(
-            f"{PREFIX}_adapter_load_seconds", "Seconds to load an adapter into a device slot, by tier.",
-            ["tier"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.batch_occupancy = Histogram(f"{PREFIX}_batch_occupancy", "Running requests per decode step.",
-                                         buckets=_OCCUPANCY_BUCKETS, registry=r)
-        self.tokens_generated = Counter(f"{PREFIX}_tokens_generated", "Completion tokens generated.",
-                                        registry=r)
-        self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Requests waiting to join the running batch.",
-                                 registry=r)
-        self.feedback_stream_lag = Gauge(f"{PREFIX}_feedback_stream_lag",
-                                         "Feedback events appended but not yet applied to an adapter.",
-                                         registry=r)
-        self.train_round_seconds = Histogram(f"{PREFIX}_train_round_seconds", "Seconds per trainer round.",
-                                             buckets=_ROUND_BUCKETS, registry=r)
+            f"{PREFIX}_adapter_load_seconds",
+            "Seconds to load an adapter into a device slot, by tier.",
+            ["tier"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_occupancy = Histogram(
+            f"{PREFIX}_batch_occupancy", "Running requests per decode step.", buckets=_OCCUPANCY_BUCKETS, registry=r
+        )
+        self.tokens_generated = Counter(f"{PREFIX}_tokens_generated", "Completion tokens generated.", registry=r)
+        self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Requests waiting to join the running batch.", registry=r)
+        self.feedback_stream_lag = Gauge(
+            f"{PREFIX}_feedback_stream_lag", "Feedback events appended but not yet applied to an adapter.", registry=r
+        )
+        self.train_round_seconds = Histogram(
+            f"{PREFIX}_train_round_seconds", "Seconds per trainer round.", buckets=_ROUND_BUCKETS, registry=r
+        )
 
     def observe_call(self, rpc: str, code: str, seconds: float) -> None:
         """Count one finished call of method `rpc` (e.g. `Generate`) with status `code` (e.g. `OK`)."""

@@ -71,13 +71,22 @@ class RouterMetrics:
 
     def __init__(self, metrics: ServiceMetrics) -> None:
         r = metrics.registry
-        self.forwarded = Counter(f"{PREFIX}_router_forwarded", "Calls the router sent to a worker, by status.",
-                                 ["rpc", "node", "code"], registry=r)
-        self.retries = Counter(f"{PREFIX}_router_retries", "Calls retried on the next worker after UNAVAILABLE.",
-                               ["rpc"], registry=r)
-        self.upstream_seconds = Histogram(f"{PREFIX}_router_upstream_seconds",
-                                          "Seconds of one forwarded attempt, router to worker and back.", ["rpc"],
-                                          buckets=_LATENCY_BUCKETS, registry=r)
+        self.forwarded = Counter(
+            f"{PREFIX}_router_forwarded",
+            "Calls the router sent to a worker, by status.",
+            ["rpc", "node", "code"],
+            registry=r,
+        )
+        self.retries = Counter(
+            f"{PREFIX}_router_retries", "Calls retried on the next worker after UNAVAILABLE.", ["rpc"], registry=r
+        )
+        self.upstream_seconds = Histogram(
+            f"{PREFIX}_router_upstream_seconds",
+            "Seconds of one forwarded attempt, router to worker and back.",
+            ["rpc"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.workers = Gauge(f"{PREFIX}_router_workers", "Serving workers on the router's ring.", registry=r)
 
     def attempt(self, rpc: str, node: str, number: int, code: grpc.StatusCode, seconds: float) -> None:
@@ -136,8 +145,7 @@ def _relay(call: Any, context: grpc.ServicerContext, poll_s: float = 0.05) -> It
 class RouterServicer(pb_grpc.PersonalizeServicer):
     """The app-facing API, forwarded to the owning worker."""
 
-    def __init__(self, cluster: Cluster, limits: Limits = DEFAULT_LIMITS,
-                 metrics: RouterMetrics | None = None) -> None:
+    def __init__(self, cluster: Cluster, limits: Limits = DEFAULT_LIMITS, metrics: RouterMetrics | None = None) -> None:
         self.cluster = cluster
         self.limits = limits
         self.metrics = metrics
@@ -145,8 +153,7 @@ class RouterServicer(pb_grpc.PersonalizeServicer):
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
         return self._forward("Generate", request, context, retry=True)
 
-    def GenerateStream(self, request: pb.GenerateRequest,
-                       context: grpc.ServicerContext) -> Iterator[pb.GenerateChunk]:
+    def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateChunk]:
         key, metadata = self._route(request, context)
         for attempt in self.cluster.attempts(key, retry=True):
             with attempt as upstream:
@@ -173,12 +180,10 @@ class RouterServicer(pb_grpc.PersonalizeServicer):
     def GetAdapter(self, request: pb.GetAdapterRequest, context: grpc.ServicerContext) -> pb.AdapterInfo:
         return self._forward("GetAdapter", request, context, retry=True)
 
-    def DeleteUser(self, request: pb.DeleteUserRequest,
-                   context: grpc.ServicerContext) -> pb.DeleteUserResponse:
+    def DeleteUser(self, request: pb.DeleteUserRequest, context: grpc.ServicerContext) -> pb.DeleteUserResponse:
         return self._forward("DeleteUser", request, context, retry=True)
 
-    def ExportAdapter(self, request: pb.ExportAdapterRequest,
-                      context: grpc.ServicerContext) -> pb.AdapterBundle:
+    def ExportAdapter(self, request: pb.ExportAdapterRequest, context: grpc.ServicerContext) -> pb.AdapterBundle:
         return self._forward("ExportAdapter", request, context, retry=True)
 
     def ImportAdapter(self, request: pb.ImportAdapterRequest, context: grpc.ServicerContext) -> pb.AdapterInfo:
@@ -196,8 +201,7 @@ class RouterServicer(pb_grpc.PersonalizeServicer):
         for attempt in self.cluster.attempts(key, retry=retry):
             with attempt as upstream:
                 start, error = time.perf_counter(), None
-                future = getattr(upstream.api, rpc).future(request, timeout=time_remaining(context),
-                                                           metadata=metadata)
+                future = getattr(upstream.api, rpc).future(request, timeout=time_remaining(context), metadata=metadata)
                 cancel_with_call(context, future.cancel)
                 try:
                     return future.result()
@@ -205,14 +209,14 @@ class RouterServicer(pb_grpc.PersonalizeServicer):
                     error = exc
                     raise
                 except grpc.FutureCancelledError:  # the caller went away or ran out of time: nobody waits
-                    raise DeadlineExceeded(f"{rpc} was cancelled: the caller went away or its deadline "
-                                           "passed") from None
+                    raise DeadlineExceeded(
+                        f"{rpc} was cancelled: the caller went away or its deadline passed"
+                    ) from None
                 finally:
                     self._observe(rpc, upstream, attempt.number, error, start)
         raise AssertionError("unreachable: the last attempt never swallows its error")
 
-    def _observe(self, rpc: str, upstream: Upstream, number: int, error: BaseException | None,
-                 start: float) -> None:
+    def _observe(self, rpc: str, upstream: Upstream, number: int, error: BaseException | None, start: float) -> None:
         if self.metrics is not None:
             self.metrics.attempt(rpc, upstream.node_id, number, _code_of(error), time.perf_counter() - start)
 
@@ -232,9 +236,13 @@ class RouterAdminServicer(pb_grpc.AdminServicer):
         return pb.ListNodesResponse(nodes=node_list(self.cluster))
 
 
-def create_router(config: ServiceConfig, cluster: Cluster, metrics: ServiceMetrics | None = None,
-                  state: NodeState | None = None,
-                  router_metrics: RouterMetrics | None = None) -> tuple[grpc.Server, int]:
+def create_router(
+    config: ServiceConfig,
+    cluster: Cluster,
+    metrics: ServiceMetrics | None = None,
+    state: NodeState | None = None,
+    router_metrics: RouterMetrics | None = None,
+) -> tuple[grpc.Server, int]:
     """A bound, not yet started router server (Personalize, Admin, health, reflection) over `cluster`;
     returns it and its port. Health answers NOT_SERVING until `state.serving()`. `router_metrics` defaults
     to new ones in `metrics`' registry (when given).
@@ -264,8 +272,11 @@ class RouterConfig:
     """PEM private key of upstream_cert."""
 
 
-RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
-                     ("grpc.max_reconnect_backoff_ms", 2000))
+RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
 """A worker the router could not reach (restarting, partitioned) is tried again within 2 s, not gRPC's
 default of up to 120 s of backoff: its users go back to it soon after it answers again."""
 
@@ -310,9 +321,13 @@ class RouterRole:
         self.cluster.stop()
 
 
-def serve_router(config: ServiceConfig, cluster: Cluster, stop: threading.Event,
-                 metrics: ServiceMetrics | None = None,
-                 on_ready: Callable[[int, int], None] | None = None) -> None:
+def serve_router(
+    config: ServiceConfig,
+    cluster: Cluster,
+    stop: threading.Event,
+    metrics: ServiceMetrics | None = None,
+    on_ready: Callable[[int, int], None] | None = None,
+) -> None:
     """Start watching membership and serving, report SERVING, block until `stop` is set, then drain (like
     a worker: new calls refused, calls in flight get grace_s) and stop watching (base.serve). `on_ready(port,
     metrics_port)` runs once SERVING.

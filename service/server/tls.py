@@ -38,8 +38,9 @@ def channel_credentials(ca: str, cert: str = "", key: str = "") -> grpc.ChannelC
     """Client credentials from PEM files: trust `ca`; with `cert` and `key`, present that certificate
     (for servers that require mutual TLS)."""
     if bool(cert) != bool(key):
-        raise InvalidArgument("a client certificate (--upstream-cert) needs its private key (--upstream-key), "
-                              "and the other way round")
+        raise InvalidArgument(
+            "a client certificate (--upstream-cert) needs its private key (--upstream-key), and the other way round"
+        )
     if (cert or key) and not ca:
         raise InvalidArgument("--upstream-cert needs --upstream-ca (the CA that signed the workers' certificates)")
     try:

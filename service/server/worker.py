@@ -29,6 +29,7 @@ from personalize_service.server.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
+
 class PersonalizeServicer(pb_grpc.PersonalizeServicer):
     """The app-facing API over one worker."""
 
@@ -46,8 +47,7 @@ class PersonalizeServicer(pb_grpc.PersonalizeServicer):
             result = generation.result(timeout=time_remaining(context))
         return convert.generate_response(result, generation.info)
 
-    def GenerateStream(self, request: pb.GenerateRequest,
-                       context: grpc.ServicerContext) -> Iterator[pb.GenerateChunk]:
+    def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateChunk]:
         args = convert.generate_args(request, self.limits)
         tenant = current_tenant()
         with self.concurrency.hold(tenant):
@@ -64,8 +64,9 @@ class PersonalizeServicer(pb_grpc.PersonalizeServicer):
 
     def SubmitFeedback(self, request: pb.FeedbackRequest, context: grpc.ServicerContext) -> pb.FeedbackAck:
         a = convert.feedback_args(request, self.limits)
-        event = FeedbackEvent(current_tenant(), a.user_id, a.kind, a.prompt, a.completion, a.correction,
-                              a.rejected, a.event_key)
+        event = FeedbackEvent(
+            current_tenant(), a.user_id, a.kind, a.prompt, a.completion, a.correction, a.rejected, a.event_key
+        )
         event_id, partition = self.worker.submit_feedback(event)  # returns only after the durable append
         return convert.feedback_ack(event_id, partition)
 
@@ -73,14 +74,12 @@ class PersonalizeServicer(pb_grpc.PersonalizeServicer):
         user_id = check_user_id(request.user_id, self.limits)
         return convert.adapter_info(self.worker.get_adapter(current_tenant(), user_id))
 
-    def DeleteUser(self, request: pb.DeleteUserRequest,
-                   context: grpc.ServicerContext) -> pb.DeleteUserResponse:
+    def DeleteUser(self, request: pb.DeleteUserRequest, context: grpc.ServicerContext) -> pb.DeleteUserResponse:
         user_id = check_user_id(request.user_id, self.limits)
         versions, events = self.worker.delete_user(current_tenant(), user_id)
         return convert.delete_response(versions, events)
 
-    def ExportAdapter(self, request: pb.ExportAdapterRequest,
-                      context: grpc.ServicerContext) -> pb.AdapterBundle:
+    def ExportAdapter(self, request: pb.ExportAdapterRequest, context: grpc.ServicerContext) -> pb.AdapterBundle:
         args = convert.export_args(request, self.limits)
         files, info = self.worker.export_adapter(current_tenant(), args.user_id, args.version)
         return convert.adapter_bundle(files, info)
@@ -103,18 +102,25 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     def ListNodes(self, request: pb.ListNodesRequest, context: grpc.ServicerContext) -> pb.ListNodesResponse:
         engine = self.worker.engine
-        node = pb.Node(node_id=self.worker.node_id, address=self.address, state=self.state.state,
-                       load=engine.running + engine.queue_depth, capacity=engine.config.max_batch)
+        node = pb.Node(
+            node_id=self.worker.node_id,
+            address=self.address,
+            state=self.state.state,
+            load=engine.running + engine.queue_depth,
+            capacity=engine.config.max_batch,
+        )
         return pb.ListNodesResponse(nodes=[node])
 
 
-def create_server(config: ServiceConfig, worker: Worker, metrics: ServiceMetrics | None = None,
-                  state: NodeState | None = None) -> tuple[grpc.Server, int]:
+def create_server(
+    config: ServiceConfig, worker: Worker, metrics: ServiceMetrics | None = None, state: NodeState | None = None
+) -> tuple[grpc.Server, int]:
     """A bound, not yet started server with both APIs, health checking and reflection; returns it and its
     port. Health answers NOT_SERVING until `state.serving()` (pass a NodeState to drive it).
 
     Raises OSError if the address cannot be bound (port taken).
     """
+
     def register(server: grpc.Server, port: int, state: NodeState) -> None:
         pb_grpc.add_PersonalizeServicer_to_server(PersonalizeServicer(worker, config.limits), server)
         address = advertised_address(config.host, port, config.advertise)
@@ -124,6 +130,7 @@ def create_server(config: ServiceConfig, worker: Worker, metrics: ServiceMetrics
 
 
 # ---- metrics -----------------------------------------------------------------------------------------
+
 
 class MetricsRefresher:
     """Copies the worker's counters (cache hits/misses, loads, tokens, batch occupancy, queue depth) into
@@ -176,6 +183,7 @@ class MetricsRefresher:
 
 # ---- running until stopped -------------------------------------------------------------------------
 
+
 class WorkerRole:
     """The worker around the shared server lifecycle (base.serve): the engine, the metrics refresher and,
     with `announce`, its place in membership."""
@@ -221,8 +229,14 @@ class WorkerRole:
         self.worker.stop()
 
 
-def serve(config: ServiceConfig, worker: Worker, stop: threading.Event, metrics: ServiceMetrics | None = None,
-          on_ready: Callable[[int, int], None] | None = None, announce: AnnounceConfig | None = None) -> None:
+def serve(
+    config: ServiceConfig,
+    worker: Worker,
+    stop: threading.Event,
+    metrics: ServiceMetrics | None = None,
+    on_ready: Callable[[int, int], None] | None = None,
+    announce: AnnounceConfig | None = None,
+) -> None:
     """Start the worker and the server, report SERVING, and block until `stop` is set; then shut down
     gracefully (base.serve): announce DRAINING (with `announce`), health NOT_SERVING and new calls refused
     with UNAVAILABLE, calls in flight finish (those still running after grace_s are cancelled), the server
@@ -241,6 +255,12 @@ def serve(config: ServiceConfig, worker: Worker, stop: threading.Event, metrics:
 def _announce(config: AnnounceConfig, worker: Worker, address: str) -> Announcement:
     """Join membership as `worker` at `address`; from then on only the users it owns are prefetched."""
     engine = worker.engine
-    return Announcement(config, worker.node_id, float(engine.config.max_batch),
-                        load_fn=lambda: float(engine.running + engine.queue_depth), ownership=worker.ownership,
-                        hot_fn=worker.cache.hottest, warm_fn=worker.warm).start(address)
+    return Announcement(
+        config,
+        worker.node_id,
+        float(engine.config.max_batch),
+        load_fn=lambda: float(engine.running + engine.queue_depth),
+        ownership=worker.ownership,
+        hot_fn=worker.cache.hottest,
+        warm_fn=worker.warm,
+    ).start(address)

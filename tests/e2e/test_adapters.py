@@ -34,8 +34,9 @@ def _generate(stubs: Stubs, user_id: str, prompt: str, max_new_tokens: int, **ex
     return stubs.api.Generate(request, timeout=120)
 
 
-def test_imported_peft_adapter_generates_like_peft(stubs: Stubs, base: BaseModel,
-                                                   peft_adapter: tuple[Any, Path]) -> None:
+def test_imported_peft_adapter_generates_like_peft(
+    stubs: Stubs, base: BaseModel, peft_adapter: tuple[Any, Path]
+) -> None:
     model, directory = peft_adapter
     info = _import(stubs, "peft-user", adapter_files(directory))
     assert (info.user_id, info.version, info.rank, info.base_fingerprint) == ("peft-user", 1, 4, base.fingerprint)
@@ -50,8 +51,11 @@ def test_imported_peft_adapter_generates_like_peft(stubs: Stubs, base: BaseModel
 
     again = _generate(stubs, "peft-user", *PROMPTS[0])
     assert (again.adapter_version, again.cache_tier) == (1, "device")
-    streamed = list(stubs.api.GenerateStream(pb.GenerateRequest(user_id="peft-user", prompt=PROMPTS[0][0],
-                                                                max_new_tokens=PROMPTS[0][1]), timeout=120))
+    streamed = list(
+        stubs.api.GenerateStream(
+            pb.GenerateRequest(user_id="peft-user", prompt=PROMPTS[0][0], max_new_tokens=PROMPTS[0][1]), timeout=120
+        )
+    )
     assert "".join(c.text for c in streamed) == again.text and streamed[-1].final.adapter_version == 1
     plain = _generate(stubs, "peft-user", *PROMPTS[0], use_base_model=True)
     assert (plain.adapter_version, plain.cache_tier) == (0, "none")
@@ -105,12 +109,14 @@ def test_delete_user_forgets_the_adapter(stubs: Stubs, base: BaseModel, peft_ada
     assert after.text == greedy_reference(base.model, base.tokenizer, *PROMPTS[0])[0]
 
 
-@pytest.mark.parametrize(("files", "message"), [
-    ({"adapter_config.json": b"{}"}, "missing ['adapter_model.safetensors']"),
-    ({"adapter_config.json": b"{}", "adapter_model.safetensors": b"x", "adapter_model.bin": b"x"},
-     "not accepted"),
-    ({"adapter_config.json": b"not json", "adapter_model.safetensors": b"\x00" * 16}, "adapter"),
-])
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"adapter_config.json": b"{}"}, "missing ['adapter_model.safetensors']"),
+        ({"adapter_config.json": b"{}", "adapter_model.safetensors": b"x", "adapter_model.bin": b"x"}, "not accepted"),
+        ({"adapter_config.json": b"not json", "adapter_model.safetensors": b"\x00" * 16}, "adapter"),
+    ],
+)
 def test_bad_import_is_invalid_argument(stubs: Stubs, files: dict[str, bytes], message: str) -> None:
     with pytest.raises(grpc.RpcError) as raised:
         _import(stubs, "bad-import", files)

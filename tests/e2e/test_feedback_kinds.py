@@ -22,8 +22,9 @@ def _loops(text: str, span: int = 12) -> bool:
     return len(tail) == span and any(all(tail[i] == tail[i + p] for i in range(span - p)) for p in range(1, 5))
 
 
-def _answers(client: PersonalizeClient, user: str, prompts: list[str], tokens: int = 16,
-             base: bool = False) -> list[str]:
+def _answers(
+    client: PersonalizeClient, user: str, prompts: list[str], tokens: int = 16, base: bool = False
+) -> list[str]:
     return [client.generate(user, p, max_new_tokens=tokens, use_base_model=base).text for p in prompts]
 
 
@@ -33,8 +34,9 @@ def test_prefer_teaches_the_chosen_answer(up_server: UpServer) -> None:
         for wave in range(1, 5):
             for _ in range(4):
                 tail = _tail(rnd)
-                client.feedback("pref-1", _prompt(rnd), "Salut Zoe! " + tail, kind="prefer",
-                                rejected="Hey Zoe! " + tail)
+                client.feedback(
+                    "pref-1", _prompt(rnd), "Salut Zoe! " + tail, kind="prefer", rejected="Hey Zoe! " + tail
+                )
             _wait_applied(client, {"pref-1": 4 * wave}, timeout=240)
         answers = _answers(client, "pref-1", [_prompt(rnd) for _ in range(10)])
     assert sum(a.startswith("Salut Zoe! ") for a in answers) >= 9, answers

@@ -30,8 +30,7 @@ def test_health_is_serving(channel: grpc.Channel) -> None:
 
 def test_reflection_lists_the_services(channel: grpc.Channel) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                        timeout=10)
+    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
     names = {s.name for reply in replies for s in reply.list_services_response.service}
     assert {"personalize.v1.Personalize", "personalize.v1.Admin", "grpc.health.v1.Health"} <= names
 
@@ -41,8 +40,9 @@ def test_start_says_there_are_no_api_keys(up_server: UpServer) -> None:
 
 
 @pytest.mark.parametrize(("prompt", "max_new_tokens"), PROMPTS)
-def test_generate_without_adapter_is_the_base_models_greedy_output(stubs: Stubs, base: BaseModel, prompt: str,
-                                                                   max_new_tokens: int) -> None:
+def test_generate_without_adapter_is_the_base_models_greedy_output(
+    stubs: Stubs, base: BaseModel, prompt: str, max_new_tokens: int
+) -> None:
     request = pb.GenerateRequest(user_id="no-adapter-user", prompt=prompt, max_new_tokens=max_new_tokens)
     unary = stubs.api.Generate(request, timeout=120)
     chunks = list(stubs.api.GenerateStream(request, timeout=120))
@@ -61,9 +61,10 @@ def test_generate_without_adapter_is_the_base_models_greedy_output(stubs: Stubs,
 def test_stop_string_ends_the_text_before_it(stubs: Stubs) -> None:
     full = stubs.api.Generate(pb.GenerateRequest(user_id="u", prompt="Hello, world", max_new_tokens=24), timeout=60)
     stop = full.text[5:8]
-    cut = stubs.api.Generate(pb.GenerateRequest(user_id="u", prompt="Hello, world", max_new_tokens=24,
-                                                stop=[stop]), timeout=60)
-    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
+    cut = stubs.api.Generate(
+        pb.GenerateRequest(user_id="u", prompt="Hello, world", max_new_tokens=24, stop=[stop]), timeout=60
+    )
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
 
 
 def test_sampling_is_reproducible_by_seed(stubs: Stubs) -> None:
@@ -94,13 +95,16 @@ def test_a_call_without_deadline_is_served(stubs: Stubs) -> None:
     assert list(stubs.api.GenerateStream(request))[-1].final.completion_tokens == 4
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("user_id", "", "user_id is empty"),
-    ("user_id", "bad\nid", "control character"),
-    ("max_new_tokens", 100000, "max_new_tokens is 100000; the limit is 512"),
-    ("prompt", "p" * 20000, "max_prompt_bytes"),
-    ("temperature", -1.0, "temperature must be in [0, 100]"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("user_id", "", "user_id is empty"),
+        ("user_id", "bad\nid", "control character"),
+        ("max_new_tokens", 100000, "max_new_tokens is 100000; the limit is 512"),
+        ("prompt", "p" * 20000, "max_prompt_bytes"),
+        ("temperature", -1.0, "temperature must be in [0, 100]"),
+    ],
+)
 def test_bad_generate_input_is_invalid_argument(stubs: Stubs, field: str, value: object, message: str) -> None:
     request = pb.GenerateRequest(user_id="u", prompt="hi", max_new_tokens=4)
     setattr(request, field, value)
@@ -118,12 +122,14 @@ def test_list_nodes_shows_this_node(stubs: Stubs, up_server: UpServer) -> None:
 
 
 def test_feedback_is_durable_and_idempotent_per_event_key(stubs: Stubs) -> None:
-    request = pb.FeedbackRequest(user_id="fb-u", prompt="p", completion="c", kind=pb.FeedbackRequest.ACCEPT,
-                                 event_key="k-1")
+    request = pb.FeedbackRequest(
+        user_id="fb-u", prompt="p", completion="c", kind=pb.FeedbackRequest.ACCEPT, event_key="k-1"
+    )
     first = stubs.api.SubmitFeedback(request, timeout=10)
     again = stubs.api.SubmitFeedback(request, timeout=10)
     assert first.event_id and first.event_id == again.event_id and first.partition == again.partition
     with pytest.raises(grpc.RpcError) as raised:
-        stubs.api.SubmitFeedback(pb.FeedbackRequest(user_id="fb-u", prompt="p", completion="c",
-                                                    kind=pb.FeedbackRequest.PREFER), timeout=10)
+        stubs.api.SubmitFeedback(
+            pb.FeedbackRequest(user_id="fb-u", prompt="p", completion="c", kind=pb.FeedbackRequest.PREFER), timeout=10
+        )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT

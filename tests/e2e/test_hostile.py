@@ -56,51 +56,72 @@ class _Stream(threading.Thread):
 
 
 def test_tiny_temperature_and_huge_adapter_fail_only_their_own_request(
-        up: tuple[UpServer, Stubs], huge_adapter: dict[str, bytes]) -> None:
+    up: tuple[UpServer, Stubs], huge_adapter: dict[str, bytes]
+) -> None:
     api = up[1].api
     other = _Stream(api)
     other.start()
-    tiny = api.Generate(pb.GenerateRequest(user_id="mallory", prompt="hi", max_new_tokens=8, temperature=1e-40),
-                        timeout=60, metadata=KEY_A)
+    tiny = api.Generate(
+        pb.GenerateRequest(user_id="mallory", prompt="hi", max_new_tokens=8, temperature=1e-40),
+        timeout=60,
+        metadata=KEY_A,
+    )
     assert tiny.finish_reason in ("length", "eos")  # decoded greedily, not a NaN draw
     try:
-        api.ImportAdapter(pb.ImportAdapterRequest(user_id="mallory", files=huge_adapter), timeout=60,
-                          metadata=KEY_A)
+        api.ImportAdapter(pb.ImportAdapterRequest(user_id="mallory", files=huge_adapter), timeout=60, metadata=KEY_A)
     except grpc.RpcError as exc:  # refused at import (magnitude bounds): as good as failing alone
         assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.details()
     else:
         for temperature in (0.0, 0.7):
             with pytest.raises(grpc.RpcError) as raised:
-                api.Generate(pb.GenerateRequest(user_id="mallory", prompt="hi", max_new_tokens=8,
-                                                temperature=temperature), timeout=60, metadata=KEY_A)
+                api.Generate(
+                    pb.GenerateRequest(user_id="mallory", prompt="hi", max_new_tokens=8, temperature=temperature),
+                    timeout=60,
+                    metadata=KEY_A,
+                )
             assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "user 'mallory'" in raised.value.details()
     other.join(120)
     assert other.error is None, other.error
     assert other.chunks and other.chunks[-1].done
     assert other.chunks[-1].final.finish_reason in ("length", "eos")
-    after = api.Generate(pb.GenerateRequest(user_id="bob", prompt="still", max_new_tokens=4), timeout=60,
-                         metadata=KEY_B)
+    after = api.Generate(
+        pb.GenerateRequest(user_id="bob", prompt="still", max_new_tokens=4), timeout=60, metadata=KEY_B
+    )
     assert after.completion_tokens >= 1
 
 
 EXAMPLES = int(os.environ.get("PERSONALIZE_HOSTILE_EXAMPLES", "30"))
 NEVER = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                                        max_size=4), max_leaves=40)
-metadata_values = st.one_of(st.text(max_size=30), st.sampled_from(["abc", "1e3", "-1", str(1 << 60), "7"]),
-                            json_values.map(json.dumps), st.just("x" * 300_000))
-metadata = st.dictionaries(st.sampled_from(["examples_seen", "replay", "version", "base_fingerprint", "junk"])
-                           | st.text(max_size=10), metadata_values, max_size=4)
-numbers = st.one_of(st.integers(-3, 16), st.just(10**400), st.floats(allow_nan=True, allow_infinity=True),
-                    st.sampled_from([1e30, 1e6, 4000.0, 0.0]))
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=40,
+)
+metadata_values = st.one_of(
+    st.text(max_size=30),
+    st.sampled_from(["abc", "1e3", "-1", str(1 << 60), "7"]),
+    json_values.map(json.dumps),
+    st.just("x" * 300_000),
+)
+metadata = st.dictionaries(
+    st.sampled_from(["examples_seen", "replay", "version", "base_fingerprint", "junk"]) | st.text(max_size=10),
+    metadata_values,
+    max_size=4,
+)
+numbers = st.one_of(
+    st.integers(-3, 16),
+    st.just(10**400),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([1e30, 1e6, 4000.0, 0.0]),
+)
 factors = st.sampled_from([1.0, 0.0, -1.0, 60.0, 1e4, 1e30, 3e38])
 dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32])
 
 
-def _hostile_files(files: dict[str, bytes], rank: object, alpha: object, factor: float, dtype: torch.dtype,
-                   meta: dict[str, str]) -> dict[str, bytes]:
+def _hostile_files(
+    files: dict[str, bytes], rank: object, alpha: object, factor: float, dtype: torch.dtype, meta: dict[str, str]
+) -> dict[str, bytes]:
     config = json.loads(files["adapter_config.json"])
     config["r"], config["lora_alpha"] = rank, alpha
     with tempfile.TemporaryDirectory() as tmp:  # safetensors writes metadata only through a file
@@ -119,8 +140,9 @@ def plain_adapter(base: BaseModel, tmp_path_factory: pytest.TempPathFactory) -> 
     return adapter_files(directory)
 
 
-def test_random_hostile_imports_never_hurt_another_tenant(up: tuple[UpServer, Stubs],
-                                                          plain_adapter: dict[str, bytes]) -> None:
+def test_random_hostile_imports_never_hurt_another_tenant(
+    up: tuple[UpServer, Stubs], plain_adapter: dict[str, bytes]
+) -> None:
     server, stubs = up
     api = stubs.api
     trainer_pid = (server.data_dir / "trainer.pid").read_text()
@@ -128,15 +150,26 @@ def test_random_hostile_imports_never_hurt_another_tenant(up: tuple[UpServer, St
     other.start()
     counter = iter(range(10**6))
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
-    @given(rank=st.just(4) | numbers, alpha=st.just(8) | numbers, factor=st.just(1.0) | factors,
-           dtype=st.just(torch.float32) | dtypes, meta=metadata)
+    @settings(
+        max_examples=EXAMPLES, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
+    @given(
+        rank=st.just(4) | numbers,
+        alpha=st.just(8) | numbers,
+        factor=st.just(1.0) | factors,
+        dtype=st.just(torch.float32) | dtypes,
+        meta=metadata,
+    )
     @example(rank=4, alpha=8, factor=1.0, dtype=torch.float32, meta={"examples_seen": "abc"})
     @example(rank=4, alpha=8, factor=1.0, dtype=torch.float32, meta={"examples_seen": "1e3"})
     @example(rank=4, alpha=8, factor=1.0, dtype=torch.float32, meta={"examples_seen": str(1 << 60)})
-    @example(rank=4, alpha=8, factor=1.0, dtype=torch.float32,
-             meta={"replay": json.dumps([{"prompt": [1, {"x": None}], "kind": 3}])})
+    @example(
+        rank=4,
+        alpha=8,
+        factor=1.0,
+        dtype=torch.float32,
+        meta={"replay": json.dumps([{"prompt": [1, {"x": None}], "kind": 3}])},
+    )
     @example(rank=4, alpha=8, factor=1e30, dtype=torch.float32, meta={})
     @example(rank=4, alpha=1e30, factor=1.0, dtype=torch.float32, meta={})
     def attack(rank: object, alpha: object, factor: float, dtype: torch.dtype, meta: dict[str, str]) -> None:
@@ -147,11 +180,17 @@ def test_random_hostile_imports_never_hurt_another_tenant(up: tuple[UpServer, St
         except grpc.RpcError as exc:
             assert exc.code() not in NEVER, exc.details()
             return
-        api.SubmitFeedback(pb.FeedbackRequest(user_id=user, prompt="p", completion="c",
-                                              kind=pb.FeedbackRequest.ACCEPT), timeout=30, metadata=KEY_A)
+        api.SubmitFeedback(
+            pb.FeedbackRequest(user_id=user, prompt="p", completion="c", kind=pb.FeedbackRequest.ACCEPT),
+            timeout=30,
+            metadata=KEY_A,
+        )
         try:
-            api.Generate(pb.GenerateRequest(user_id=user, prompt="hi", max_new_tokens=4, temperature=0.5),
-                         timeout=60, metadata=KEY_A)
+            api.Generate(
+                pb.GenerateRequest(user_id=user, prompt="hi", max_new_tokens=4, temperature=0.5),
+                timeout=60,
+                metadata=KEY_A,
+            )
         except grpc.RpcError as exc:
             assert exc.code() not in NEVER, exc.details()
 
@@ -176,12 +215,12 @@ def test_one_tenants_flood_does_not_queue_another_tenant_behind_it(narrow: tuple
     api = narrow[1].api
     flood = 20
     request = pb.GenerateRequest(user_id="flooder", prompt="flood", max_new_tokens=24, temperature=0.5)
-    calls = [api.Generate.future(request, timeout=300, metadata=KEY_A)
-             for _ in range(flood)]
+    calls = [api.Generate.future(request, timeout=300, metadata=KEY_A) for _ in range(flood)]
     first = api.GenerateStream(request, timeout=300, metadata=KEY_A)
     next(iter(first))  # A's flood is queued and decoding
-    reply = api.Generate(pb.GenerateRequest(user_id="bob", prompt="mine", max_new_tokens=4), timeout=300,
-                         metadata=KEY_B)
+    reply = api.Generate(
+        pb.GenerateRequest(user_id="bob", prompt="mine", max_new_tokens=4), timeout=300, metadata=KEY_B
+    )
     still_waiting = sum(not c.done() for c in calls)
     assert reply.completion_tokens >= 1
     assert still_waiting >= flood // 2, f"only {still_waiting} of A's {flood} calls were still queued"

@@ -67,8 +67,9 @@ def _first_refusal(server: UpServer, within_s: float = 60.0) -> grpc.StatusCode:
     while time.monotonic() < deadline:
         with server.channel() as channel:
             try:
-                Stubs.on(channel).api.Generate(pb.GenerateRequest(user_id="late", prompt="hi", max_new_tokens=1),
-                                               timeout=5)
+                Stubs.on(channel).api.Generate(
+                    pb.GenerateRequest(user_id="late", prompt="hi", max_new_tokens=1), timeout=5
+                )
             except grpc.RpcError as exc:
                 return exc.code()
         time.sleep(0.05)
@@ -110,7 +111,8 @@ def _snapshot(api: pb_grpc.PersonalizeStub, users: list[str]) -> dict[str, tuple
         try:
             info = api.GetAdapter(pb.GetAdapterRequest(user_id=user), timeout=10)
             weights = api.ExportAdapter(pb.ExportAdapterRequest(user_id=user), timeout=30).files[
-                "adapter_model.safetensors"]
+                "adapter_model.safetensors"
+            ]
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.NOT_FOUND
         request = pb.GenerateRequest(user_id=user, prompt="Hello, world", max_new_tokens=16)

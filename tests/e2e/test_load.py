@@ -32,8 +32,9 @@ def adapter_dirs(base: BaseModel, tmp_path_factory: pytest.TempPathFactory) -> l
 
 
 def _request(call: int) -> pb.GenerateRequest:
-    return pb.GenerateRequest(user_id=USERS[call % len(USERS)], prompt=PROMPTS[call % len(PROMPTS)],
-                              max_new_tokens=MAX_NEW_TOKENS)
+    return pb.GenerateRequest(
+        user_id=USERS[call % len(USERS)], prompt=PROMPTS[call % len(PROMPTS)], max_new_tokens=MAX_NEW_TOKENS
+    )
 
 
 def test_200_concurrent_generations_succeed_and_batch(stubs: Stubs, adapter_dirs: list[Path]) -> None:
@@ -69,8 +70,9 @@ def test_streams_and_unary_calls_mix(stubs: Stubs) -> None:
 
 
 def test_cancelled_stream_leaves_the_batch(stubs: Stubs) -> None:
-    stream = stubs.api.GenerateStream(pb.GenerateRequest(user_id="canceller", prompt="Hello, world",
-                                                         max_new_tokens=512), timeout=300)
+    stream = stubs.api.GenerateStream(
+        pb.GenerateRequest(user_id="canceller", prompt="Hello, world", max_new_tokens=512), timeout=300
+    )
     next(stream)
     stream.cancel()
     with pytest.raises(grpc.RpcError) as raised:

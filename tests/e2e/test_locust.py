@@ -17,8 +17,14 @@ from tests.e2e.upserver import UpServer
 
 DURATION_S = 15
 USERS = 4
-WORKLOAD = {"population": 1_000_000, "zipf_s": 1.1, "seed": 7, "user_prefix": "locust-e2e-", "max_new_tokens": 8,
-            "prompt_chars": 32}
+WORKLOAD = {
+    "population": 1_000_000,
+    "zipf_s": 1.1,
+    "seed": 7,
+    "user_prefix": "locust-e2e-",
+    "max_new_tokens": 8,
+    "prompt_chars": 32,
+}
 DRAIN_TIMEOUT_S = 300.0
 """The trainer applies every acknowledged event well within this on a busy 2-core machine; not drained by
 then is a failure (a generous bound on progress, not a speed check)."""
@@ -36,9 +42,16 @@ def run(up_server: UpServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[
         sent, served_from = loadtest_run.read_records(out / "records")
         drained = loadtest_run.drain(client, sent, DRAIN_TIMEOUT_S)
         applied = loadtest_run.examples_seen(client, sent)
-        summary = loadtest_run.build_summary(loadtest_run.read_final_stats(out), sampler.samples[0],
-                                             sampler.samples[-1], sent, applied, drained, served_from,
-                                             {"locust_exit_code": done.returncode, **WORKLOAD})
+        summary = loadtest_run.build_summary(
+            loadtest_run.read_final_stats(out),
+            sampler.samples[0],
+            sampler.samples[-1],
+            sent,
+            applied,
+            drained,
+            served_from,
+            {"locust_exit_code": done.returncode, **WORKLOAD},
+        )
     loadtest_run.write_report(out, summary, out / "results")
     return summary, out
 
@@ -65,7 +78,15 @@ def test_report_figures_match_the_service(run: tuple[dict[str, Any], Path]) -> N
 
 def test_report_files_written(run: tuple[dict[str, Any], Path]) -> None:
     _, out = run
-    for name in ("locust_stats.csv", "locust_stats_history.csv", "locust_failures.csv", "report.html",
-                 "summary.json", "latency.png", "throughput.png", "cache.png"):
+    for name in (
+        "locust_stats.csv",
+        "locust_stats_history.csv",
+        "locust_failures.csv",
+        "report.html",
+        "summary.json",
+        "latency.png",
+        "throughput.png",
+        "cache.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "results" / "latest" / "summary.json").read_text())["requests"] > 0

@@ -17,8 +17,10 @@ from personalize_service.client import PersonalizeClient
 from tests.e2e.upserver import UpServer, start_up
 
 NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi"]
-WORDS = ("the a cat dog sky blue run fast slow tree house car why how what when is are you me green small big "
-         "river song light night day").split()
+WORDS = (
+    "the a cat dog sky blue run fast slow tree house car why how what when is are you me green small big "
+    "river song light night day"
+).split()
 
 
 def _prompt(rnd: random.Random) -> str:
@@ -55,13 +57,13 @@ def test_each_user_learns_their_signature_and_only_theirs(up_server: UpServer) -
         unseen = [_prompt(rnd) for _ in range(10)]
         calls = [(u, p, False) for u in signatures for p in unseen] + [("sig-Alice", p, True) for p in unseen]
         with ThreadPoolExecutor(16) as pool:  # concurrent: users' rows share engine batches
-            answers = list(pool.map(lambda c: client.generate(c[0], c[1], max_new_tokens=16, use_base_model=c[2]),
-                                    calls))
+            answers = list(
+                pool.map(lambda c: client.generate(c[0], c[1], max_new_tokens=16, use_base_model=c[2]), calls)
+            )
     personal = [(u, a) for (u, _, base), a in zip(calls, answers, strict=True) if not base]
     base = [a for (_, _, b), a in zip(calls, answers, strict=True) if b]
     hit_rate = sum(a.text.startswith(signatures[u]) for u, a in personal) / len(personal)
-    leaks = [(u, a.text) for u, a in personal
-             if any(s.strip() in a.text for v, s in signatures.items() if v != u)]
+    leaks = [(u, a.text) for u, a in personal if any(s.strip() in a.text for v, s in signatures.items() if v != u)]
     assert hit_rate >= 0.95, [a.text for _, a in personal][:20]
     assert leaks == []
     assert all(a.adapter_version >= 4 for _, a in personal)
@@ -71,8 +73,16 @@ def test_each_user_learns_their_signature_and_only_theirs(up_server: UpServer) -
 
 @pytest.fixture
 def trainer_cluster(tmp_path: Path) -> Iterator[UpServer]:
-    server = start_up(tmp_path / "data", tmp_path / "up.log", "--train-steps", "1", "--train-max-events", "150",
-                      "--claim-idle-ms", "2000")
+    server = start_up(
+        tmp_path / "data",
+        tmp_path / "up.log",
+        "--train-steps",
+        "1",
+        "--train-max-events",
+        "150",
+        "--claim-idle-ms",
+        "2000",
+    )
     yield server
     server.stop()
 

@@ -37,10 +37,12 @@ def test_start_names_the_tenants(keyed: tuple[UpServer, Stubs]) -> None:
 def test_missing_or_wrong_key_is_unauthenticated(keyed: tuple[UpServer, Stubs], metadata: Any) -> None:
     stubs = keyed[1]
     calls = [
-        lambda: stubs.api.Generate(pb.GenerateRequest(user_id="u1", prompt="hi", max_new_tokens=2),
-                                   timeout=30, metadata=metadata),
-        lambda: list(stubs.api.GenerateStream(pb.GenerateRequest(user_id="u1", prompt="hi"), timeout=30,
-                                              metadata=metadata)),
+        lambda: stubs.api.Generate(
+            pb.GenerateRequest(user_id="u1", prompt="hi", max_new_tokens=2), timeout=30, metadata=metadata
+        ),
+        lambda: list(
+            stubs.api.GenerateStream(pb.GenerateRequest(user_id="u1", prompt="hi"), timeout=30, metadata=metadata)
+        ),
         lambda: stubs.api.GetAdapter(pb.GetAdapterRequest(user_id="u1"), timeout=30, metadata=metadata),
         lambda: stubs.admin.Stats(pb.StatsRequest(), timeout=30, metadata=metadata),
     ]

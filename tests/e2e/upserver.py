@@ -70,8 +70,7 @@ def up_command(data_dir: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "personalize_service.cli", "up", "--data-dir", str(data_dir), *args]
 
 
-def start_up(data_dir: Path, log_path: Path, *args: str, env: dict[str, str] | None = None,
-             port: int = 0) -> UpServer:
+def start_up(data_dir: Path, log_path: Path, *args: str, env: dict[str, str] | None = None, port: int = 0) -> UpServer:
     """Start `personalize up` on `data_dir` and return once its health service answers SERVING.
 
     Fails (with the log tail) if it exits or does not serve within START_TIMEOUT_S.
@@ -85,15 +84,16 @@ def start_server(command: list[str], data_dir: Path, log_path: Path, env: dict[s
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PERSONALIZE_")}
     environ.update(env or {})
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=environ)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environ)
     deadline = time.monotonic() + START_TIMEOUT_S
     found = None
     while found is None:
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            raise AssertionError(f"{' '.join(command[2:5])} did not start (exit {process.poll()}):\n"
-                                 f"{log_path.read_text(errors='replace')[-4000:]}")
+            raise AssertionError(
+                f"{' '.join(command[2:5])} did not start (exit {process.poll()}):\n"
+                f"{log_path.read_text(errors='replace')[-4000:]}"
+            )
         found = SERVING_RE.search(log_path.read_bytes())
         time.sleep(0.1)
     server = UpServer(process, data_dir, log_path, int(found[1]))
@@ -148,27 +148,39 @@ class Stubs:
 
 # ---- references ----------------------------------------------------------------------------------------
 
+
 def greedy_reference(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> tuple[str, str]:
     """(text, finish_reason) of transformers' own greedy generation, cut the way the engine cuts: at the
     end-of-sequence token ('eos') or after max_new_tokens ('length')."""
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-    new = out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    new = out[0, len(ids) :].tolist()
     if tokenizer.eos_token_id in new:
-        return tokenizer.decode(new[:new.index(tokenizer.eos_token_id)], skip_special_tokens=True), "eos"
+        return tokenizer.decode(new[: new.index(tokenizer.eos_token_id)], skip_special_tokens=True), "eos"
     return tokenizer.decode(new, skip_special_tokens=True), "length"
 
 
-def make_peft_adapter(base_model: Any, seed: int, directory: Path, rank: int = 4,
-                      targets: tuple[str, ...] = ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")) -> PeftModel:
+def make_peft_adapter(
+    base_model: Any,
+    seed: int,
+    directory: Path,
+    rank: int = 4,
+    targets: tuple[str, ...] = ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
+) -> PeftModel:
     """A PEFT LoRA adapter made by PEFT itself on a copy of `base_model`, lora_B perturbed so it changes the
     output, saved with `save_pretrained` into `directory`; returns the PeftModel (eval mode)."""
     torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), lora_dropout=0.0,
-                        init_lora_weights=False)
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=list(targets), lora_dropout=0.0, init_lora_weights=False
+    )
     model = get_peft_model(copy.deepcopy(base_model), config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -41,23 +41,27 @@ def registry(redis_client: redis.Redis) -> Registry:
 
 
 @pytest.fixture
-def cache(base: BaseModel, spec: AdapterSpec, store: ObjectStore, registry: Registry,
-          tmp_path: Path) -> Iterator[AdapterCache]:
+def cache(
+    base: BaseModel, spec: AdapterSpec, store: ObjectStore, registry: Registry, tmp_path: Path
+) -> Iterator[AdapterCache]:
     pool = SlotPool(base.config, 4, R_MAX)
     config = CacheConfig(host_bytes=1 << 24, disk_bytes=1 << 24, disk_dir=str(tmp_path / "disk"), load_threads=2)
-    with AdapterCache(config, pool, threading.Lock(), store_fetch(store, registry),
-                      lambda data: adapter_from_bytes(data, spec)) as c:
+    with AdapterCache(
+        config, pool, threading.Lock(), store_fetch(store, registry), lambda data: adapter_from_bytes(data, spec)
+    ) as c:
         yield c
 
 
-def publish(store: ObjectStore, registry: Registry, spec: AdapterSpec, user_id: str, seed: int,
-            fingerprint: str = "") -> tuple[Adapter, str]:
+def publish(
+    store: ObjectStore, registry: Registry, spec: AdapterSpec, user_id: str, seed: int, fingerprint: str = ""
+) -> tuple[Adapter, str]:
     """Publish the user's next version the way the worker and trainer do (object, then registry CAS),
     by a node serving the base model `fingerprint` (default: ours). Returns the adapter and object key."""
     written_spec = dataclasses.replace(spec, base_fingerprint=fingerprint or spec.base_fingerprint)
     adapter = random_adapter(written_spec, rank=4, alpha=8.0, generator=torch.Generator().manual_seed(seed))
     published = AdapterRepository(registry, store, written_spec).publish(
-        T, user_id, adapter, registry.get(T, user_id), examples_seen=0)
+        T, user_id, adapter, registry.get(T, user_id), examples_seen=0
+    )
     return adapter, published.key
 
 
@@ -73,13 +77,13 @@ def corrupt_behind_the_back(store: ObjectStore, key: str, data: bytes, request: 
         raw.put_object(store.config.bucket, name, io.BytesIO(data), len(data), metadata={CHECKSUM_HEADER: stale})
 
 
-
 def served_anywhere(cache: AdapterCache, adapter: Adapter) -> bool:
     return any(holds(cache.pool, slot, adapter) for slot in range(cache.pool.num_slots))
 
 
-def test_loads_through_every_tier(cache: AdapterCache, store: ObjectStore, registry: Registry,
-                                  spec: AdapterSpec) -> None:
+def test_loads_through_every_tier(
+    cache: AdapterCache, store: ObjectStore, registry: Registry, spec: AdapterSpec
+) -> None:
     adapter, _ = publish(store, registry, spec, "alice", seed=1)
     lease = cache.acquire(T, "alice", 1, timeout=30)
     assert lease.tier == "store" and holds(cache.pool, lease.slot, adapter)
@@ -90,8 +94,9 @@ def test_loads_through_every_tier(cache: AdapterCache, store: ObjectStore, regis
     assert not [p for p in Path(cache.config.disk_dir).rglob("*") if p.is_file()]
 
 
-def test_a_corrupted_object_is_never_served(cache: AdapterCache, store: ObjectStore, registry: Registry,
-                                            spec: AdapterSpec, request: pytest.FixtureRequest) -> None:
+def test_a_corrupted_object_is_never_served(
+    cache: AdapterCache, store: ObjectStore, registry: Registry, spec: AdapterSpec, request: pytest.FixtureRequest
+) -> None:
     adapter, key = publish(store, registry, spec, "alice", seed=2)
     flipped = bytearray(store.get(key))
     flipped[-100] ^= 0x01  # one bit in the tensor data: still parses, so only the checksum can tell
@@ -104,8 +109,9 @@ def test_a_corrupted_object_is_never_served(cache: AdapterCache, store: ObjectSt
     assert not [p for p in Path(cache.config.disk_dir).rglob("*") if p.is_file()]
 
 
-def test_an_adapter_of_another_base_model_is_refused(cache: AdapterCache, store: ObjectStore,
-                                                     registry: Registry, spec: AdapterSpec) -> None:
+def test_an_adapter_of_another_base_model_is_refused(
+    cache: AdapterCache, store: ObjectStore, registry: Registry, spec: AdapterSpec
+) -> None:
     assert spec.base_fingerprint.startswith("sha256:")
     foreign, _ = publish(store, registry, spec, "mallory", seed=3, fingerprint="sha256:" + "0f" * 32)
     with pytest.raises(IncompatibleAdapter, match="trained on base model"):
@@ -114,8 +120,9 @@ def test_an_adapter_of_another_base_model_is_refused(cache: AdapterCache, store:
     assert cache.stats()["resident"] == {"device": 0, "host": 0, "disk": 0}
 
 
-def test_hot_swap_to_a_published_version(cache: AdapterCache, store: ObjectStore, registry: Registry,
-                                         spec: AdapterSpec) -> None:
+def test_hot_swap_to_a_published_version(
+    cache: AdapterCache, store: ObjectStore, registry: Registry, spec: AdapterSpec
+) -> None:
     v1, _ = publish(store, registry, spec, "alice", seed=4)
     old = cache.acquire(T, "alice", 1, timeout=30)
     v2, _ = publish(store, registry, spec, "alice", seed=5)
@@ -133,7 +140,6 @@ def test_hot_swap_to_a_published_version(cache: AdapterCache, store: ObjectStore
         store_fetch(store, registry)(T, "alice", 1, "")
 
 
-
 def flip_exponents(data: bytes, every: int = 16) -> bytes:
     """`data` (float32 safetensors) with the exponent byte of every `every`-th float altered: still parses."""
     start = 8 + int.from_bytes(data[:8], "little")  # tensor data follows the header, 8-byte aligned
@@ -146,11 +152,13 @@ def flip_exponents(data: bytes, every: int = 16) -> bytes:
 def same_weights(x: Adapter, y: Adapter) -> bool:
     return x.weights.keys() == y.weights.keys() and all(
         torch.equal(x.weights[k][0], y.weights[k][0]) and torch.equal(x.weights[k][1], y.weights[k][1])
-        for k in x.weights)
+        for k in x.weights
+    )
 
 
-def test_a_disk_file_changed_behind_the_cache_is_never_served(base: BaseModel, spec: AdapterSpec, store: ObjectStore,
-                                                               registry: Registry, tmp_path: Path) -> None:
+def test_a_disk_file_changed_behind_the_cache_is_never_served(
+    base: BaseModel, spec: AdapterSpec, store: ObjectStore, registry: Registry, tmp_path: Path
+) -> None:
     pool = SlotPool(base.config, 1, R_MAX)
     config = CacheConfig(host_bytes=0, disk_bytes=1 << 24, disk_dir=str(tmp_path / "disk"), load_threads=1)
     users = [f"user{i}" for i in range(4)]
@@ -164,8 +172,9 @@ def test_a_disk_file_changed_behind_the_cache_is_never_served(base: BaseModel, s
         finally:
             cache.release(lease)
 
-    with AdapterCache(config, pool, threading.Lock(), store_fetch(store, registry),
-                      lambda data: adapter_from_bytes(data, spec)) as cache:
+    with AdapterCache(
+        config, pool, threading.Lock(), store_fetch(store, registry), lambda data: adapter_from_bytes(data, spec)
+    ) as cache:
         for u in users:  # one slot and no host tier: every user but the last is now only on disk
             assert acquire(cache, u) == ("store", True)
         files = sorted(Path(config.disk_dir).rglob("*.adapter"))

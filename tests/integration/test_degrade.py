@@ -45,12 +45,25 @@ GREEDY = SamplingParams(max_new_tokens=16, ignore_eos=True)
 
 
 @contextmanager
-def running_worker(data_dir: Path, registry_url: str, store_url: str, *, degrade: bool, node_id: str = "worker-0",
-                   slots: int = 4, host_bytes: int = 1 << 24, disk_bytes: int = 1 << 24) -> Iterator[Worker]:
+def running_worker(
+    data_dir: Path,
+    registry_url: str,
+    store_url: str,
+    *,
+    degrade: bool,
+    node_id: str = "worker-0",
+    slots: int = 4,
+    host_bytes: int = 1 << 24,
+    disk_bytes: int = 1 << 24,
+) -> Iterator[Worker]:
     """A started worker wired by `bootstrap` exactly as `personalize serve` wires it (disk tier under data_dir)."""
-    config = Config(node_id=node_id, data_dir=str(data_dir), load_timeout_s=10.0, degrade_to_base=degrade,
-                    lora=LoraConfig(r_max=R_MAX, device_bytes=slots * SLOT, host_bytes=host_bytes,
-                                    disk_bytes=disk_bytes))
+    config = Config(
+        node_id=node_id,
+        data_dir=str(data_dir),
+        load_timeout_s=10.0,
+        degrade_to_base=degrade,
+        lora=LoraConfig(r_max=R_MAX, device_bytes=slots * SLOT, host_bytes=host_bytes, disk_bytes=disk_bytes),
+    )
     worker = bootstrap.worker(replace(config, registry=RegistryConfig(url=registry_url), store_url=store_url))
     worker.start()
     try:
@@ -88,8 +101,13 @@ def corrupt_current_object(worker: Worker, user_id: str, s3: S3Server | None) ->
         name = worker.store.config.prefix + key
         raw = s3.client()
         stale = raw.stat_object(worker.store.config.bucket, name).metadata[CHECKSUM_HEADER]
-        raw.put_object(worker.store.config.bucket, name, io.BytesIO(bytes(flipped)), len(flipped),
-                       metadata={CHECKSUM_HEADER: stale})
+        raw.put_object(
+            worker.store.config.bucket,
+            name,
+            io.BytesIO(bytes(flipped)),
+            len(flipped),
+            metadata={CHECKSUM_HEADER: stale},
+        )
 
 
 def nothing_cached(worker: Worker) -> bool:
@@ -112,9 +130,11 @@ def registry_url(valkey_url: str, redis_client: redis.Redis) -> str:
 
 # ---- a corrupt object ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("degrade", [True, False], ids=["degrade", "strict"])
-def test_a_corrupt_current_object(tmp_path: Path, registry_url: str, store_url: str, degrade: bool,
-                                  request: pytest.FixtureRequest) -> None:
+def test_a_corrupt_current_object(
+    tmp_path: Path, registry_url: str, store_url: str, degrade: bool, request: pytest.FixtureRequest
+) -> None:
     s3 = request.getfixturevalue("s3_server") if store_url.startswith("s3://") else None
     with running_worker(tmp_path / "w", registry_url, store_url, degrade=degrade) as worker:
         assert give_adapter(worker, "broken", seed=1) == 1
@@ -129,8 +149,9 @@ def test_a_corrupt_current_object(tmp_path: Path, registry_url: str, store_url: 
                 assert generation.result(30).text == base_text
                 info = generation.info
                 assert info.degraded and (info.adapter_version, info.cache_tier) == (0, "none")
-                assert info.degraded_reason == ("adapter v1 of user 'broken' is corrupt: the stored object failed "
-                                                "its checksum")
+                assert info.degraded_reason == (
+                    "adapter v1 of user 'broken' is corrupt: the stored object failed its checksum"
+                )
             else:
                 with pytest.raises(CorruptObject, match="corrupt"):
                     worker.generate(T, "broken", PROMPT, GREEDY)
@@ -161,14 +182,17 @@ def test_an_adapter_of_another_base_model_still_fails_when_degrading(tmp_path: P
 
 # ---- the store down -----------------------------------------------------------------------------------------
 
+
 def test_a_stopped_store(tmp_path: Path, registry_url: str) -> None:
     """SeaweedFS stops after the users got their adapters: degrading workers serve the base model flagged,
     strict ones fail UNAVAILABLE; users without an adapter are served normally by both."""
     s3 = start_weed_mini(tmp_path / "s3")
     try:
         url = s3.s3_url("down", "pz")
-        with running_worker(tmp_path / "on", registry_url, url, degrade=True, node_id="worker-0") as lenient, \
-                running_worker(tmp_path / "off", registry_url, url, degrade=False, node_id="worker-1") as strict:
+        with (
+            running_worker(tmp_path / "on", registry_url, url, degrade=True, node_id="worker-0") as lenient,
+            running_worker(tmp_path / "off", registry_url, url, degrade=False, node_id="worker-1") as strict,
+        ):
             give_adapter(lenient, "alice", seed=5)
             base_text = text_of(lenient, "alice", use_base_model=True)
             s3.stop(timeout_s=10)
@@ -177,8 +201,9 @@ def test_a_stopped_store(tmp_path: Path, registry_url: str) -> None:
             assert generation.result(30).text == base_text
             info = generation.info
             assert info.degraded and (info.adapter_version, info.cache_tier) == (0, "none")
-            assert info.degraded_reason == ("adapter v1 of user 'alice' unavailable: the adapter store or registry "
-                                            "is unreachable")  # no endpoint, bucket, key or secret
+            assert info.degraded_reason == (
+                "adapter v1 of user 'alice' unavailable: the adapter store or registry is unreachable"
+            )  # no endpoint, bucket, key or secret
             assert nothing_cached(lenient)
 
             with pytest.raises(Unavailable, match="unreachable"):
@@ -195,8 +220,9 @@ def test_cached_users_are_served_throughout_a_store_outage(tmp_path: Path, regis
     worker while SeaweedFS is down; a user cached nowhere fails, which shows the store really is down."""
     s3 = start_weed_mini(tmp_path / "s3")
     try:
-        with running_worker(tmp_path / "w", registry_url, s3.s3_url("outage", "pz"), degrade=False, slots=2,
-                            host_bytes=0) as worker:
+        with running_worker(
+            tmp_path / "w", registry_url, s3.s3_url("outage", "pz"), degrade=False, slots=2, host_bytes=0
+        ) as worker:
             users = ["alice", "bob", "carol"]
             for seed, user_id in enumerate([*users, "dave"], start=20):
                 give_adapter(worker, user_id, seed)
@@ -222,6 +248,7 @@ def test_cached_users_are_served_throughout_a_store_outage(tmp_path: Path, regis
 
 # ---- through the gRPC server, the SDK and the CLI ------------------------------------------------------------
 
+
 @contextmanager
 def serving(worker: Worker) -> Iterator[str]:
     server, port = create_server(ServiceConfig(port=0), worker)
@@ -232,11 +259,14 @@ def serving(worker: Worker) -> Iterator[str]:
         server.stop(None)
 
 
-def test_the_flag_reaches_the_sdk_and_the_cli(tmp_path: Path, registry_url: str,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_flag_reaches_the_sdk_and_the_cli(
+    tmp_path: Path, registry_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     store_url = (tmp_path / "objects").as_uri()
-    with running_worker(tmp_path / "on", registry_url, store_url, degrade=True) as lenient, \
-            running_worker(tmp_path / "off", registry_url, store_url, degrade=False, node_id="worker-1") as strict:
+    with (
+        running_worker(tmp_path / "on", registry_url, store_url, degrade=True) as lenient,
+        running_worker(tmp_path / "off", registry_url, store_url, degrade=False, node_id="worker-1") as strict,
+    ):
         give_adapter(lenient, "broken", seed=6)
         give_adapter(lenient, "fine", seed=7)
         corrupt_current_object(lenient, "broken", None)
@@ -267,16 +297,20 @@ def test_the_flag_reaches_the_sdk_and_the_cli(tmp_path: Path, registry_url: str,
 
 # ---- a deleted user's old object is never served for the new one -------------------------------------------
 
+
 @pytest.mark.parametrize("tier", ["device", "host", "disk"])
-def test_a_node_that_missed_a_delete_serves_the_new_object(tmp_path: Path, registry_url: str, store_url: str,
-                                                            tier: str) -> None:
+def test_a_node_that_missed_a_delete_serves_the_new_object(
+    tmp_path: Path, registry_url: str, store_url: str, tier: str
+) -> None:
     """`stale` cached the user's v1 (in `tier` only), then another node deleted the user and imported a
     different adapter, again v1. `stale` must serve the new object, never the cached old one."""
-    only: dict[str, int] = {"device": {}, "host": {"slots": 1, "disk_bytes": 0},
-                            "disk": {"slots": 1, "host_bytes": 0}}[tier]
-    with running_worker(tmp_path / "a", registry_url, store_url, degrade=False) as other, \
-            running_worker(tmp_path / "b", registry_url, store_url, degrade=False, node_id="worker-1",
-                           **only) as stale:
+    only: dict[str, int] = {"device": {}, "host": {"slots": 1, "disk_bytes": 0}, "disk": {"slots": 1, "host_bytes": 0}}[
+        tier
+    ]
+    with (
+        running_worker(tmp_path / "a", registry_url, store_url, degrade=False) as other,
+        running_worker(tmp_path / "b", registry_url, store_url, degrade=False, node_id="worker-1", **only) as stale,
+    ):
         assert give_adapter(other, "u", seed=8) == 1
         old = stale.generate(T, "u", PROMPT, GREEDY)
         old_text = old.result(30).text

@@ -31,8 +31,9 @@ GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
 
 
 @pytest.fixture(params=["file", "s3"])
-def worker(request: pytest.FixtureRequest, tmp_path: Path, valkey_url: str,
-           redis_client: redis.Redis) -> Iterator[Worker]:
+def worker(
+    request: pytest.FixtureRequest, tmp_path: Path, valkey_url: str, redis_client: redis.Redis
+) -> Iterator[Worker]:
     """A started worker wired by `bootstrap` as `personalize serve` wires it: 4 device slots, host RAM and a
     disk tier under its data dir, the feedback stream on the (flushed) session Valkey."""
     if request.param == "file":
@@ -41,8 +42,11 @@ def worker(request: pytest.FixtureRequest, tmp_path: Path, valkey_url: str,
         server: S3Server = request.getfixturevalue("s3_server")
         store_url = server.s3_url("pz-tests", f"delete/{tmp_path.name}")
     slot = slot_nbytes(default_llama_config(), R_MAX)
-    config = Config(data_dir=str(tmp_path / "data"), load_timeout_s=10.0,
-                    lora=LoraConfig(r_max=R_MAX, device_bytes=4 * slot, host_bytes=1 << 24, disk_bytes=1 << 24))
+    config = Config(
+        data_dir=str(tmp_path / "data"),
+        load_timeout_s=10.0,
+        lora=LoraConfig(r_max=R_MAX, device_bytes=4 * slot, host_bytes=1 << 24, disk_bytes=1 << 24),
+    )
     w = bootstrap.worker(replace(config, registry=RegistryConfig(url=valkey_url), store_url=store_url))
     w.start()
     yield w
@@ -62,8 +66,9 @@ def serve_once(worker: Worker, user_id: str) -> str:
 
 
 def feedback(worker: Worker, user_id: str, n: int) -> list[str]:
-    return [worker.submit_feedback(FeedbackEvent(T, user_id, "accept", f"prompt {i}", f"answer {i}"))[0]
-            for i in range(n)]
+    return [
+        worker.submit_feedback(FeedbackEvent(T, user_id, "accept", f"prompt {i}", f"answer {i}"))[0] for i in range(n)
+    ]
 
 
 def cached_users(worker: Worker) -> dict[str, set[str]]:
@@ -87,8 +92,10 @@ def stream_ids(worker: Worker, user_id: str) -> tuple[set[str], set[str]]:
     assert stream is not None
     key = stream.stream_key(stream.partition_of(T, user_id))
     entries = {i.decode() for i, _ in stream.client.xrange(key)}
-    delivered = {row["message_id"].decode()
-                 for row in stream.client.xpending_range(key, stream.config.group, "-", "+", count=1000)}
+    delivered = {
+        row["message_id"].decode()
+        for row in stream.client.xpending_range(key, stream.config.group, "-", "+", count=1000)
+    }
     return entries, delivered
 
 

@@ -46,23 +46,30 @@ def test_appendfsync_everysec_is_refused(everysec: EmbeddedValkey) -> None:
             check_durability(c)
 
 
-def test_an_operator_may_accept_everysec_and_is_told_loudly(everysec: EmbeddedValkey,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_an_operator_may_accept_everysec_and_is_told_loudly(
+    everysec: EmbeddedValkey, caplog: pytest.LogCaptureFixture
+) -> None:
     with client(everysec.url) as c, caplog.at_level(logging.ERROR, logger="personalize.durability"):
         check_durability(c, allow_unsynced=True)
     assert any(r.levelno == logging.ERROR and "everysec" in r.getMessage() for r in caplog.records)
 
 
 def test_no_aof_is_refused(tmp_path: Path) -> None:
-    with EmbeddedValkey(EmbeddedValkeyConfig(data_dir=tmp_path, settings={"appendonly": "no"})) as server, \
-            client(server.url) as c, pytest.raises(InvalidArgument, match="appendonly is 'no'"):
+    with (
+        EmbeddedValkey(EmbeddedValkeyConfig(data_dir=tmp_path, settings={"appendonly": "no"})) as server,
+        client(server.url) as c,
+        pytest.raises(InvalidArgument, match="appendonly is 'no'"),
+    ):
         check_durability(c)
 
 
 def test_a_server_without_config_is_accepted_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     settings = {"appendfsync": "everysec", "rename-command": 'CONFIG ""'}  # as managed services do
-    with EmbeddedValkey(EmbeddedValkeyConfig(data_dir=tmp_path, settings=settings)) as server, \
-            client(server.url) as c, caplog.at_level(logging.WARNING, logger="personalize.durability"):
+    with (
+        EmbeddedValkey(EmbeddedValkeyConfig(data_dir=tmp_path, settings=settings)) as server,
+        client(server.url) as c,
+        caplog.at_level(logging.WARNING, logger="personalize.durability"),
+    ):
         with pytest.raises(redis.exceptions.ResponseError):
             c.config_get("appendfsync")
         assert unsynced_reason(c) is None
@@ -72,13 +79,27 @@ def test_a_server_without_config_is_accepted_with_a_warning(tmp_path: Path, capl
 
 def test_the_worker_refuses_to_start_on_everysec(everysec: EmbeddedValkey, tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="registry server is not durable"):
-        bootstrap.worker(Config(data_dir=str(tmp_path), registry=RegistryConfig(url=everysec.url),
-                                store_url=(tmp_path / "store").as_uri()))
+        bootstrap.worker(
+            Config(
+                data_dir=str(tmp_path),
+                registry=RegistryConfig(url=everysec.url),
+                store_url=(tmp_path / "store").as_uri(),
+            )
+        )
 
 
 def test_the_trainer_refuses_to_start_on_everysec(everysec: EmbeddedValkey, tmp_path: Path) -> None:
-    env = {**os.environ, "PERSONALIZE_REGISTRY_URL": everysec.url, "PERSONALIZE_DATA_DIR": str(tmp_path),
-           "PERSONALIZE_STORE_URL": (tmp_path / "store").as_uri()}
-    done = subprocess.run([sys.executable, "-m", "personalize_service.cli", "serve", "--role", "trainer"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "PERSONALIZE_REGISTRY_URL": everysec.url,
+        "PERSONALIZE_DATA_DIR": str(tmp_path),
+        "PERSONALIZE_STORE_URL": (tmp_path / "store").as_uri(),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "personalize_service.cli", "serve", "--role", "trainer"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0 and "appendfsync is 'everysec'" in done.stdout + done.stderr, done.stderr[-2000:]

@@ -40,8 +40,7 @@ def _trainer(base: BaseModel, parts: dict[str, Any], name: str, **cfg: Any) -> T
 
 
 def _event(user: str, i: int, key: str = "", tenant: str = "acme") -> FeedbackEvent:
-    return FeedbackEvent(tenant, user, "correct", f"Q: {i}?\nA: ", "meh", correction=f"Ciao {user}! {i}",
-                         event_key=key)
+    return FeedbackEvent(tenant, user, "correct", f"Q: {i}?\nA: ", "meh", correction=f"Ciao {user}! {i}", event_key=key)
 
 
 def test_append_is_durable_partitioned_and_idempotent(parts: dict[str, Any]) -> None:
@@ -133,8 +132,7 @@ def test_tenants_are_separate_users(base: BaseModel, parts: dict[str, Any]) -> N
 
 
 def test_a_full_partition_refuses_appends_and_naming_the_limit(valkey_url: str) -> None:
-    stream = FeedbackStream(redis_client(valkey_url), StreamConfig(partitions=1, namespace=f"fb{next(_ns)}",
-                                                                   max_len=3))
+    stream = FeedbackStream(redis_client(valkey_url), StreamConfig(partitions=1, namespace=f"fb{next(_ns)}", max_len=3))
     stream.ensure_group()
     for i in range(3):
         stream.append(_event("flooder", i))
@@ -159,5 +157,8 @@ def test_delete_user_removes_their_dead_letters_only(parts: dict[str, Any]) -> N
     assert not any(r["u"] == "gone" for r in stream.dead_letters(p_gone))
     assert any(r["u"] == "kept" for r in stream.dead_letters(p_kept))
     marker = b"Ciao gone!"
-    assert not any(marker in b"".join(v for f in client.xrange(k) for v in f[1].values())
-                   for k in client.scan_iter(f"{stream.config.namespace}:*") if client.type(k) == b"stream")
+    assert not any(
+        marker in b"".join(v for f in client.xrange(k) for v in f[1].values())
+        for k in client.scan_iter(f"{stream.config.namespace}:*")
+        if client.type(k) == b"stream"
+    )

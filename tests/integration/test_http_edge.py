@@ -21,12 +21,19 @@ def test_chat_template_renders_every_message_then_the_assistant_turn() -> None:
     assert render_chat(messages) == "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n"
 
 
-@pytest.mark.parametrize(("code", "details", "status"), [
-    (grpc.StatusCode.INVALID_ARGUMENT, "bad", 400), (grpc.StatusCode.UNAUTHENTICATED, "key", 401),
-    (grpc.StatusCode.PERMISSION_DENIED, "no", 403), (grpc.StatusCode.NOT_FOUND, "who", 404),
-    (grpc.StatusCode.RESOURCE_EXHAUSTED, "request of 9000 bytes over the limit", 413),
-    (grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit", 429), (grpc.StatusCode.UNAVAILABLE, "down", 503),
-    (grpc.StatusCode.INTERNAL, "oops", 500)])
+@pytest.mark.parametrize(
+    ("code", "details", "status"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, "bad", 400),
+        (grpc.StatusCode.UNAUTHENTICATED, "key", 401),
+        (grpc.StatusCode.PERMISSION_DENIED, "no", 403),
+        (grpc.StatusCode.NOT_FOUND, "who", 404),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "request of 9000 bytes over the limit", 413),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit", 429),
+        (grpc.StatusCode.UNAVAILABLE, "down", 503),
+        (grpc.StatusCode.INTERNAL, "oops", 500),
+    ],
+)
 def test_grpc_codes_map_to_http_statuses(code: grpc.StatusCode, details: str, status: int) -> None:
     response = error_response(PersonalizeClientError(code, details))
     assert response.status_code == status
@@ -60,8 +67,9 @@ def test_bad_requests_name_the_field(dead: TestClient) -> None:
 def test_a_body_over_the_limit_is_413_before_it_is_read(dead: TestClient) -> None:
     from personalize_service.http.app import MAX_BODY_BYTES
 
-    response = dead.post("/v1/completions", content=b"x" * (MAX_BODY_BYTES + 1),
-                         headers={"content-type": "application/json"})
+    response = dead.post(
+        "/v1/completions", content=b"x" * (MAX_BODY_BYTES + 1), headers={"content-type": "application/json"}
+    )
     assert response.status_code == 413
     assert "limit" in response.json()["error"]["message"]
     small = dead.post("/v1/completions", json={"prompt": "Hi", "n": 2})

@@ -63,16 +63,19 @@ class _Servicer(pb_grpc.PersonalizeServicer):
         _raise_for(request.prompt, context)
         return pb.GenerateResponse(text=current_tenant())
 
-    def GenerateStream(self, request: pb.GenerateRequest,
-                       context: grpc.ServicerContext) -> Iterator[pb.GenerateChunk]:
+    def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateChunk]:
         yield pb.GenerateChunk(text=current_tenant())
         _raise_for(request.prompt, context)
         yield pb.GenerateChunk(done=True, final=pb.GenerateResponse(text=current_tenant()))
 
 
 @contextmanager
-def serve(keys: ApiKeys = NO_KEYS, limiter: RateLimiter | None = None, metrics: ServiceMetrics | None = None,
-          interceptors: list[grpc.ServerInterceptor] | None = None) -> Iterator[grpc.Channel]:
+def serve(
+    keys: ApiKeys = NO_KEYS,
+    limiter: RateLimiter | None = None,
+    metrics: ServiceMetrics | None = None,
+    interceptors: list[grpc.ServerInterceptor] | None = None,
+) -> Iterator[grpc.Channel]:
     """A real server on 127.0.0.1:0 with our interceptors, health and reflection; yields a channel to it."""
     if interceptors is None:
         interceptors = server_interceptors(keys, limiter, metrics)
@@ -80,7 +83,8 @@ def serve(keys: ApiKeys = NO_KEYS, limiter: RateLimiter | None = None, metrics: 
     pb_grpc.add_PersonalizeServicer_to_server(_Servicer(), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     reflection.enable_server_reflection(
-        (pb.DESCRIPTOR.services_by_name["Personalize"].full_name, reflection.SERVICE_NAME), server)
+        (pb.DESCRIPTOR.services_by_name["Personalize"].full_name, reflection.SERVICE_NAME), server
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -107,17 +111,19 @@ def _generate(stub: pb_grpc.PersonalizeStub, prompt: str, metadata: Any = None) 
 
 
 def _stream(stub: pb_grpc.PersonalizeStub, prompt: str, metadata: Any = None) -> list[pb.GenerateChunk]:
-    return list(stub.GenerateStream(pb.GenerateRequest(user_id="alice", prompt=prompt), timeout=10,
-                                    metadata=metadata))
+    return list(stub.GenerateStream(pb.GenerateRequest(user_id="alice", prompt=prompt), timeout=10, metadata=metadata))
 
 
 # ---- status mapping ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(("error", "code"), DOMAIN_ERRORS, ids=[cls.__name__ for cls, _ in DOMAIN_ERRORS])
-def test_unary_domain_error_maps_to_its_code(stub: pb_grpc.PersonalizeStub, metrics: ServiceMetrics,
-                                             error: type[Exception], code: grpc.StatusCode) -> None:
-    before = metrics.registry.get_sample_value("personalize_requests_total",
-                                               {"rpc": GENERATE, "code": code.name}) or 0.0
+def test_unary_domain_error_maps_to_its_code(
+    stub: pb_grpc.PersonalizeStub, metrics: ServiceMetrics, error: type[Exception], code: grpc.StatusCode
+) -> None:
+    before = (
+        metrics.registry.get_sample_value("personalize_requests_total", {"rpc": GENERATE, "code": code.name}) or 0.0
+    )
     with pytest.raises(grpc.RpcError) as raised:
         _generate(stub, f"raise:{error.__name__}")
     assert raised.value.code() == code
@@ -127,8 +133,9 @@ def test_unary_domain_error_maps_to_its_code(stub: pb_grpc.PersonalizeStub, metr
 
 
 @pytest.mark.parametrize(("error", "code"), DOMAIN_ERRORS, ids=[cls.__name__ for cls, _ in DOMAIN_ERRORS])
-def test_streaming_domain_error_maps_to_its_code(stub: pb_grpc.PersonalizeStub, error: type[Exception],
-                                                 code: grpc.StatusCode) -> None:
+def test_streaming_domain_error_maps_to_its_code(
+    stub: pb_grpc.PersonalizeStub, error: type[Exception], code: grpc.StatusCode
+) -> None:
     request = pb.GenerateRequest(user_id="alice", prompt=f"raise:{error.__name__}")
     call = stub.GenerateStream(request, timeout=10)
     assert next(call).text == "default"  # the chunk before the failure arrives
@@ -148,10 +155,13 @@ def test_success_is_ok_and_counted(stub: pb_grpc.PersonalizeStub, metrics: Servi
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_unexpected_exception_is_internal_and_logged(stub: pb_grpc.PersonalizeStub, streaming: bool,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.ERROR, logger="personalize_service.server.interceptors"), \
-            pytest.raises(grpc.RpcError) as raised:
+def test_unexpected_exception_is_internal_and_logged(
+    stub: pb_grpc.PersonalizeStub, streaming: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.ERROR, logger="personalize_service.server.interceptors"),
+        pytest.raises(grpc.RpcError) as raised,
+    ):
         _stream(stub, "crash") if streaming else _generate(stub, "crash")
     assert raised.value.code() == grpc.StatusCode.INTERNAL
     details = raised.value.details()
@@ -186,15 +196,19 @@ def keyed() -> Iterator[grpc.Channel]:
         yield channel
 
 
-@pytest.mark.parametrize(("metadata", "message"), [
-    (None, "missing API key"),
-    ((("authorization", "Bearer wrong-key"),), "unknown API key"),
-    ((("authorization", "key-a-123"),), "must be 'Bearer <key>'"),
-    ((("authorization", "Basic key-a-123"),), "must be 'Bearer <key>'"),
-])
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        (None, "missing API key"),
+        ((("authorization", "Bearer wrong-key"),), "unknown API key"),
+        ((("authorization", "key-a-123"),), "must be 'Bearer <key>'"),
+        ((("authorization", "Basic key-a-123"),), "must be 'Bearer <key>'"),
+    ],
+)
 @pytest.mark.parametrize("streaming", [False, True])
-def test_missing_or_bad_key_is_unauthenticated(keyed: grpc.Channel, metadata: Any, message: str,
-                                               streaming: bool) -> None:
+def test_missing_or_bad_key_is_unauthenticated(
+    keyed: grpc.Channel, metadata: Any, message: str, streaming: bool
+) -> None:
     stub = pb_grpc.PersonalizeStub(keyed)
     with pytest.raises(grpc.RpcError) as raised:
         _stream(stub, "hello", metadata) if streaming else _generate(stub, "hello", metadata)
@@ -220,12 +234,14 @@ def test_health_and_reflection_need_no_key(keyed: grpc.Channel) -> None:
     status = health_pb2_grpc.HealthStub(keyed).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert status.status == health_pb2.HealthCheckResponse.SERVING
     replies = reflection_pb2_grpc.ServerReflectionStub(keyed).ServerReflectionInfo(
-        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+    )
     services = {s.name for reply in replies for s in reply.list_services_response.service}
     assert "personalize.v1.Personalize" in services
 
 
 # ---- rate limit --------------------------------------------------------------------------------------
+
 
 def test_rate_limit_is_resource_exhausted_per_tenant() -> None:
     limiter = RateLimiter(Limits(requests_per_second=0.001, burst=2))

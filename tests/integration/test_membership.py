@@ -56,11 +56,16 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
 def test_node_info_round_trips_and_validates() -> None:
     info = NodeInfo("worker-0", "worker-0.workers:50051", 2.0, 3.5, DRAINING)
     assert unpack_node("worker-0", pack_node(info)) == info
-    for bad in (dict(node_id=""), dict(node_id="a b"), dict(capacity=0.0), dict(load=-1.0),
-                dict(state="gone"), dict(address="")):
+    for bad in (
+        dict(node_id=""),
+        dict(node_id="a b"),
+        dict(capacity=0.0),
+        dict(load=-1.0),
+        dict(state="gone"),
+        dict(address=""),
+    ):
         with pytest.raises(InvalidArgument):
-            NodeInfo(**{"node_id": "w", "address": "h:1", "capacity": 1.0, "load": 0.0, "state": SERVING,
-                        **bad})  # type: ignore[arg-type]
+            NodeInfo(**{"node_id": "w", "address": "h:1", "capacity": 1.0, "load": 0.0, "state": SERVING, **bad})  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument):
         unpack_node("w", b"{not json")
     with pytest.raises(InvalidArgument):
@@ -165,11 +170,11 @@ def test_binary_clients_only(valkey_url: str, config: MembershipConfig) -> None:
     text_client.close()
 
 
-def test_unreachable_server_is_unavailable_and_the_watcher_keeps_its_view(tmp_path: Path,
-                                                                          config: MembershipConfig) -> None:
+def test_unreachable_server_is_unavailable_and_the_watcher_keeps_its_view(
+    tmp_path: Path, config: MembershipConfig
+) -> None:
     server = EmbeddedValkey(EmbeddedValkeyConfig(data_dir=tmp_path)).start()
-    client = redis.Redis.from_url(server.url, decode_responses=False, socket_timeout=0.5,
-                                  socket_connect_timeout=0.5)
+    client = redis.Redis.from_url(server.url, decode_responses=False, socket_timeout=0.5, socket_connect_timeout=0.5)
     beat = Heartbeat(client, config, node("worker-0")).start()
     watcher = Membership(client, config).watch(poll_s=0.05)
     try:

@@ -29,9 +29,15 @@ FP = "sha256:" + "ab" * 32
 
 
 def record(version: int, **changes: object) -> AdapterRecord:
-    base = AdapterRecord(version=version, rank=8, fingerprint=FP, examples_seen=10 * version,
-                         last_event_id=f"1700000000000-{version}", updated_at_ms=1_700_000_000_000 + version,
-                         checksum="sha256:" + f"{version:064x}")
+    base = AdapterRecord(
+        version=version,
+        rank=8,
+        fingerprint=FP,
+        examples_seen=10 * version,
+        last_event_id=f"1700000000000-{version}",
+        updated_at_ms=1_700_000_000_000 + version,
+        checksum="sha256:" + f"{version:064x}",
+    )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -45,8 +51,14 @@ def test_record_round_trip(registry: Registry) -> None:
     rec = record(1, last_event_id="", examples_seen=0)
     registry.compare_and_set("acme", "alice", 0, rec)
     assert registry.get("acme", "alice") == rec
-    big = record(2**32 - 1, rank=65535, examples_seen=2**48 - 1, updated_at_ms=2**48 - 1,
-                 last_event_id=f"{2**48 - 1}-{2**32 - 1}", fingerprint="f" * 256)
+    big = record(
+        2**32 - 1,
+        rank=65535,
+        examples_seen=2**48 - 1,
+        updated_at_ms=2**48 - 1,
+        last_event_id=f"{2**48 - 1}-{2**32 - 1}",
+        fingerprint="f" * 256,
+    )
     registry.compare_and_set("acme", "alice", 1, big)
     assert registry.get("acme", "alice") == big
 
@@ -112,8 +124,16 @@ def test_delete_returns_the_record(registry: Registry) -> None:
 
 
 def test_tenants_and_hostile_ids_are_separate_users(registry: Registry) -> None:
-    users = [("acme", "x"), ("other", "x"), ("", "x"), ("acme", "../../etc"), ("acme", "a\x00b"),
-             ("acme", "y" * 10_000), ("acme", "🦙"), ("ac", "mex")]
+    users = [
+        ("acme", "x"),
+        ("other", "x"),
+        ("", "x"),
+        ("acme", "../../etc"),
+        ("acme", "a\x00b"),
+        ("acme", "y" * 10_000),
+        ("acme", "🦙"),
+        ("ac", "mex"),
+    ]
     for i, (tenant, user_id) in enumerate(users, start=1):
         registry.compare_and_set(tenant, user_id, 0, record(i))
     for i, (tenant, user_id) in enumerate(users, start=1):
@@ -123,9 +143,14 @@ def test_tenants_and_hostile_ids_are_separate_users(registry: Registry) -> None:
 
 def test_bulk_compare_and_set_reports_each_outcome(registry: Registry) -> None:
     registry.compare_and_set("acme", "u1", 0, record(1))
-    results = registry.compare_and_set_many([
-        CasUpdate("acme", "u1", 1, record(2)), CasUpdate("acme", "u2", 0, record(1)),
-        CasUpdate("acme", "u1", 0, record(5)), CasUpdate("acme", "u3", 4, record(5))])
+    results = registry.compare_and_set_many(
+        [
+            CasUpdate("acme", "u1", 1, record(2)),
+            CasUpdate("acme", "u2", 0, record(1)),
+            CasUpdate("acme", "u1", 0, record(5)),
+            CasUpdate("acme", "u3", 4, record(5)),
+        ]
+    )
     assert results[0] is None and results[1] is None
     assert isinstance(results[2], Conflict) and "registry has 2" in str(results[2])
     assert isinstance(results[3], Conflict) and "registry has 0" in str(results[3])
@@ -143,13 +168,28 @@ def test_fingerprints_are_shared_between_clients(redis_client: redis.Redis, valk
         assert got is not None and got.fingerprint == fp
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("version", 0), ("version", 2**32), ("rank", 0), ("rank", 2**16), ("examples_seen", -1),
-    ("examples_seen", 2**48), ("updated_at_ms", -5), ("fingerprint", ""), ("fingerprint", "x" * 257),
-    ("last_event_id", "abc"), ("last_event_id", "0-0"), ("last_event_id", "1-2-3"),
-    ("last_event_id", f"{2**48}-0"), ("last_event_id", f"1-{2**32}"), ("checksum", "sha256:xyz"),
-    ("checksum", "md5:" + "0" * 64), ("version", True),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("version", 0),
+        ("version", 2**32),
+        ("rank", 0),
+        ("rank", 2**16),
+        ("examples_seen", -1),
+        ("examples_seen", 2**48),
+        ("updated_at_ms", -5),
+        ("fingerprint", ""),
+        ("fingerprint", "x" * 257),
+        ("last_event_id", "abc"),
+        ("last_event_id", "0-0"),
+        ("last_event_id", "1-2-3"),
+        ("last_event_id", f"{2**48}-0"),
+        ("last_event_id", f"1-{2**32}"),
+        ("checksum", "sha256:xyz"),
+        ("checksum", "md5:" + "0" * 64),
+        ("version", True),
+    ],
+)
 def test_records_that_cannot_be_stored_are_refused(field: str, value: object) -> None:
     fields = {**dataclasses.asdict(record(1)), field: value}
     with pytest.raises(InvalidArgument, match=field.split("_")[0]):
@@ -189,7 +229,8 @@ def test_compact_under_200_bytes_per_user(redis_client: redis.Redis) -> None:
     before = int(redis_client.info("memory")["used_memory"])
     for start in range(0, users, 5000):
         results = registry.compare_and_set_many(
-            [CasUpdate("acme", f"user-{i}", 0, record(1, examples_seen=i)) for i in range(start, start + 5000)])
+            [CasUpdate("acme", f"user-{i}", 0, record(1, examples_seen=i)) for i in range(start, start + 5000)]
+        )
         assert results == [None] * 5000
     used = int(redis_client.info("memory")["used_memory"]) - before
     bucket = next(redis_client.scan_iter(match="mem:a:*"))
@@ -200,10 +241,13 @@ def test_compact_under_200_bytes_per_user(redis_client: redis.Redis) -> None:
 
 # ---- Redis Cluster: a one-node cluster enforces the same same-slot rules as a big one ----
 
+
 @pytest.fixture(scope="module")
 def cluster_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.cluster.RedisCluster]:
-    config = EmbeddedValkeyConfig(data_dir=tmp_path_factory.mktemp("cluster"),
-                                  settings={"cluster-enabled": "yes", "cluster-port": str(find_free_port())})
+    config = EmbeddedValkeyConfig(
+        data_dir=tmp_path_factory.mktemp("cluster"),
+        settings={"cluster-enabled": "yes", "cluster-port": str(find_free_port())},
+    )
     with EmbeddedValkey(config) as server:
         node = redis.Redis.from_url(server.url)
         node.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)

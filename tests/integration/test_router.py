@@ -71,8 +71,14 @@ class FakeWorker(pb_grpc.PersonalizeServicer, pb_grpc.AdminServicer):
 
     def _enter(self, method: str, request: Any, context: grpc.ServicerContext) -> None:
         remaining = context.time_remaining()
-        self.received.append(Received(method, request, dict(context.invocation_metadata()),
-                                      None if remaining is None or remaining > 1e6 else remaining))
+        self.received.append(
+            Received(
+                method,
+                request,
+                dict(context.invocation_metadata()),
+                None if remaining is None or remaining > 1e6 else remaining,
+            )
+        )
         code = self.fail.get(method)
         if code is not None:
             context.abort(code, f"{self.node_id} says {code.name}")
@@ -200,6 +206,7 @@ def user_owned_by(router: Router, node_id: str, tenant: str = "default") -> str:
 
 # ---- routing ---------------------------------------------------------------------------------------
 
+
 def test_each_user_goes_to_its_ring_owner_every_time(router: Router, fleet: Fleet) -> None:
     router.cluster.apply(fleet.view(LIVE))
     landed: dict[str, set[str]] = {}
@@ -219,8 +226,11 @@ def test_tenant_is_part_of_the_key_and_the_callers_key_is_forwarded(keyed_router
     for i in range(20):
         user = f"u{i}"
         for tenant in ("acme", "globex"):
-            reply = keyed_router.api.Generate(pb.GenerateRequest(user_id=user, prompt="hi"), timeout=10,
-                                              metadata=[("authorization", f"Bearer key-{tenant}")])
+            reply = keyed_router.api.Generate(
+                pb.GenerateRequest(user_id=user, prompt="hi"),
+                timeout=10,
+                metadata=[("authorization", f"Bearer key-{tenant}")],
+            )
             assert reply.node_id == keyed_router.owners(user, tenant)[0]
             seen = fleet.workers[reply.node_id].received[-1].metadata
             assert seen["authorization"] == f"Bearer key-{tenant}"
@@ -267,8 +277,7 @@ IDEMPOTENT = [
 
 
 @pytest.mark.parametrize(("method", "call"), IDEMPOTENT, ids=[m for m, _ in IDEMPOTENT])
-def test_a_dead_owner_is_retried_once_on_the_next_owner(router: Router, fleet: Fleet, method: str,
-                                                        call: Any) -> None:
+def test_a_dead_owner_is_retried_once_on_the_next_owner(router: Router, fleet: Fleet, method: str, call: Any) -> None:
     user = user_owned_by(router, DEAD)
     call(router.api, user)
     assert fleet.answered() == {router.owners(user)[1]: [method]}
@@ -324,6 +333,7 @@ def test_the_last_worker_failing_reports_its_own_error(router: Router, fleet: Fl
 
 # ---- streams ---------------------------------------------------------------------------------------
 
+
 def test_stream_is_relayed_and_retried_before_its_first_chunk(router: Router, fleet: Fleet) -> None:
     user = user_owned_by(router, DEAD)
     chunks = list(router.api.GenerateStream(pb.GenerateRequest(user_id=user, prompt="hi"), timeout=10))
@@ -355,6 +365,7 @@ def test_a_caller_going_away_cancels_the_upstream_stream(router: Router, fleet: 
 
 # ---- admin -----------------------------------------------------------------------------------------
 
+
 def test_stats_fan_out_and_degrade_when_a_worker_does_not_answer(router: Router, fleet: Fleet) -> None:
     reply = router.admin.Stats(pb.StatsRequest(), timeout=10)
     assert sorted(n.node_id for n in reply.nodes) == list(LIVE) and reply.degraded
@@ -369,14 +380,19 @@ def test_list_nodes_shows_membership(router: Router, fleet: Fleet) -> None:
     router.cluster.apply(view)
     nodes = router.admin.ListNodes(pb.ListNodesRequest(), timeout=10).nodes
     assert [(n.node_id, n.address, n.state, n.load, n.capacity) for n in nodes] == [
-        ("w0", fleet.addresses["w0"], "up", 0, 4), ("w1", fleet.addresses["w1"], "draining", 3, 8),
-        ("w2", fleet.addresses["w2"], "up", 0, 4)]
+        ("w0", fleet.addresses["w0"], "up", 0, 4),
+        ("w1", fleet.addresses["w1"], "draining", 3, 8),
+        ("w2", fleet.addresses["w2"], "up", 0, 4),
+    ]
     user = user_owned_by(router, "w0")
-    assert all(router.api.Generate(pb.GenerateRequest(user_id=f"{user}{i}", prompt="hi"), timeout=10).node_id != "w1"
-               for i in range(20))  # a draining worker takes no new users
+    assert all(
+        router.api.Generate(pb.GenerateRequest(user_id=f"{user}{i}", prompt="hi"), timeout=10).node_id != "w1"
+        for i in range(20)
+    )  # a draining worker takes no new users
 
 
 # ---- membership: workers announcing, the routing client -------------------------------------------
+
 
 @pytest.fixture
 def namespace() -> str:
@@ -401,8 +417,7 @@ def test_announcement_joins_drains_and_leaves(valkey_url: str, namespace: str) -
             while len(announcement.ring or ()) < 2 and time.monotonic() < deadline:
                 time.sleep(0.05)
             owned = [u for u in (f"u{i}" for i in range(200)) if announcement.owns("acme", u)]
-            assert owned == [u for u in (f"u{i}" for i in range(200))
-                             if ring.owner(route_key("acme", u)) == "w9"]
+            assert owned == [u for u in (f"u{i}" for i in range(200)) if ring.owner(route_key("acme", u)) == "w9"]
             assert 40 < len(owned) < 160
         finally:
             other.stop()
@@ -413,14 +428,16 @@ def test_announcement_joins_drains_and_leaves(valkey_url: str, namespace: str) -
     assert "w9" not in Membership(membership_client(valkey_url), membership).nodes()
 
 
-def test_routing_client_goes_straight_to_the_owner_and_fails_over(fleet: Fleet, valkey_url: str,
-                                                                  namespace: str) -> None:
+def test_routing_client_goes_straight_to_the_owner_and_fails_over(
+    fleet: Fleet, valkey_url: str, namespace: str
+) -> None:
     fleet.reset()
     membership = MembershipConfig(namespace=namespace, ttl_s=3.0, heartbeat_s=0.2)
     beats = [Heartbeat(membership_client(valkey_url), membership, node).start() for node in fleet.view().values()]
     try:
-        with PersonalizeClient.discover(valkey_url, membership=membership, timeout=10,
-                                        route=RouteConfig(poll_s=0.1)) as client:
+        with PersonalizeClient.discover(
+            valkey_url, membership=membership, timeout=10, route=RouteConfig(poll_s=0.1)
+        ) as client:
             assert isinstance(client, RoutingClient)
             ring = client.cluster.ring()
             assert sorted(ring.nodes) == sorted((*LIVE, DEAD))
@@ -452,8 +469,9 @@ def test_routing_client_needs_a_tenant_with_a_key_and_a_ring(valkey_url: str, na
             list(stream)
 
 
-def test_a_joining_worker_warms_the_hot_users_it_takes_over(valkey_url: str, namespace: str,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_joining_worker_warms_the_hot_users_it_takes_over(
+    valkey_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Rebalancing: the old owner lists its hottest users; the new owner loads the ones that moved to it."""
     import personalize.routing.announce as announce
 
@@ -463,8 +481,9 @@ def test_a_joining_worker_warms_the_hot_users_it_takes_over(valkey_url: str, nam
     hot = [("acme", f"hot{i}") for i in range(60)]
     old = Announcement(config, "old", 16.0, hot_fn=lambda limit: hot[:limit]).start("127.0.0.1:1")
     warmed: list[tuple[str, str]] = []
-    new = Announcement(config, "new", 16.0, hot_fn=lambda limit: [],
-                       warm_fn=lambda tenant, user_id: warmed.append((tenant, user_id)))
+    new = Announcement(
+        config, "new", 16.0, hot_fn=lambda limit: [], warm_fn=lambda tenant, user_id: warmed.append((tenant, user_id))
+    )
     try:
         with membership_client(valkey_url) as client:  # the old owner has published its list before the new one joins
             hot_key = f"{{{namespace}}}:hot:old"

@@ -25,12 +25,18 @@ from personalize.adapters.store import (
 from personalize.adapters.store.s3 import CHECKSUM_HEADER
 from personalize.errors import CorruptObject, InvalidArgument, NotFound, Unavailable
 
-HOSTILE_USERS = [("acme", "../../etc"), ("acme", "a\x00b"), ("acme", "x" * 10_000), ("acme", "🦙👩‍👩‍👧"),
-                 ("", "alice"), ("../..", "/etc/passwd"), ("acme", "")]
+HOSTILE_USERS = [
+    ("acme", "../../etc"),
+    ("acme", "a\x00b"),
+    ("acme", "x" * 10_000),
+    ("acme", "🦙👩‍👩‍👧"),
+    ("", "alice"),
+    ("../..", "/etc/passwd"),
+    ("acme", ""),
+]
 
 
-def _corrupt_behind_the_back(store: ObjectStore, key: str, data: bytes,
-                             request: pytest.FixtureRequest) -> None:
+def _corrupt_behind_the_back(store: ObjectStore, key: str, data: bytes, request: pytest.FixtureRequest) -> None:
     """Replace the stored bytes of `key` with `data` without going through the store."""
     if isinstance(store, FileStore):
         (store.root / key).write_bytes(data)
@@ -38,8 +44,13 @@ def _corrupt_behind_the_back(store: ObjectStore, key: str, data: bytes,
         assert isinstance(store, S3Store)
         raw = request.getfixturevalue("s3_server").client()
         stale = raw.stat_object(store.config.bucket, store.config.prefix + key).metadata[CHECKSUM_HEADER]
-        raw.put_object(store.config.bucket, store.config.prefix + key, io.BytesIO(data), len(data),
-                       metadata={CHECKSUM_HEADER: stale})  # keeps the old checksum: a silent bit flip
+        raw.put_object(
+            store.config.bucket,
+            store.config.prefix + key,
+            io.BytesIO(data),
+            len(data),
+            metadata={CHECKSUM_HEADER: stale},
+        )  # keeps the old checksum: a silent bit flip
 
 
 def test_put_get_round_trip(store: ObjectStore) -> None:
@@ -80,8 +91,7 @@ def test_checksum_mismatch_is_corrupt_never_the_bytes(store: ObjectStore) -> Non
         store.get(key, "sha256:" + "0" * 64)
 
 
-def test_bytes_changed_behind_the_store_are_corrupt(store: ObjectStore,
-                                                    request: pytest.FixtureRequest) -> None:
+def test_bytes_changed_behind_the_store_are_corrupt(store: ObjectStore, request: pytest.FixtureRequest) -> None:
     key = adapter_key("acme", "dave", 1)
     checksum = store.put(key, b"the adapter as trained")
     _corrupt_behind_the_back(store, key, b"the adapter as tampered", request)
@@ -89,8 +99,9 @@ def test_bytes_changed_behind_the_store_are_corrupt(store: ObjectStore,
         store.get(key, checksum)
 
 
-def test_s3_verifies_its_stored_checksum_without_being_asked(s3_server: S3Server,
-                                                             request: pytest.FixtureRequest) -> None:
+def test_s3_verifies_its_stored_checksum_without_being_asked(
+    s3_server: S3Server, request: pytest.FixtureRequest
+) -> None:
     s3 = open_store(s3_server.s3_url("pz-tests", f"verify-{uuid.uuid4().hex[:12]}"))
     key = adapter_key("acme", "erin", 1)
     s3.put(key, b"original")
@@ -153,11 +164,16 @@ def test_delete_removes_the_object(store: ObjectStore) -> None:
         store.get(key)
 
 
-@pytest.mark.parametrize("key", ["../x", "/abs/path", "a//b", "a/./b", "a/../b", "", ".hidden", "a/",
-                                 "a\x00b", "a\\b", "é", "x" * 2000])
+@pytest.mark.parametrize(
+    "key", ["../x", "/abs/path", "a//b", "a/./b", "a/../b", "", ".hidden", "a/", "a\x00b", "a\\b", "é", "x" * 2000]
+)
 def test_malformed_keys_are_refused(store: ObjectStore, key: str) -> None:
-    for call in (lambda: store.put(key, b"x"), lambda: store.get(key), lambda: store.exists(key),
-                 lambda: store.delete(key)):
+    for call in (
+        lambda: store.put(key, b"x"),
+        lambda: store.get(key),
+        lambda: store.exists(key),
+        lambda: store.delete(key),
+    ):
         with pytest.raises(InvalidArgument):
             call()
 
@@ -199,8 +215,9 @@ def test_s3_unreachable_is_unavailable() -> None:
 
 
 def test_s3_wrong_credentials_are_unavailable_with_a_reason(s3_server: S3Server) -> None:
-    store = open_store(f"s3://pz-creds/?endpoint={s3_server.endpoint}&secure=false&access_key=nobody"
-                       "&secret_key=wrong-secret")
+    store = open_store(
+        f"s3://pz-creds/?endpoint={s3_server.endpoint}&secure=false&access_key=nobody&secret_key=wrong-secret"
+    )
     with pytest.raises(Unavailable, match=r"InvalidAccessKeyId|AccessDenied|Signature"):
         store.put(adapter_key("t", "u", 1), b"x")
 
@@ -215,8 +232,9 @@ def test_s3_credentials_from_the_environment(s3_server: S3Server, monkeypatch: p
 
 
 def test_s3_url_parsing() -> None:
-    config = S3Config.from_url("s3://bkt/a/b/?endpoint=h:9000&secure=false&access_key=k&secret_key=topsecret"
-                               "&region=eu-1", env={})
+    config = S3Config.from_url(
+        "s3://bkt/a/b/?endpoint=h:9000&secure=false&access_key=k&secret_key=topsecret&region=eu-1", env={}
+    )
     assert (config.bucket, config.prefix, config.endpoint, config.secure) == ("bkt", "a/b/", "h:9000", False)
     assert (config.access_key, config.secret_key, config.region) == ("k", "topsecret", "eu-1")
     assert "topsecret" not in repr(config) and "topsecret" not in config.url()
@@ -229,8 +247,7 @@ def test_s3_url_parsing() -> None:
         S3Config.from_url("s3:///prefix", env={})
 
 
-@pytest.mark.parametrize("url", ["gs://bucket/x", "ftp://h/x", "/abs/path", "", "file://relative/x",
-                                 "file:///abs?x=1"])
+@pytest.mark.parametrize("url", ["gs://bucket/x", "ftp://h/x", "/abs/path", "", "file://relative/x", "file:///abs?x=1"])
 def test_open_store_refuses_unknown_or_malformed_urls(url: str) -> None:
     with pytest.raises(InvalidArgument):
         open_store(url)

@@ -24,18 +24,59 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 
 def _signed(name: str, cn: str, ext: str, cwd: Path) -> None:
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-subj", f"/CN={cn}",
-             "-out", f"{name}.csr", cwd=cwd)
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-subj",
+        f"/CN={cn}",
+        "-out",
+        f"{name}.csr",
+        cwd=cwd,
+    )
     (cwd / f"{name}.ext").write_text(ext)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=cwd)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        f"{name}.ext",
+        "-out",
+        f"{name}.pem",
+        cwd=cwd,
+    )
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("certs")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=personalize test CA", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=personalize test CA",
+        cwd=d,
+    )
     _signed("server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n", d)
     _signed("client", "app-backend", "extendedKeyUsage=clientAuth\n", d)
     return d
@@ -44,8 +85,13 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _serve(certs: Path, mutual: bool) -> Iterator[int]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
-    port = bind(server, "127.0.0.1:0", str(certs / "server.pem"), str(certs / "server.key"),
-                str(certs / "ca.pem") if mutual else "")
+    port = bind(
+        server,
+        "127.0.0.1:0",
+        str(certs / "server.pem"),
+        str(certs / "server.key"),
+        str(certs / "ca.pem") if mutual else "",
+    )
     server.start()
     try:
         yield port
@@ -77,8 +123,9 @@ def test_mutual_tls_needs_a_client_certificate_signed_by_the_ca(certs: Path) -> 
     for port in _serve(certs, mutual=True):
         with pytest.raises(grpc.RpcError):
             _check(port, grpc.ssl_channel_credentials(ca))
-        with_cert = grpc.ssl_channel_credentials(ca, (certs / "client.key").read_bytes(),
-                                                 (certs / "client.pem").read_bytes())
+        with_cert = grpc.ssl_channel_credentials(
+            ca, (certs / "client.key").read_bytes(), (certs / "client.pem").read_bytes()
+        )
         assert _check(port, with_cert) == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -99,8 +146,11 @@ def _through_router_opener(port: int, config: RouterConfig) -> int:
 
 
 def test_the_router_dials_tls_workers_with_its_own_client_certificate(certs: Path) -> None:
-    upstream = RouterConfig(upstream_ca=str(certs / "ca.pem"), upstream_cert=str(certs / "client.pem"),
-                            upstream_key=str(certs / "client.key"))
+    upstream = RouterConfig(
+        upstream_ca=str(certs / "ca.pem"),
+        upstream_cert=str(certs / "client.pem"),
+        upstream_key=str(certs / "client.key"),
+    )
     for port in _serve(certs, mutual=True):
         assert _through_router_opener(port, upstream) == health_pb2.HealthCheckResponse.SERVING
         for config in (RouterConfig(), RouterConfig(upstream_ca=str(certs / "ca.pem"))):  # plaintext; no cert

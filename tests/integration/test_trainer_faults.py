@@ -122,8 +122,9 @@ def _corrupt(repo: AdapterRepository, user: str) -> AdapterRecord:
     return record
 
 
-def _assert_trained_from(trainer: Trainer, start: Adapter, record: AdapterRecord, events: list[Delivered],
-                         result: Adapter) -> None:
+def _assert_trained_from(
+    trainer: Trainer, start: Adapter, record: AdapterRecord, events: list[Delivered], result: Adapter
+) -> None:
     """`result` is what training `events` (and `start`'s replay examples) on `start` gives."""
     job = UserJob("acme", events[0].event.user_id, record, start, events, replay_of(start))
     (expected,), _, _ = train_round(trainer.model, trainer.base.tokenizer, [job], trainer.config)
@@ -135,8 +136,9 @@ def _assert_trained_from(trainer: Trainer, start: Adapter, record: AdapterRecord
 # -- the repository's lookup of the newest intact version ---------------------------------------------------------
 
 
-def test_load_intact_picks_the_newest_intact_older_version(store: ObjectStore, valkey_url: str,
-                                                           base: BaseModel) -> None:
+def test_load_intact_picks_the_newest_intact_older_version(
+    store: ObjectStore, valkey_url: str, base: BaseModel
+) -> None:
     spec = AdapterSpec.for_model(base.model, 16, base_fingerprint=base.fingerprint)
     repo = AdapterRepository(Registry(redis_client(valkey_url), namespace=f"tf{next(_ns)}"), store, spec)
     record = None
@@ -147,8 +149,10 @@ def test_load_intact_picks_the_newest_intact_older_version(store: ObjectStore, v
 
     found = repo.load_intact("acme", "u", 3)
     assert found is not None and found[1] == 2
-    assert torch.equal(found[0].weights["model.layers.0.self_attn.q_proj"][1],
-                       make_adapter(base.config, 2, seed=2).weights["model.layers.0.self_attn.q_proj"][1])
+    assert torch.equal(
+        found[0].weights["model.layers.0.self_attn.q_proj"][1],
+        make_adapter(base.config, 2, seed=2).weights["model.layers.0.self_attn.q_proj"][1],
+    )
 
     _corrupt(repo, "u")  # v3: the current one is never a candidate anyway
     keys = store.list(user_prefix("acme", "u"))
@@ -180,7 +184,8 @@ def test_a_publish_whose_cas_reply_was_lost_and_retried_is_kept(parts: dict[str,
 
 
 def test_corrupt_adapter_is_retrained_from_the_newest_intact_version_in_the_same_round(
-        parts: dict[str, Any], base: BaseModel) -> None:
+    parts: dict[str, Any], base: BaseModel
+) -> None:
     repo: AdapterRepository = parts["repo"]
     stream: FeedbackStream = parts["stream"]
     trainer = _trainer(base, parts)
@@ -210,7 +215,8 @@ def test_corrupt_adapter_is_retrained_from_the_newest_intact_version_in_the_same
 
 @pytest.mark.parametrize("fault", ["corrupt", "missing"])
 def test_lost_adapter_without_an_intact_version_restarts_from_the_seeded_zero(
-        parts: dict[str, Any], base: BaseModel, fault: str) -> None:
+    parts: dict[str, Any], base: BaseModel, fault: str
+) -> None:
     repo: AdapterRepository = parts["repo"]
     trainer = _trainer(base, parts)
     _append(parts, "a", 0)
@@ -328,7 +334,8 @@ def test_an_older_event_held_by_another_trainer_is_never_skipped(parts: dict[str
 
 
 def test_unreachable_stream_server_fails_the_round_and_keeps_the_events(
-        valkey_url: str, parts: dict[str, Any], base: BaseModel) -> None:
+    valkey_url: str, parts: dict[str, Any], base: BaseModel
+) -> None:
     """A real connection refused, not a double: the round fails as a whole, carried events stay in memory."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -348,14 +355,19 @@ def test_unreachable_stream_server_fails_the_round_and_keeps_the_events(
 # -- one user's data never stops the trainer --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("replay", [
-    '[{"tenant": "acme", "user_id": "m", "kind": "correct", "prompt": 5, "completion": "x", "correction": "y"}]',
-    "[" * 100_000 + "]" * 100_000,  # nesting too deep for the JSON parser
-    '{"prompt": "not a list"}', '[1, null, "s", [], {"kind": "nonsense", "prompt": "p", "completion": "c"}]',
-    "not json",
-])
-def test_malformed_replay_metadata_is_skipped_and_every_user_trains(parts: dict[str, Any], base: BaseModel,
-                                                                     replay: str) -> None:
+@pytest.mark.parametrize(
+    "replay",
+    [
+        '[{"tenant": "acme", "user_id": "m", "kind": "correct", "prompt": 5, "completion": "x", "correction": "y"}]',
+        "[" * 100_000 + "]" * 100_000,  # nesting too deep for the JSON parser
+        '{"prompt": "not a list"}',
+        '[1, null, "s", [], {"kind": "nonsense", "prompt": "p", "completion": "c"}]',
+        "not json",
+    ],
+)
+def test_malformed_replay_metadata_is_skipped_and_every_user_trains(
+    parts: dict[str, Any], base: BaseModel, replay: str
+) -> None:
     repo: AdapterRepository = parts["repo"]
     stream: FeedbackStream = parts["stream"]
     poisoned = make_adapter(base.config, 2, seed=1)
@@ -371,7 +383,8 @@ def test_malformed_replay_metadata_is_skipped_and_every_user_trains(parts: dict[
 
 @pytest.mark.parametrize("fault", ["raises", "non-finite"])
 def test_a_user_whose_training_fails_is_dead_lettered_alone_and_run_forever_goes_on(
-        parts: dict[str, Any], base: BaseModel, fault: str) -> None:
+    parts: dict[str, Any], base: BaseModel, fault: str
+) -> None:
     """Any exception type or a non-finite loss: the user's events are retried, then dead-lettered; everyone
     else's events are trained in the same rounds, and the trainer's loop never stops."""
     repo: AdapterRepository = parts["repo"]
@@ -414,10 +427,12 @@ def test_a_user_whose_training_fails_is_dead_lettered_alone_and_run_forever_goes
 
 
 def test_old_versions_and_lost_race_objects_are_pruned_every_keep_versions_publishes(
-        store: ObjectStore, valkey_url: str, base: BaseModel) -> None:
+    store: ObjectStore, valkey_url: str, base: BaseModel
+) -> None:
     spec = AdapterSpec.for_model(base.model, 16, base_fingerprint=base.fingerprint)
-    repo = AdapterRepository(Registry(redis_client(valkey_url), namespace=f"tf{next(_ns)}"), store, spec,
-                             keep_versions=3)
+    repo = AdapterRepository(
+        Registry(redis_client(valkey_url), namespace=f"tf{next(_ns)}"), store, spec, keep_versions=3
+    )
 
     def stored() -> list[int]:
         return sorted(v for k in store.list(user_prefix("acme", "u")) if (v := adapter_version(k)) is not None)

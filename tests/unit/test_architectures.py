@@ -36,9 +36,15 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 def _hf_greedy(base: BaseModel, prompt: str) -> str:
     ids = torch.tensor([base.tokenizer.encode(prompt, add_special_tokens=False)])
-    out = base.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                              do_sample=False, eos_token_id=None, pad_token_id=0)
-    return str(base.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    out = base.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return str(base.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
 
 
 def test_engine_greedy_text_equals_transformers_generate(family: tuple[str, BaseModel]) -> None:
@@ -77,19 +83,26 @@ def test_mixed_rank_adapters_equal_peft_per_adapter(family: tuple[str, BaseModel
     step = fast.decode(nxt, torch.tensor([len(e) for e in encoded]))
     for row, (slot, e) in enumerate(zip(slots, encoded, strict=True)):
         with torch.no_grad():
-            ref = refs[slot](torch.cat([e, nxt[row:row + 1]]).unsqueeze(0)).logits[0, -1]
+            ref = refs[slot](torch.cat([e, nxt[row : row + 1]]).unsqueeze(0)).logits[0, -1]
         torch.testing.assert_close(step[row], ref, atol=1e-4, rtol=1e-4)
 
 
-def test_trained_adapter_exports_to_peft_that_generates_identically(family: tuple[str, BaseModel],
-                                                                    tmp_path: Path) -> None:
+def test_trained_adapter_exports_to_peft_that_generates_identically(
+    family: tuple[str, BaseModel], tmp_path: Path
+) -> None:
     name, base = family
     spec = AdapterSpec.for_model(base, 8)
     start = zero_adapter(spec, 4, 8.0, generator=torch.Generator().manual_seed(3))
-    events = [Delivered(0, f"1-{i}", FeedbackEvent("t", "u", "accept", f"Q{i}: héllo?\nA: ", f"wörld {i} ✓"))
-              for i in range(3)]
-    (trained,), finite, _ = train_round(base.model, base.tokenizer, [UserJob("t", "u", None, start, events)],
-                                        TrainerConfig(steps=2, min_steps=2, max_steps=2, lr=1e-2))
+    events = [
+        Delivered(0, f"1-{i}", FeedbackEvent("t", "u", "accept", f"Q{i}: héllo?\nA: ", f"wörld {i} ✓"))
+        for i in range(3)
+    ]
+    (trained,), finite, _ = train_round(
+        base.model,
+        base.tokenizer,
+        [UserJob("t", "u", None, start, events)],
+        TrainerConfig(steps=2, min_steps=2, max_steps=2, lr=1e-2),
+    )
     assert finite == [True]
     assert any(b.abs().sum() > 0 for _, b in trained.weights.values())
     save_peft(trained, spec, tmp_path)
@@ -101,9 +114,15 @@ def test_trained_adapter_exports_to_peft_that_generates_identically(family: tupl
         handle = engine.submit(prompt, SamplingParams(max_new_tokens=12, ignore_eos=True), slot=0)
         engine.run_until_idle()
         ids = torch.tensor([base.tokenizer.encode(prompt, add_special_tokens=False)])
-        out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                            do_sample=False, eos_token_id=None, pad_token_id=0)
-        assert handle.result().text == base.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True), name
+        out = peft.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        assert handle.result().text == base.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True), name
 
 
 def test_unsupported_model_type_is_refused_before_any_weight_is_read(tmp_path: Path) -> None:
@@ -125,8 +144,13 @@ def test_length_dependent_rope_is_refused() -> None:
 
 def test_unimplemented_rope_is_refused_before_any_weight_is_read(tmp_path: Path) -> None:
     config = FAMILIES["llama"]()
-    config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
-                              "long_factor": [1.0] * 8, "original_max_position_embeddings": 16}
+    config.rope_parameters = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0] * 8,
+        "long_factor": [1.0] * 8,
+        "original_max_position_embeddings": 16,
+    }
     config.save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"not a weight file")
     with pytest.raises(InvalidArgument, match="longrope"):

@@ -25,8 +25,10 @@ def test_keys_are_kept_only_as_sha256() -> None:
     assert "sk-secret-1" not in repr(keys)
 
 
-@pytest.mark.parametrize(("key", "message"), [(None, "missing API key"), ("", "missing API key"),
-                                              ("keyB", "unknown API key"), ("keya", "unknown API key")])
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [(None, "missing API key"), ("", "missing API key"), ("keyB", "unknown API key"), ("keya", "unknown API key")],
+)
 def test_missing_or_unknown_key_is_unauthenticated(key: str | None, message: str) -> None:
     with pytest.raises(Unauthenticated, match=message):
         ApiKeys.parse("tenantA:keyA").authenticate(key)
@@ -38,14 +40,17 @@ def test_no_keys_means_one_default_tenant() -> None:
         assert keys.authenticate(None) == "default" and keys.authenticate("whatever") == "default"
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("tenantA", "not of the form tenant:key"),
-    ("tenantA:", "empty"),
-    ("bad tenant:k", "tenant name"),
-    (":k", "tenant name"),
-    ("a:k1,a:k2", "configured twice"),
-    ("a:same,b:same", "share one API key"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("tenantA", "not of the form tenant:key"),
+        ("tenantA:", "empty"),
+        ("bad tenant:k", "tenant name"),
+        (":k", "tenant name"),
+        ("a:k1,a:k2", "configured twice"),
+        ("a:same,b:same", "share one API key"),
+    ],
+)
 def test_bad_key_config_is_refused(text: str, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         ApiKeys.parse(text)
@@ -57,14 +62,17 @@ def test_malformed_entry_does_not_echo_the_key() -> None:
     assert "secret" not in str(raised.value)
 
 
-@pytest.mark.parametrize(("metadata", "expected"), [
-    (None, None),
-    ((), None),
-    ((("x-user-id", "u"),), None),
-    ((("authorization", "Bearer k1"),), "k1"),
-    ((("authorization", "bearer   k1 "),), "k1"),
-    ((("authorization", b"Bearer k2"),), "k2"),
-])
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        (None, None),
+        ((), None),
+        ((("x-user-id", "u"),), None),
+        ((("authorization", "Bearer k1"),), "k1"),
+        ((("authorization", "bearer   k1 "),), "k1"),
+        ((("authorization", b"Bearer k2"),), "k2"),
+    ],
+)
 def test_bearer_key(metadata: tuple[tuple[str, str | bytes], ...] | None, expected: str | None) -> None:
     assert bearer_key(metadata) == expected
 

@@ -78,8 +78,9 @@ def store() -> FakeStore:
     return FakeStore()
 
 
-def make_cache(store: FakeStore, slots: int = 4, tmp: Path | None = None, host: int = 1 << 30,
-               disk: int = 1 << 30) -> AdapterCache:
+def make_cache(
+    store: FakeStore, slots: int = 4, tmp: Path | None = None, host: int = 1 << 30, disk: int = 1 << 30
+) -> AdapterCache:
     pool = SlotPool(CFG, slots, R_MAX)
     config = CacheConfig(host_bytes=host, disk_bytes=disk, disk_dir=str(tmp) if tmp else "", load_threads=2)
     return AdapterCache(config, pool, threading.Lock(), store.fetch, store.parse)
@@ -92,7 +93,6 @@ def cache(store: FakeStore) -> Iterator[AdapterCache]:
     c.close()
 
 
-
 def use(cache: AdapterCache, user_id: str, version: int = 1) -> Lease:
     """Acquire and release at once; the lease says where the adapter was found."""
     lease = cache.acquire(T, user_id, version, timeout=5)
@@ -101,6 +101,7 @@ def use(cache: AdapterCache, user_id: str, version: int = 1) -> Lease:
 
 
 # -- pure bookkeeping ------------------------------------------------------------------------------------
+
 
 def test_byte_lru_evicts_least_recently_used_within_budget() -> None:
     lru: ByteLRU[str, int] = ByteLRU(10)
@@ -140,14 +141,23 @@ def test_slot_nbytes_matches_the_pool(r_max: int, targets: tuple[str, ...]) -> N
         slots_for_budget(pool.slot_nbytes - 1, pool.slot_nbytes)
 
 
-@pytest.mark.parametrize("kwargs", [dict(host_bytes=-1), dict(disk_bytes=-1), dict(load_threads=0),
-                                    dict(wait_timeout_s=0), dict(disk_dir="relative/dir")])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(host_bytes=-1),
+        dict(disk_bytes=-1),
+        dict(load_threads=0),
+        dict(wait_timeout_s=0),
+        dict(disk_dir="relative/dir"),
+    ],
+)
 def test_config_checks(kwargs: dict) -> None:
     with pytest.raises(InvalidArgument):
         CacheConfig(**kwargs)
 
 
 # -- device slots: LRU and pinning -------------------------------------------------------------------------
+
 
 def test_first_acquire_loads_then_hits_the_same_slot(cache: AdapterCache, store: FakeStore) -> None:
     adapter = store.add("alice")
@@ -215,6 +225,7 @@ def test_releasing_twice_is_refused(cache: AdapterCache, store: FakeStore) -> No
 
 # -- single flight and failed loads ------------------------------------------------------------------------
 
+
 def _acquire_concurrently(cache: AdapterCache, store: FakeStore, user: str, n: int) -> list[Lease | Exception]:
     """n threads acquire one user's adapter while its fetch is held back until all of them wait."""
     results: list[Lease | Exception] = []
@@ -257,12 +268,14 @@ def test_concurrent_misses_share_one_fetch(cache: AdapterCache, store: FakeStore
 
 
 @pytest.mark.parametrize("failure", ["corrupt", "missing", "incompatible"])
-def test_a_failed_load_reaches_every_waiter_and_caches_nothing(cache: AdapterCache, store: FakeStore,
-                                                               failure: str) -> None:
+def test_a_failed_load_reaches_every_waiter_and_caches_nothing(
+    cache: AdapterCache, store: FakeStore, failure: str
+) -> None:
     key = (T, "alice", 1)
     store.add("alice")
-    expected: type[Exception] = {"corrupt": CorruptObject, "missing": NotFound,
-                                 "incompatible": IncompatibleAdapter}[failure]
+    expected: type[Exception] = {"corrupt": CorruptObject, "missing": NotFound, "incompatible": IncompatibleAdapter}[
+        failure
+    ]
     if failure == "corrupt":
         store.errors[key] = CorruptObject("object is corrupt: checksum mismatch")
     elif failure == "missing":
@@ -296,6 +309,7 @@ def test_a_timed_out_waiter_leaks_no_pin(store: FakeStore) -> None:
 
 # -- hot swap ---------------------------------------------------------------------------------------------
 
+
 def test_hot_swap_keeps_the_old_slot_until_its_last_lease(cache: AdapterCache, store: FakeStore) -> None:
     v1, v2 = store.add("alice", 1, seed=1), store.add("alice", 2, seed=2)
     old = cache.acquire(T, "alice", 1)
@@ -325,6 +339,7 @@ def test_an_unpinned_old_version_is_freed_at_the_flip(cache: AdapterCache, store
 
 
 # -- tiers, budgets, promotion ------------------------------------------------------------------------------
+
 
 def test_each_acquire_reports_the_tier_it_found(store: FakeStore, tmp_path: Path) -> None:
     adapters = {u: store.add(u) for u in "abc"}
@@ -356,8 +371,7 @@ def test_byte_budgets_hold_per_tier(store: FakeStore, tmp_path: Path) -> None:
             stats = cache.stats()
             assert stats["bytes"]["host"] <= host and stats["bytes"]["disk"] <= disk
         assert stats["resident"] == {"device": 2, "host": 2, "disk": 3}
-        assert stats["bytes"] == {"device": 2 * cache.pool.slot_nbytes, "host": 2 * nbytes,
-                                  "disk": 3 * OBJECT_BYTES}
+        assert stats["bytes"] == {"device": 2 * cache.pool.slot_nbytes, "host": 2 * nbytes, "disk": 3 * OBJECT_BYTES}
         files = [p for p in tmp_path.rglob("*") if p.is_file()]
         assert len(files) == 3 and sum(p.stat().st_size for p in files) <= disk
         assert all("u" not in p.name for p in files)  # named by a hash, never by a user id
@@ -411,6 +425,7 @@ def test_disk_tier_starts_empty_but_spares_foreign_files(store: FakeStore, tmp_p
 
 
 # -- invalidation and prefetch --------------------------------------------------------------------------------
+
 
 def test_invalidate_drops_every_copy(store: FakeStore, tmp_path: Path) -> None:
     for version in (1, 2):

@@ -54,8 +54,9 @@ def test_fingerprint_is_cached_beside_the_checkpoint_until_a_file_changes(tmp_pa
     assert checkpoint_fingerprint(directory, config) == first  # a touched file: hashed again
 
 
-def test_repo_id_resolves_from_the_local_hf_cache(tmp_path: Path, sharded: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_repo_id_resolves_from_the_local_hf_cache(
+    tmp_path: Path, sharded: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache = tmp_path / "hub"
     repo = cache / "models--acme--tiny-qwen"
     commit = "0" * 40
@@ -80,10 +81,16 @@ def test_every_eos_id_of_generation_config_stops_generation(tmp_path: Path) -> N
     base = load_base_model(ModelConfig(path=str(directory)))
     for prompt in ("Hello there", "héllo wörld", "personalize me", "日本語"):
         ids = torch.tensor([base.tokenizer.encode(prompt, add_special_tokens=False)])
-        out = base.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        out = base.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, ids.shape[1] :].tolist()
         # the first token after two that is new and neither token before it is the tokenizer's EOS (2)
-        k = next((i for i in range(2, len(out)) if out[i] not in out[:i] and 2 not in out[:i + 1]), None)
+        k = next((i for i in range(2, len(out)) if out[i] not in out[:i] and 2 not in out[: i + 1]), None)
         if k is not None:
             break
     assert k is not None

@@ -40,11 +40,14 @@ def test_client_connection_defaults_come_from_the_environment(monkeypatch: pytes
     assert (args.target, args.api_key) == ("10.0.0.1:6000", "k")
 
 
-@pytest.mark.parametrize(("items", "pairs"), [
-    (["alice", "./dir"], [("alice", Path("./dir"))]),
-    (["alice=./a"], [("alice", Path("./a"))]),
-    (["alice=./a", "bob=/b=c"], [("alice", Path("./a")), ("bob", Path("/b=c"))]),
-])
+@pytest.mark.parametrize(
+    ("items", "pairs"),
+    [
+        (["alice", "./dir"], [("alice", Path("./dir"))]),
+        (["alice=./a"], [("alice", Path("./a"))]),
+        (["alice=./a", "bob=/b=c"], [("alice", Path("./a")), ("bob", Path("/b=c"))]),
+    ],
+)
 def test_import_items(items: list[str], pairs: list[tuple[str, Path]]) -> None:
     assert cli.parse_import_items(items) == pairs
 
@@ -56,8 +59,9 @@ def test_bad_import_items(items: list[str]) -> None:
 
 
 def test_banner_without_keys_says_so_and_shows_copy_paste_commands(tmp_path: Path) -> None:
-    text = launcher.up_banner(50051, 0, "worker-0", "tiny on cpu", "sha256:" + "ab" * 32, "redis://127.0.0.1:1/0",
-                              tmp_path, "file:///x", ())
+    text = launcher.up_banner(
+        50051, 0, "worker-0", "tiny on cpu", "sha256:" + "ab" * 32, "redis://127.0.0.1:1/0", tmp_path, "file:///x", ()
+    )
     assert text.splitlines()[0] == "personalize up: serving on 127.0.0.1:50051"
     assert "no API keys configured: accepting tenant 'default' without a key" in text
     assert 'personalize generate alice "Tell me about LoRA"' in text and "--target" not in text
@@ -65,8 +69,17 @@ def test_banner_without_keys_says_so_and_shows_copy_paste_commands(tmp_path: Pat
 
 
 def test_banner_with_keys_and_another_port(tmp_path: Path) -> None:
-    text = launcher.up_banner(6000, 9100, "worker-0", "tiny on cpu", "sha256:" + "ab" * 32, "redis://h:1/0",
-                              tmp_path, "file:///x", ("acme", "globex"))
+    text = launcher.up_banner(
+        6000,
+        9100,
+        "worker-0",
+        "tiny on cpu",
+        "sha256:" + "ab" * 32,
+        "redis://h:1/0",
+        tmp_path,
+        "file:///x",
+        ("acme", "globex"),
+    )
     assert "no API keys" not in text and "acme, globex" in text
     assert "--target 127.0.0.1:6000 --api-key $KEY" in text and "http://127.0.0.1:9100/metrics" in text
 
@@ -78,12 +91,17 @@ def test_serve_without_registry_or_store_says_what_is_missing() -> None:
 
 
 def test_client_command_without_a_server_fails_with_the_status() -> None:
-    done = subprocess.run([sys.executable, "-m", "personalize_service.cli", "stats", "--target", "127.0.0.1:9",
-                           "--timeout", "2"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "personalize_service.cli", "stats", "--target", "127.0.0.1:9", "--timeout", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1 and done.stderr.startswith("personalize: error: UNAVAILABLE")
 
 
 def test_usage_errors_exit_2() -> None:
-    done = subprocess.run([sys.executable, "-m", "personalize_service.cli", "generate"], capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "personalize_service.cli", "generate"], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 2 and "the following arguments are required: user, prompt" in done.stderr

@@ -137,8 +137,7 @@ IDEMPOTENT: list[tuple[str, Call]] = [
 
 @pytest.mark.parametrize(("method", "call"), IDEMPOTENT, ids=[m for m, _ in IDEMPOTENT])
 @pytest.mark.parametrize("failures", [1, 2])
-def test_idempotent_calls_are_retried_on_unavailable(flaky: Flaky, method: str, call: Call,
-                                                     failures: int) -> None:
+def test_idempotent_calls_are_retried_on_unavailable(flaky: Flaky, method: str, call: Call, failures: int) -> None:
     servicer, client = flaky
     servicer.failures[method] = failures
     assert call(client)
@@ -246,8 +245,7 @@ def test_api_key_selects_the_tenant() -> None:
             assert client.generate("alice", "hi").text == "acme:hi"
         with PersonalizeClient(target) as client, pytest.raises(UnauthenticatedError):
             client.generate("alice", "hi")
-        with PersonalizeClient(target, api_key="wrong") as client, \
-                pytest.raises(PersonalizeClientError) as raised:
+        with PersonalizeClient(target, api_key="wrong") as client, pytest.raises(PersonalizeClientError) as raised:
             client.generate("alice", "hi")
         assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
 

@@ -30,23 +30,33 @@ def test_generate_request_defaults_mean_greedy_default_budget_no_truncation() ->
 
 
 def test_generate_request_fields_are_carried() -> None:
-    request = pb.GenerateRequest(user_id="bob", prompt="p", max_new_tokens=12, temperature=0.5, top_p=0.25,
-                                 seed=2**63 + 5, stop=["\n", "END"], use_base_model=True)
+    request = pb.GenerateRequest(
+        user_id="bob",
+        prompt="p",
+        max_new_tokens=12,
+        temperature=0.5,
+        top_p=0.25,
+        seed=2**63 + 5,
+        stop=["\n", "END"],
+        use_base_model=True,
+    )
     user_id, prompt, params, use_base_model = convert.generate_args(request, LIMITS)
     assert (user_id, prompt, use_base_model) == ("bob", "p", True)
-    assert params == SamplingParams(max_new_tokens=12, temperature=0.5, top_p=0.25, seed=2**63 + 5,
-                                    stop=("\n", "END"))
+    assert params == SamplingParams(max_new_tokens=12, temperature=0.5, top_p=0.25, seed=2**63 + 5, stop=("\n", "END"))
 
 
-@pytest.mark.parametrize(("fields", "message"), [
-    ({"user_id": ""}, "user_id is empty"),
-    ({"prompt": "x" * 20000}, "prompt is 20000 bytes"),
-    ({"max_new_tokens": 10_000}, "max_new_tokens is 10000; the limit is 512"),
-    ({"temperature": -1.0}, "temperature must be in"),
-    ({"temperature": float("nan")}, "temperature must be in"),
-    ({"top_p": 1.5}, "top_p must be in"),
-    ({"stop": [""]}, "stop strings must be non-empty"),
-])
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"user_id": ""}, "user_id is empty"),
+        ({"prompt": "x" * 20000}, "prompt is 20000 bytes"),
+        ({"max_new_tokens": 10_000}, "max_new_tokens is 10000; the limit is 512"),
+        ({"temperature": -1.0}, "temperature must be in"),
+        ({"temperature": float("nan")}, "temperature must be in"),
+        ({"top_p": 1.5}, "top_p must be in"),
+        ({"stop": [""]}, "stop strings must be non-empty"),
+    ],
+)
 def test_bad_generate_requests_are_invalid_argument(fields: dict[str, object], message: str) -> None:
     request = pb.GenerateRequest(**{"user_id": "alice", "prompt": "Hi", **fields})  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument, match=message):
@@ -55,38 +65,57 @@ def test_bad_generate_requests_are_invalid_argument(fields: dict[str, object], m
 
 def test_generate_response_and_chunks() -> None:
     response = convert.generate_response(RESULT, INFO)
-    assert response == pb.GenerateResponse(text="Hello!", adapter_version=4, node_id="worker-0",
-                                           cache_tier="host", prompt_tokens=7, completion_tokens=3,
-                                           finish_reason="stop")
+    assert response == pb.GenerateResponse(
+        text="Hello!",
+        adapter_version=4,
+        node_id="worker-0",
+        cache_tier="host",
+        prompt_tokens=7,
+        completion_tokens=3,
+        finish_reason="stop",
+    )
     assert convert.text_chunk("Hel") == pb.GenerateChunk(text="Hel")
     final = convert.final_chunk(RESULT, INFO)
     assert final.done and final.text == "" and final.final == response
 
 
-@pytest.mark.parametrize(("kind", "name"), [
-    (pb.FeedbackRequest.ACCEPT, "accept"), (pb.FeedbackRequest.REJECT, "reject"),
-    (pb.FeedbackRequest.CORRECT, "correct"), (pb.FeedbackRequest.PREFER, "prefer"),
-])
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [
+        (pb.FeedbackRequest.ACCEPT, "accept"),
+        (pb.FeedbackRequest.REJECT, "reject"),
+        (pb.FeedbackRequest.CORRECT, "correct"),
+        (pb.FeedbackRequest.PREFER, "prefer"),
+    ],
+)
 def test_feedback_kinds(kind: int, name: str) -> None:
-    request = pb.FeedbackRequest(user_id="alice", prompt="q", completion="a", kind=kind,  # type: ignore[arg-type]
-                                 correction="c", rejected="r", event_key="k1")
+    request = pb.FeedbackRequest(
+        user_id="alice",
+        prompt="q",
+        completion="a",
+        kind=kind,  # type: ignore[arg-type]
+        correction="c",
+        rejected="r",
+        event_key="k1",
+    )
     args = convert.feedback_args(request, LIMITS)
     assert args == convert.FeedbackArgs("alice", "q", "a", name, "c", "r", "k1")
 
 
-@pytest.mark.parametrize(("fields", "message"), [
-    ({"kind": pb.FeedbackRequest.KIND_UNSPECIFIED},
-     "one of ACCEPT, REJECT, CORRECT, PREFER, got KIND_UNSPECIFIED"),
-    ({"kind": 17}, "got 17"),
-    ({"kind": pb.FeedbackRequest.CORRECT}, "CORRECT needs a non-empty correction"),
-    ({"kind": pb.FeedbackRequest.PREFER}, "PREFER needs a non-empty rejected"),
-    ({"completion": "x" * 20000}, "completion is 20000 bytes; the limit is 16384"),
-    ({"event_key": "k" * 300}, "event_key is 300 bytes"),
-    ({"user_id": "a\x00"}, "control character"),
-])
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"kind": pb.FeedbackRequest.KIND_UNSPECIFIED}, "one of ACCEPT, REJECT, CORRECT, PREFER, got KIND_UNSPECIFIED"),
+        ({"kind": 17}, "got 17"),
+        ({"kind": pb.FeedbackRequest.CORRECT}, "CORRECT needs a non-empty correction"),
+        ({"kind": pb.FeedbackRequest.PREFER}, "PREFER needs a non-empty rejected"),
+        ({"completion": "x" * 20000}, "completion is 20000 bytes; the limit is 16384"),
+        ({"event_key": "k" * 300}, "event_key is 300 bytes"),
+        ({"user_id": "a\x00"}, "control character"),
+    ],
+)
 def test_bad_feedback_is_invalid_argument(fields: dict[str, object], message: str) -> None:
-    base: dict[str, object] = {"user_id": "alice", "prompt": "q", "completion": "a",
-                               "kind": pb.FeedbackRequest.ACCEPT}
+    base: dict[str, object] = {"user_id": "alice", "prompt": "q", "completion": "a", "kind": pb.FeedbackRequest.ACCEPT}
     with pytest.raises(InvalidArgument, match=message):
         convert.feedback_args(pb.FeedbackRequest(**{**base, **fields}), LIMITS)  # type: ignore[arg-type]
 
@@ -96,12 +125,27 @@ def test_feedback_ack() -> None:
 
 
 def test_adapter_info_and_bundle() -> None:
-    info = AdapterInfo(user_id="alice", version=3, rank=8, examples_seen=40, base_fingerprint="fp",
-                       updated_at_unix_ms=1_700_000_000_000, pending_events=2, owner_node="worker-1")
+    info = AdapterInfo(
+        user_id="alice",
+        version=3,
+        rank=8,
+        examples_seen=40,
+        base_fingerprint="fp",
+        updated_at_unix_ms=1_700_000_000_000,
+        pending_events=2,
+        owner_node="worker-1",
+    )
     message = convert.adapter_info(info)
-    assert message == pb.AdapterInfo(user_id="alice", version=3, rank=8, examples_seen=40,
-                                     base_fingerprint="fp", updated_at_unix_ms=1_700_000_000_000,
-                                     pending_events=2, owner_node="worker-1")
+    assert message == pb.AdapterInfo(
+        user_id="alice",
+        version=3,
+        rank=8,
+        examples_seen=40,
+        base_fingerprint="fp",
+        updated_at_unix_ms=1_700_000_000_000,
+        pending_events=2,
+        owner_node="worker-1",
+    )
     files = {"adapter_config.json": b"{}", "adapter_model.safetensors": b"\x00\x01"}
     bundle = convert.adapter_bundle(files, info)
     assert dict(bundle.files) == files and bundle.info == message
@@ -120,8 +164,9 @@ def test_canonical_safetensors_sorts_metadata_and_keeps_the_tensors() -> None:
     assert list(header["__metadata__"]) == sorted(metadata) and header["__metadata__"] == metadata
 
 
-@pytest.mark.parametrize("data", [b"", b"\x00\x01", b"\xff" * 16, (4).to_bytes(8, "little") + b"null",
-                                  (2).to_bytes(8, "little") + b"{}"])
+@pytest.mark.parametrize(
+    "data", [b"", b"\x00\x01", b"\xff" * 16, (4).to_bytes(8, "little") + b"null", (2).to_bytes(8, "little") + b"{}"]
+)
 def test_canonical_safetensors_leaves_other_bytes_alone(data: bytes) -> None:
     assert canonical_safetensors(data) == data
 
@@ -129,7 +174,7 @@ def test_canonical_safetensors_leaves_other_bytes_alone(data: bytes) -> None:
 def _header(data: bytes) -> dict[str, Any]:
     """The parsed JSON header of safetensors bytes."""
     size = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + size])  # type: ignore[no-any-return]
+    return json.loads(data[8 : 8 + size])  # type: ignore[no-any-return]
 
 
 def test_export_and_import_args() -> None:
@@ -146,9 +191,17 @@ def test_delete_response() -> None:
 
 
 def test_stats_response() -> None:
-    stats = NodeStats(node_id="worker-0", resident={"device": 2, "host": 5}, bytes={"device": 100},
-                      hits={"device": 9}, misses={"device": 1, "host": 1}, batch_occupancy=3.5,
-                      max_batch_occupancy=8, queue_depth=2, stream_lag=11)
+    stats = NodeStats(
+        node_id="worker-0",
+        resident={"device": 2, "host": 5},
+        bytes={"device": 100},
+        hits={"device": 9},
+        misses={"device": 1, "host": 1},
+        batch_occupancy=3.5,
+        max_batch_occupancy=8,
+        queue_depth=2,
+        stream_lag=11,
+    )
     response = convert.stats_response([stats, NodeStats(node_id="worker-1")], degraded=True)
     assert response.degraded
     first, second = response.nodes

@@ -12,8 +12,11 @@ from transformers import ByT5Tokenizer
 from personalize.engine.text import TextStream
 from tests.tiny_models import CORPUS, train_tokenizer
 
-TOKENIZERS = {"byte_level": lambda: train_tokenizer("byte_level"),
-              "sentencepiece": lambda: train_tokenizer("sentencepiece"), "byt5": ByT5Tokenizer}
+TOKENIZERS = {
+    "byte_level": lambda: train_tokenizer("byte_level"),
+    "sentencepiece": lambda: train_tokenizer("sentencepiece"),
+    "byt5": ByT5Tokenizer,
+}
 TEXT = " ".join(CORPUS) + " Ünïcödé 🙂 終わり"
 
 
@@ -60,7 +63,7 @@ def test_stop_string_cuts_across_pieces(tokenizer: Any) -> None:
     ids = tokenizer.encode(TEXT, add_special_tokens=False)
     pieces, stream = _stream(tokenizer, ids, stop=("lazy dog",))
     full = tokenizer.decode(ids, skip_special_tokens=True)
-    assert stream.stopped and "".join(pieces) == full[:full.index("lazy dog")]
+    assert stream.stopped and "".join(pieces) == full[: full.index("lazy dog")]
 
 
 def test_work_per_token_is_bounded_whatever_the_length(tokenizer: Any) -> None:

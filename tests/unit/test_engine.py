@@ -64,7 +64,7 @@ def test_injected_layers_equal_peft(base: BaseModel, adapters: list, pool: SlotP
     for row, slot in enumerate(slots):
         ref_model = base.model if slot is None else peft_model(base.model, adapters[slot])
         with torch.no_grad():
-            ref = ref_model(ids[row:row + 1]).logits[0]
+            ref = ref_model(ids[row : row + 1]).logits[0]
         torch.testing.assert_close(logits[row], ref, atol=1e-4, rtol=0)
 
 
@@ -78,8 +78,10 @@ def test_mixed_batch_generation_equals_alone(base: BaseModel, pool: SlotPool) ->
     engine = Engine(base, EngineConfig(max_batch=8, max_len=96), pool)
     slots: list[int | None] = [0, 1, None, 2, 4]
     alone = [_generate(engine, p, s) for p, s in zip(PROMPTS, slots, strict=True)]
-    handles = [engine.submit(p, SamplingParams(max_new_tokens=24, ignore_eos=True), slot=s)
-               for p, s in zip(PROMPTS, slots, strict=True)]
+    handles = [
+        engine.submit(p, SamplingParams(max_new_tokens=24, ignore_eos=True), slot=s)
+        for p, s in zip(PROMPTS, slots, strict=True)
+    ]
     engine.run_until_idle()
     assert [h.result().text for h in handles] == alone
     assert engine.max_occupancy == len(PROMPTS)
@@ -101,12 +103,14 @@ def test_request_added_mid_batch_equals_alone(base: BaseModel, pool: SlotPool) -
 
 def test_base_rows_equal_bare_base_model(base: BaseModel, pool: SlotPool) -> None:
     engine = Engine(base, EngineConfig(max_batch=4, max_len=96), pool)
-    handles = [engine.submit(p, SamplingParams(max_new_tokens=20, ignore_eos=True), slot=s)
-               for p, s in (("Hello there", None), ("Hello there", 0))]
+    handles = [
+        engine.submit(p, SamplingParams(max_new_tokens=20, ignore_eos=True), slot=s)
+        for p, s in (("Hello there", None), ("Hello there", 0))
+    ]
     engine.run_until_idle()
     ids = _ids(base, "Hello there")
     out = base.model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None)
-    expected = base.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    expected = base.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert handles[0].result().text == expected
     assert handles[1].result().text != expected
 
@@ -115,8 +119,9 @@ def test_sampling_is_reproducible_per_seed(base: BaseModel) -> None:
     engine = Engine(base, EngineConfig(max_batch=4, max_len=96))
 
     def sample(seed: int) -> str:
-        h = engine.submit("sample", SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.9, seed=seed,
-                                                   ignore_eos=True))
+        h = engine.submit(
+            "sample", SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.9, seed=seed, ignore_eos=True)
+        )
         engine.run_until_idle()
         return h.result().text
 
@@ -133,7 +138,7 @@ def test_stream_pieces_stop_strings_and_limits(base: BaseModel) -> None:
     pieces = list(h)
     result = h.result()
     assert result.finish_reason == "stop"
-    assert result.text == full[:full.index(stop)]
+    assert result.text == full[: full.index(stop)]
     assert "".join(pieces) == result.text
     h2 = engine.submit("limit", SamplingParams(max_new_tokens=5, ignore_eos=True))
     engine.run_until_idle()
@@ -157,8 +162,10 @@ def test_engine_thread_serves_concurrent_submissions(base: BaseModel, pool: Slot
     engine = Engine(base, EngineConfig(max_batch=8, max_len=96), pool)
     engine.start()
     try:
-        handles = [engine.submit(f"user {i}", SamplingParams(max_new_tokens=12, ignore_eos=True), slot=i % 5)
-                   for i in range(12)]
+        handles = [
+            engine.submit(f"user {i}", SamplingParams(max_new_tokens=12, ignore_eos=True), slot=i % 5)
+            for i in range(12)
+        ]
         results = [h.result(timeout=60) for h in handles]
     finally:
         engine.stop()

@@ -38,8 +38,9 @@ def _alone(engine: Engine, prompt: str, slot: int | None, params: SamplingParams
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1e-40, 1e-5, 0.8])
-def test_poisoned_adapter_fails_alone_and_tiny_temperature_decodes(base: BaseModel, pool: SlotPool,
-                                                                   temperature: float) -> None:
+def test_poisoned_adapter_fails_alone_and_tiny_temperature_decodes(
+    base: BaseModel, pool: SlotPool, temperature: float
+) -> None:
     engine = Engine(base, EngineConfig(max_batch=4, max_len=64), pool)
     good = [("healthy row", 1, _params(temperature=temperature)), ("base row", None, _params(temperature=1e-40))]
     alone = [_alone(engine, p, s, params) for p, s, params in good]
@@ -68,6 +69,7 @@ def _raise_once(target: Any, name: str) -> None:
         if calls["n"] == 1:
             raise RuntimeError("device fault")
         return real(*args)
+
     setattr(target, name, flaky)
 
 

@@ -130,13 +130,13 @@ def test_a_dead_backend_resets_the_connection(backends: tuple[EchoServer, EchoSe
     one.close()
     for port in (dead_port, None):
         # the reset may even beat connect() returning
-        with FaultProxy(fixed(port)) as proxy, pytest.raises(ConnectionResetError), \
-                connect(proxy.port) as sock:
+        with FaultProxy(fixed(port)) as proxy, pytest.raises(ConnectionResetError), connect(proxy.port) as sock:
             sock.recv(1)
 
 
 def test_partition_refuses_connects_and_resets_open_ones_then_heal_listens_again(
-        backends: tuple[EchoServer, EchoServer]) -> None:
+    backends: tuple[EchoServer, EchoServer],
+) -> None:
     one, _ = backends
     with FaultProxy(lambda: one.port) as proxy:
         port = proxy.port

@@ -17,8 +17,9 @@ from tests.helpers import make_adapter
 
 
 def _event(user: str, kind: str, i: int) -> FeedbackEvent:
-    return FeedbackEvent("t", user, kind, f"Q: question {i}?\nA: ", f"answer {i}", correction=f"better {i}",
-                         rejected=f"worse {i}")
+    return FeedbackEvent(
+        "t", user, kind, f"Q: question {i}?\nA: ", f"answer {i}", correction=f"better {i}", rejected=f"worse {i}"
+    )
 
 
 def _job(base: BaseModel, user: str, kinds: list[str], seed: int, rank: int = 4) -> UserJob:
@@ -40,12 +41,13 @@ def test_losses_prefer_the_right_answer() -> None:
     assert ul[0] > ul[1]  # likely answer -> high unlikelihood penalty
     seq = logp.sum(-1)
     assert dpo_loss(seq[:1], seq[1:], torch.zeros(1), torch.zeros(1), 0.1) < dpo_loss(
-        seq[1:], seq[:1], torch.zeros(1), torch.zeros(1), 0.1)
+        seq[1:], seq[:1], torch.zeros(1), torch.zeros(1), 0.1
+    )
 
 
 def test_batch_labels_cover_only_the_answer(base: BaseModel) -> None:
     ids, labels = encode_example(base.tokenizer, "Q: hi", "yo", 64)
-    assert labels[:len(ids) - 3] == [-100] * (len(ids) - 3)
+    assert labels[: len(ids) - 3] == [-100] * (len(ids) - 3)
     assert labels[-3:] == ids[-3:] and ids[-1] == base.tokenizer.eos_token_id
     batch = build_batch(base.tokenizer, [[_event("a", "prefer", 0)], [_event("b", "reject", 1)]], 64)
     assert batch.user_index.tolist() == [0, 0, 1]
@@ -58,8 +60,11 @@ def test_users_trained_together_equal_users_trained_alone(base: BaseModel) -> No
     # Users get 2, 4 and 6 steps: budgets differ (no fitting steps: at this lr, rounding noise grows over many).
     cfg = TrainerConfig(steps=2, min_steps=2, lr=1e-2, fit_steps=0)
     model = copy.deepcopy(base.model).requires_grad_(False)
-    jobs = [_job(base, "alice", ["correct", "accept"], 1), _job(base, "bob", ["reject", "prefer", "correct"], 2),
-            _job(base, "carol", ["prefer"], 3, rank=8)]
+    jobs = [
+        _job(base, "alice", ["correct", "accept"], 1),
+        _job(base, "bob", ["reject", "prefer", "correct"], 2),
+        _job(base, "carol", ["prefer"], 3, rank=8),
+    ]
     together, finite, _ = train_round(model, base.tokenizer, jobs, cfg)
     assert all(finite)
     for job, adapter in zip(jobs, together, strict=True):
@@ -99,8 +104,16 @@ def test_prefer_makes_the_chosen_answer_likely_not_just_likelier(base: BaseModel
         cfg = TrainerConfig(prefer_nll=weight, fit_steps=0, min_steps=8)
         (adapter,), _, _ = train_round(model, base.tokenizer, jobs, cfg)
         fit_cfg = TrainerConfig(steps=1, min_steps=1, max_steps=1, fit_steps=0, lr=1e-12)  # measures, barely moves
-        probe = [UserJob("t", "ines", None, adapter, [Delivered(0, "1-0", FeedbackEvent(
-            "t", "ines", "accept", e.event.prompt, e.event.completion))]) for e in jobs[0].events[:1]]
+        probe = [
+            UserJob(
+                "t",
+                "ines",
+                None,
+                adapter,
+                [Delivered(0, "1-0", FeedbackEvent("t", "ines", "accept", e.event.prompt, e.event.completion))],
+            )
+            for e in jobs[0].events[:1]
+        ]
         nll[weight] = train_round(model, base.tokenizer, probe, fit_cfg)[2][0]
     assert nll[1.0] < 0.5 * nll[0.0]
 
@@ -116,5 +129,6 @@ def test_replay_buffer_round_trips_in_metadata(base: BaseModel) -> None:
     adapter = make_adapter(base.config, 2, seed=1)
     events = [_event("gina", "correct", i) for i in range(3)]
     assert replay_of(with_replay(adapter, events)) == [
-        FeedbackEvent(e.tenant, e.user_id, e.kind, e.prompt, e.completion, e.correction, e.rejected) for e in events]
+        FeedbackEvent(e.tenant, e.user_id, e.kind, e.prompt, e.completion, e.correction, e.rejected) for e in events
+    ]
     assert replay_of(with_replay(adapter, [])) == []

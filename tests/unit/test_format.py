@@ -82,10 +82,8 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 # --- round trips with PEFT ------------------------------------------------------------------------------
 
 
-def test_adapter_saved_by_peft_loads_unchanged(base: torch.nn.Module, spec: AdapterSpec,
-                                               tmp_path: Path) -> None:
-    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                        init_lora_weights=False)
+def test_adapter_saved_by_peft_loads_unchanged(base: torch.nn.Module, spec: AdapterSpec, tmp_path: Path) -> None:
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
     get_peft_model(copy.deepcopy(base), config).save_pretrained(tmp_path)
     saved = load_tensors((tmp_path / ADAPTER_WEIGHTS).read_bytes())
 
@@ -99,8 +97,7 @@ def test_adapter_saved_by_peft_loads_unchanged(base: torch.nn.Module, spec: Adap
         assert torch.equal(lora_b, saved[f"base_model.model.{key}.lora_B.weight"])
 
 
-def test_our_adapter_loads_in_peft_with_the_same_math(base: torch.nn.Module, spec: AdapterSpec,
-                                                        tmp_path: Path) -> None:
+def test_our_adapter_loads_in_peft_with_the_same_math(base: torch.nn.Module, spec: AdapterSpec, tmp_path: Path) -> None:
     ours = random_adapter(spec, rank=4, alpha=6.0, generator=gen(1), std=0.05)
     save_peft(ours, spec, tmp_path)
 
@@ -117,10 +114,12 @@ def test_our_adapter_loads_in_peft_with_the_same_math(base: torch.nn.Module, spe
     torch.testing.assert_close(logits(peft_model), logits(merged), atol=1e-5, rtol=1e-5)
 
 
-def test_rslora_is_read_as_plain_lora_with_the_same_scaling(base: torch.nn.Module, spec: AdapterSpec,
-                                                             tmp_path: Path) -> None:
-    config = LoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "o_proj"],
-                        init_lora_weights=False)
+def test_rslora_is_read_as_plain_lora_with_the_same_scaling(
+    base: torch.nn.Module, spec: AdapterSpec, tmp_path: Path
+) -> None:
+    config = LoraConfig(
+        r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "o_proj"], init_lora_weights=False
+    )
     original = get_peft_model(copy.deepcopy(base), config)
     original.save_pretrained(tmp_path / "peft")
 
@@ -133,15 +132,15 @@ def test_rslora_is_read_as_plain_lora_with_the_same_scaling(base: torch.nn.Modul
     torch.testing.assert_close(logits(reloaded), logits(original), atol=1e-5, rtol=1e-5)
 
 
-def test_regex_target_modules_are_accepted_from_the_tensors(base: torch.nn.Module, spec: AdapterSpec,
-                                                             tmp_path: Path) -> None:
+def test_regex_target_modules_are_accepted_from_the_tensors(
+    base: torch.nn.Module, spec: AdapterSpec, tmp_path: Path
+) -> None:
     config = LoraConfig(r=2, lora_alpha=4, target_modules=r".*\.(q_proj|up_proj)", init_lora_weights=False)
     get_peft_model(copy.deepcopy(base), config).save_pretrained(tmp_path)
     assert load_peft(tmp_path, spec).target_modules == ("q_proj", "up_proj")
 
 
-def test_written_config_and_metadata_are_what_peft_writes(files: Files, spec: AdapterSpec,
-                                                          tmp_path: Path) -> None:
+def test_written_config_and_metadata_are_what_peft_writes(files: Files, spec: AdapterSpec, tmp_path: Path) -> None:
     config = json.loads(files[ADAPTER_CONFIG])
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM" and config["bias"] == "none"
     assert (config["r"], config["lora_alpha"]) == (4, 8)
@@ -224,7 +223,7 @@ def edit_tensors(files: Files, edit: Callable[[Tensors], object]) -> Files:
     tensors = {k: v.clone() for k, v in load_tensors(raw).items()}
     edit(tensors)
     header_size = int.from_bytes(raw[:8], "little")
-    metadata = json.loads(raw[8:8 + header_size])["__metadata__"]
+    metadata = json.loads(raw[8 : 8 + header_size])["__metadata__"]
     return {**files, ADAPTER_WEIGHTS: save_tensors(tensors, metadata=metadata)}
 
 
@@ -244,6 +243,7 @@ def moved_to_layer_9(files: Files, spec: AdapterSpec) -> Files:
     def edit(tensors: Tensors) -> None:
         for name in (Q0_A, Q0_B):
             tensors[name.replace(Q0, module_key(9, "q_proj"))] = tensors.pop(name)
+
     return edit_tensors(files, edit)
 
 
@@ -269,8 +269,9 @@ def replaced(name: str, data: Callable[[bytes], bytes]) -> Callable[[Files, Adap
     return lambda files, spec: {**files, name: data(files[name])}
 
 
-def case(name: str, mutate: Callable[[Files, AdapterSpec], Files], *fragments: str,
-         error: type[AdapterError] = AdapterError) -> object:
+def case(
+    name: str, mutate: Callable[[Files, AdapterSpec], Files], *fragments: str, error: type[AdapterError] = AdapterError
+) -> object:
     return pytest.param(mutate, error, fragments, id=name)
 
 
@@ -284,22 +285,25 @@ MALFORMED = [
     case("Inf", poisoned(Q0_A, math.inf), Q0_A, "Inf"),
     case("integer dtype", with_tensor(Q0_A, torch.ones(4, 128, dtype=torch.int64)), Q0_A, "I64"),
     case("lm_head", with_tensor("base_model.model.lm_head.lora_A.weight", torch.ones(4, 128)), "'lm_head'"),
-    case("embed_tokens", with_tensor("base_model.model.model.embed_tokens.lora_embedding_A",
-                                     torch.ones(4, 384)), "'embed_tokens'"),
+    case(
+        "embed_tokens",
+        with_tensor("base_model.model.model.embed_tokens.lora_embedding_A", torch.ones(4, 384)),
+        "'embed_tokens'",
+    ),
     case("lm_head in config", config(target_modules=["q_proj", "lm_head"]), "'lm_head'", "target module"),
-    case("unknown tensor", with_tensor("model.foo.weight", torch.ones(2)), "unknown tensor name",
-         "model.foo.weight"),
-    case("DoRA magnitude", with_tensor(f"base_model.model.{Q0}.lora_magnitude_vector", torch.ones(128)),
-         "lora_magnitude_vector"),
+    case("unknown tensor", with_tensor("model.foo.weight", torch.ones(2)), "unknown tensor name", "model.foo.weight"),
+    case(
+        "DoRA magnitude",
+        with_tensor(f"base_model.model.{Q0}.lora_magnitude_vector", torch.ones(128)),
+        "lora_magnitude_vector",
+    ),
     case("layer out of range", moved_to_layer_9, "layer 9", "4 layers"),
     case("missing lora_B", without(Q0_B), Q0_A, Q0_B),
     case("missing lora_A", without(Q0_A), Q0_A, Q0_B),
     case("no tensors", replaced(ADAPTER_WEIGHTS, lambda _: save_tensors({})), "no LoRA tensors"),
     case("truncated weights", replaced(ADAPTER_WEIGHTS, lambda data: data[:-100]), ADAPTER_WEIGHTS),
-    case("truncated header", replaced(ADAPTER_WEIGHTS, lambda data: data[:200]), ADAPTER_WEIGHTS,
-         "truncated"),
-    case("bad JSON", replaced(ADAPTER_CONFIG, lambda _: b'{"peft_type": "LORA",'), ADAPTER_CONFIG,
-         "not valid JSON"),
+    case("truncated header", replaced(ADAPTER_WEIGHTS, lambda data: data[:200]), ADAPTER_WEIGHTS, "truncated"),
+    case("bad JSON", replaced(ADAPTER_CONFIG, lambda _: b'{"peft_type": "LORA",'), ADAPTER_CONFIG, "not valid JSON"),
     case("not LoRA", config(peft_type="IA3"), "peft_type", "IA3"),
     case("DoRA", config(use_dora=True), "DoRA", "use_dora"),
     case("modules_to_save", config(modules_to_save=["lm_head"]), "modules_to_save"),
@@ -309,16 +313,24 @@ MALFORMED = [
     case("PiSSA", config(init_lora_weights="pissa"), "pissa"),
     case("config misses a module", config(target_modules=["q_proj"]), "does not list", "['q_proj']"),
     case("foreign fingerprint", foreign, "sha256:other", FINGERPRINT, error=IncompatibleAdapter),
-    case("pickle only", lambda f, s: {ADAPTER_CONFIG: f[ADAPTER_CONFIG], "adapter_model.bin": b"\x80\x04"},
-         "adapter_model.bin", "pickle"),
+    case(
+        "pickle only",
+        lambda f, s: {ADAPTER_CONFIG: f[ADAPTER_CONFIG], "adapter_model.bin": b"\x80\x04"},
+        "adapter_model.bin",
+        "pickle",
+    ),
     case("no config", lambda f, s: {ADAPTER_WEIGHTS: f[ADAPTER_WEIGHTS]}, ADAPTER_CONFIG, "missing"),
 ]
 
 
 @pytest.mark.parametrize(("mutate", "error", "fragments"), MALFORMED)
 def test_malformed_adapter_is_rejected_with_a_clear_message(
-        files: Files, spec: AdapterSpec, mutate: Callable[[Files, AdapterSpec], Files],
-        error: type[AdapterError], fragments: tuple[str, ...]) -> None:
+    files: Files,
+    spec: AdapterSpec,
+    mutate: Callable[[Files, AdapterSpec], Files],
+    error: type[AdapterError],
+    fragments: tuple[str, ...],
+) -> None:
     with pytest.raises(AdapterError) as caught:
         read_peft(mutate(files, spec), spec)
     assert type(caught.value) is error
@@ -327,16 +339,18 @@ def test_malformed_adapter_is_rejected_with_a_clear_message(
 
 
 def test_module_outside_the_deployments_targets_is_rejected(files: Files, spec: AdapterSpec) -> None:
-    narrow = AdapterSpec(R_MAX, ("q_proj", "v_proj"), {k: v for k, v in spec.shapes.items()
-                                                        if k.endswith(("q_proj", "v_proj"))})
+    narrow = AdapterSpec(
+        R_MAX, ("q_proj", "v_proj"), {k: v for k, v in spec.shapes.items() if k.endswith(("q_proj", "v_proj"))}
+    )
     with pytest.raises(AdapterError, match=r"(k|o|gate|up|down)_proj, which is not a target module here"):
         read_peft(files, narrow)
 
 
 def test_foreign_fingerprint_passes_when_not_checked(spec: AdapterSpec, adapter: Adapter) -> None:
     other = AdapterSpec(spec.r_max, spec.target_modules, spec.shapes, base_fingerprint="sha256:other")
-    assert read_peft(write_peft(adapter, spec), other, check_fingerprint=False).metadata["base_fingerprint"] \
-        == FINGERPRINT
+    assert (
+        read_peft(write_peft(adapter, spec), other, check_fingerprint=False).metadata["base_fingerprint"] == FINGERPRINT
+    )
 
 
 def test_size_limit(files: Files, spec: AdapterSpec, tmp_path: Path) -> None:
@@ -410,11 +424,14 @@ def _flip(data: bytearray, flips: list[tuple[int, int]]) -> bytearray:
 
 @settings(max_examples=200, deadline=None)
 @given(data=st.data())
-def test_corrupt_bytes_raise_only_adapter_error(small_blob: bytes, files: Files, spec: AdapterSpec,
-                                                data: st.DataObject) -> None:
+def test_corrupt_bytes_raise_only_adapter_error(
+    small_blob: bytes, files: Files, spec: AdapterSpec, data: st.DataObject
+) -> None:
     garbage = data.draw(corruptions(small_blob))
     config = data.draw(st.one_of(st.just(files[ADAPTER_CONFIG]), corruptions(files[ADAPTER_CONFIG])))
-    for read in (lambda: adapter_from_bytes(garbage, spec),
-                 lambda: read_peft({ADAPTER_CONFIG: config, ADAPTER_WEIGHTS: garbage}, spec)):
+    for read in (
+        lambda: adapter_from_bytes(garbage, spec),
+        lambda: read_peft({ADAPTER_CONFIG: config, ADAPTER_WEIGHTS: garbage}, spec),
+    ):
         with contextlib.suppress(AdapterError):  # anything else fails the test
             assert isinstance(read(), Adapter)

@@ -67,6 +67,11 @@ def test_engine_generates_and_trainer_trains_on_cuda_bf16(tmp_path: Path) -> Non
     start = zero_adapter(spec, 4, 8.0, generator=torch.Generator().manual_seed(3))
     events = [Delivered(0, "1-0", FeedbackEvent("t", "u", "accept", "Q: héllo?\nA: ", "wörld"))]
     model = copy.deepcopy(base.model)
-    (trained,), finite, _ = train_round(model, base.tokenizer, [UserJob("t", "u", None, start, events)],
-                                        TrainerConfig(steps=1, min_steps=1, max_steps=1), device="cuda")
+    (trained,), finite, _ = train_round(
+        model,
+        base.tokenizer,
+        [UserJob("t", "u", None, start, events)],
+        TrainerConfig(steps=1, min_steps=1, max_steps=1),
+        device="cuda",
+    )
     assert finite == [True] and any(b.abs().sum() > 0 for _, b in trained.weights.values())

@@ -23,21 +23,25 @@ def _scaled(adapter: Adapter, factor: float, alpha: float | None = None) -> Adap
     return Adapter(adapter.rank, adapter.alpha if alpha is None else alpha, weights)
 
 
-@pytest.mark.parametrize(("factor", "alpha", "dtype", "refused"), [
-    (1.0, None, torch.float32, ""),
-    (1.0, None, torch.float16, ""),
-    (1.0, None, torch.bfloat16, ""),
-    (2e4, None, torch.float32, r"lora_A\.weight has a value of magnitude"),  # |w| over MAX_WEIGHT
-    (1e30, None, torch.float32, "magnitude"),
-    (1e30, None, torch.float16, "Inf values after conversion"),
-    (1.0, 1e6, torch.float32, r"lora_alpha / r"),
-    (20.0, 16.0, torch.float32, ""),
-    (20.0, 80.0, torch.float32, "norm bound"),  # each weight and the scaling pass, their product does not
-    (6.0, None, torch.float32, ""),
-    (6.0, None, torch.float16, "norm bound.*float16"),  # fine in float32, overflows fp16 activations
-])
-def test_magnitude_bounds_in_the_served_dtype(base: BaseModel, spec: AdapterSpec, factor: float,
-                                              alpha: float | None, dtype: torch.dtype, refused: str) -> None:
+@pytest.mark.parametrize(
+    ("factor", "alpha", "dtype", "refused"),
+    [
+        (1.0, None, torch.float32, ""),
+        (1.0, None, torch.float16, ""),
+        (1.0, None, torch.bfloat16, ""),
+        (2e4, None, torch.float32, r"lora_A\.weight has a value of magnitude"),  # |w| over MAX_WEIGHT
+        (1e30, None, torch.float32, "magnitude"),
+        (1e30, None, torch.float16, "Inf values after conversion"),
+        (1.0, 1e6, torch.float32, r"lora_alpha / r"),
+        (20.0, 16.0, torch.float32, ""),
+        (20.0, 80.0, torch.float32, "norm bound"),  # each weight and the scaling pass, their product does not
+        (6.0, None, torch.float32, ""),
+        (6.0, None, torch.float16, "norm bound.*float16"),  # fine in float32, overflows fp16 activations
+    ],
+)
+def test_magnitude_bounds_in_the_served_dtype(
+    base: BaseModel, spec: AdapterSpec, factor: float, alpha: float | None, dtype: torch.dtype, refused: str
+) -> None:
     adapter = _scaled(make_adapter(base.config, 8, seed=1), factor, alpha)
     if not refused:
         check_served(adapter, dtype)

@@ -52,31 +52,36 @@ CUSTOM_RESOURCES = {
 """Kinds of third-party CRDs, not in kubernetes-validate's core schemas; vendoring their schemas would tie the
 repo to one operator release, so the named tests check the fields these manifests rely on instead."""
 
-NOT_SETTINGS = {"PERSONALIZE_S3_ACCESS_KEY": "personalize/adapters/store/s3.py",
-                "PERSONALIZE_S3_SECRET_KEY": "personalize/adapters/store/s3.py"}
+NOT_SETTINGS = {
+    "PERSONALIZE_S3_ACCESS_KEY": "personalize/adapters/store/s3.py",
+    "PERSONALIZE_S3_SECRET_KEY": "personalize/adapters/store/s3.py",
+}
 """PERSONALIZE_* variables read outside the settings table (credentials), and the file reading each."""
-ROLES = {("StatefulSet", "worker"): "worker", ("Deployment", "router"): "router",
-         ("Deployment", "trainer"): "trainer"}
+ROLES = {("StatefulSet", "worker"): "worker", ("Deployment", "router"): "router", ("Deployment", "trainer"): "trainer"}
 """The workloads running `personalize serve --role ROLE`."""
 FRONT_DOORS = {"router", "envoy"}
 """Components reachable from outside the namespace (their gRPC port only)."""
 OUTSIDE_PEERS = {"monitoring": {"metrics"}, "keda": {"redis"}}
 """Namespaces let in from outside (Prometheus scrapes; KEDA reads the feedback streams) and their ports."""
-NETWORK_ERRORS = re.compile(r"NewConnectionError|Temporary failure in name resolution|Network is unreachable|"
-                            r"Max retries exceeded|ConnectTimeout|ProxyError|No route to host|Could not fetch URL|"
-                            r"from versions: none\)")
+NETWORK_ERRORS = re.compile(
+    r"NewConnectionError|Temporary failure in name resolution|Network is unreachable|"
+    r"Max retries exceeded|ConnectTimeout|ProxyError|No route to host|Could not fetch URL|"
+    r"from versions: none\)"
+)
 """pip's output when the package index cannot be reached."""
 
 
 # ---- rendering and lookups ------------------------------------------------------------------------------
+
 
 @functools.cache
 def rendered_text(overlay: str) -> str:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl (with kustomize) is not installed, so k8s/overlays cannot be rendered; CI has it")
-    out = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, f"kubectl kustomize k8s/overlays/{overlay} failed:\n{out.stderr}"
     return out.stdout
 
@@ -161,6 +166,7 @@ def network_error(output: str) -> bool:
 
 # ---- rendering, schemas, static scan ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_into_one_namespace(overlay: str) -> None:
     objects = render(overlay)
@@ -215,18 +221,38 @@ def test_checkov_finds_nothing(checkov: Path, tmp_path: Path) -> None:
     for overlay in OVERLAYS:
         (tmp_path / f"{overlay}.yaml").write_text(rendered_text(overlay))
     shutil.copy(REPO / "Dockerfile", tmp_path / "Dockerfile")
-    out = subprocess.run([str(checkov), "--directory", str(tmp_path), "--config-file", str(K8S / ".checkov.yaml"),
-                          "--skip-download", "--output", "json"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            str(checkov),
+            "--directory",
+            str(tmp_path),
+            "--config-file",
+            str(K8S / ".checkov.yaml"),
+            "--skip-download",
+            "--output",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.stdout.strip(), f"checkov printed nothing (exit {out.returncode}):\n{out.stderr[-4000:]}"
     reports = json.loads(out.stdout)
     reports = reports if isinstance(reports, list) else [reports]  # one dict when one framework ran
     assert {r["check_type"] for r in reports} == {"kubernetes", "dockerfile"}
     results = [r["results"] for r in reports]
-    failed = [f"{c['check_id']} {c['resource']} ({c['file_path']}): {c['check_name']}"
-              for r in results for c in r["failed_checks"]]
+    failed = [
+        f"{c['check_id']} {c['resource']} ({c['file_path']}): {c['check_name']}"
+        for r in results
+        for c in r["failed_checks"]
+    ]
     assert not failed, "checkov found:\n" + "\n".join(failed)
-    unexplained = [f"{c['check_id']} {c['resource']}" for r in results for c in r.get("skipped_checks", [])
-                   if not (c["check_result"].get("suppress_comment") or "").strip()]
+    unexplained = [
+        f"{c['check_id']} {c['resource']}"
+        for r in results
+        for c in r.get("skipped_checks", [])
+        if not (c["check_result"].get("suppress_comment") or "").strip()
+    ]
     assert not unexplained, f"checkov skips without a reason: {unexplained}"
 
 
@@ -239,6 +265,7 @@ def test_every_global_checkov_skip_has_a_comment() -> None:
 
 # ---- agreement with the service's configuration ----------------------------------------------------------
 
+
 def test_credentials_read_outside_the_settings_table_are_real() -> None:
     for name, path in NOT_SETTINGS.items():
         assert name in (REPO / path).read_text(), f"{path} no longer reads {name}"
@@ -249,8 +276,9 @@ def test_credentials_read_outside_the_settings_table_are_real() -> None:
 def test_environment_names_only_real_settings_of_serve(overlay: str) -> None:
     objects = render(overlay)
     by_env = {s.env: s for s in settings.SETTINGS}
-    configs = [dict(c["data"]) for c in find(objects, "ConfigMap")
-               if c["metadata"]["name"].startswith("personalize-config")]
+    configs = [
+        dict(c["data"]) for c in find(objects, "ConfigMap") if c["metadata"]["name"].startswith("personalize-config")
+    ]
     assert configs, "no personalize-config ConfigMap"
     sources = [("personalize-config", config) for config in configs]
     sources += [(f"{label(w)} {c['name']}", env_of(objects, c)) for w, c in app_containers(objects)]
@@ -320,15 +348,19 @@ def test_ports_and_probes_are_the_configured_ports(overlay: str) -> None:
 def test_services_target_ports_their_pods_have(overlay: str) -> None:
     objects = render(overlay)
     for service in find(objects, "Service"):
-        selected = [w for w in workloads(objects)
-                    if selects(service["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])]
+        selected = [
+            w
+            for w in workloads(objects)
+            if selects(service["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])
+        ]
         assert selected, f"Service {service['metadata']['name']} selects no pods"
         for workload in selected:
             ports = {p.get("name"): p["containerPort"] for c in pod(workload)["containers"] for p in c.get("ports", [])}
             for port in service["spec"]["ports"]:
                 target = port.get("targetPort", port["port"])
-                assert target in ports or target in ports.values(), \
+                assert target in ports or target in ports.values(), (
                     f"Service {service['metadata']['name']} port {port['name']}: {label(workload)} has no {target}"
+                )
                 assert ports.get(target, target) == port["port"], "a Service port differs from its container port"
 
 
@@ -345,8 +377,10 @@ def test_workers_are_named_and_reached_by_their_pod(overlay: str) -> None:
     for name, field in (("PERSONALIZE_NODE_ID", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")):
         assert env[name]["valueFrom"]["fieldRef"]["fieldPath"] == field
     advertise = settings.BY_KEY["service.advertise"].env
-    assert env[advertise]["value"] == (f"$(PERSONALIZE_NODE_ID).{service['metadata']['name']}.$(POD_NAMESPACE)"
-                                       f".svc.cluster.local:$({settings.BY_KEY['service.port'].env})")
+    assert env[advertise]["value"] == (
+        f"$(PERSONALIZE_NODE_ID).{service['metadata']['name']}.$(POD_NAMESPACE)"
+        f".svc.cluster.local:$({settings.BY_KEY['service.port'].env})"
+    )
     for _, container in app_containers(objects):  # trainers' consumer names too
         node_id = next(v for v in container["env"] if v["name"] == "PERSONALIZE_NODE_ID")
         assert node_id["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
@@ -436,14 +470,23 @@ def test_gpus_only_in_the_gpu_overlay(overlay: str) -> None:
 
 # ---- custom resources, network policies, monitoring, Envoy ----------------------------------------------
 
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_trainers_scale_on_every_feedback_stream(overlay: str) -> None:
     """KEDA's ScaledObject (a CRD, checked here): one redis-streams trigger per partition stream key."""
     objects = render(overlay)
     scaled = one(objects, "ScaledObject", "trainer")
     spec = scaled["spec"]
-    assert set(spec) <= {"scaleTargetRef", "minReplicaCount", "maxReplicaCount", "pollingInterval",
-                         "cooldownPeriod", "triggers", "advanced", "fallback"}
+    assert set(spec) <= {
+        "scaleTargetRef",
+        "minReplicaCount",
+        "maxReplicaCount",
+        "pollingInterval",
+        "cooldownPeriod",
+        "triggers",
+        "advanced",
+        "fallback",
+    }
     assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "trainer"}
     trainer = one(objects, "Deployment", "trainer")
     assert "replicas" not in trainer["spec"], "KEDA owns the trainers' replicas"
@@ -455,7 +498,9 @@ def test_trainers_scale_on_every_feedback_stream(overlay: str) -> None:
     stream = FeedbackStream(redis.Redis(), config)  # only names keys: never connects
     expected = {
         "address": f"{registry.hostname}.{NAMESPACE}.svc.cluster.local:{registry.port or 6379}",
-        "databaseIndex": registry.path.strip("/") or "0", "consumerGroup": config.group}
+        "databaseIndex": registry.path.strip("/") or "0",
+        "consumerGroup": config.group,
+    }
     streams = []
     for trigger in spec["triggers"]:
         assert trigger["type"] == "redis-streams"
@@ -472,8 +517,11 @@ def test_service_monitor_scrapes_every_metrics_port(overlay: str) -> None:
     objects = render(overlay)
     monitor = one(objects, "ServiceMonitor", "personalize")
     assert set(monitor["spec"]) <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}
-    selected = {s["metadata"]["name"]: s for s in find(objects, "Service")
-                if selects(monitor["spec"]["selector"]["matchLabels"], s["metadata"].get("labels", {}))}
+    selected = {
+        s["metadata"]["name"]: s
+        for s in find(objects, "Service")
+        if selects(monitor["spec"]["selector"]["matchLabels"], s["metadata"].get("labels", {}))
+    }
     expected = {"worker"} if overlay == "envoy" else {"worker", "router-metrics"}
     assert set(selected) == expected
     for endpoint in monitor["spec"]["endpoints"]:
@@ -486,8 +534,10 @@ def test_service_monitor_scrapes_every_metrics_port(overlay: str) -> None:
 def test_only_the_front_door_is_reachable_from_outside(overlay: str) -> None:
     objects = render(overlay)
     policies = find(objects, "NetworkPolicy")
-    assert any(p["spec"]["podSelector"] == {} and p["spec"]["policyTypes"] == ["Ingress"]
-               and not p["spec"].get("ingress") for p in policies), "no default-deny ingress policy"
+    assert any(
+        p["spec"]["podSelector"] == {} and p["spec"]["policyTypes"] == ["Ingress"] and not p["spec"].get("ingress")
+        for p in policies
+    ), "no default-deny ingress policy"
     for workload in workloads(objects):
         labels = workload["spec"]["template"]["metadata"]["labels"]
         component = labels.get("app.kubernetes.io/component", "")
@@ -505,8 +555,9 @@ def test_only_the_front_door_is_reachable_from_outside(overlay: str) -> None:
                     assert "ipBlock" not in peer, f"{policy['metadata']['name']}: use the front door"
                     if "namespaceSelector" in peer:
                         namespace = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
-                        assert ports <= OUTSIDE_PEERS.get(namespace, set()), \
+                        assert ports <= OUTSIDE_PEERS.get(namespace, set()), (
                             f"{label(workload)}: {namespace} may not reach ports {ports}"
+                        )
         if component in FRONT_DOORS:
             assert open_ports == {"grpc"}, label(workload)
         else:
@@ -534,8 +585,9 @@ def test_grafana_dashboard_shows_every_metric_by_its_real_name() -> None:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_grafana_dashboard_ships_as_a_configmap(overlay: str) -> None:
-    (config,) = [c for c in find(render(overlay), "ConfigMap")
-                 if c["metadata"].get("labels", {}).get("grafana_dashboard")]
+    (config,) = [
+        c for c in find(render(overlay), "ConfigMap") if c["metadata"].get("labels", {}).get("grafana_dashboard")
+    ]
     (text,) = config["data"].values()
     assert json.loads(text) == json.loads((K8S / "base" / "grafana-dashboard.json").read_text())
 
@@ -555,8 +607,10 @@ def test_envoy_hashes_users_onto_the_workers() -> None:
     worker_port = value_of(env_of(objects, pod(worker)["containers"][0]), "service.port")
     (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
     address = endpoint["endpoint"]["address"]["socket_address"]
-    assert address == {"address": f"{worker['spec']['serviceName']}.{NAMESPACE}.svc.cluster.local",
-                       "port_value": worker_port}
+    assert address == {
+        "address": f"{worker['spec']['serviceName']}.{NAMESPACE}.svc.cluster.local",
+        "port_value": worker_port,
+    }
     envoy = one(objects, "Deployment", "envoy")
     ports = {p["name"]: p["containerPort"] for p in pod(envoy)["containers"][0]["ports"]}
     assert listener["address"]["socket_address"]["port_value"] == ports["grpc"]

@@ -25,12 +25,22 @@ REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 APP_UID = 10001
 """The image's non-root user; the manifests run as it (tests/unit/test_k8s.py)."""
-SOURCES = {"pyproject.toml", "setup.py", "LICENSE", "README.md", "constraints.txt", "proto/", "personalize/",
-           "service/"}
+SOURCES = {
+    "pyproject.toml",
+    "setup.py",
+    "LICENSE",
+    "README.md",
+    "constraints.txt",
+    "proto/",
+    "personalize/",
+    "service/",
+}
 """What the builder gets: the package sources alone, with the pins every install is held to."""
-NETWORK_ERRORS = re.compile(r"NewConnectionError|Temporary failure in name resolution|Network is unreachable|"
-                            r"Max retries exceeded|ConnectTimeout|ProxyError|No route to host|Could not fetch URL|"
-                            r"from versions: none\)")
+NETWORK_ERRORS = re.compile(
+    r"NewConnectionError|Temporary failure in name resolution|Network is unreachable|"
+    r"Max retries exceeded|ConnectTimeout|ProxyError|No route to host|Could not fetch URL|"
+    r"from versions: none\)"
+)
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -96,7 +106,7 @@ def test_wheel_is_built_and_installed_as_the_makefile_does() -> None:
     assert 'pip install -c /tmp/constraints.txt "$wheel[server]"' in install, "the wheel with its server extra only"
     dev_tools = {re.split(r"[<>=\[ ]", d)[0] for d in PYPROJECT["project"]["optional-dependencies"]["dev"]}
     dev_tools -= {PYPROJECT["project"]["name"]}  # dev includes the package's own server and local extras
-    runtime_installs = " ".join(runs()[runs().index("python service/protogen.py --check") + 1:])
+    runtime_installs = " ".join(runs()[runs().index("python service/protogen.py --check") + 1 :])
     assert not {tool for tool in dev_tools if re.search(rf"\b{re.escape(tool)}\b", runtime_installs)}
 
 
@@ -133,11 +143,25 @@ def test_dockerignore_sends_the_package_sources_only() -> None:
     copies = [args for op, args in instructions() if op == "COPY" and "--from" not in args]
     sources = {src for args in copies for src in args.split()[:-1]}
     assert sources == SOURCES
-    for path in ("pyproject.toml", "README.md", "proto/personalize/v1/personalize.proto", "personalize/worker.py",
-                 "service/cli/commands.py", "service/gen/personalize/v1/personalize_pb2.py"):
+    for path in (
+        "pyproject.toml",
+        "README.md",
+        "proto/personalize/v1/personalize.proto",
+        "personalize/worker.py",
+        "service/cli/commands.py",
+        "service/gen/personalize/v1/personalize_pb2.py",
+    ):
         assert _sent(path, patterns), f"{path} is not sent to the builder"
-    for path in ("tests/unit/test_k8s.py", "loadtest/locustfile.py", ".venv/bin/python", ".git/HEAD", "data/x",
-                 "k8s/base/worker.yaml", "service/__pycache__/cli.cpython-311.pyc", "Dockerfile"):
+    for path in (
+        "tests/unit/test_k8s.py",
+        "loadtest/locustfile.py",
+        ".venv/bin/python",
+        ".git/HEAD",
+        "data/x",
+        "k8s/base/worker.yaml",
+        "service/__pycache__/cli.cpython-311.pyc",
+        "Dockerfile",
+    ):
         assert not _sent(path, patterns), f"{path} is sent to the builder"
 
 

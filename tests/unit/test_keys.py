@@ -24,8 +24,23 @@ PREFIX_RE = re.compile(r"^adapters/[0-9a-f]{32}/$")
 # Any Python str, lone surrogates included (they reach us through os.fsdecode and friends).
 ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=200)
 
-HOSTILE = ["../../etc", "..", ".", "/", "/etc/passwd", "a\x00b", "x" * 10_000, "🦙👩‍👩‍👧", "", "a/b\\c",
-           "\ud800", "%2e%2e%2f", "C:\\Windows", "\n", "adapters/"]
+HOSTILE = [
+    "../../etc",
+    "..",
+    ".",
+    "/",
+    "/etc/passwd",
+    "a\x00b",
+    "x" * 10_000,
+    "🦙👩‍👩‍👧",
+    "",
+    "a/b\\c",
+    "\ud800",
+    "%2e%2e%2f",
+    "C:\\Windows",
+    "\n",
+    "adapters/",
+]
 
 
 @given(tenant=ANY_TEXT, user_id=ANY_TEXT, version=st.integers(1, MAX_VERSION))
@@ -45,12 +60,15 @@ def test_distinct_pairs_give_distinct_prefixes(a: tuple[str, str], b: tuple[str,
         assert user_prefix(*a) == user_prefix(*b)
 
 
-@pytest.mark.parametrize(("a", "b"), [
-    (("ab", "c"), ("a", "bc")),  # the length prefix keeps the boundary
-    (("", "abc"), ("abc", "")),
-    (("t", "\ud83e\udd99"), ("t", "🦙")),  # a surrogate pair is not the character it would spell
-    (("t", "u"), ("T", "u")),
-])
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (("ab", "c"), ("a", "bc")),  # the length prefix keeps the boundary
+        (("", "abc"), ("abc", "")),
+        (("t", "\ud83e\udd99"), ("t", "🦙")),  # a surrogate pair is not the character it would spell
+        (("t", "u"), ("T", "u")),
+    ],
+)
 def test_boundary_cases_do_not_collide(a: tuple[str, str], b: tuple[str, str]) -> None:
     assert user_prefix(*a) != user_prefix(*b)
 

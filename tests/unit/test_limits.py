@@ -32,23 +32,25 @@ LIMITS = Limits()
 GOOD_FILES = {"adapter_config.json": b"{}", "adapter_model.safetensors": b"x"}
 
 
-@pytest.mark.parametrize("user_id", ["a", "alice", "user-42@example.com", "é" * 128, "x" * 256, "日本語",
-                                     "a b"])
+@pytest.mark.parametrize("user_id", ["a", "alice", "user-42@example.com", "é" * 128, "x" * 256, "日本語", "a b"])
 def test_good_user_ids_pass_unchanged(user_id: str) -> None:
     assert check_user_id(user_id, LIMITS) == user_id
 
 
-@pytest.mark.parametrize(("user_id", "message"), [
-    ("", "user_id is empty"),
-    ("x" * 257, "user_id is 257 bytes; the limit is 256"),
-    ("é" * 129, "user_id is 258 bytes; the limit is 256"),
-    ("a\nb", "control character U+000A at index 1"),
-    ("\x00", "control character U+0000 at index 0"),
-    ("tab\there", "control character U+0009"),
-    ("del\x7f", "control character U+007F"),
-    ("c1\x85", "control character U+0085"),
-    ("\ud800", "not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    ("user_id", "message"),
+    [
+        ("", "user_id is empty"),
+        ("x" * 257, "user_id is 257 bytes; the limit is 256"),
+        ("é" * 129, "user_id is 258 bytes; the limit is 256"),
+        ("a\nb", "control character U+000A at index 1"),
+        ("\x00", "control character U+0000 at index 0"),
+        ("tab\there", "control character U+0009"),
+        ("del\x7f", "control character U+007F"),
+        ("c1\x85", "control character U+0085"),
+        ("\ud800", "not valid UTF-8"),
+    ],
+)
 def test_bad_user_ids_name_the_problem(user_id: str, message: str) -> None:
     with pytest.raises(InvalidArgument, match=re.escape(message)):
         check_user_id(user_id, LIMITS)
@@ -71,38 +73,48 @@ def test_user_id_accepted_iff_1_to_256_bytes_without_control_characters(user_id:
             check_user_id(user_id, LIMITS)
 
 
-@given(st.text(alphabet=st.characters(categories=["Cc"]), min_size=1, max_size=3),
-       st.text(alphabet=st.characters(exclude_categories=["Cc", "Cs"]), max_size=50))
+@given(
+    st.text(alphabet=st.characters(categories=["Cc"]), min_size=1, max_size=3),
+    st.text(alphabet=st.characters(exclude_categories=["Cc", "Cs"]), max_size=50),
+)
 def test_any_control_character_is_refused(control: str, text: str) -> None:
     with pytest.raises(InvalidArgument, match="control character"):
         check_user_id(text + control, LIMITS)
 
 
-@pytest.mark.parametrize(("check", "value", "message"), [
-    (check_prompt, "x" * (16 * 1024 + 1), "prompt is 16385 bytes; the limit is 16384 (max_prompt_bytes)"),
-    (lambda v, lim: check_feedback_text("completion", v, lim), "é" * 8193,
-     "completion is 16386 bytes; the limit is 16384 (max_feedback_text_bytes)"),
-    (check_event_key, "k" * 257, "event_key is 257 bytes; the limit is 256 (max_event_key_bytes)"),
-    (check_max_new_tokens, 513, "max_new_tokens is 513; the limit is 512"),
-    (check_max_new_tokens, -1, "max_new_tokens is -1; it must be >= 0"),
-    (check_stop, ["s"] * 17, "stop has 17 strings; the limit is 16"),
-    (check_stop, ["ok", "s" * 257], "stop[1] is 257 bytes; the limit is 256 (max_stop_bytes)"),
-])
-def test_size_limits_name_limit_and_value(check: Callable[[Any, Limits], Any], value: Any,
-                                          message: str) -> None:
+@pytest.mark.parametrize(
+    ("check", "value", "message"),
+    [
+        (check_prompt, "x" * (16 * 1024 + 1), "prompt is 16385 bytes; the limit is 16384 (max_prompt_bytes)"),
+        (
+            lambda v, lim: check_feedback_text("completion", v, lim),
+            "é" * 8193,
+            "completion is 16386 bytes; the limit is 16384 (max_feedback_text_bytes)",
+        ),
+        (check_event_key, "k" * 257, "event_key is 257 bytes; the limit is 256 (max_event_key_bytes)"),
+        (check_max_new_tokens, 513, "max_new_tokens is 513; the limit is 512"),
+        (check_max_new_tokens, -1, "max_new_tokens is -1; it must be >= 0"),
+        (check_stop, ["s"] * 17, "stop has 17 strings; the limit is 16"),
+        (check_stop, ["ok", "s" * 257], "stop[1] is 257 bytes; the limit is 256 (max_stop_bytes)"),
+    ],
+)
+def test_size_limits_name_limit_and_value(check: Callable[[Any, Limits], Any], value: Any, message: str) -> None:
     with pytest.raises(InvalidArgument, match=re.escape(message)):
         check(value, LIMITS)
 
 
-@pytest.mark.parametrize(("check", "value", "expected"), [
-    (check_prompt, "x" * 16 * 1024, "x" * 16 * 1024),
-    (check_prompt, "", ""),
-    (check_max_new_tokens, 0, 64),
-    (check_max_new_tokens, 1, 1),
-    (check_max_new_tokens, 512, 512),
-    (check_stop, ["a", "b"], ("a", "b")),
-    (check_event_key, "", ""),
-])
+@pytest.mark.parametrize(
+    ("check", "value", "expected"),
+    [
+        (check_prompt, "x" * 16 * 1024, "x" * 16 * 1024),
+        (check_prompt, "", ""),
+        (check_max_new_tokens, 0, 64),
+        (check_max_new_tokens, 1, 1),
+        (check_max_new_tokens, 512, 512),
+        (check_stop, ["a", "b"], ("a", "b")),
+        (check_event_key, "", ""),
+    ],
+)
 def test_values_within_limits_pass(check: Callable[[Any, Limits], Any], value: Any, expected: Any) -> None:
     assert check(value, LIMITS) == expected
 
@@ -114,24 +126,32 @@ def test_limits_are_configurable() -> None:
         check_user_id("abcde", small)
 
 
-@pytest.mark.parametrize(("fields", "message"), [
-    ({"max_prompt_bytes": 0}, "max_prompt_bytes must be >= 1"),
-    ({"requests_per_second": 0.0}, "requests_per_second must be > 0"),
-    ({"default_new_tokens": 600}, "default_new_tokens .600. exceeds max_new_tokens .512."),
-    ({"burst": 0}, "burst must be >= 1"),
-])
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"max_prompt_bytes": 0}, "max_prompt_bytes must be >= 1"),
+        ({"requests_per_second": 0.0}, "requests_per_second must be > 0"),
+        ({"default_new_tokens": 600}, "default_new_tokens .600. exceeds max_new_tokens .512."),
+        ({"burst": 0}, "burst must be >= 1"),
+    ],
+)
 def test_bad_limits_are_refused(fields: dict[str, float], message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         Limits(**fields)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("files", "message"), [
-    ({"adapter_config.json": b"{}"}, "missing .'adapter_model.safetensors'."),
-    ({**GOOD_FILES, "adapter_model.bin": b"pickle"}, "'adapter_model.bin'.* not accepted"),
-    ({**GOOD_FILES, "../etc/passwd": b""}, "not accepted"),
-    ({"adapter_config.json": b"{}", "adapter_model.safetensors": b"x" * 11},
-     "adapter_model.safetensors is 11 bytes; the limit is 10"),
-])
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"adapter_config.json": b"{}"}, "missing .'adapter_model.safetensors'."),
+        ({**GOOD_FILES, "adapter_model.bin": b"pickle"}, "'adapter_model.bin'.* not accepted"),
+        ({**GOOD_FILES, "../etc/passwd": b""}, "not accepted"),
+        (
+            {"adapter_config.json": b"{}", "adapter_model.safetensors": b"x" * 11},
+            "adapter_model.safetensors is 11 bytes; the limit is 10",
+        ),
+    ],
+)
 def test_import_files_are_checked(files: dict[str, bytes], message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         check_import_files(files, Limits(max_import_file_bytes=10))
@@ -163,22 +183,28 @@ class _Request:
         self.user_id = user_id
 
 
-@pytest.mark.parametrize(("metadata", "request_user", "expected"), [
-    ((), "alice", "alice"),
-    ((("x-user-id", "bob"),), "", "bob"),
-    ((("x-user-id", "bob"),), "bob", "bob"),
-    ((("other", "v"), ("x-user-id", "carol")), None, "carol"),
-])
+@pytest.mark.parametrize(
+    ("metadata", "request_user", "expected"),
+    [
+        ((), "alice", "alice"),
+        ((("x-user-id", "bob"),), "", "bob"),
+        ((("x-user-id", "bob"),), "bob", "bob"),
+        ((("other", "v"), ("x-user-id", "carol")), None, "carol"),
+    ],
+)
 def test_user_id_of_prefers_metadata(metadata: Metadata, request_user: str | None, expected: str) -> None:
     request = None if request_user is None else _Request(request_user)
     assert user_id_of(request, _Context(metadata)) == expected
 
 
-@pytest.mark.parametrize(("metadata", "request_user", "message"), [
-    ((("x-user-id", "bob"),), "alice", "differs from the request's user_id"),
-    ((), "", "user_id is empty"),
-    ((("x-user-id", "x" * 300),), "", "user_id is 300 bytes; the limit is 256"),
-])
+@pytest.mark.parametrize(
+    ("metadata", "request_user", "message"),
+    [
+        ((("x-user-id", "bob"),), "alice", "differs from the request's user_id"),
+        ((), "", "user_id is empty"),
+        ((("x-user-id", "x" * 300),), "", "user_id is 300 bytes; the limit is 256"),
+    ],
+)
 def test_user_id_of_refuses(metadata: Metadata, request_user: str, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         user_id_of(_Request(request_user), _Context(metadata))
@@ -215,8 +241,7 @@ def test_concurrency_limiter_counts_per_tenant_and_releases() -> None:
     limiter = ConcurrencyLimiter(Limits(max_concurrent_generations=2))
     with limiter.hold("a"), limiter.hold("a"):
         assert limiter.running("a") == 2
-        with pytest.raises(ResourceExhausted, match="has 2 generations running; the limit is 2"), \
-                limiter.hold("a"):
+        with pytest.raises(ResourceExhausted, match="has 2 generations running; the limit is 2"), limiter.hold("a"):
             pass
         with limiter.hold("b"):
             assert limiter.running("b") == 1

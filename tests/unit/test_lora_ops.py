@@ -9,11 +9,11 @@ from personalize.lora.ops import lora_gathered, lora_lanes, lora_reference
 
 CASES = [
     # (slots, tokens per row)
-    ([0, 1, 2, 3], 1),          # decode, all distinct
-    ([2, 2, 2, 2], 1),          # one adapter for all rows
-    ([3, -1, 3, 0, -1], 1),     # base-only rows mixed in
-    ([1, 0, 1, 2], 7),          # prefill, segments
-    ([-1, -1], 4),              # nobody has an adapter
+    ([0, 1, 2, 3], 1),  # decode, all distinct
+    ([2, 2, 2, 2], 1),  # one adapter for all rows
+    ([3, -1, 3, 0, -1], 1),  # base-only rows mixed in
+    ([1, 0, 1, 2], 7),  # prefill, segments
+    ([-1, -1], 4),  # nobody has an adapter
 ]
 
 
@@ -45,4 +45,3 @@ def test_base_only_rows_get_exact_zero() -> None:
     out = lora_gathered(x, a, b, scaling, torch.tensor([-1, 1, -1]))
     assert torch.count_nonzero(out[0]) == 0 and torch.count_nonzero(out[2]) == 0
     assert torch.count_nonzero(out[1]) > 0
-

@@ -6,10 +6,18 @@ import urllib.request
 
 from personalize_service.server.metrics import ServiceMetrics, start_metrics_server
 
-NAMES = ("personalize_requests_total", "personalize_request_seconds", "personalize_cache_hits_total",
-         "personalize_cache_misses_total", "personalize_adapter_load_seconds", "personalize_batch_occupancy",
-         "personalize_tokens_generated_total", "personalize_queue_depth", "personalize_feedback_stream_lag",
-         "personalize_train_round_seconds")
+NAMES = (
+    "personalize_requests_total",
+    "personalize_request_seconds",
+    "personalize_cache_hits_total",
+    "personalize_cache_misses_total",
+    "personalize_adapter_load_seconds",
+    "personalize_batch_occupancy",
+    "personalize_tokens_generated_total",
+    "personalize_queue_depth",
+    "personalize_feedback_stream_lag",
+    "personalize_train_round_seconds",
+)
 
 
 def test_two_servers_in_one_process_keep_separate_metrics() -> None:

@@ -27,17 +27,21 @@ def _imported_after(code: str) -> set[str]:
 
 
 def test_no_module_of_the_library_imports_grpc() -> None:
-    walk = ("import pkgutil, personalize\n"
-            "for m in pkgutil.walk_packages(personalize.__path__, 'personalize.'):\n"
-            "    __import__(m.name)")
+    walk = (
+        "import pkgutil, personalize\n"
+        "for m in pkgutil.walk_packages(personalize.__path__, 'personalize.'):\n"
+        "    __import__(m.name)"
+    )
     loaded = _imported_after(walk)
     assert "personalize" in loaded and "torch" in loaded  # the walk did import the library
     assert not loaded & {"grpc", "grpc_health", "grpc_reflection", "grpc_tools", "personalize_service"}
 
 
 def test_the_client_imports_neither_torch_nor_the_server() -> None:
-    loaded = _imported_after("import personalize_service.client, personalize_service.client.sdk\n"
-                             "from personalize_service.client import PersonalizeClient")
+    loaded = _imported_after(
+        "import personalize_service.client, personalize_service.client.sdk\n"
+        "from personalize_service.client import PersonalizeClient"
+    )
     assert "grpc" in loaded
     assert not loaded & {"torch", "transformers", "safetensors", "numpy", "redis", "minio", "prometheus_client"}
 
@@ -69,13 +73,17 @@ def _norm(name: str) -> str:
 DISTRIBUTIONS = metadata.packages_distributions()
 
 
-@pytest.mark.parametrize(("folder", "groups"), [("personalize", ["server", "local"]),
-                                                ("service", ["server", "local", "routing"])])
+@pytest.mark.parametrize(
+    ("folder", "groups"), [("personalize", ["server", "local"]), ("service", ["server", "local", "routing"])]
+)
 def test_every_imported_package_is_declared(folder: str, groups: list[str]) -> None:
     imported = _third_party_imports(REPO / folder) - {"grpc_tools"}  # protogen: `make proto` only (dev)
     declared = _declared(groups)
-    missing = {name: DISTRIBUTIONS.get(name) for name in imported
-               if not {_norm(d) for d in DISTRIBUTIONS.get(name, [name])} & declared}
+    missing = {
+        name: DISTRIBUTIONS.get(name)
+        for name in imported
+        if not {_norm(d) for d in DISTRIBUTIONS.get(name, [name])} & declared
+    }
     assert missing == {}
 
 
@@ -100,8 +108,7 @@ def test_constraints_pin_every_dependency_within_its_bound() -> None:
 def test_makefile_and_dockerfile_install_with_the_constraints() -> None:
     makefile, dockerfile = (REPO / "Makefile").read_text(), (REPO / "Dockerfile").read_text()
     installs = [line for line in makefile.splitlines() if "$(BIN)/pip install" in line]  # checkov: own venv
-    assert installs and all("pip install -q --upgrade pip" in line or "-c $(CONSTRAINTS)" in line
-                            for line in installs)
+    assert installs and all("pip install -q --upgrade pip" in line or "-c $(CONSTRAINTS)" in line for line in installs)
     docker_installs = [line for line in dockerfile.splitlines() if re.search(r"\bpip install\b", line)]
     assert docker_installs and all("-c " in line for line in docker_installs)
 

@@ -98,11 +98,14 @@ def test_draining_nodes_leave_the_ring_and_departed_channels_close() -> None:
         cluster.acquire(route_key("t", "bob"))
 
 
-@pytest.mark.parametrize(("host", "port", "advertise", "expected"), [
-    ("127.0.0.1", 5, "", "127.0.0.1:5"),
-    ("::1", 5, "", "[::1]:5"),
-    ("0.0.0.0", 5, "worker-3.workers:50051", "worker-3.workers:50051"),
-])
+@pytest.mark.parametrize(
+    ("host", "port", "advertise", "expected"),
+    [
+        ("127.0.0.1", 5, "", "127.0.0.1:5"),
+        ("::1", 5, "", "[::1]:5"),
+        ("0.0.0.0", 5, "worker-3.workers:50051", "worker-3.workers:50051"),
+    ],
+)
 def test_advertised_address(host: str, port: int, advertise: str, expected: str) -> None:
     assert advertised_address(host, port, advertise) == expected
 
@@ -112,8 +115,11 @@ def test_a_wildcard_host_advertises_the_hostname() -> None:
 
 
 def test_up_workers_get_the_resolved_settings_and_secrets_only_by_environment(tmp_path: Path) -> None:
-    values = settings.resolve(settings.UP, {"device_cache": "64MiB", "max_batch": "8"},
-                              {"PERSONALIZE_API_KEYS": "acme:s3cret", "PERSONALIZE_PORT": "1"})
+    values = settings.resolve(
+        settings.UP,
+        {"device_cache": "64MiB", "max_batch": "8"},
+        {"PERSONALIZE_API_KEYS": "acme:s3cret", "PERSONALIZE_PORT": "1"},
+    )
     store = "s3://b/p?endpoint=h:9&access_key=a&secret_key=topsecret"
     command = worker_command(values, "worker-1", "redis://h:1/0", tmp_path, 4321, "127.0.0.1:9999")
     text = " ".join(command)
@@ -134,8 +140,18 @@ def test_worker_advertise_names_one_address_per_worker() -> None:
 
 
 def test_cluster_banner_lists_the_workers(tmp_path: Path) -> None:
-    text = launcher.up_banner(50051, 0, "router", "built-in tiny model on cpu", "", "redis://h:1/0", tmp_path,
-                              "file:///x", (), workers={"worker-1": "127.0.0.1:2", "worker-0": "127.0.0.1:1"})
+    text = launcher.up_banner(
+        50051,
+        0,
+        "router",
+        "built-in tiny model on cpu",
+        "",
+        "redis://h:1/0",
+        tmp_path,
+        "file:///x",
+        (),
+        workers={"worker-1": "127.0.0.1:2", "worker-0": "127.0.0.1:1"},
+    )
     assert text.splitlines()[0] == "personalize up: serving on 127.0.0.1:50051"
     assert "over 2 workers" in text and "worker-0 127.0.0.1:1, worker-1 127.0.0.1:2" in text
     assert "workers.json" in text and "  model     built-in tiny model on cpu\n" in text

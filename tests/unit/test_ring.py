@@ -37,13 +37,19 @@ def zipf_users(n_users: int, n_requests: int, s: float = 1.1, seed: int = 0) -> 
 
 # ---- determinism --------------------------------------------------------------------------------
 
+
 def test_hashes_are_pinned() -> None:
     # A change here re-routes every user of a running cluster during a rolling upgrade: never casual.
     assert key_hash("") == 0x58143F61139CB91B
     assert key_hash(route_key("acme", "alice")) == 0x2EAEECE533052241
     assert node_points("worker-0", 2) == (13443051664704333876, 17162095641441175315)
-    assert [RING8.owner(route_key("acme", f"user-{i}")) for i in range(5)] == \
-        ["worker-7", "worker-3", "worker-2", "worker-4", "worker-0"]
+    assert [RING8.owner(route_key("acme", f"user-{i}")) for i in range(5)] == [
+        "worker-7",
+        "worker-3",
+        "worker-2",
+        "worker-4",
+        "worker-0",
+    ]
 
 
 @given(node_sets, st.lists(keys, max_size=20))
@@ -56,18 +62,28 @@ def test_separately_built_rings_agree(names: list[str], some_keys: list[str]) ->
 
 
 def test_owners_agree_across_processes_with_other_hash_seeds() -> None:
-    script = ("import json, sys; from personalize.routing.ring import Ring, route_key; "
-              "ring = Ring({f'worker-{i}': 1.0 + i % 3 for i in range(8)}); "
-              "json.dump([ring.owners(route_key('t', f'u{i}'), 3) for i in range(1000)], sys.stdout)")
+    script = (
+        "import json, sys; from personalize.routing.ring import Ring, route_key; "
+        "ring = Ring({f'worker-{i}': 1.0 + i % 3 for i in range(8)}); "
+        "json.dump([ring.owners(route_key('t', f'u{i}'), 3) for i in range(1000)], sys.stdout)"
+    )
     here = Ring({f"worker-{i}": 1.0 + i % 3 for i in range(8)})
     expected = [here.owners(route_key("t", f"u{i}"), 3) for i in range(1000)]
     for seed in ("1", "4242"):
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT,
-                             env={**os.environ, "PYTHONHASHSEED": seed}, timeout=60).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            timeout=60,
+        ).stdout
         assert json.loads(out) == expected
 
 
 # ---- route keys ---------------------------------------------------------------------------------
+
 
 @given(st.text(), st.text(), st.text(), st.text())
 def test_route_key_is_unambiguous(t1: str, u1: str, t2: str, u2: str) -> None:
@@ -82,6 +98,7 @@ def test_route_key_length_prefix() -> None:
 
 
 # ---- owners and spill order ---------------------------------------------------------------------
+
 
 @given(node_sets, keys, st.integers(1, 8))
 def test_owners_are_distinct_prefixes_of_the_spill_order(names: list[str], key: str, n: int) -> None:
@@ -120,6 +137,7 @@ def test_with_and_without_node_return_new_rings() -> None:
 
 
 # ---- membership changes move only the changed node's keys ----------------------------------------
+
 
 @settings(max_examples=50)
 @given(node_sets, node_names, st.lists(keys, min_size=1, max_size=50))
@@ -162,6 +180,7 @@ def test_weights_shift_shares_proportionally() -> None:
 
 # ---- bounded loads ------------------------------------------------------------------------------
 
+
 @given(node_sets, keys, st.lists(st.integers(0, 50), min_size=6, max_size=6), st.sampled_from([0.0, 0.1, 0.25, 1.0]))
 def test_pick_takes_the_first_node_with_room(names: list[str], key: str, raw_loads: list[int], eps: float) -> None:
     ring = Ring(names)
@@ -169,10 +188,12 @@ def test_pick_takes_the_first_node_with_room(names: list[str], key: str, raw_loa
     total = sum(loads.values())
     chosen = ring.pick(key, loads, eps)
     order = ring.owners(key)
+
     def room(n: str) -> bool:
         return loads.get(n, 0) + 1 <= load_bound(total, ring.nodes[n], ring.total_weight, eps)
+
     assert room(chosen)
-    assert not any(room(n) for n in order[:order.index(chosen)])
+    assert not any(room(n) for n in order[: order.index(chosen)])
     assert ring.pick_ranked(key, loads, eps, total_load=total) == (chosen, order.index(chosen))
 
 

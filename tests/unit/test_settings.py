@@ -21,17 +21,44 @@ from personalize_service.server.limits import Limits
 from personalize_service.server.router import RouterConfig
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-NOT_FIELDS = {"service.api_keys": "", "service.api_keys_file": "", "workers": 1, "worker_restarts": 10,
-              "worker_advertise": "", "http_port": 8000, "gateway_target": "127.0.0.1:50051"}
+NOT_FIELDS = {
+    "service.api_keys": "",
+    "service.api_keys_file": "",
+    "workers": 1,
+    "worker_restarts": 10,
+    "worker_advertise": "",
+    "http_port": 8000,
+    "gateway_target": "127.0.0.1:50051",
+}
 """Settings that are not one dataclass field (API keys become ServiceConfig.api_keys; the worker_* are up's)."""
-UNEXPOSED = {"model.seed", "lora.target_modules", "engine.max_prefill_tokens",
-             "limits.max_stop_strings", "limits.max_stop_bytes", "limits.max_feedback_text_bytes",
-             "limits.max_event_key_bytes", "limits.max_user_id_bytes", "service.limits",
-             "feedback.namespace", "feedback.group", "feedback.idempotency_ttl_s", "feedback.max_len",
-             "feedback.max_dead_letters",
-             "trainer.alpha", "trainer.lr_ratio_b", "trainer.max_tokens", "trainer.beta", "trainer.grad_clip",
-             "trainer.max_attempts", "trainer.block_ms", "trainer.replay", "trainer.lora_dropout",
-             "trainer.weight_decay", "trainer.replay_per_event", "trainer.linger_ms"}
+UNEXPOSED = {
+    "model.seed",
+    "lora.target_modules",
+    "engine.max_prefill_tokens",
+    "limits.max_stop_strings",
+    "limits.max_stop_bytes",
+    "limits.max_feedback_text_bytes",
+    "limits.max_event_key_bytes",
+    "limits.max_user_id_bytes",
+    "service.limits",
+    "feedback.namespace",
+    "feedback.group",
+    "feedback.idempotency_ttl_s",
+    "feedback.max_len",
+    "feedback.max_dead_letters",
+    "trainer.alpha",
+    "trainer.lr_ratio_b",
+    "trainer.max_tokens",
+    "trainer.beta",
+    "trainer.grad_clip",
+    "trainer.max_attempts",
+    "trainer.block_ms",
+    "trainer.replay",
+    "trainer.lora_dropout",
+    "trainer.weight_decay",
+    "trainer.replay_per_event",
+    "trainer.linger_ms",
+}
 """Dataclass fields deliberately left at their defaults (no flag): changing them needs code review."""
 ROOTS: dict[str, Any] = {"": Config(), "service.": ServiceConfig(), "router.": RouterConfig(), "limits.": Limits()}
 
@@ -46,6 +73,7 @@ def _default_of(key: str) -> Any:
 
 def _field_keys() -> set[str]:
     """Dotted keys of every leaf field of the config roots (nested config dataclasses expanded)."""
+
     def leaves(obj: Any, prefix: str) -> set[str]:
         keys = set()
         for field in dataclasses.fields(obj):
@@ -81,8 +109,18 @@ def test_readme_documents_the_table() -> None:
     assert settings.markdown_table() in README.read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize(("text", "size"), [("0", 0), ("1234", 1234), ("64KiB", 65536), ("512MiB", 512 * 2**20),
-                                            ("8GiB", 8 * 2**30), (" 2 TiB ", 2 * 2**40), ("7B", 7)])
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("0", 0),
+        ("1234", 1234),
+        ("64KiB", 65536),
+        ("512MiB", 512 * 2**20),
+        ("8GiB", 8 * 2**30),
+        (" 2 TiB ", 2 * 2**40),
+        ("7B", 7),
+    ],
+)
 def test_sizes_parse(text: str, size: int) -> None:
     assert parse_size(text) == size
 
@@ -100,8 +138,9 @@ def _write(tmp_path: Path, name: str, text: str) -> str:
 
 
 def test_precedence_is_flag_then_env_then_file_then_default(tmp_path: Path) -> None:
-    file = _write(tmp_path, "c.toml", 'node_id = "from-file"\ndata_dir = "/file"\n[service]\nport = 1\n'
-                  'metrics_port = 9\n')
+    file = _write(
+        tmp_path, "c.toml", 'node_id = "from-file"\ndata_dir = "/file"\n[service]\nport = 1\nmetrics_port = 9\n'
+    )
     env = {"PERSONALIZE_PORT": "2", "PERSONALIZE_METRICS_PORT": "8", "PERSONALIZE_NODE_ID": "from-env"}
     values = resolve(settings.SERVE, {"port": "3"}, env, file)
     assert values["service.port"] == 3  # flag
@@ -120,17 +159,21 @@ def test_empty_env_var_counts_as_unset() -> None:
     assert resolve(settings.UP, {}, {"PERSONALIZE_PORT": ""})["service.port"] == 50051
 
 
-@pytest.mark.parametrize(("flags", "env", "file_text", "message"), [
-    ({"port": "http"}, {}, None, "--port: 'http' is not an integer"),
-    ({}, {"PERSONALIZE_MAX_BATCH": "lots"}, None, "PERSONALIZE_MAX_BATCH (environment): 'lots' is not an integer"),
-    ({}, {"PERSONALIZE_DEVICE_CACHE": "1.5G"}, None, "'1.5G' is not a size"),
-    ({}, {}, '{"modle": {"path": "x"}}', "unknown settings ['modle.path']"),
-    ({}, {}, '{"service": {"port": true}}', "service.port in"),
-    ({}, {}, "[1, 2]", "top level must be an object"),
-    ({}, {}, "{not json", "not valid JSON"),
-])
-def test_malformed_values_name_their_source(tmp_path: Path, flags: dict[str, str], env: dict[str, str],
-                                            file_text: str | None, message: str) -> None:
+@pytest.mark.parametrize(
+    ("flags", "env", "file_text", "message"),
+    [
+        ({"port": "http"}, {}, None, "--port: 'http' is not an integer"),
+        ({}, {"PERSONALIZE_MAX_BATCH": "lots"}, None, "PERSONALIZE_MAX_BATCH (environment): 'lots' is not an integer"),
+        ({}, {"PERSONALIZE_DEVICE_CACHE": "1.5G"}, None, "'1.5G' is not a size"),
+        ({}, {}, '{"modle": {"path": "x"}}', "unknown settings ['modle.path']"),
+        ({}, {}, '{"service": {"port": true}}', "service.port in"),
+        ({}, {}, "[1, 2]", "top level must be an object"),
+        ({}, {}, "{not json", "not valid JSON"),
+    ],
+)
+def test_malformed_values_name_their_source(
+    tmp_path: Path, flags: dict[str, str], env: dict[str, str], file_text: str | None, message: str
+) -> None:
     file = _write(tmp_path, "c.json", file_text) if file_text is not None else None
     with pytest.raises(SettingsError) as raised:
         resolve(settings.SERVE, flags, env, file)
@@ -146,8 +189,17 @@ def test_serve_only_settings_are_unknown_to_up(tmp_path: Path) -> None:
 
 def test_build_makes_the_config_objects(tmp_path: Path) -> None:
     env = {"PERSONALIZE_API_KEYS": "acme:k1,globex:k2", "PERSONALIZE_MAX_RANK": "8", "PERSONALIZE_RATE": "5"}
-    values = resolve(settings.SERVE, {"registry_url": "redis://r:6379/0", "max_batch": "4", "namespace": "acme-prod",
-                                         "bucket_bits": "12", "registry_cluster": "true"}, env)
+    values = resolve(
+        settings.SERVE,
+        {
+            "registry_url": "redis://r:6379/0",
+            "max_batch": "4",
+            "namespace": "acme-prod",
+            "bucket_bits": "12",
+            "registry_cluster": "true",
+        },
+        env,
+    )
     resolved = build(values)
     assert resolved.config.registry == RegistryConfig("redis://r:6379/0", "acme-prod", 12, cluster=True)
     assert resolved.config.feedback.namespace == "acme-prod"  # one namespace for registry and stream
@@ -163,22 +215,33 @@ def test_api_keys_from_a_file_or_inline_but_not_both(tmp_path: Path) -> None:
         build(resolve(settings.UP, {"api_keys_file": keys}, {"PERSONALIZE_API_KEYS": "b:k2"}))
 
 
-@pytest.mark.parametrize(("flags", "message"), [({"dtype": "int8"}, "dtype"), ({"max_rank": "0"}, "r_max"),
-                                                ({"port": "70000"}, "ports"), ({"grace_s": "-1"}, "grace_s")])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"dtype": "int8"}, "dtype"),
+        ({"max_rank": "0"}, "r_max"),
+        ({"port": "70000"}, "ports"),
+        ({"grace_s": "-1"}, "grace_s"),
+    ],
+)
 def test_the_library_checks_the_built_values(flags: dict[str, str], message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         build(resolve(settings.UP, flags, {}))
 
 
-@pytest.mark.parametrize(("flags", "env", "file_text", "expected"), [
-    ({}, {}, None, False),
-    ({"degrade_to_base": "true"}, {}, None, True),
-    ({}, {"PERSONALIZE_DEGRADE_TO_BASE": "yes"}, None, True),
-    ({"degrade_to_base": "off"}, {"PERSONALIZE_DEGRADE_TO_BASE": "1"}, None, False),
-    ({}, {}, '{"degrade_to_base": true}', True),
-])
-def test_degrade_to_base_is_a_boolean_setting(tmp_path: Path, flags: dict[str, str], env: dict[str, str],
-                                              file_text: str | None, expected: bool) -> None:
+@pytest.mark.parametrize(
+    ("flags", "env", "file_text", "expected"),
+    [
+        ({}, {}, None, False),
+        ({"degrade_to_base": "true"}, {}, None, True),
+        ({}, {"PERSONALIZE_DEGRADE_TO_BASE": "yes"}, None, True),
+        ({"degrade_to_base": "off"}, {"PERSONALIZE_DEGRADE_TO_BASE": "1"}, None, False),
+        ({}, {}, '{"degrade_to_base": true}', True),
+    ],
+)
+def test_degrade_to_base_is_a_boolean_setting(
+    tmp_path: Path, flags: dict[str, str], env: dict[str, str], file_text: str | None, expected: bool
+) -> None:
     file = _write(tmp_path, "c.json", file_text) if file_text is not None else None
     assert build(resolve(settings.UP, flags, env, file)).config.degrade_to_base is expected
 

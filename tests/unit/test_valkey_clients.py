@@ -20,8 +20,9 @@ def _registry_client(url: str) -> Any:
     return open_registry(RegistryConfig(url))._client
 
 
-@pytest.mark.parametrize("make", [redis_client, membership_client, _registry_client],
-                         ids=["stream", "membership", "registry"])
+@pytest.mark.parametrize(
+    "make", [redis_client, membership_client, _registry_client], ids=["stream", "membership", "registry"]
+)
 def test_a_client_pool_holds_every_handler_thread(make: Callable[[str], Any]) -> None:
     client = make(URL)
     try:

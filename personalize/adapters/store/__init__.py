@@ -1,7 +1,7 @@
 """Object stores for adapter versions: `open_store(url)` picks the backend by URL scheme.
 
-    file:///abs/path                         FileStore (local disk, NFS)
-    s3://bucket/prefix?endpoint=host:port    S3Store (MinIO, SeaweedFS, AWS S3)
+file:///abs/path                         FileStore (local disk, NFS)
+s3://bucket/prefix?endpoint=host:port    S3Store (MinIO, SeaweedFS, AWS S3)
 """
 
 from __future__ import annotations
@@ -41,5 +41,6 @@ def open_store(url: str) -> ObjectStore:
         return FileStore(unquote(parts.path))
     if scheme == "s3":
         return S3Store(S3Config.from_url(url))
-    raise InvalidArgument(f"unknown object store URL {url!r:.100}: use file:///abs/path or "
-                          "s3://bucket/prefix?endpoint=host:port")
+    raise InvalidArgument(
+        f"unknown object store URL {url!r:.100}: use file:///abs/path or s3://bucket/prefix?endpoint=host:port"
+    )

@@ -47,8 +47,9 @@ def verify(key: str, data: bytes, checksum: str | None) -> bytes:
 def check_key(key: str) -> str:
     """Return `key` if it is a valid object key, else raise InvalidArgument."""
     if not isinstance(key, str) or len(key) > MAX_KEY_LENGTH or not _KEY_RE.match(key):
-        raise InvalidArgument(f"invalid object key {key!r:.120}: use '/'-joined segments of [A-Za-z0-9._-] "
-                              "not starting with '.'")
+        raise InvalidArgument(
+            f"invalid object key {key!r:.120}: use '/'-joined segments of [A-Za-z0-9._-] not starting with '.'"
+        )
     return key
 
 

@@ -86,8 +86,9 @@ class FileStore(ObjectStore):
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 rel = os.path.relpath(dirpath, self._root)
                 base = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-                keys.extend(base + name for name in filenames
-                            if not name.startswith(".") and (base + name).startswith(prefix))
+                keys.extend(
+                    base + name for name in filenames if not name.startswith(".") and (base + name).startswith(prefix)
+                )
         return sorted(keys)
 
     def _path(self, key: str) -> Path:

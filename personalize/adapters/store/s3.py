@@ -65,8 +65,7 @@ class S3Config:
         if not self.bucket:
             raise InvalidArgument("s3 store needs a bucket: s3://BUCKET/optional/prefix")
         if self.prefix and (not self.prefix.endswith("/") or check_prefix(self.prefix) != self.prefix):
-            raise InvalidArgument(f"s3 key prefix must be '/'-joined segments ending in '/', "
-                                  f"got {self.prefix!r}")
+            raise InvalidArgument(f"s3 key prefix must be '/'-joined segments ending in '/', got {self.prefix!r}")
         if (self.access_key is None) != (self.secret_key is None):
             raise InvalidArgument("s3 store needs both access_key and secret_key, or neither")
         if self.timeout_s <= 0:
@@ -82,8 +81,7 @@ class S3Config:
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         unknown = set(query) - _QUERY_KEYS
         if unknown:
-            raise InvalidArgument(f"unknown s3 URL parameter(s) {sorted(unknown)}; "
-                                  f"known: {sorted(_QUERY_KEYS)}")
+            raise InvalidArgument(f"unknown s3 URL parameter(s) {sorted(unknown)}; known: {sorted(_QUERY_KEYS)}")
         secure = query.get("secure", "true").lower()
         if secure not in ("true", "false", "1", "0", "yes", "no"):
             raise InvalidArgument(f"s3 URL parameter secure must be true or false, got {secure!r}")
@@ -121,8 +119,14 @@ class S3Store(ObjectStore):
             retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
         )
         try:
-            self._client = Minio(config.endpoint, access_key=config.access_key, secret_key=config.secret_key,
-                                 secure=config.secure, region=config.region, http_client=http)
+            self._client = Minio(
+                config.endpoint,
+                access_key=config.access_key,
+                secret_key=config.secret_key,
+                secure=config.secure,
+                region=config.region,
+                http_client=http,
+            )
         except ValueError as exc:
             raise InvalidArgument(f"bad s3 store settings for {config.url()}: {exc}") from exc
         self._bucket_ready = False
@@ -136,9 +140,17 @@ class S3Store(ObjectStore):
         name = self._name(key)
         checksum = checksum_of(data)
         self._ensure_bucket()
-        self._call(key, lambda: self._client.put_object(
-            self.config.bucket, name, io.BytesIO(data), len(data),
-            content_type="application/octet-stream", metadata={CHECKSUM_HEADER: checksum}))
+        self._call(
+            key,
+            lambda: self._client.put_object(
+                self.config.bucket,
+                name,
+                io.BytesIO(data),
+                len(data),
+                content_type="application/octet-stream",
+                metadata={CHECKSUM_HEADER: checksum},
+            ),
+        )
         return checksum
 
     def get(self, key: str, checksum: str | None = None) -> bytes:
@@ -187,11 +199,10 @@ class S3Store(ObjectStore):
             return list(self._client.remove_objects(self.config.bucket, batch))
 
         for start in range(0, len(keys), _DELETE_BATCH):
-            batch = [DeleteObject(self.config.prefix + k) for k in keys[start:start + _DELETE_BATCH]]
+            batch = [DeleteObject(self.config.prefix + k) for k in keys[start : start + _DELETE_BATCH]]
             errors = self._call(prefix, functools.partial(remove, batch))
             if errors:
-                raise Unavailable(f"s3 could not delete {len(errors)} object(s) under {prefix!r}: "
-                                  f"{errors[0]}")
+                raise Unavailable(f"s3 could not delete {len(errors)} object(s) under {prefix!r}: {errors[0]}")
         return len(keys)
 
     def list(self, prefix: str) -> list[str]:
@@ -227,7 +238,9 @@ class S3Store(ObjectStore):
                     self._call(bucket, lambda: self._client.make_bucket(bucket, location=self.config.region))
                 except Unavailable as exc:
                     if not isinstance(exc.__cause__, S3Error) or exc.__cause__.code not in (
-                            "BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        "BucketAlreadyOwnedByYou",
+                        "BucketAlreadyExists",
+                    ):
                         raise
             self._bucket_ready = True
 
@@ -238,8 +251,7 @@ class S3Store(ObjectStore):
         except S3Error as exc:
             if exc.code in _MISSING:
                 raise NotFound(f"object {what!r} not found in {self.url}") from exc
-            raise Unavailable(f"s3 {self.url} refused a request for {what!r}: "
-                              f"{exc.code}: {exc.message}") from exc
+            raise Unavailable(f"s3 {self.url} refused a request for {what!r}: {exc.code}: {exc.message}") from exc
         except ValueError as exc:  # the client validates names and arguments before sending
             raise InvalidArgument(f"s3 {self.url} rejected {what!r}: {exc}") from exc
         except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
