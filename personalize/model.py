@@ -14,7 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    ByT5Tokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from personalize.checkpoint import checkpoint_fingerprint, eos_ids, read_config, resolve
 from personalize.engine.llama import read_family
@@ -107,9 +117,9 @@ def build_random_llama(
 class BaseModel:
     """A loaded base model with its tokenizer and fingerprint."""
 
-    model: Any
+    model: PreTrainedModel
     """The transformers causal-LM module (eval mode, no grad)."""
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     fingerprint: str
     """sha256 over config and stored weights (not the serving dtype): adapters record it and serving
     refuses a mismatch."""
@@ -118,7 +128,7 @@ class BaseModel:
     """Every token id that ends generation (generation_config.json's list, config's, the tokenizer's)."""
 
     @property
-    def config(self) -> Any:
+    def config(self) -> PretrainedConfig:
         return self.model.config
 
     @property

@@ -36,7 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 from personalize.adapters.lru import FREED, ByteLRU, SlotTable
 from personalize.adapters.store.base import checksum_of
@@ -81,6 +81,17 @@ Parse = Callable[[bytes], Adapter]
 
 _BITS = {DEVICE: 1, HOST: 2, DISK: 4}  # which tiers hold a (version, checksum), in the per-user index
 _LOADING, _DONE, _FAILED = 0, 1, 2
+
+
+class CacheStats(TypedDict):
+    """`AdapterCache.stats()`: each field maps a tier name (DEVICE, HOST, DISK; STORE in hits/misses) to a count."""
+
+    resident: dict[str, int]
+    """Adapters held per tier."""
+    bytes: dict[str, int]
+    """Bytes held per tier (device: occupied slots times the slot size)."""
+    hits: dict[str, int]
+    misses: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -385,7 +396,7 @@ class AdapterCache:
             versions = self._index.get((tenant, user_id))
             return max(version for version, _ in versions) if versions else None
 
-    def stats(self) -> dict[str, dict[str, int]]:
+    def stats(self) -> CacheStats:
         """Counters: `resident` and `bytes` per tier holding adapters, `hits` and `misses` per tier.
 
         Device hits/misses count acquires; host/disk/store ones count loads (waiters share one load)."""
@@ -393,12 +404,12 @@ class AdapterCache:
             hits = {**self._hits, DEVICE: self._device_hits}
             misses = {**self._misses, DEVICE: self._device_misses}
             occupied = self._slots.occupied
-            return {
-                "resident": {DEVICE: occupied, HOST: len(self._host), DISK: len(self._disk_lru)},
-                "bytes": {DEVICE: occupied * self._slot_nbytes, HOST: self._host.nbytes, DISK: self._disk_lru.nbytes},
-                "hits": hits,
-                "misses": misses,
-            }
+            return CacheStats(
+                resident={DEVICE: occupied, HOST: len(self._host), DISK: len(self._disk_lru)},
+                bytes={DEVICE: occupied * self._slot_nbytes, HOST: self._host.nbytes, DISK: self._disk_lru.nbytes},
+                hits=hits,
+                misses=misses,
+            )
 
     def take_load_samples(self) -> list[tuple[str, float]]:
         """(tier the load came from, seconds) of each load finished since the last call (at most 4096)."""

@@ -20,7 +20,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,6 +36,9 @@ from personalize.errors import (
     ResourceExhausted,
 )
 from personalize.lora.slots import SlotPool
+
+if TYPE_CHECKING:
+    from personalize.model import BaseModel
 
 log = logging.getLogger(__name__)
 _DONE = object()
@@ -118,7 +121,7 @@ class RequestHandle:
 class Engine:
     """Continuous-batching generator over one base model and a pool of device slots."""
 
-    def __init__(self, base: Any, config: EngineConfig, pool: SlotPool | None = None) -> None:
+    def __init__(self, base: BaseModel, config: EngineConfig, pool: SlotPool | None = None) -> None:
         self.base = base
         self.config = config
         self.tokenizer = base.tokenizer

@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,6 +38,9 @@ from personalize.feedback.stream import Delivered, FeedbackStream
 from personalize.lora.adapter import Adapter
 from personalize.lora.format import zero_adapter
 from personalize.lora.layers import eject, inject, use_slots
+
+if TYPE_CHECKING:
+    from personalize.model import BaseModel
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +299,7 @@ class Trainer:
     def __init__(
         self,
         config: TrainerConfig,
-        base: Any,
+        base: BaseModel,
         repo: AdapterRepository,
         stream: FeedbackStream,
         consumer: str,
