@@ -5,17 +5,21 @@ added_ms_p50    p50 of a one-token /v1/completions through the edge minus p50 of
 ttft            streaming time to first token: the first SSE text chunk of a streamed /v1/completions against
                 the first piece of GenerateStream (p50 each, interleaved); ratio = http / grpc, target <= 1.10.
 
-Both against one `personalize up` (the built-in tiny model, one worker, the edge on a free --http-port),
-clients in this process (httpx with keep-alive; the SDK on one channel).
+Both against one `personalize up` (the built-in tiny model, one worker). The edge measured is `personalize
+serve --role gateway` in its own process routing on up's registry, as deployed (--in-up: up's own edge, which
+shares the worker's process and GIL). Clients in this process: httpx with keep-alive, the SDK on one channel.
 
-    python loadtest/bench_http.py [--quick] [--requests 300] [--json loadtest/results/bench_http.json]
+    python loadtest/bench_http.py [--quick] [--in-up] [--requests 300] [--json loadtest/results/bench_http.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,8 +31,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loadtest.loadtest_run import Server, launch_up, wait_serving
+from loadtest.loadtest_run import Server, launch_up, server_env, wait_serving
 from personalize_service.client import PersonalizeClient
+from personalize_service.net import find_free_port
 
 TARGETS: dict[str, tuple[str, float]] = {"added_ms_p50": ("<=", 1.0), "ttft.ratio": ("<=", 1.10)}
 PROMPT = "The quick brown fox"
@@ -59,6 +64,24 @@ def _grpc_first_token(sdk: PersonalizeClient, max_tokens: int) -> float:
             if not first:
                 first = (time.perf_counter() - started) * 1000.0
     return first
+
+
+def start_gateway(up_log: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`serve --role gateway` on a free port over the ring of up's embedded Valkey; (process, its URL)."""
+    registry = re.search(rb"embedded Valkey (redis://\S+)", up_log.read_bytes())
+    assert registry, f"no registry URL in {up_log}"
+    port = find_free_port()
+    command = [sys.executable, "-m", "personalize_service.cli", "serve", "--role", "gateway", "--http-port", str(port)]
+    command += ["--registry-url", registry[1].decode(), "--data-dir", str(log_path.parent)]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_env())
+    deadline = time.monotonic() + 60
+    while b"gateway serving on" not in log_path.read_bytes():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"the gateway did not start: {log_path.read_text()[-2000:]}")
+        time.sleep(0.1)
+    return process, f"http://127.0.0.1:{port}"
 
 
 def measure(server: Server, requests: int) -> dict[str, Any]:
@@ -124,16 +147,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="100 requests per path")
     ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--in-up", action="store_true", help="measure up's own edge (in the worker's process)")
     ap.add_argument("--json", type=Path, default=None, help="write the result here")
     args = ap.parse_args(argv)
     requests = 100 if args.quick else args.requests
     with tempfile.TemporaryDirectory(prefix="personalize-bench-http-") as tmp:
         server = launch_up(Path(tmp) / "data", Path(tmp) / "up.log", 1, [])
         assert server is not None, "personalize up refused to start"
+        gateway = None
         try:
             wait_serving(server.target, time.monotonic() + 300)
+            if not args.in_up:
+                gateway, url = start_gateway(Path(tmp) / "up.log", Path(tmp) / "gateway.log")
+                server = dataclasses.replace(server, http_url=url)
             result = measure(server, requests)
+            result["edge"] = "up's own" if args.in_up else "serve --role gateway"
         finally:
+            if gateway is not None:
+                gateway.terminate()
+                gateway.wait(30)
             server.stop()
     met = verdicts(result)
     result["targets_met"] = met
