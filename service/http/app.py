@@ -9,6 +9,7 @@ service/http/adapters.py; the body limit and /metrics are service/http/middlewar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import grpc
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -59,6 +61,17 @@ class Caller:
     tenant: str | None = None
 
 
+BLOCKING_THREADS = 256
+"""Threads for the blocking SDK calls (anyio's default is 40): each unary call and each stream waiting for
+its next piece holds one, so this bounds the calls in flight through one edge process."""
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
+    anyio.to_thread.current_default_thread_limiter().total_tokens = BLOCKING_THREADS
+    yield
+
+
 def _body_limit(path: str) -> int:
     return MAX_IMPORT_BYTES if path.endswith("/adapter/import") else MAX_BODY_BYTES
 
@@ -75,7 +88,7 @@ def create_app(
     """The app; `client_for(api_key)` gives the Caller of that key (None = no key). With `completions`
     (and a known tenant) every completion is remembered, and feedback may name it by `completion_id`.
     `probe()` is the client /readyz asks (default: the keyless caller's)."""
-    app = FastAPI(title="personalize (OpenAI-compatible)", docs_url=None, redoc_url=None)
+    app = FastAPI(title="personalize (OpenAI-compatible)", docs_url=None, redoc_url=None, lifespan=_lifespan)
     metrics = app.state.metrics = metrics or HttpMetrics()
 
     install_error_handlers(app)

@@ -37,20 +37,13 @@ class HttpMetrics:
         self.requests = Counter(
             f"{PREFIX}_requests_total", "HTTP requests finished", ["route", "status"], registry=self.registry
         )
-        self.latency = Histogram(
-            f"{PREFIX}_request_seconds",
-            "HTTP request latency until the last byte",
-            ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+        self.latency = self._per_route("request_seconds", "HTTP request latency until the last byte")
+        self.ttft = self._per_route(
+            "time_to_first_token_seconds", "streaming: request start until the first token chunk is sent"
         )
-        self.ttft = Histogram(
-            f"{PREFIX}_time_to_first_token_seconds",
-            "streaming: request start until the first token chunk is sent",
-            ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+
+    def _per_route(self, name: str, doc: str) -> Histogram:
+        return Histogram(f"{PREFIX}_{name}", doc, ["route"], buckets=_LATENCY_BUCKETS, registry=self.registry)
 
 
 def _route_of(scope: Scope) -> str:

@@ -123,7 +123,7 @@ def serve_http(config: GatewayConfig, host: str, port: int, model_name: str, fin
         else None
     )
     app = create_app(clients, model_name, fingerprint, completions=completions, probe=clients.probe)
-    uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+    uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
     server = uvicorn.Server(uvicorn_config)
     thread = threading.Thread(target=server.run, name="http-edge", daemon=True)
     thread.start()

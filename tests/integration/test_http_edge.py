@@ -97,3 +97,14 @@ def test_a_chunked_body_over_the_limit_is_413(dead: TestClient) -> None:
 def test_a_chat_message_without_content_is_400_naming_it(dead: TestClient) -> None:
     reply = dead.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a"}, {"role": "user"}]})
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages.1.content"
+
+
+def test_the_edge_runs_blocking_calls_on_more_threads_than_anyios_default(dead: TestClient) -> None:
+    import anyio
+
+    from personalize_service.http.app import BLOCKING_THREADS
+
+    async def tokens() -> float:
+        return anyio.to_thread.current_default_thread_limiter().total_tokens
+
+    assert dead.portal is not None and dead.portal.call(tokens) == BLOCKING_THREADS > 40
