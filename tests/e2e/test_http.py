@@ -19,8 +19,11 @@ import openai
 import pytest
 
 from personalize.model import BaseModel
+from personalize.routing.ring import route_key
 from personalize_service.client import PersonalizeClient
+from personalize_service.client.routing import RoutingClient
 from personalize_service.net import find_free_port
+from personalize_service.server.auth import DEFAULT_TENANT
 from tests.e2e.upserver import UpServer, adapter_files, greedy_reference, make_peft_adapter, start_up
 
 KEY = "sk-test-alpha"
@@ -356,3 +359,50 @@ def test_200_concurrent_requests_succeed_or_are_rate_limited(up: tuple[UpServer,
             assert reply.headers["retry-after"] and reply.json()["error"]["type"] == "rate_limit_error"
         else:
             assert reply.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_with_two_workers_each_user_lands_on_its_ring_owner_without_the_router(tmp_path: Path) -> None:
+    """`personalize up --workers 2`: the edge routes itself (the SDK's routing client over the workers'
+    heartbeats), so every call lands on the user's ring owner and the router forwards none of them."""
+    metrics_port = find_free_port()
+    server = start_up(
+        tmp_path / "data",
+        tmp_path / "up.log",
+        "--workers",
+        "2",
+        "--http-port",
+        str(find_free_port()),
+        "--metrics-port",
+        str(metrics_port),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while (found := HTTP_RE.search(server.log())) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert found, server.log()[-2000:]
+        registry = re.search(r"embedded Valkey (redis://\S+)", server.log())
+        assert registry, server.log()[-2000:]
+        with RoutingClient(registry[1], timeout=30) as ring_view:
+            ring = ring_view.cluster.ring()
+            assert sorted(ring.nodes) == ["worker-0", "worker-1"]
+            landed = {}
+            for i in range(12):
+                user = f"http-ring-{i}"
+                raw = httpx.post(
+                    f"http://127.0.0.1:{found[1]}/v1/completions",
+                    json={"prompt": "Hi", "max_tokens": 1, "user": user},
+                    timeout=120,
+                )
+                assert raw.status_code == 200, raw.text
+                landed[user] = raw.headers["x-personalize-node"]
+                assert landed[user] == ring.owner(route_key(DEFAULT_TENANT, user)), user
+        assert set(landed.values()) == {"worker-0", "worker-1"}
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        forwarded = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("personalize_router_forwarded_total{") and 'rpc="Generate"' in line
+        ]
+        assert sum(forwarded) == 0  # no call took the router hop
+    finally:
+        assert server.stop() == 0, server.log()[-4000:]
