@@ -24,11 +24,18 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
+from personalize import errors
 from personalize.completions import CompletionLog, Remembered, new_completion_id
 from personalize_service.client import PersonalizeClient, PersonalizeClientError
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.http.adapters import MAX_IMPORT_BYTES, install_adapter_routes
-from personalize_service.http.errors import ApiError, error_body, install_error_handlers, status_of_error
+from personalize_service.http.errors import (
+    ApiError,
+    as_client_error,
+    error_body,
+    install_error_handlers,
+    status_of_error,
+)
 from personalize_service.http.middleware import TTFT_KEY, BodyLimit, HttpMetrics, MetricsMiddleware
 from personalize_service.http.models import ChatCompletionRequest, ChatMessage, CompletionRequest, FeedbackBody
 
@@ -326,14 +333,15 @@ async def _sse(
                     timing.first_token()
                 texts.append(text)
                 yield chunk(piece(text, None))
-        except PersonalizeClientError as exc:
-            _, type_ = status_of_error(exc)
-            yield f"data: {json.dumps(error_body(exc.details(), type_, None, exc.code().name.lower()))}\n\n"
+            if memory is not None:
+                await memory.keep(ident, "".join(texts))
+        except (PersonalizeClientError, errors.PersonalizeError) as exc:  # headers are sent: an error event
+            failed = exc if isinstance(exc, PersonalizeClientError) else as_client_error(exc)
+            _, type_ = status_of_error(failed)
+            yield f"data: {json.dumps(error_body(failed.details(), type_, None, failed.code().name.lower()))}\n\n"
             yield "data: [DONE]\n\n"
             return
         final = stream.response
-        if memory is not None:
-            await memory.keep(ident, "".join(texts))
         finish = FINISH.get(final.finish_reason, "stop") if final is not None else "stop"
         yield chunk(piece(None, finish))
         if include_usage and final is not None:

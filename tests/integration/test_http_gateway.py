@@ -26,6 +26,7 @@ from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
 from personalize_service.http import GatewayConfig, create_app
 from personalize_service.http.serve import _Clients
+from personalize_service.net import find_free_port
 from personalize_service.server.auth import ApiKeys
 
 NODES = ("w0", "w1")
@@ -219,3 +220,14 @@ def test_metrics_count_routes_statuses_and_streaming_ttft(gateway: Gateway) -> N
     assert 'personalize_http_time_to_first_token_seconds_count{route="/v1/completions"} 1.0' in text
     assert 'personalize_http_request_seconds_count{route="/v1/completions"} 3.0' in text
     assert gateway.http.get("/readyz").status_code == 200
+
+
+def test_a_completion_log_that_is_down_is_503_or_a_stream_error_event(gateway: Gateway) -> None:
+    dead = CompletionLog(redis_client(f"redis://127.0.0.1:{find_free_port()}/0"), "dead", 60)
+    with TestClient(create_app(gateway.clients, "tiny", completions=dead)) as http:
+        reply = http.post("/v1/completions", json={"prompt": "Hi", "user": "ivan"}, headers=ACME)
+        assert reply.status_code == 503 and reply.headers["retry-after"]
+        body = {"prompt": "Hi", "user": "ivan", "stream": True}
+        with http.stream("POST", "/v1/completions", json=body, headers=ACME) as response:
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert json.loads(events[-2])["error"]["code"] == "unavailable" and events[-1] == "[DONE]"
