@@ -2,6 +2,9 @@
 
 added_ms_p50    p50 of a one-token /v1/completions through the edge minus p50 of the same Generate sent
                 straight to the worker with the SDK (interleaved, same user, same prompt); target <= 1 ms.
+app_ms_p50      the FastAPI app alone, called as ASGI in this process with a stub SDK answering at once: what
+                the edge's own code costs per request (validation, JSON, the thread-pool hop, middleware),
+                without HTTP parsing, sockets or gRPC.
 ttft            streaming time to first token: the first SSE text chunk of a streamed /v1/completions against
                 the first piece of GenerateStream (p50 each, interleaved); ratio = http / grpc, target <= 1.10.
 
@@ -15,6 +18,7 @@ shares the worker's process and GIL). Clients in this process: httpx with keep-a
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import re
@@ -33,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtest.loadtest_run import Server, launch_up, server_env, wait_serving
 from personalize_service.client import PersonalizeClient
+from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
+from personalize_service.http.app import Caller, create_app
 from personalize_service.net import find_free_port
 
 TARGETS: dict[str, tuple[str, float]] = {"added_ms_p50": ("<=", 1.0), "ttft.ratio": ("<=", 1.10)}
@@ -112,6 +118,49 @@ def measure(server: Server, requests: int) -> dict[str, Any]:
     }
 
 
+class _StubSdk:
+    def generate(self, user_id: str, prompt: str, **_options: Any) -> Any:
+        return pb.GenerateResponse(text="x", node_id="stub", completion_tokens=1)
+
+
+async def _app_once(app: Any, scope: dict[str, Any], body: bytes) -> None:
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(60)
+        return {"type": "http.disconnect"}
+
+    async def send(_message: dict[str, Any]) -> None:
+        return None
+
+    await app(dict(scope), receive, send)
+
+
+def app_overhead(requests: int) -> float:
+    """p50 ms of one /v1/completions through the app alone (ASGI, stub SDK)."""
+    app = create_app(lambda _key: Caller(_StubSdk()), "tiny")  # type: ignore[arg-type]
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 1, "user": USER}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions"}
+    scope |= {"query_string": b"", "headers": headers, "http_version": "1.1", "scheme": "http", "root_path": ""}
+    scope |= {"server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 1)}
+
+    async def run() -> list[float]:
+        times = []
+        for i in range(requests + 50):
+            started = time.perf_counter()
+            await _app_once(app, scope, body)
+            if i >= 50:  # after a warm-up
+                times.append((time.perf_counter() - started) * 1000.0)
+        return times
+
+    return statistics.median(asyncio.run(run()))
+
+
 def _lookup(result: dict[str, Any], dotted: str) -> float:
     value: Any = result
     for part in dotted.split("."):
@@ -129,6 +178,7 @@ def print_table(result: dict[str, Any], met: dict[str, bool]) -> None:
         ("one-token completion, edge p50 (ms)", f"{result['edge_ms_p50']:.2f}", ""),
         ("one-token Generate, direct p50 (ms)", f"{result['direct_ms_p50']:.2f}", ""),
         ("added by the HTTP edge, p50 (ms)", f"{result['added_ms_p50']:.2f}", _verdict("added_ms_p50", met)),
+        ("  of which the app alone (ASGI, stub SDK), p50 (ms)", f"{result['app_ms_p50']:.2f}", ""),
         ("streaming TTFT, HTTP p50 (ms)", f"{result['ttft']['http_ms_p50']:.2f}", ""),
         ("streaming TTFT, gRPC p50 (ms)", f"{result['ttft']['grpc_ms_p50']:.2f}", ""),
         ("TTFT ratio HTTP / gRPC", f"{result['ttft']['ratio']:.3f}", _verdict("ttft.ratio", met)),
@@ -167,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 gateway.terminate()
                 gateway.wait(30)
             server.stop()
+    result["app_ms_p50"] = app_overhead(requests * 3)
     met = verdicts(result)
     result["targets_met"] = met
     print_table(result, met)
