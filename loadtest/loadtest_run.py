@@ -3,14 +3,16 @@
     python loadtest/loadtest_run.py [--duration 60] [--users 20] [--spawn-rate 5] [--workers 2]
         [--population 1000000] [--zipf-s 1.1] [--mix generate=80,stream=10,feedback=10] [--seed 0]
         [--prompt-chars 64] [--max-new-tokens 32] [--adapters 1000] [--drain-timeout 180]
-        [--target HOST:PORT] [--up-arg=--flag ...]
+        [--target HOST:PORT [--http-target http://HOST:PORT]] [--protocol grpc|http] [--up-arg=--flag ...]
 
 Steps: `personalize up --workers N` on a temp data dir and a free port (the built-in tiny model; if `up`
 refuses N > 1 it warns and uses one worker), wait for SERVING; import an adapter for the --adapters (1000)
 hottest users; `locust -f loadtest/locustfile.py --headless` for the bounded time, sampling `Admin.Stats`
 every 2 s meanwhile; wait (bounded) for the trainer to apply every feedback event; stop the server.
 With --target it uses that running server instead of starting one (give --user-prefix a prefix no earlier
-run used, so 'applied' counts this run's events only).
+run used, so 'applied' counts this run's events only). `--protocol http` drives the same workload through
+the OpenAI-compatible API (`up`'s --http-port, chosen free) instead of the SDK, so two runs compare the
+protocols call for call: `make loadtest LOADTEST_ARGS=--protocol=http`.
 
 Writes loadtest/results/<timestamp>/ (and copies it to loadtest/results/latest/):
     locust_stats.csv, locust_stats_history.csv, locust_failures.csv, locust_exceptions.csv
@@ -59,11 +61,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `loadtest` when 
 
 from loadtest import plots
 from personalize_service.client import NotFoundError, PersonalizeClient
+from personalize_service.net import find_free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
 RESULTS = ROOT / "loadtest" / "results"
 BANNER_RE = re.compile(rb"personalize up: serving on 127\.0\.0\.1:(\d+)")
+HTTP_RE = re.compile(rb"openai\s+http://127\.0\.0\.1:(\d+)/v1")
+"""The OpenAI-compatible edge's base URL in up's banner (--protocol http drives it)."""
 """The first line `up` prints once it serves (the router's port when it runs several workers)."""
 START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 60.0
@@ -81,6 +86,7 @@ WORKLOAD_FLAGS = (
     "user_prefix",
     "think_time",
     "call_timeout",
+    "protocol",
 )
 
 
@@ -94,6 +100,8 @@ class Server:
     target: str
     workers: int
     process: subprocess.Popen[bytes] | None = None
+    http_url: str = ""
+    """http://host:port of its OpenAI-compatible API ('' if unknown)."""
 
     def stop(self) -> int | None:
         """SIGTERM, wait; the whole process group is killed if it does not stop in time."""
@@ -130,6 +138,8 @@ def launch_up(data_dir: Path, log_path: Path, workers: int, extra: Sequence[str]
         "0",
         "--workers",
         str(workers),
+        "--http-port",
+        str(find_free_port()),
         *extra,
     ]
     offset = log_path.stat().st_size if log_path.exists() else 0
@@ -145,9 +155,9 @@ def launch_up(data_dir: Path, log_path: Path, workers: int, extra: Sequence[str]
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         text = log_path.read_bytes()[offset:]
-        found = BANNER_RE.search(text)
-        if found:
-            return Server(f"127.0.0.1:{int(found[1])}", workers, proc)
+        found, http = BANNER_RE.search(text), HTTP_RE.search(text)
+        if found and http:
+            return Server(f"127.0.0.1:{int(found[1])}", workers, proc, f"http://127.0.0.1:{int(http[1])}")
         if proc.poll() is not None:
             if b"--workers" in text and workers > 1:
                 return None
@@ -565,7 +575,7 @@ def results_dir(results: Path) -> Path:
 def serving(args: argparse.Namespace, out: Path) -> Iterator[Server]:
     """The server under test: --target, or a `personalize up` on a temp data dir, stopped afterwards."""
     if args.target:
-        yield Server(args.target, 0)
+        yield Server(args.target, 0, http_url=args.http_target)
         return
     with tempfile.TemporaryDirectory(prefix="personalize-loadtest-") as tmp:
         server = start_server(Path(tmp) / "data", out / "up.log", args.workers, args.up_arg)
@@ -590,7 +600,10 @@ def load(client: PersonalizeClient, server: Server, args: argparse.Namespace, ou
     """Run locust while sampling Admin.Stats, then wait for the trainer; returns the summary."""
     adapters, preload_s = prepare(client, args)
     workload = {name: getattr(args, name) for name in WORKLOAD_FLAGS}
-    command = locust_command(server.target, out, args.users, args.spawn_rate, args.duration, workload, args.api_key)
+    target = server.http_url if args.protocol == "http" else server.target
+    if not target:
+        raise SystemExit("--protocol http with --target needs --http-target http://HOST:PORT")
+    command = locust_command(target, out, args.users, args.spawn_rate, args.duration, workload, args.api_key)
     with StatsSampler(client) as sampler:
         code = run_locust(command, out / "locust.log")
     write_timeline(sampler.samples, out / "cache_timeline.csv")
@@ -650,6 +663,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=2, help="`personalize up --workers N` (1 while N > 1 is refused)")
     ap.add_argument("--target", default="", help="a running server instead of starting `personalize up`")
     ap.add_argument("--api-key", default=os.environ.get("PERSONALIZE_API_KEY", ""), help="for --target")
+    ap.add_argument(
+        "--protocol",
+        choices=("grpc", "http"),
+        default="grpc",
+        help="drive the gRPC API (the SDK) or the OpenAI-compatible HTTP API with the same workload",
+    )
+    ap.add_argument("--http-target", default="", help="http://HOST:PORT of --target's HTTP API (--protocol http)")
     ap.add_argument(
         "--up-arg",
         action="append",

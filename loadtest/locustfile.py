@@ -21,7 +21,9 @@ generate=80,stream=10,feedback=10; --feedback-kinds LOADTEST_FEEDBACK_KINDS acce
 prefer=1; --prompt-chars LOADTEST_PROMPT_CHARS 64; --max-new-tokens LOADTEST_MAX_NEW_TOKENS 32;
 --seed LOADTEST_SEED 0; --user-prefix LOADTEST_USER_PREFIX user-; --think-time LOADTEST_THINK_TIME 0
 (mean seconds between a locust user's calls, exponential; 0 = back to back); --call-timeout
-LOADTEST_CALL_TIMEOUT 120; --record-dir LOADTEST_RECORD_DIR (none).
+LOADTEST_CALL_TIMEOUT 120; --protocol LOADTEST_PROTOCOL grpc (http: the same calls through the
+OpenAI-compatible API, --host http://127.0.0.1:8000, reported as request type "http" under the same names);
+--record-dir LOADTEST_RECORD_DIR (none).
 
 With --record-dir, each locust process writes `record-<pid>.json` there when the test stops: the users it
 sent feedback to (user -> events acknowledged) and the cache tiers its generations were served from, so
@@ -80,6 +82,7 @@ WORDS = (
     "about",
 )
 DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_HTTP_TARGET = "http://127.0.0.1:8000"
 
 
 # ---- options -------------------------------------------------------------------------------------------
@@ -160,6 +163,13 @@ def add_arguments(parser: Any) -> None:
         help="deadline of each call in seconds",
     )
     parser.add_argument(
+        "--protocol",
+        env_var="LOADTEST_PROTOCOL",
+        default="grpc",
+        choices=["grpc", "http"],
+        help="grpc: the SDK against --host HOST:PORT; http: the OpenAI-compatible API at --host http://HOST:PORT",
+    )
+    parser.add_argument(
         "--record-dir",
         env_var="LOADTEST_RECORD_DIR",
         default="",
@@ -196,6 +206,7 @@ class Workload:
     user_prefix: str = "user-"
     think_time: float = 0.0
     call_timeout: float = 120.0
+    protocol: str = "grpc"
     record_dir: str = ""
 
     @classmethod
@@ -280,6 +291,82 @@ def write_record(environment: Environment, **_kwargs: Any) -> None:
         RECORD.write(workload.record_dir)
 
 
+# ---- the OpenAI-compatible API, with the SDK's call shapes ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    """What the workload reads of an answer: its size, the cache tier (headers), the text."""
+
+    text: str
+    cache_tier: str
+    size: int
+
+    def ByteSize(self) -> int:  # the protobuf message's name, so both protocols report alike
+        return self.size
+
+
+class HttpStream:
+    """A streamed completion: iterate the text pieces; `response` once it ended with `data: [DONE]`."""
+
+    def __init__(self, http: Any, body: dict[str, Any]) -> None:
+        self._http, self._body = http, body
+        self.response: HttpReply | None = None
+
+    def __iter__(self) -> Any:
+        texts: list[str] = []
+        with self._http.stream("POST", "/v1/completions", json=self._body) as reply:
+            reply.raise_for_status()
+            for line in reply.iter_lines():
+                if line == "data: [DONE]":
+                    self.response = HttpReply("".join(texts), "", sum(len(t.encode()) for t in texts))
+                elif line.startswith("data: "):
+                    choices = json.loads(line[6:]).get("choices") or [{}]
+                    if choices[0].get("text"):
+                        texts.append(choices[0]["text"])
+                        yield choices[0]["text"]
+
+    def __enter__(self) -> HttpStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+class HttpSdk:
+    """The SDK's generate / generate_stream / feedback over /v1/completions and /v1/feedback (httpx, one
+    keep-alive connection pool per locust user)."""
+
+    def __init__(self, base_url: str, api_key: str | None, timeout: float) -> None:
+        import httpx  # only the http protocol needs it
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
+
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        reply = self.http.post(path, json=body)
+        reply.raise_for_status()
+        return reply
+
+    def generate(self, user_id: str, prompt: str, max_new_tokens: int) -> HttpReply:
+        body = {"prompt": prompt, "max_tokens": max_new_tokens, "temperature": 0, "user": user_id}
+        reply = self._post("/v1/completions", body)
+        text = reply.json()["choices"][0]["text"]
+        return HttpReply(text, reply.headers.get("x-personalize-cache-tier", ""), len(reply.content))
+
+    def generate_stream(self, user_id: str, prompt: str, max_new_tokens: int) -> HttpStream:
+        body = {"prompt": prompt, "max_tokens": max_new_tokens, "temperature": 0, "user": user_id, "stream": True}
+        return HttpStream(self.http, body)
+
+    def feedback(self, user_id: str, prompt: str, completion: str, kind: str, **extra: str) -> HttpReply:
+        body = {"user": user_id, "prompt": prompt, "completion": completion, "kind": kind, **extra}
+        reply = self._post("/v1/feedback", body)
+        return HttpReply("", "", len(reply.content))
+
+    def close(self) -> None:
+        self.http.close()
+
+
 # ---- the client locust sees ----------------------------------------------------------------------------
 
 
@@ -287,16 +374,23 @@ class LocustPersonalizeClient:
     """The SDK's calls, each reported to locust with `events.request.fire` (locust's pattern for non-HTTP
     protocols): response time in ms, response size in bytes, the exception if it failed."""
 
-    def __init__(self, sdk: PersonalizeClient, environment: Environment, record: Record = RECORD) -> None:
+    def __init__(
+        self,
+        sdk: PersonalizeClient | HttpSdk,
+        environment: Environment,
+        record: Record = RECORD,
+        protocol: str = "grpc",
+    ) -> None:
         self.sdk = sdk
         self.environment = environment
         self.record = record
+        self.protocol = protocol
 
     def _fire(
         self, name: str, started: float, length: int, exception: Exception | None, context: Mapping[str, Any]
     ) -> None:
         self.environment.events.request.fire(
-            request_type="grpc",
+            request_type=self.protocol,
             name=name,
             response_time=(time.perf_counter() - started) * 1000.0,
             response_length=length,
@@ -393,10 +487,13 @@ class PersonalizeUser(User):
         calls, kinds = self.workload.call_weights(), self.workload.kind_weights()
         self.calls, self.call_p = list(calls), np.array(list(calls.values()))
         self.kinds, self.kind_p = list(kinds), np.array(list(kinds.values()))
-        sdk = PersonalizeClient(
-            self.host or DEFAULT_TARGET, api_key=self.workload.api_key or None, timeout=self.workload.call_timeout
+        key, timeout = self.workload.api_key or None, self.workload.call_timeout
+        sdk: PersonalizeClient | HttpSdk = (
+            HttpSdk(self.host or DEFAULT_HTTP_TARGET, key, timeout)
+            if self.workload.protocol == "http"
+            else PersonalizeClient(self.host or DEFAULT_TARGET, api_key=key, timeout=timeout)
         )
-        self.client = LocustPersonalizeClient(sdk, environment)
+        self.client = LocustPersonalizeClient(sdk, environment, protocol=self.workload.protocol)
 
     def wait_time(self) -> float:
         think = self.workload.think_time

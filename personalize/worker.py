@@ -17,6 +17,7 @@ from personalize.adapters.cache import AdapterCache
 from personalize.adapters.registry import AdapterRecord, Registry
 from personalize.adapters.repository import AdapterRepository
 from personalize.adapters.store import ObjectStore
+from personalize.completions import CompletionLog
 from personalize.config import Config
 from personalize.engine.engine import Engine
 from personalize.engine.types import GenerationResult, SamplingParams
@@ -314,6 +315,7 @@ class Worker:
     def delete_user(self, tenant: str, user_id: str) -> tuple[int, int]:
         """Forget a user: registry record first (nothing new is served), then cached copies, then objects."""
         self.registry.delete(tenant, user_id)
+        CompletionLog(self.registry.client, self.registry.namespace).forget_user(tenant, user_id)
         events = self.stream.delete_user(tenant, user_id) if self.stream is not None else 0
         self.cache.invalidate(tenant, user_id)
         versions = self.repo.delete_versions(tenant, user_id)

@@ -186,6 +186,11 @@ class Registry:
         self._fingerprints: dict[int, str] = {}
         self._layout_checked = False
 
+    @property
+    def client(self) -> Any:
+        """The Valkey client (other per-user keys of this namespace live on the same server)."""
+        return self._client
+
     def get(self, tenant: str, user_id: str) -> AdapterRecord | None:
         """The user's current record, or None when they have no adapter."""
         bucket, field = self._locate(tenant, user_id)

@@ -90,6 +90,7 @@ _GROUPS = {
     "worker_advertise": "server",
     "http_port": "server",
     "gateway_target": "server",
+    "completion_ttl_s": "server",
     "feedback": "feedback and training",
     "trainer": "feedback and training",
 }

@@ -202,12 +202,18 @@ class _Up:
         )
 
     def start_http(self, grpc_port: int, model: str, fingerprint: str) -> Any:
-        """The OpenAI-compatible edge on 127.0.0.1:--http-port calling this up's gRPC port (None if 0)."""
+        """The OpenAI-compatible edge on 127.0.0.1:--http-port, routing on the ring of up's workers (None if 0)."""
         if not self.values.get("http_port"):
             return None
-        from personalize_service.http import serve_http
+        from personalize_service.http import GatewayConfig, serve_http
 
-        return serve_http(f"{UP_HOST}:{grpc_port}", UP_HOST, self.values["http_port"], model, fingerprint)
+        gateway = GatewayConfig(
+            registry_url=self.registry_url,
+            api_keys=self.resolved.service.api_keys,
+            namespace=self.resolved.config.registry.namespace,
+            completion_ttl_s=self.values["completion_ttl_s"],
+        )
+        return serve_http(gateway, UP_HOST, self.values["http_port"], model, fingerprint)
 
 
 def _up_one_worker(up: _Up, step: Callable[[], None]) -> None:
@@ -384,22 +390,30 @@ def run_router(values: Mapping[str, Any]) -> int:
 
 def run_gateway(values: Mapping[str, Any]) -> int:
     """`personalize serve --role gateway`: the OpenAI-compatible HTTP edge (service/http) on
-    --host:--http-port, calling the router at --gateway-target over gRPC; blocks until SIGTERM/SIGINT."""
+    --host:--http-port, routing each call to its user's worker on the ring of --registry-url (or, without
+    one, calling the router at --gateway-target over gRPC); blocks until SIGTERM/SIGINT."""
     port = values["http_port"]
     if not port:
         raise LaunchError("serve --role gateway needs --http-port N (not 0)")
-    from personalize_service.http import serve_http
+    from personalize.adapters.store.s3 import redact_url
+    from personalize_service.http import GatewayConfig, serve_http
+    from personalize_service.server.auth import ApiKeys, load_api_keys
     from personalize_service.server.base import stop_on_signals
 
+    keys_file, registry_url = values["service.api_keys_file"], values["registry.url"]
+    gateway = GatewayConfig(
+        registry_url=registry_url,
+        target="" if registry_url else values["gateway_target"],
+        api_keys=load_api_keys(keys_file) if keys_file else ApiKeys.parse(values["service.api_keys"]),
+        namespace=values["registry.namespace"],
+        completion_ttl_s=values["completion_ttl_s"],
+    )
     stop = threading.Event()
     with stop_on_signals(stop):
         model = values["model.path"] or "tiny"
-        server = serve_http(values["gateway_target"], values["service.host"], port, model)
-        print(
-            f"personalize serve: gateway serving on {values['service.host']}:{server.port} over "
-            f"{values['gateway_target']}",
-            flush=True,
-        )
+        server = serve_http(gateway, values["service.host"], port, model)
+        over = "the ring of " + redact_url(registry_url) if registry_url else values["gateway_target"]
+        print(f"personalize serve: gateway serving on {values['service.host']}:{server.port} over {over}", flush=True)
         try:
             stop.wait()
         finally:

@@ -613,9 +613,18 @@ SETTINGS: tuple[Setting, ...] = (
         "PERSONALIZE_GATEWAY_TARGET",
         "127.0.0.1:50051",
         _str,
-        "host:port of the router (or worker) the gateway role calls over gRPC",
+        "host:port the gateway role calls without --registry-url (with one it routes itself on the ring)",
         (SERVE,),
         "HOST:PORT",
+    ),
+    _s(
+        "completion_ttl_s",
+        "--completion-ttl",
+        "PERSONALIZE_COMPLETION_TTL",
+        86400,
+        _int,
+        "seconds the HTTP edge remembers a completion, so feedback can name it by completion_id",
+        metavar="S",
     ),
     # -- up only
     _s(

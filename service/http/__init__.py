@@ -5,6 +5,6 @@ It holds no engine: every request becomes a gRPC call through the client SDK, wi
 """
 
 from personalize_service.http.app import CHAT_TEMPLATE_DOC, create_app, render_chat
-from personalize_service.http.serve import HttpServer, serve_http
+from personalize_service.http.serve import GatewayConfig, HttpServer, serve_http
 
-__all__ = ["CHAT_TEMPLATE_DOC", "HttpServer", "create_app", "render_chat", "serve_http"]
+__all__ = ["CHAT_TEMPLATE_DOC", "GatewayConfig", "HttpServer", "create_app", "render_chat", "serve_http"]

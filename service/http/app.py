@@ -1,46 +1,47 @@
 """The FastAPI app: OpenAI's /v1/completions, /v1/chat/completions, /v1/models, plus /v1/feedback.
 
 Each request is one gRPC call through the client SDK (`client_for(api_key)`), so routing happens where
-the SDK routes. Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}` with the HTTP
-status of the gRPC code (ERROR_STATUS), never a traceback.
+the SDK routes: the gateway's RoutingClient sends it straight to the user's owner on the ring (service/http/
+serve.py). Errors are OpenAI's error JSON (service/http/errors.py); adapter management is
+service/http/adapters.py; the body limit and /metrics are service/http/middleware.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import grpc
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from personalize import errors
+from personalize.completions import CompletionLog, Remembered, new_completion_id
 from personalize_service.client import PersonalizeClient, PersonalizeClientError
+from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
+from personalize_service.http.adapters import MAX_IMPORT_BYTES, install_adapter_routes
+from personalize_service.http.errors import (
+    ApiError,
+    as_client_error,
+    error_body,
+    install_error_handlers,
+    status_of_error,
+)
+from personalize_service.http.middleware import TTFT_KEY, BodyLimit, HttpMetrics, MetricsMiddleware
 from personalize_service.http.models import ChatCompletionRequest, ChatMessage, CompletionRequest, FeedbackBody
 
 CHAT_TEMPLATE_DOC = """Chat messages become one prompt as `<|ROLE|>\\nCONTENT\\n` per message, then
 `<|assistant|>\\n` for the answer (the built-in tiny model has no chat template of its own)."""
 
-ERROR_STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
-    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
-    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
-    grpc.StatusCode.ABORTED: (409, "conflict_error"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
-    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
-    grpc.StatusCode.DATA_LOSS: (500, "server_error"),
-}
-"""gRPC code -> (HTTP status, OpenAI error type); other codes are 500 server_error. A size limit
-(RESOURCE_EXHAUSTED naming bytes) is 413; see `_status_of`."""
-RETRY_AFTER_S = "1"
 ANONYMOUS = "anonymous"
 """The user id sent (with use_base_model) for a request without `user`: the base model serves it."""
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
@@ -53,102 +54,110 @@ def render_chat(messages: list[ChatMessage]) -> str:
     return "".join(f"<|{m.role}|>\n{m.content or ''}\n" for m in messages) + "<|assistant|>\n"
 
 
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-
-def _body(message: str, type_: str, param: str | None, code: str | None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def _status_of(exc: PersonalizeClientError) -> tuple[int, str]:
-    status, type_ = ERROR_STATUS.get(exc.code(), (500, "server_error"))
-    if status == 429 and "bytes" in exc.details():
-        return 413, "invalid_request_error"
-    return status, type_
-
-
-def error_response(exc: PersonalizeClientError) -> JSONResponse:
-    status, type_ = _status_of(exc)
-    headers = {"Retry-After": RETRY_AFTER_S} if status in (429, 503) else None
-    return JSONResponse(_body(exc.details(), type_, None, exc.code().name.lower()), status, headers=headers)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    """Every failure as OpenAI's error JSON."""
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(_body(exc.message, exc.type, exc.param, exc.code), exc.status)
-
-    @app.exception_handler(PersonalizeClientError)
-    async def _grpc_error(_: Request, exc: PersonalizeClientError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        return JSONResponse(
-            _body(f"{param or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request_error", param, None),
-            400,
-        )
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(_body(str(exc.detail), "invalid_request_error", None, None), exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def _any(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(_body(f"internal error ({type(exc).__name__})", "server_error", None, None), 500)
-
-
 MAX_BODY_BYTES = 1 << 20
-"""Largest request body read (a prompt is at most 16 KiB on the worker): a larger declared Content-Length is
-413 before a byte of it is read or parsed, so no caller makes the edge buffer and forward megabytes."""
+"""Largest request body read (a prompt is at most 16 KiB on the worker), declared or chunked (middleware.BodyLimit);
+an adapter import may send up to adapters.MAX_IMPORT_BYTES."""
 
 
-def _install_body_limit(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def _limit(request: Request, call_next: Callable[[Request], Any]) -> Any:
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return JSONResponse(
-                _body(
-                    f"request body is {length} bytes; the limit is {MAX_BODY_BYTES}",
-                    "invalid_request_error",
-                    None,
-                    "request_too_large",
-                ),
-                413,
-            )
-        return await call_next(request)
+@dataclass(frozen=True)
+class Caller:
+    """Who a request's API key is: the SDK client sending that key, and its tenant (None when the edge does
+    not know it: a single gRPC target authenticates the key itself, and no completion is remembered)."""
+
+    client: PersonalizeClient
+    tenant: str | None = None
+
+
+BLOCKING_THREADS = 256
+"""Threads for the blocking SDK calls (anyio's default is 40): each unary call and each stream waiting for
+its next piece holds one, so this bounds the calls in flight through one edge process."""
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
+    anyio.to_thread.current_default_thread_limiter().total_tokens = BLOCKING_THREADS
+    yield
+
+
+def _body_limit(path: str) -> int:
+    return MAX_IMPORT_BYTES if path.endswith("/adapter/import") else MAX_BODY_BYTES
 
 
 def create_app(
-    client_for: Callable[[str | None], PersonalizeClient], model_name: str, fingerprint: str = ""
+    client_for: Callable[[str | None], Caller],
+    model_name: str,
+    fingerprint: str = "",
+    *,
+    completions: CompletionLog | None = None,
+    metrics: HttpMetrics | None = None,
+    probe: Callable[[], PersonalizeClient] | None = None,
 ) -> FastAPI:
-    """The app; `client_for(api_key)` gives the SDK client sending that key (None = no key)."""
-    app = FastAPI(title="personalize (OpenAI-compatible)", docs_url=None, redoc_url=None)
-    created = int(time.time())
+    """The app; `client_for(api_key)` gives the Caller of that key (None = no key). With `completions`
+    (and a known tenant) every completion is remembered, and feedback may name it by `completion_id`.
+    `probe()` is the client /readyz asks (default: the keyless caller's)."""
+    app = FastAPI(title="personalize (OpenAI-compatible)", docs_url=None, redoc_url=None, lifespan=_lifespan)
+    metrics = app.state.metrics = metrics or HttpMetrics()
 
-    _install_error_handlers(app)
-    _install_body_limit(app)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit_of=_body_limit)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
 
-    def client(request: Request) -> PersonalizeClient:
+    def client(request: Request) -> Caller:
         auth = request.headers.get("authorization", "")
         key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
         return client_for(key or None)
+
+    install_adapter_routes(app, client)
+
+    _install_probes(app, probe or (lambda: client_for(None).client), metrics, model_name, fingerprint)
+
+    def memory(caller: Caller, body: CompletionRequest | ChatCompletionRequest, prompt: str | None) -> Memory | None:
+        if completions is None or caller.tenant is None or not body.user:
+            return None
+        messages = [m.model_dump() for m in body.messages] if isinstance(body, ChatCompletionRequest) else None
+        return Memory(completions, caller.tenant, body.user, prompt, messages)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions_route(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise ApiError(400, "prompt: exactly one prompt per request is supported", param="prompt")
+        caller = client(request)
+        return await _generate(model_name, caller, body, prompts[0], memory(caller, body, prompts[0]), request)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+        caller = client(request)
+        return await _generate(
+            model_name, caller, body, render_chat(body.messages), memory(caller, body, None), request
+        )
+
+    @app.post("/v1/feedback")
+    async def feedback(body: FeedbackBody, request: Request) -> dict[str, Any]:
+        caller = client(request)
+        user, prompt, completion = await _feedback_text(body, caller, completions)
+        sdk = caller.client
+        ack = await run_in_threadpool(
+            lambda: sdk.feedback(
+                user,
+                prompt,
+                completion,
+                body.kind,
+                correction=body.correction,
+                rejected=body.rejected,
+                event_key=body.event_key,
+            )
+        )
+        return {"object": "feedback", "event_id": ack.event_id, "partition": ack.partition}
+
+    return app
+
+
+def _install_probes(
+    app: FastAPI, probe: Callable[[], PersonalizeClient], metrics: HttpMetrics, model_name: str, fingerprint: str
+) -> None:
+    """/healthz, /readyz (a worker answers), /metrics, /v1/models."""
+    created = int(time.time())
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -157,11 +166,18 @@ def create_app(
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
         try:
-            await run_in_threadpool(client_for(None).list_nodes)
+            nodes = (await run_in_threadpool(probe().list_nodes)).nodes
         except PersonalizeClientError as exc:
             if exc.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 return JSONResponse({"status": "unavailable", "reason": exc.details()}, 503)
+            nodes = [pb.Node(state="up")]  # a target that wants a key answered: it is up
+        if not any(node.state == "up" for node in nodes):
+            return JSONResponse({"status": "unavailable", "reason": "no worker is serving"}, 503)
         return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -178,44 +194,55 @@ def create_app(
             ],
         }
 
-    @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            raise ApiError(400, "prompt: exactly one prompt per request is supported", param="prompt")
-        return await _generate(model_name, client(request), body, prompts[0], chat=False)
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
-        return await _generate(model_name, client(request), body, render_chat(body.messages), chat=True)
-
-    @app.post("/v1/feedback")
-    async def feedback(body: FeedbackBody, request: Request) -> dict[str, Any]:
-        if (body.prompt is None) == (body.messages is None):
-            raise ApiError(400, "give exactly one of prompt and messages", param="prompt")
-        prompt = body.prompt if body.prompt is not None else render_chat(body.messages or [])
-        sdk = client(request)
-        ack = await run_in_threadpool(
-            lambda: sdk.feedback(
-                body.user,
-                prompt,
-                body.completion,
-                body.kind,
-                correction=body.correction,
-                rejected=body.rejected,
-                event_key=body.event_key,
+async def _feedback_text(body: FeedbackBody, caller: Caller, completions: CompletionLog | None) -> tuple[str, str, str]:
+    """(user, prompt, completion) of a feedback body: remembered under its completion_id, or sent in full."""
+    if body.completion_id:
+        if completions is None or caller.tenant is None:
+            raise ApiError(
+                400, "this edge keeps no completions: send user, prompt and completion", param="completion_id"
             )
-        )
-        return {"object": "feedback", "event_id": ack.event_id, "partition": ack.partition}
+        known = await run_in_threadpool(completions.recall, caller.tenant, body.completion_id)
+        messages = [ChatMessage(**m) for m in known.messages] if known.messages is not None else []
+        return known.user_id, known.prompt if known.prompt is not None else render_chat(messages), known.completion
+    if body.user is None or body.completion is None:
+        missing = "user" if body.user is None else "completion"
+        raise ApiError(400, f"{missing}: give completion_id, or user, prompt|messages and completion", param=missing)
+    if (body.prompt is None) == (body.messages is None):
+        raise ApiError(400, "give exactly one of prompt and messages", param="prompt")
+    prompt = body.prompt if body.prompt is not None else render_chat(body.messages or [])
+    return body.user, prompt, body.completion
 
-    return app
+
+@dataclass(frozen=True)
+class Memory:
+    """Where and as what a completion is remembered once its text is known."""
+
+    log: CompletionLog
+    tenant: str
+    user_id: str
+    prompt: str | None
+    messages: list[dict[str, Any]] | None
+
+    def new_id(self, prefix: str) -> str:
+        return new_completion_id(prefix, self.tenant, self.user_id)
+
+    async def keep(self, completion_id: str, text: str) -> None:
+        entry = Remembered(self.user_id, self.prompt, self.messages, text)
+        await run_in_threadpool(self.log.remember, self.tenant, completion_id, entry)
 
 
 async def _generate(
-    model_name: str, sdk: PersonalizeClient, body: CompletionRequest | ChatCompletionRequest, prompt: str, *, chat: bool
+    model_name: str,
+    caller: Caller,
+    body: CompletionRequest | ChatCompletionRequest,
+    prompt: str,
+    memory: Memory | None,
+    request: Request,
 ) -> JSONResponse | StreamingResponse:
     if body.n != 1:
         raise ApiError(400, f"n: only n=1 is supported, got {body.n}", param="n")
+    chat = isinstance(body, ChatCompletionRequest)
     options: dict[str, Any] = {
         "max_new_tokens": body.new_tokens(),
         "temperature": body.temperature,
@@ -224,14 +251,20 @@ async def _generate(
         "stop": body.stops(),
         "use_base_model": not body.user,
     }
-    user = body.user or ANONYMOUS
-    ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    sdk, user = caller.client, body.user or ANONYMOUS
+    prefix = "chatcmpl" if chat else "cmpl"
+    ident = memory.new_id(prefix) if memory is not None else f"{prefix}-{uuid.uuid4().hex}"
     model = body.model or model_name
     if body.stream:
         stream = sdk.generate_stream(user, prompt, **options)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(stream, ident, model, chat, include_usage), media_type="text/event-stream")
+        timing = Timing(request.scope.get(TTFT_KEY, time.perf_counter()), request.app.state.metrics, request.url.path)
+        return StreamingResponse(
+            _sse(stream, ident, model, chat, include_usage, memory, timing), media_type="text/event-stream"
+        )
     response = await run_in_threadpool(lambda: sdk.generate(user, prompt, **options))
+    if memory is not None:
+        await memory.keep(ident, response.text)
     finish = FINISH.get(response.finish_reason, "stop")
     choice: dict[str, Any] = (
         {"index": 0, "message": {"role": "assistant", "content": response.text}, "finish_reason": finish}
@@ -251,7 +284,21 @@ async def _generate(
     )
 
 
-async def _sse(stream: Any, ident: str, model: str, chat: bool, include_usage: bool) -> AsyncIterator[str]:
+@dataclass(frozen=True)
+class Timing:
+    """When the request began, and where its time to first token is recorded."""
+
+    start: float
+    metrics: HttpMetrics
+    route: str
+
+    def first_token(self) -> None:
+        self.metrics.ttft.labels(self.route).observe(time.perf_counter() - self.start)
+
+
+async def _sse(
+    stream: Any, ident: str, model: str, chat: bool, include_usage: bool, memory: Memory | None, timing: Timing
+) -> AsyncIterator[str]:
     """OpenAI's chunks as SSE; leaving early (the client disconnected) cancels the gRPC call."""
     now = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -276,15 +323,22 @@ async def _sse(stream: Any, ident: str, model: str, chat: bool, include_usage: b
         return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
 
     pieces: Iterator[str] = iter(stream)
+    texts: list[str] = []
     try:
         if chat:
             yield chunk(piece("", None, first=True))
         try:
             async for text in iterate_in_threadpool(pieces):
+                if not texts:
+                    timing.first_token()
+                texts.append(text)
                 yield chunk(piece(text, None))
-        except PersonalizeClientError as exc:
-            _, type_ = _status_of(exc)
-            yield f"data: {json.dumps(_body(exc.details(), type_, None, exc.code().name.lower()))}\n\n"
+            if memory is not None:
+                await memory.keep(ident, "".join(texts))
+        except (PersonalizeClientError, errors.PersonalizeError) as exc:  # headers are sent: an error event
+            failed = exc if isinstance(exc, PersonalizeClientError) else as_client_error(exc)
+            _, type_ = status_of_error(failed)
+            yield f"data: {json.dumps(error_body(failed.details(), type_, None, failed.code().name.lower()))}\n\n"
             yield "data: [DONE]\n\n"
             return
         final = stream.response

@@ -44,7 +44,8 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: str
-    content: str | None = ""
+    content: str
+    """Required (a message without it is a 400 naming `messages.N.content`, not an empty turn)."""
 
 
 class ChatCompletionRequest(_Sampling):
@@ -54,10 +55,13 @@ class ChatCompletionRequest(_Sampling):
 class FeedbackBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    user: str
+    completion_id: str = ""
+    """The `id` of a completion this edge returned: its user, prompt and text are looked up (within the
+    completion TTL), so none of them is sent again."""
+    user: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    completion: str
+    completion: str | None = None
     kind: Literal["accept", "reject", "correct", "prefer"]
     correction: str = ""
     rejected: str = ""

@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 
 from personalize_service.client import PersonalizeClient, PersonalizeClientError
 from personalize_service.http import create_app, render_chat
-from personalize_service.http.app import error_response
+from personalize_service.http.app import Caller
+from personalize_service.http.errors import error_response
 from personalize_service.http.models import ChatMessage
 from personalize_service.net import find_free_port
 
@@ -43,7 +44,7 @@ def test_grpc_codes_map_to_http_statuses(code: grpc.StatusCode, details: str, st
 @pytest.fixture
 def dead() -> Iterator[TestClient]:
     sdk = PersonalizeClient(f"127.0.0.1:{find_free_port()}", timeout=5, retries=0)
-    with TestClient(create_app(lambda _key: sdk, "tiny")) as client:
+    with TestClient(create_app(lambda _key: Caller(sdk), "tiny")) as client:
         yield client
     sdk.close()
 
@@ -74,3 +75,36 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(dead: TestClient) -> Non
     assert "limit" in response.json()["error"]["message"]
     small = dead.post("/v1/completions", json={"prompt": "Hi", "n": 2})
     assert small.status_code == 400  # a body under the limit still reaches validation
+
+
+def test_a_chunked_body_over_the_limit_is_413(dead: TestClient) -> None:
+    from personalize_service.http.app import MAX_BODY_BYTES
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: sent with Transfer-Encoding: chunked
+        for _ in range(MAX_BODY_BYTES // 65536 + 2):
+            yield b" " * 65536
+
+    response = dead.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    small = dead.post(
+        "/v1/completions",
+        content=iter([b'{"prompt": "Hi",', b' "n": 2}']),
+        headers={"content-type": "application/json"},
+    )
+    assert small.status_code == 400 and small.json()["error"]["param"] == "n"  # a small chunked body is read
+
+
+def test_a_chat_message_without_content_is_400_naming_it(dead: TestClient) -> None:
+    reply = dead.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a"}, {"role": "user"}]})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages.1.content"
+
+
+def test_the_edge_runs_blocking_calls_on_more_threads_than_anyios_default(dead: TestClient) -> None:
+    import anyio
+
+    from personalize_service.http.app import BLOCKING_THREADS
+
+    async def tokens() -> float:
+        return anyio.to_thread.current_default_thread_limiter().total_tokens
+
+    assert dead.portal is not None and dead.portal.call(tokens) == BLOCKING_THREADS > 40

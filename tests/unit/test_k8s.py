@@ -57,9 +57,14 @@ NOT_SETTINGS = {
     "PERSONALIZE_S3_SECRET_KEY": "personalize/adapters/store/s3.py",
 }
 """PERSONALIZE_* variables read outside the settings table (credentials), and the file reading each."""
-ROLES = {("StatefulSet", "worker"): "worker", ("Deployment", "router"): "router", ("Deployment", "trainer"): "trainer"}
+ROLES = {
+    ("StatefulSet", "worker"): "worker",
+    ("Deployment", "router"): "router",
+    ("Deployment", "trainer"): "trainer",
+    ("Deployment", "gateway"): "gateway",
+}
 """The workloads running `personalize serve --role ROLE`."""
-FRONT_DOORS = {"router", "envoy"}
+FRONT_DOORS = {"router", "envoy", "gateway"}
 """Components reachable from outside the namespace (their gRPC port only)."""
 OUTSIDE_PEERS = {"monitoring": {"metrics"}, "keda": {"redis"}}
 """Namespaces let in from outside (Prometheus scrapes; KEDA reads the feedback streams) and their ports."""
@@ -334,6 +339,10 @@ def test_ports_and_probes_are_the_configured_ports(overlay: str) -> None:
         if role_of(workload) == "trainer":
             assert not ports, "the trainer serves nothing"
             continue
+        if role_of(workload) == "gateway":  # HTTP only, /metrics on the same port
+            assert ports == {"http": value_of(env, "http_port")}, label(workload)
+            assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+            continue
         grpc, metrics = value_of(env, "service.port"), value_of(env, "service.metrics_port")
         assert metrics, f"{label(workload)}: PERSONALIZE_METRICS_PORT is 0: metrics are off"
         assert ports == {"grpc": grpc, "metrics": metrics}, label(workload)
@@ -457,7 +466,7 @@ def test_images_are_pinned_releases(overlay: str) -> None:
 def test_gpus_only_in_the_gpu_overlay(overlay: str) -> None:
     objects = render(overlay)
     for workload, container in app_containers(objects):
-        if role_of(workload) == "router":
+        if role_of(workload) in ("router", "gateway"):
             continue
         gpus = int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
         device = value_of(env_of(objects, container), "model.device")
@@ -559,7 +568,7 @@ def test_only_the_front_door_is_reachable_from_outside(overlay: str) -> None:
                             f"{label(workload)}: {namespace} may not reach ports {ports}"
                         )
         if component in FRONT_DOORS:
-            assert open_ports == {"grpc"}, label(workload)
+            assert open_ports == ({"http"} if component == "gateway" else {"grpc"}), label(workload)
         else:
             assert not open_ports, f"{label(workload)} is open to everyone on {open_ports}"
 

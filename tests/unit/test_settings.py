@@ -29,6 +29,7 @@ NOT_FIELDS = {
     "worker_advertise": "",
     "http_port": 8000,
     "gateway_target": "127.0.0.1:50051",
+    "completion_ttl_s": 86400,
 }
 """Settings that are not one dataclass field (API keys become ServiceConfig.api_keys; the worker_* are up's)."""
 UNEXPOSED = {

@@ -1,0 +1,231 @@
+"""HTTP edge benchmark: what the OpenAI-compatible API adds over calling the worker over gRPC.
+
+added_ms_p50    p50 of a one-token /v1/completions through the edge minus p50 of the same Generate sent
+                straight to the worker with the SDK (interleaved, same user, same prompt); target <= 1 ms.
+app_ms_p50      the FastAPI app alone, called as ASGI in this process with a stub SDK answering at once: what
+                the edge's own code costs per request (validation, JSON, the thread-pool hop, middleware),
+                without HTTP parsing, sockets or gRPC.
+ttft            streaming time to first token: the first SSE text chunk of a streamed /v1/completions against
+                the first piece of GenerateStream (p50 each, interleaved); ratio = http / grpc, target <= 1.10.
+
+Both against one `personalize up` (the built-in tiny model, one worker). The edge measured is `personalize
+serve --role gateway` in its own process routing on up's registry, as deployed (--in-up: up's own edge, which
+shares the worker's process and GIL). Clients in this process: httpx with keep-alive, the SDK on one channel.
+
+    python loadtest/bench_http.py [--quick] [--in-up] [--requests 300] [--json loadtest/results/bench_http.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loadtest.loadtest_run import Server, launch_up, server_env, wait_serving
+from personalize_service.client import PersonalizeClient
+from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
+from personalize_service.http.app import Caller, create_app
+from personalize_service.net import find_free_port
+
+TARGETS: dict[str, tuple[str, float]] = {"added_ms_p50": ("<=", 1.0), "ttft.ratio": ("<=", 1.10)}
+PROMPT = "The quick brown fox"
+USER = "bench-http"
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1000.0
+
+
+def _http_first_token(http: httpx.Client, body: dict[str, Any]) -> float:
+    started = time.perf_counter()
+    first = 0.0
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as reply:
+        for line in reply.iter_lines():
+            if not first and line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                first = (time.perf_counter() - started) * 1000.0
+    return first
+
+
+def _grpc_first_token(sdk: PersonalizeClient, max_tokens: int) -> float:
+    started = time.perf_counter()
+    first = 0.0
+    with sdk.generate_stream(USER, PROMPT, max_new_tokens=max_tokens) as stream:
+        for _ in stream:
+            if not first:
+                first = (time.perf_counter() - started) * 1000.0
+    return first
+
+
+def start_gateway(up_log: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`serve --role gateway` on a free port over the ring of up's embedded Valkey; (process, its URL)."""
+    registry = re.search(rb"embedded Valkey (redis://\S+)", up_log.read_bytes())
+    assert registry, f"no registry URL in {up_log}"
+    port = find_free_port()
+    command = [sys.executable, "-m", "personalize_service.cli", "serve", "--role", "gateway", "--http-port", str(port)]
+    command += ["--registry-url", registry[1].decode(), "--data-dir", str(log_path.parent)]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_env())
+    deadline = time.monotonic() + 60
+    while b"gateway serving on" not in log_path.read_bytes():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"the gateway did not start: {log_path.read_text()[-2000:]}")
+        time.sleep(0.1)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def measure(server: Server, requests: int) -> dict[str, Any]:
+    one = {"prompt": PROMPT, "max_tokens": 1, "temperature": 0, "user": USER}
+    many = {**one, "max_tokens": 16}
+    with httpx.Client(base_url=server.http_url, timeout=120) as http, PersonalizeClient(server.target) as sdk:
+        for _ in range(20):  # warm up both paths (connections, the user's adapter lookup)
+            http.post("/v1/completions", json=one).raise_for_status()
+            sdk.generate(USER, PROMPT, max_new_tokens=1)
+        edge, direct, http_ttft, grpc_ttft = [], [], [], []
+        for _ in range(requests):
+            edge.append(_timed(lambda: http.post("/v1/completions", json=one).raise_for_status()))
+            direct.append(_timed(lambda: sdk.generate(USER, PROMPT, max_new_tokens=1)))
+        for _ in range(max(requests // 3, 10)):
+            http_ttft.append(_http_first_token(http, many))
+            grpc_ttft.append(_grpc_first_token(sdk, 16))
+    p50 = statistics.median
+    return {
+        "requests": requests,
+        "edge_ms_p50": p50(edge),
+        "direct_ms_p50": p50(direct),
+        "added_ms_p50": p50(edge) - p50(direct),
+        "ttft": {
+            "http_ms_p50": p50(http_ttft),
+            "grpc_ms_p50": p50(grpc_ttft),
+            "ratio": p50(http_ttft) / p50(grpc_ttft),
+        },
+    }
+
+
+class _StubSdk:
+    def generate(self, user_id: str, prompt: str, **_options: Any) -> Any:
+        return pb.GenerateResponse(text="x", node_id="stub", completion_tokens=1)
+
+
+async def _app_once(app: Any, scope: dict[str, Any], body: bytes) -> None:
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.sleep(60)
+        return {"type": "http.disconnect"}
+
+    async def send(_message: dict[str, Any]) -> None:
+        return None
+
+    await app(dict(scope), receive, send)
+
+
+def app_overhead(requests: int) -> float:
+    """p50 ms of one /v1/completions through the app alone (ASGI, stub SDK)."""
+    app = create_app(lambda _key: Caller(_StubSdk()), "tiny")  # type: ignore[arg-type]
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 1, "user": USER}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions"}
+    scope |= {"query_string": b"", "headers": headers, "http_version": "1.1", "scheme": "http", "root_path": ""}
+    scope |= {"server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 1)}
+
+    async def run() -> list[float]:
+        times = []
+        for i in range(requests + 50):
+            started = time.perf_counter()
+            await _app_once(app, scope, body)
+            if i >= 50:  # after a warm-up
+                times.append((time.perf_counter() - started) * 1000.0)
+        return times
+
+    return statistics.median(asyncio.run(run()))
+
+
+def _lookup(result: dict[str, Any], dotted: str) -> float:
+    value: Any = result
+    for part in dotted.split("."):
+        value = value[part]
+    return float(value)
+
+
+def verdicts(result: dict[str, Any]) -> dict[str, bool]:
+    ops = {"<=": float.__le__, ">=": float.__ge__}
+    return {name: ops[op](_lookup(result, name), bound) for name, (op, bound) in TARGETS.items()}
+
+
+def print_table(result: dict[str, Any], met: dict[str, bool]) -> None:
+    rows = [
+        ("one-token completion, edge p50 (ms)", f"{result['edge_ms_p50']:.2f}", ""),
+        ("one-token Generate, direct p50 (ms)", f"{result['direct_ms_p50']:.2f}", ""),
+        ("added by the HTTP edge, p50 (ms)", f"{result['added_ms_p50']:.2f}", _verdict("added_ms_p50", met)),
+        ("  of which the app alone (ASGI, stub SDK), p50 (ms)", f"{result['app_ms_p50']:.2f}", ""),
+        ("streaming TTFT, HTTP p50 (ms)", f"{result['ttft']['http_ms_p50']:.2f}", ""),
+        ("streaming TTFT, gRPC p50 (ms)", f"{result['ttft']['grpc_ms_p50']:.2f}", ""),
+        ("TTFT ratio HTTP / gRPC", f"{result['ttft']['ratio']:.3f}", _verdict("ttft.ratio", met)),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for name, value, verdict in rows:
+        print(f"{name:<{width}}  {value:>9}  {verdict}")
+
+
+def _verdict(name: str, met: dict[str, bool]) -> str:
+    op, bound = TARGETS[name]
+    return f"target {op} {bound}: {'met' if met[name] else 'MISSED'}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="100 requests per path")
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--in-up", action="store_true", help="measure up's own edge (in the worker's process)")
+    ap.add_argument("--json", type=Path, default=None, help="write the result here")
+    args = ap.parse_args(argv)
+    requests = 100 if args.quick else args.requests
+    with tempfile.TemporaryDirectory(prefix="personalize-bench-http-") as tmp:
+        server = launch_up(Path(tmp) / "data", Path(tmp) / "up.log", 1, [])
+        assert server is not None, "personalize up refused to start"
+        gateway = None
+        try:
+            wait_serving(server.target, time.monotonic() + 300)
+            if not args.in_up:
+                gateway, url = start_gateway(Path(tmp) / "up.log", Path(tmp) / "gateway.log")
+                server = dataclasses.replace(server, http_url=url)
+            result = measure(server, requests)
+            result["edge"] = "up's own" if args.in_up else "serve --role gateway"
+        finally:
+            if gateway is not None:
+                gateway.terminate()
+                gateway.wait(30)
+            server.stop()
+    result["app_ms_p50"] = app_overhead(requests * 3)
+    met = verdicts(result)
+    result["targets_met"] = met
+    print_table(result, met)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
