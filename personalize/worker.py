@@ -45,6 +45,9 @@ _CAUSES = {
 }
 """degraded_reason per load failure: names the component, never an address, path or object key."""
 _MAX_EXAMPLES_SEEN = (1 << 48) - 1  # the registry record's field width
+EXPORTED_METADATA = ("examples_seen",)
+"""The only metadata an export carries (besides the base fingerprint and PEFT's "format"): never the user's
+texts, event ids or version, so exporting, importing for any user and exporting again gives the same bytes."""
 
 
 def imported_examples_seen(metadata: dict[str, str]) -> int:
@@ -294,7 +297,10 @@ class Worker:
         # Only PEFT's tensors and our own bookkeeping are kept: other metadata (a replay buffer, junk) is dropped.
         adapter = Adapter(adapter.rank, adapter.alpha, adapter.weights, {})
         current = self.registry.get(tenant, user_id)
-        published = self.repo.publish(tenant, user_id, adapter, current, examples_seen=examples)
+        # The events applied so far stay applied: ones a crashed trainer published but never acked are not
+        # trained again onto the imported adapter.
+        done = current.last_event_id if current else ""
+        published = self.repo.publish(tenant, user_id, adapter, current, examples_seen=examples, last_event_id=done)
         return self._info(user_id, published.record)
 
     def export_adapter(self, tenant: str, user_id: str, version: int = 0) -> tuple[dict[str, bytes], AdapterInfo]:
@@ -305,7 +311,9 @@ class Worker:
             raise NotFound(f"user {user_id!r} has no adapter version {wanted} (current is {record.version})")
         checksum = record.checksum if wanted == record.version else None
         data = self.repo.read_bytes(tenant, user_id, wanted, checksum)
-        adapter = adapter_from_bytes(data, self.spec, dtype=torch.float32)
+        stored = adapter_from_bytes(data, self.spec, dtype=torch.float32)
+        kept = {k: v for k, v in stored.metadata.items() if k in EXPORTED_METADATA}
+        adapter = Adapter(stored.rank, stored.alpha, stored.weights, kept)
         info = self._info(user_id, record)
         if wanted != record.version:
             info = dataclasses.replace(info, version=wanted)
