@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
+from personalize import valkey
 from personalize.adapters.cache import AdapterCache
 from personalize.adapters.registry import AdapterRecord, Registry
 from personalize.adapters.repository import AdapterRepository
@@ -34,7 +35,8 @@ from personalize.feedback.stream import FeedbackStream
 from personalize.lora.adapter import Adapter
 from personalize.lora.format import AdapterSpec, adapter_from_bytes, check_served, read_peft, write_peft
 from personalize.model import BaseModel
-from personalize.routing.announce import Ownership
+from personalize.routing.announce import Ownership, forget_hot
+from personalize.routing.membership import MembershipConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,19 @@ _MAX_EXAMPLES_SEEN = (1 << 48) - 1  # the registry record's field width
 EXPORTED_METADATA = ("examples_seen",)
 """The only metadata an export carries (besides the base fingerprint and PEFT's "format"): never the user's
 texts, event ids or version, so exporting, importing for any user and exporting again gives the same bytes."""
+
+
+def _rewrite_log(client: Any) -> None:
+    """Ask the registry server to rewrite its append-only log, whose older commands still hold a deleted user's
+    texts; best effort (a managed server may refuse it, one rewrite at a time runs)."""
+    try:
+        client.bgrewriteaof()
+    except Exception as exc:
+        log.warning(
+            "the registry server did not start an AOF rewrite after DeleteUser (%s): deleted feedback "
+            "stays in its log until its next rewrite",
+            exc,
+        )
 
 
 def imported_examples_seen(metadata: dict[str, str]) -> int:
@@ -325,6 +340,10 @@ class Worker:
         events = self.stream.delete_user(tenant, user_id) if self.stream is not None else 0
         self.cache.invalidate(tenant, user_id)
         versions = self.repo.delete_versions(tenant, user_id)
+        if self.stream is not None:  # the workers' hot lists name users too
+            client, namespace = self.stream.client, MembershipConfig().namespace
+            valkey.call(lambda: forget_hot(client, namespace, tenant, user_id), "registry")
+            _rewrite_log(client)
         return versions, events
 
     # -- figures ----------------------------------------------------------------------------------------------
