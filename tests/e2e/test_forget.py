@@ -9,21 +9,16 @@ import secrets
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
+from personalize_service.cli.embedded import running_url
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from tests.e2e.upserver import Stubs, UpServer
 
 
 def _valkey(up_server: UpServer) -> redis.Redis:
-    conf = (up_server.data_dir / "valkey" / "valkey.conf").read_text()
-    port = next(line.split()[1] for line in conf.splitlines() if line.startswith("port "))
-    return redis.Redis(host="127.0.0.1", port=int(port), password=_password(up_server.data_dir))
-
-
-def _password(data_dir: Path) -> str | None:
-    found = list(data_dir.glob("valkey/*password*"))
-    return found[0].read_text().strip() if found else None
+    return redis.Redis.from_url(running_url(up_server.data_dir / "valkey"))
 
 
 def _dump(client: redis.Redis, key: bytes) -> bytes:
@@ -120,3 +115,16 @@ def test_export_is_plain_peft_and_delete_user_leaves_no_byte_of_the_users_text(
     while (left := _in_files(up_server.data_dir, needle)) and time.monotonic() < deadline:
         time.sleep(0.5)  # the old AOF files are removed just after the rewrite completes
     assert left == []
+
+
+def test_the_registry_password_is_required_and_shown_nowhere(up_server: UpServer) -> None:
+    password = (up_server.data_dir / "valkey" / "password").read_text().strip()
+    port = running_url(up_server.data_dir / "valkey").rsplit(":", 1)[1].split("/")[0]
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis(host="127.0.0.1", port=int(port)).ping()  # `up`'s Valkey refuses a client without it
+    assert redis.Redis.from_url(running_url(up_server.data_dir / "valkey")).ping()
+    assert ":***@" in up_server.log() and password not in up_server.log()
+    logs = list(up_server.data_dir.rglob("*.log"))
+    assert logs and not [p for p in logs if password in p.read_text(errors="replace")]
+    trainer = int((up_server.data_dir / "trainer.pid").read_text())
+    assert password.encode() not in Path(f"/proc/{trainer}/cmdline").read_bytes()  # by environment, not argv
