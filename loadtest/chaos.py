@@ -55,6 +55,7 @@ from loadtest.chaos_load import CALL_TIMEOUT_S, FAULTS, PROMPTS, Call, ChaosConf
 from loadtest.faultproxy import FaultProxy
 from personalize.adapters.registry import Registry
 from personalize.adapters.store.keys import adapter_version, user_prefix
+from personalize_service.cli.embedded import running_url
 from personalize_service.client import PersonalizeClient, PersonalizeClientError
 from tests.e2e.upserver import UpServer, start_up, valkey_pids
 from tests.s3server import S3Server, start_weed_mini
@@ -172,10 +173,10 @@ class Chaos:
             env={"PERSONALIZE_STORE_URL": self.s3.s3_url(BUCKET, PREFIX)},
         )
         self._stack.callback(self.up.stop)
-        found = REGISTRY_RE.search(self.up.log())
-        if found is None:
+        if REGISTRY_RE.search(self.up.log()) is None:
             raise ChaosError(f"no registry URL in up's banner:\n{self.up.log()[-3000:]}")
-        self.redis = redis.Redis.from_url(found[1], socket_timeout=5, socket_connect_timeout=5)
+        url = running_url(data_dir / "valkey")  # the banner masks the password
+        self.redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self._stack.callback(self.redis.close)
         self.client = PersonalizeClient(self.up.target, timeout=CALL_TIMEOUT_S)
         self._stack.callback(self.client.close)

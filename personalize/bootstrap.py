@@ -19,7 +19,7 @@ from personalize.adapters.registry import open_registry
 from personalize.adapters.repository import AdapterRepository
 from personalize.adapters.store import open_store
 from personalize.config import Config
-from personalize.durability import check_durability
+from personalize.durability import check_durability, check_server_version
 from personalize.engine.engine import Engine
 from personalize.errors import InvalidArgument
 from personalize.feedback.notify import UpdateListener, publish_update, redis_client
@@ -52,6 +52,7 @@ def worker(config: Config) -> Worker:
     _check_urls(config)
     client = redis_client(config.registry.url)
     check_durability(client, config.allow_unsynced_registry)  # before the model loads: fail fast
+    check_server_version(client)
     base = load_base_model(config.model)
     spec = adapter_spec(config, base)
     per_slot = slot_nbytes(base.config, config.lora.r_max, config.lora.target_modules, base.dtype)
@@ -95,6 +96,7 @@ def trainer(config: Config, consumer: str = "") -> Trainer:
     _check_urls(config)
     client = redis_client(config.registry.url)
     check_durability(client, config.allow_unsynced_registry)
+    check_server_version(client)
     base = load_base_model(config.model)
     repo = AdapterRepository(
         open_registry(config.registry),

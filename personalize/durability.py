@@ -64,3 +64,56 @@ def check_durability(client: Any, allow_unsynced: bool = False) -> None:
             f"'appendonly yes' and 'appendfsync always', or {ALLOW_HINT}"
         )
     log.error("registry server is not durable, running anyway (allowed by the operator): %s", reason)
+
+
+MIN_SERVER = {"valkey": (9, 0), "redis": (7, 4)}
+"""Oldest server of each kind with every command the feedback scripts call (HEXPIRE: the per-field expiry of
+idempotency keys). On an older one the append script fails after XADD and HSET, so an acked event is dropped."""
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """`9.0.1` -> (9, 0, 1); a part that is not a number ends the tuple (`7.4.0-rc1` -> (7, 4))."""
+    parts: list[int] = []
+    for part in text.strip().split("."):
+        digits = part.split("-")[0]
+        if not (digits.isascii() and digits.isdigit()):
+            break
+        parts.append(int(digits))
+        if not part.isdigit():
+            break
+    return tuple(parts)
+
+
+def version_problem(server: str, version: str) -> str:
+    """Why a `server` ("valkey" or "redis") at `version` cannot run the feedback scripts, "" when it can."""
+    needed = MIN_SERVER.get(server)
+    if needed is None:
+        return f"unknown server {server!r} {version}: need Valkey >= 9.0 or Redis >= 7.4"
+    found = parse_version(version)
+    if not found or found < needed:
+        return (
+            f"{server} {version or '(no version)'} is too old: the feedback scripts need HEXPIRE, "
+            f"{server} >= {'.'.join(map(str, needed))}"
+        )
+    return ""
+
+
+def server_of(info: dict[str, Any]) -> tuple[str, str]:
+    """(kind, version) from INFO server: Valkey also reports a redis_version for compatibility (7.2.4)."""
+    if info.get("valkey_version"):
+        return "valkey", _text(info["valkey_version"])
+    return "redis", _text(info.get("redis_version", ""))
+
+
+def check_server_version(client: Any) -> None:
+    """Raise InvalidArgument naming the version found and needed when the registry server is too old for the
+    feedback scripts. An unreachable server is left to the first real call (it fails there as Unavailable)."""
+    try:
+        info = client.info("server")
+    except (redis.exceptions.RedisError, OSError) as exc:
+        log.warning("the registry server did not answer INFO (%s): its version was not checked", exc)
+        return
+    kind, version = server_of({_text(k): v for k, v in info.items()})
+    problem = version_problem(kind, version)
+    if problem:
+        raise InvalidArgument(f"registry server cannot run the feedback scripts: {problem}; upgrade it")

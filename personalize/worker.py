@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
+from personalize import valkey
 from personalize.adapters.cache import AdapterCache
 from personalize.adapters.registry import AdapterRecord, Registry
 from personalize.adapters.repository import AdapterRepository
@@ -35,7 +36,8 @@ from personalize.feedback.stream import FeedbackStream
 from personalize.lora.adapter import Adapter
 from personalize.lora.format import AdapterSpec, adapter_from_bytes, check_served, read_peft, write_peft
 from personalize.model import BaseModel
-from personalize.routing.announce import Ownership
+from personalize.routing.announce import Ownership, forget_hot
+from personalize.routing.membership import MembershipConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,22 @@ _CAUSES = {
 }
 """degraded_reason per load failure: names the component, never an address, path or object key."""
 _MAX_EXAMPLES_SEEN = (1 << 48) - 1  # the registry record's field width
+EXPORTED_METADATA = ("examples_seen",)
+"""The only metadata an export carries (besides the base fingerprint and PEFT's "format"): never the user's
+texts, event ids or version, so exporting, importing for any user and exporting again gives the same bytes."""
+
+
+def _rewrite_log(client: Any) -> None:
+    """Ask the registry server to rewrite its append-only log, whose older commands still hold a deleted user's
+    texts; best effort (a managed server may refuse it, one rewrite at a time runs)."""
+    try:
+        client.bgrewriteaof()
+    except Exception as exc:
+        log.warning(
+            "the registry server did not start an AOF rewrite after DeleteUser (%s): deleted feedback "
+            "stays in its log until its next rewrite",
+            exc,
+        )
 
 
 def imported_examples_seen(metadata: dict[str, str]) -> int:
@@ -295,7 +313,10 @@ class Worker:
         # Only PEFT's tensors and our own bookkeeping are kept: other metadata (a replay buffer, junk) is dropped.
         adapter = Adapter(adapter.rank, adapter.alpha, adapter.weights, {})
         current = self.registry.get(tenant, user_id)
-        published = self.repo.publish(tenant, user_id, adapter, current, examples_seen=examples)
+        # The events applied so far stay applied: ones a crashed trainer published but never acked are not
+        # trained again onto the imported adapter.
+        done = current.last_event_id if current else ""
+        published = self.repo.publish(tenant, user_id, adapter, current, examples_seen=examples, last_event_id=done)
         return self._info(user_id, published.record)
 
     def export_adapter(self, tenant: str, user_id: str, version: int = 0) -> tuple[dict[str, bytes], AdapterInfo]:
@@ -306,7 +327,9 @@ class Worker:
             raise NotFound(f"user {user_id!r} has no adapter version {wanted} (current is {record.version})")
         checksum = record.checksum if wanted == record.version else None
         data = self.repo.read_bytes(tenant, user_id, wanted, checksum)
-        adapter = adapter_from_bytes(data, self.spec, dtype=torch.float32)
+        stored = adapter_from_bytes(data, self.spec, dtype=torch.float32)
+        kept = {k: v for k, v in stored.metadata.items() if k in EXPORTED_METADATA}
+        adapter = Adapter(stored.rank, stored.alpha, stored.weights, kept)
         info = self._info(user_id, record)
         if wanted != record.version:
             info = dataclasses.replace(info, version=wanted)
@@ -319,6 +342,10 @@ class Worker:
         events = self.stream.delete_user(tenant, user_id) if self.stream is not None else 0
         self.cache.invalidate(tenant, user_id)
         versions = self.repo.delete_versions(tenant, user_id)
+        if self.stream is not None:  # the workers' hot lists name users too
+            client, namespace = self.stream.client, MembershipConfig().namespace
+            valkey.call(lambda: forget_hot(client, namespace, tenant, user_id), "registry")
+            _rewrite_log(client)
         return versions, events
 
     # -- figures ----------------------------------------------------------------------------------------------

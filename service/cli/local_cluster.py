@@ -89,10 +89,10 @@ class WorkerProcess:
 
 
 def worker_command(
-    values: Mapping[str, Any], node_id: str, registry_url: str, data_dir: Path, port: int, advertise: str = ""
+    values: Mapping[str, Any], node_id: str, data_dir: Path, port: int, advertise: str = ""
 ) -> list[str]:
-    """The `personalize serve --role worker` command line of one of up's workers (the store URL, which may
-    hold credentials, goes by environment: see worker_environment)."""
+    """The `personalize serve --role worker` command line of one of up's workers (the store and registry URLs,
+    which may hold credentials, go by environment: see worker_environment)."""
     args = [
         sys.executable,
         "-m",
@@ -102,8 +102,6 @@ def worker_command(
         "worker",
         "--node-id",
         node_id,
-        "--registry-url",
-        registry_url,
         "--data-dir",
         str(data_dir),
         "--host",
@@ -119,12 +117,14 @@ def worker_command(
     return args
 
 
-def worker_environment(values: Mapping[str, Any], store_url: str) -> dict[str, str]:
+def worker_environment(values: Mapping[str, Any], store_url: str, registry_url: str = "") -> dict[str, str]:
     """This process's environment without PERSONALIZE_* (flags carry the resolved settings), plus what must
     not show on a command line: the store URL (it may carry S3 credentials) and the API keys, so every
     worker authenticates the tenants the router does."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONALIZE_")}
     env[settings.BY_KEY["store_url"].env] = store_url
+    if registry_url:
+        env[settings.BY_KEY["registry.url"].env] = registry_url  # it carries the registry's password
     if values["service.api_keys_file"]:
         env[settings.BY_KEY["service.api_keys_file"].env] = str(values["service.api_keys_file"])
     if values["service.api_keys"]:
@@ -170,7 +170,7 @@ class WorkerProcesses:
         self.max_restarts = int(values.get("worker_restarts", 0))
         self.advertise = advertise_list(str(values.get("worker_advertise", "")), count)
         self.workers: dict[str, WorkerProcess] = {}
-        self._env = worker_environment(values, store_url)
+        self._env = worker_environment(values, store_url, registry_url)
         self._lock = threading.Lock()  # guards spawning and workers.json against stop()
         self._stop = threading.Event()
         self._monitor = threading.Thread(target=self._watch_exits, name="worker-monitor", daemon=True)
@@ -189,7 +189,7 @@ class WorkerProcesses:
 
     def _spawn(self, node_id: str, own: Path, advertise: str) -> WorkerProcess:
         port = find_free_port()
-        command = worker_command(self.values, node_id, self.registry_url, own, port, advertise)
+        command = worker_command(self.values, node_id, own, port, advertise)
         with open(own / "worker.log", "ab") as out:
             process = subprocess.Popen(
                 command,

@@ -22,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from personalize.routing.membership import Membership, MembershipConfig, membership_client
+from personalize_service.cli.embedded import running_url
 from personalize_service.client import PersonalizeClient
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.net import find_free_port
@@ -73,10 +74,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         "0",
     )  # a killed worker stays down here
     registry = re.search(r"embedded Valkey (redis://\S+)", up.log())
-    assert registry is not None, up.log()
+    assert registry is not None and ":***@" in registry[1], up.log()  # the banner masks the password
     with up.channel() as channel:
         workers = json.loads((up.data_dir / "workers.json").read_text())
-        yield Cluster(up, Stubs.on(channel), registry[1], workers)
+        yield Cluster(up, Stubs.on(channel), running_url(up.data_dir / "valkey"), workers)
     assert up.stop() == 0, up.log()[-4000:]
     assert not (up.data_dir / "workers.json").exists()
 

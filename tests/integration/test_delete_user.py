@@ -18,8 +18,9 @@ from personalize.adapters.registry import RegistryConfig
 from personalize.adapters.store.keys import user_digest, user_prefix
 from personalize.config import Config, LoraConfig
 from personalize.engine.types import SamplingParams
-from personalize.errors import NotFound
+from personalize.errors import NotFound, Unavailable
 from personalize.feedback.events import FeedbackEvent
+from personalize.feedback.trainer import Trainer, TrainerConfig
 from personalize.lora.format import random_adapter, write_peft
 from personalize.lora.slots import slot_nbytes
 from personalize.model import default_llama_config
@@ -157,3 +158,36 @@ def test_delete_user_while_a_generation_holds_the_slot(worker: Worker) -> None:
     worker.engine.submit("flush", GREEDY).result(30)  # the engine released the lease before this finished
     assert cached_users(worker) == {"device": set(), "host": set(), "disk": set()}
     assert worker.cache.stats()["resident"] == {"device": 0, "host": 0, "disk": 0}
+
+
+def test_import_keeps_applied_events_applied_after_a_trainer_crash(
+    worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trainer publishes a user's events and dies before acking them; the user then imports an adapter. The
+    restarted trainer must see those events as applied, not train them onto the imported adapter."""
+    assert worker.stream is not None
+    worker.stream.ensure_group()
+    ids = feedback(worker, "crash", 2)
+    config = TrainerConfig(steps=1, min_steps=1, max_steps=1, block_ms=50, linger_ms=0, claim_idle_ms=0)
+    trainer = Trainer(config, worker.base, worker.repo, worker.stream, consumer="t")
+
+    real_ack = worker.stream.ack
+
+    def crash(tenant: str, user_id: str, ids: list[str]) -> int:
+        if ids:
+            raise Unavailable("trainer killed between publish and ack")
+        return real_ack(tenant, user_id, ids)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(worker.stream, "ack", crash)
+        with pytest.raises(Unavailable, match="between publish and ack"):
+            trainer.run_round()
+    assert worker.repo.require(T, "crash").last_event_id == ids[-1]
+    assert worker.stream.pending_count(T, "crash") == 2  # published, never acked
+
+    assert give_adapter(worker, "crash", seed=5) == 2
+    assert worker.repo.require(T, "crash").last_event_id == ids[-1]
+    restarted = Trainer(config, worker.base, worker.repo, worker.stream, consumer="t")
+    report = restarted.run_round()
+    assert report.published == [] and report.skipped_applied == 2
+    assert worker.repo.require(T, "crash").version == 2 and worker.stream.pending_count(T, "crash") == 0

@@ -17,7 +17,7 @@ import redis
 from personalize import bootstrap
 from personalize.adapters.registry import RegistryConfig
 from personalize.config import Config
-from personalize.durability import check_durability, unsynced_reason
+from personalize.durability import check_durability, check_server_version, server_of, unsynced_reason, version_problem
 from personalize.errors import InvalidArgument
 from personalize_service.cli.embedded import EmbeddedValkey, EmbeddedValkeyConfig
 
@@ -103,3 +103,19 @@ def test_the_trainer_refuses_to_start_on_everysec(everysec: EmbeddedValkey, tmp_
         timeout=120,
     )
     assert done.returncode != 0 and "appendfsync is 'everysec'" in done.stdout + done.stderr, done.stderr[-2000:]
+
+
+def test_the_real_server_is_recent_enough_for_the_feedback_scripts(redis_client: redis.Redis) -> None:
+    info = redis_client.info("server")
+    kind, version = server_of(info)
+    assert kind == "valkey" and version_problem(kind, version) == ""
+    check_server_version(redis_client)  # the startup check passes against it
+
+
+def test_a_too_old_server_stops_startup_naming_versions(redis_client: redis.Redis) -> None:
+    class Old:  # the real server's INFO, with the version an old Valkey would report
+        def info(self, section: str) -> dict[str, object]:
+            return {**redis_client.info(section), "valkey_version": "8.1.1"}
+
+    with pytest.raises(InvalidArgument, match=r"valkey 8\.1\.1 is too old.*HEXPIRE.*>= 9\.0"):
+        check_server_version(Old())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from personalize_service.cli.embedded import EmbeddedValkey, EmbeddedValkeyConfig, EmbeddedValkeyError
+from personalize_service.cli.embedded import PASSWORD_FILE, EmbeddedValkey, EmbeddedValkeyConfig, EmbeddedValkeyError
 from personalize_service.net import find_free_port
 
 
@@ -21,7 +21,8 @@ def _server(data_dir: Path, **kwargs: object) -> EmbeddedValkey:
 
 def test_runs_loopback_only_with_aof_and_protected_mode(tmp_path: Path) -> None:
     with _server(tmp_path) as server:
-        assert server.url == f"redis://127.0.0.1:{server.port}/0"
+        password = (tmp_path / PASSWORD_FILE).read_text()
+        assert server.url == f"redis://:{password}@127.0.0.1:{server.port}/0"
         client = redis.Redis.from_url(server.url, decode_responses=True)
         assert client.ping()
         assert client.config_get("bind")["bind"] == "127.0.0.1"
@@ -109,4 +110,22 @@ def test_fixed_port(tmp_path: Path) -> None:
     port = find_free_port()
     with _server(tmp_path, port=port) as server:
         assert server.port == port
-        assert redis.Redis(port=port).ping()
+        assert redis.Redis.from_url(server.url).ping()
+
+
+def test_a_client_without_the_password_is_refused_and_the_password_survives_restarts(tmp_path: Path) -> None:
+    with _server(tmp_path) as server:
+        path = tmp_path / PASSWORD_FILE
+        password = path.read_text()
+        assert len(password) >= 32 and path.stat().st_mode & 0o777 == 0o600
+        assert (tmp_path / "valkey.conf").stat().st_mode & 0o777 == 0o600
+        for url in (f"redis://127.0.0.1:{server.port}/0", f"redis://:wrong@127.0.0.1:{server.port}/0"):
+            with pytest.raises(redis.exceptions.AuthenticationError):
+                redis.Redis.from_url(url).ping()
+        redis.Redis.from_url(server.url).set("k", "v")
+        assert password not in server.safe_url
+    with _server(tmp_path) as again:
+        assert path.read_text() == password and redis.Redis.from_url(again.url).get("k") == b"v"
+    with _server(tmp_path.parent / f"{tmp_path.name}-other") as other:
+        assert (tmp_path.parent / f"{tmp_path.name}-other" / PASSWORD_FILE).read_text() != password
+        assert other.running

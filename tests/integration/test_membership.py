@@ -201,7 +201,7 @@ def test_membership_on_a_redis_cluster(tmp_path: Path) -> None:
         seed.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
         wait_for(lambda: b"cluster_state:ok" in seed.execute_command("CLUSTER", "INFO"), timeout_s=15)
         seed.close()
-        cluster = redis.cluster.RedisCluster(host="127.0.0.1", port=server.port)
+        cluster = redis.cluster.RedisCluster.from_url(server.url)
         config = MembershipConfig(namespace="cl", **FAST)  # type: ignore[arg-type]
         beats = [Heartbeat(cluster, config, node(f"worker-{i}")).start() for i in range(3)]
         assert set(Membership(cluster, config).nodes()) == {"worker-0", "worker-1", "worker-2"}

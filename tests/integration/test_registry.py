@@ -255,7 +255,7 @@ def cluster_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.c
         while b"cluster_state:ok" not in node.execute_command("CLUSTER", "INFO"):
             assert time.monotonic() < deadline, "one-node cluster never became ok"
             time.sleep(0.05)
-        client = redis.cluster.RedisCluster(host="127.0.0.1", port=server.port)
+        client = redis.cluster.RedisCluster.from_url(server.url)
         yield client
         client.close()
 

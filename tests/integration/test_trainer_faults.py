@@ -19,9 +19,10 @@ from personalize.adapters.store import FileStore, ObjectStore, user_prefix
 from personalize.adapters.store.keys import adapter_key, adapter_version
 from personalize.errors import Conflict, CorruptObject, NotFound, Unavailable
 from personalize.feedback.events import FeedbackEvent
+from personalize.feedback.examples import applied_event_ids, stored_examples
 from personalize.feedback.notify import redis_client
 from personalize.feedback.stream import Delivered, FeedbackStream, StreamConfig
-from personalize.feedback.trainer import Trainer, TrainerConfig, UserJob, replay_of, train_round
+from personalize.feedback.trainer import Trainer, TrainerConfig, UserJob, train_round
 from personalize.lora.adapter import Adapter
 from personalize.lora.format import AdapterSpec
 from personalize.model import BaseModel
@@ -113,7 +114,11 @@ def _append(parts: dict[str, Any], user: str, *numbers: int) -> list[Delivered]:
 def _corrupt(repo: AdapterRepository, user: str) -> AdapterRecord:
     """Flip a byte of the user's current object behind the repository's back."""
     record = repo.require("acme", user)
-    (key,) = [k for k in repo.store.list(user_prefix("acme", user)) if f"v{record.version:012d}-" in k]
+    (key,) = [
+        k
+        for k in repo.store.list(user_prefix("acme", user))
+        if f"v{record.version:012d}-" in k and k.endswith(".safetensors")
+    ]
     data = bytearray(repo.store.get(key))
     data[-1] ^= 0xFF
     repo.store.put(key, bytes(data))
@@ -122,11 +127,19 @@ def _corrupt(repo: AdapterRepository, user: str) -> AdapterRecord:
     return record
 
 
+def _assert_applied_once(repo: AdapterRepository, user: str, events: list[Delivered]) -> None:
+    """Every id of `events` is listed by exactly one stored version of the user, and no other id is (checked
+    against the versions' own records, not the trainer's examples_seen)."""
+    applied = applied_event_ids(repo, "acme", user)
+    assert applied == {d.event_id: 1 for d in events}, applied
+
+
 def _assert_trained_from(
     trainer: Trainer, start: Adapter, record: AdapterRecord, events: list[Delivered], result: Adapter
 ) -> None:
     """`result` is what training `events` (and `start`'s replay examples) on `start` gives."""
-    job = UserJob("acme", events[0].event.user_id, record, start, events, replay_of(start))
+    user = events[0].event.user_id
+    job = UserJob("acme", user, record, start, events, stored_examples(trainer.repo, "acme", user, start).replay)
     (expected,), _, _ = train_round(trainer.model, trainer.base.tokenizer, [job], trainer.config)
     for key, (a, b) in expected.weights.items():
         torch.testing.assert_close(result.weights[key][0], a, atol=1e-4, rtol=1e-3)
@@ -208,7 +221,7 @@ def test_corrupt_adapter_is_retrained_from_the_newest_intact_version_in_the_same
     v3 = repo.load("acme", "a", record)
     _assert_trained_from(trainer, v1, current, new_a, v3)
     # Rehearsal continues from v1's examples: event 2 lived only in the lost v2.
-    assert [e.prompt for e in replay_of(v3)] == [f"Q: {i}?\nA: " for i in (0, 1, 3, 4)]
+    assert [e.prompt for e in stored_examples(repo, "acme", "a", v3).replay] == [f"Q: {i}?\nA: " for i in (0, 1, 3, 4)]
     assert stream.pending_count("acme", "a") == 0 and stream.lag() == 0
     assert trainer.run_round().published == []
 
@@ -241,19 +254,19 @@ def test_store_unavailable_for_one_user_defers_only_that_user(parts: dict[str, A
     stream: FeedbackStream = parts["stream"]
     store: FlakyStore = parts["store"]
     trainer = _trainer(base, parts)
-    _append(parts, "a", 0)
-    _append(parts, "b", 0)
+    a = _append(parts, "a", 0)
+    b = _append(parts, "b", 0)
     trainer.run_round()
 
     store.down = user_prefix("acme", "a")
-    _append(parts, "a", 1, 2)
-    _append(parts, "b", 1)
+    a += _append(parts, "a", 1, 2)
+    b += _append(parts, "b", 1)
     for _ in range(2):
         report = trainer.run_round()
         assert report.deferred_users == 1 and report.users <= 1
         assert repo.require("acme", "a").version == 1 and stream.pending_count("acme", "a") == 2
     assert repo.require("acme", "b").examples_seen == 2  # applied in the first of those rounds
-    _append(parts, "b", 2)
+    b += _append(parts, "b", 2)
     trainer.run_round()
 
     store.down = ""
@@ -261,6 +274,8 @@ def test_store_unavailable_for_one_user_defers_only_that_user(parts: dict[str, A
     assert trainer.run_round().published == []
     assert (repo.require("acme", "a").examples_seen, repo.require("acme", "b").examples_seen) == (3, 3)
     assert stream.lag() == 0
+    _assert_applied_once(repo, "a", a)
+    _assert_applied_once(repo, "b", b)
 
 
 def test_events_survive_in_memory_when_the_stream_read_fails(parts: dict[str, Any], base: BaseModel) -> None:
@@ -298,6 +313,7 @@ def test_cas_reply_lost_is_recognised_as_applied(parts: dict[str, Any], base: Ba
     record = repo.require("acme", "a")
     assert (record.version, record.examples_seen, record.last_event_id) == (1, 2, events[-1].event_id)
     assert stream.lag() == 0
+    _assert_applied_once(repo, "a", events)
 
 
 def test_ack_lost_after_publish_is_recognised_as_applied(parts: dict[str, Any], base: BaseModel) -> None:
@@ -306,7 +322,7 @@ def test_ack_lost_after_publish_is_recognised_as_applied(parts: dict[str, Any], 
     repo: AdapterRepository = parts["repo"]
     stream: CutStream = parts["stream"]
     trainer = _trainer(base, parts)
-    _append(parts, "a", 0, 1, 2)
+    events = _append(parts, "a", 0, 1, 2)
     stream.cut = frozenset({"ack"})
     with pytest.raises(Unavailable):
         trainer.run_round()
@@ -315,14 +331,15 @@ def test_ack_lost_after_publish_is_recognised_as_applied(parts: dict[str, Any], 
     report = trainer.run_round(claim=False)
     assert report.skipped_applied == 3 and report.published == []
     assert repo.require("acme", "a").version == 1 and stream.lag() == 0
+    _assert_applied_once(repo, "a", events)
 
 
 def test_an_older_event_held_by_another_trainer_is_never_skipped(parts: dict[str, Any], base: BaseModel) -> None:
     repo: AdapterRepository = parts["repo"]
     stream: FeedbackStream = parts["stream"]
-    _append(parts, "a", 0)
+    events = _append(parts, "a", 0)
     slow_got = stream.read("slow", 1, 0)  # a slower trainer took event 0 and is still training it
-    _append(parts, "a", 1)
+    events += _append(parts, "a", 1)
     fast = _trainer(base, parts, "fast")
     report = fast.run_round(claim=False)  # reads event 1 only
     assert report.published == [] and report.deferred_users == 1
@@ -331,6 +348,7 @@ def test_an_older_event_held_by_another_trainer_is_never_skipped(parts: dict[str
     assert slow.run_round(claim=False).published == [("acme", "a", 1)]
     assert fast.run_round(claim=False).published == [("acme", "a", 2)]
     assert repo.require("acme", "a").examples_seen == 2 and stream.lag() == 0
+    _assert_applied_once(repo, "a", events)
 
 
 def test_unreachable_stream_server_fails_the_round_and_keeps_the_events(
@@ -377,7 +395,9 @@ def test_malformed_replay_metadata_is_skipped_and_every_user_trains(
     _append(parts, "ok", 0)
     report = trainer.run_round()
     assert sorted(report.published) == [("acme", "m", 2), ("acme", "ok", 1)] and report.failed_users == 0
-    assert [e.prompt for e in replay_of(repo.load("acme", "m", repo.require("acme", "m")))] == ["Q: 0?\nA: "]
+    stored = stored_examples(repo, "acme", "m", repo.load("acme", "m", repo.require("acme", "m")))
+    assert [e.prompt for e in stored.replay] == ["Q: 0?\nA: "]
+    assert "replay" not in repo.load("acme", "m", repo.require("acme", "m")).metadata  # migrated
     assert stream.lag() == 0
 
 

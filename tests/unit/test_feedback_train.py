@@ -8,9 +8,11 @@ import torch
 
 from personalize.feedback.batch import build_batch, encode_example
 from personalize.feedback.events import FeedbackEvent
+from personalize.feedback.examples import VersionExamples, decode, encode, legacy_replay
 from personalize.feedback.losses import dpo_loss, sft_loss, token_logprobs, unlikelihood_loss
 from personalize.feedback.stream import Delivered
-from personalize.feedback.trainer import TrainerConfig, UserJob, replay_of, train_round, with_replay
+from personalize.feedback.trainer import TrainerConfig, UserJob, train_round
+from personalize.lora.adapter import Adapter
 from personalize.lora.format import AdapterSpec, zero_adapter
 from personalize.model import BaseModel
 from tests.helpers import make_adapter
@@ -125,10 +127,13 @@ def test_non_finite_loss_publishes_nothing(base: BaseModel) -> None:
     assert finite == [False]
 
 
-def test_replay_buffer_round_trips_in_metadata(base: BaseModel) -> None:
-    adapter = make_adapter(base.config, 2, seed=1)
+def test_version_examples_round_trip_and_legacy_metadata_is_read(base: BaseModel) -> None:
     events = [_event("gina", "correct", i) for i in range(3)]
-    assert replay_of(with_replay(adapter, events)) == [
-        FeedbackEvent(e.tenant, e.user_id, e.kind, e.prompt, e.completion, e.correction, e.rejected) for e in events
-    ]
-    assert replay_of(with_replay(adapter, [])) == []
+    record = VersionExamples(["1-0", "1-2"], events)
+    assert decode(encode(record)) == record
+    assert decode(encode(VersionExamples())) == VersionExamples()
+    for junk in (b"not json", b"[1]", b'{"event_ids": [1, "2-0"], "replay": [{"prompt": 5}]}'):
+        assert decode(junk).replay == [] and decode(junk).event_ids in ([], ["2-0"])
+    adapter = make_adapter(base.config, 2, seed=1)
+    legacy = Adapter(2, 4.0, adapter.weights, {"replay": encode(record).decode().split('"replay": ')[1][:-1]})
+    assert legacy_replay(legacy) == events and legacy_replay(adapter) == []

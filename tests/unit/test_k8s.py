@@ -47,6 +47,7 @@ KUBERNETES_VERSIONS = ("1.30.0", "1.34.0")
 """The oldest release the manifests need (preStop `sleep` action) and the pinned recent one."""
 CUSTOM_RESOURCES = {
     ("keda.sh/v1alpha1", "ScaledObject"): "test_trainers_scale_on_every_feedback_stream",
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): "test_trainers_scale_on_every_feedback_stream",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "test_service_monitor_scrapes_every_metrics_port",
 }
 """Kinds of third-party CRDs, not in kubernetes-validate's core schemas; vendoring their schemas would tie the
@@ -516,6 +517,10 @@ def test_trainers_scale_on_every_feedback_stream(overlay: str) -> None:
         metadata = trigger["metadata"]
         assert {k: metadata[k] for k in expected} == expected
         assert int(metadata["pendingEntriesCount"]) > 0
+        auth = one(objects, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+        assert auth["spec"]["secretTargetRef"] == [
+            {"parameter": "password", "name": "personalize-valkey", "key": "password"}
+        ], "KEDA reads the streams with the Valkey password"
         streams.append(metadata["stream"])
     assert sorted(streams) == sorted(stream.stream_key(p) for p in range(config.partitions))
 

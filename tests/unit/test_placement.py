@@ -121,14 +121,15 @@ def test_up_workers_get_the_resolved_settings_and_secrets_only_by_environment(tm
         {"PERSONALIZE_API_KEYS": "acme:s3cret", "PERSONALIZE_PORT": "1"},
     )
     store = "s3://b/p?endpoint=h:9&access_key=a&secret_key=topsecret"
-    command = worker_command(values, "worker-1", "redis://h:1/0", tmp_path, 4321, "127.0.0.1:9999")
+    command = worker_command(values, "worker-1", tmp_path, 4321, "127.0.0.1:9999")
     text = " ".join(command)
     assert "--role worker --node-id worker-1" in text and "--port 4321" in text and "--device-cache 64MiB" in text
     assert "--advertise-address 127.0.0.1:9999" in text
     assert "--max-batch 8" in text and "s3cret" not in text and "--workers" not in text and "--store-url" not in text
-    env = worker_environment(values, store)
+    env = worker_environment(values, store, "redis://:pw@h:1/0")
     assert env["PERSONALIZE_API_KEYS"] == "acme:s3cret" and "PERSONALIZE_PORT" not in env
-    assert env["PERSONALIZE_STORE_URL"] == store
+    assert env["PERSONALIZE_STORE_URL"] == store and env["PERSONALIZE_REGISTRY_URL"] == "redis://:pw@h:1/0"
+    assert "pw@" not in text and "--registry-url" not in text
 
 
 def test_worker_advertise_names_one_address_per_worker() -> None:
@@ -172,7 +173,7 @@ def test_up_splits_the_cores_over_its_processes_unless_told() -> None:
     assert launcher.share_cores(values, 4)["model.threads"] == max(1, cores // 4)
     assert launcher.share_cores(values, 1)["model.threads"] == cores
     assert launcher.share_cores({**values, "model.threads": 3}, 4)["model.threads"] == 3
-    command = worker_command(launcher.share_cores(values, 10_000), "worker-0", "redis://h:1/0", Path("/d"), 1)
+    command = worker_command(launcher.share_cores(values, 10_000), "worker-0", Path("/d"), 1)
     assert "--torch-threads 1" in " ".join(command)
 
 

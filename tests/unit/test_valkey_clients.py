@@ -29,3 +29,16 @@ def test_a_client_pool_holds_every_handler_thread(make: Callable[[str], Any]) ->
         assert client.connection_pool.max_connections >= ServiceConfig().threads
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(
+    "make", [redis_client, membership_client, _registry_client], ids=["stream", "membership", "registry"]
+)
+def test_every_client_takes_the_password_and_acl_user_from_its_url(make: Callable[[str], Any]) -> None:
+    for url, user in (("redis://:s3cret@127.0.0.1:1/0", None), ("redis://app:s3cret@127.0.0.1:1/0", "app")):
+        client = make(url)
+        try:
+            kwargs = client.connection_pool.connection_kwargs
+            assert (kwargs.get("password"), kwargs.get("username")) == ("s3cret", user)
+        finally:
+            client.close()

@@ -17,6 +17,7 @@ MAX_VERSION = 10**12 - 1
 """Largest version a key can name (the key holds 12 decimal digits)."""
 
 _KEY_RE = re.compile(r"^adapters/([0-9a-f]{32})/v(\d{12})(?:-[0-9a-f]{16})?\.safetensors$")
+_EXAMPLES_RE = re.compile(r"^adapters/([0-9a-f]{32})/v(\d{12})-[0-9a-f]{16}\.examples\.json$")
 _CHECKSUM_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
 
 
@@ -51,16 +52,32 @@ def adapter_key(tenant: str, user_id: str, version: int, checksum: str = "") -> 
     """
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
         raise InvalidArgument(f"adapter version must be an int in [1, {MAX_VERSION}], got {version!r}")
-    tag = ""
-    if checksum:
-        match = _CHECKSUM_RE.match(checksum)
-        if match is None:
-            raise InvalidArgument(f"checksum must be 'sha256:<64 hex>', got {checksum!r:.80}")
-        tag = "-" + match.group(1)[:16]
+    tag = f"-{_tag(checksum)}" if checksum else ""
     return f"{user_prefix(tenant, user_id)}v{version:012d}{tag}.safetensors"
+
+
+def examples_key(tenant: str, user_id: str, version: int, checksum: str) -> str:
+    """`adapters/<32 hex>/v<12 digits>-<16 hex>.examples.json`: the version's training record (the event ids it
+    was trained on and the user's examples kept for rehearsal), a separate object so that exports carry none of
+    the user's text; named by its own checksum like the adapter object."""
+    adapter_key(tenant, user_id, version)  # the same checks of the version
+    return f"{user_prefix(tenant, user_id)}v{version:012d}-{_tag(checksum)}.examples.json"
+
+
+def _tag(checksum: str) -> str:
+    match = _CHECKSUM_RE.match(checksum)
+    if match is None:
+        raise InvalidArgument(f"checksum must be 'sha256:<64 hex>', got {checksum!r:.80}")
+    return match.group(1)[:16]
 
 
 def adapter_version(key: str) -> int | None:
     """The version an adapter key names, or None when `key` is not an adapter key."""
     match = _KEY_RE.match(key)
+    return int(match.group(2)) if match else None
+
+
+def examples_version(key: str) -> int | None:
+    """The version an examples key names, or None when `key` is not an examples key."""
+    match = _EXAMPLES_RE.match(key)
     return int(match.group(2)) if match else None
