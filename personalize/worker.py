@@ -19,6 +19,7 @@ from personalize.adapters.repository import AdapterRepository
 from personalize.adapters.store import ObjectStore
 from personalize.config import Config
 from personalize.engine.engine import Engine
+from personalize.engine.text import ChatMessage, encode_chat
 from personalize.engine.types import GenerationResult, SamplingParams
 from personalize.errors import (
     CorruptObject,
@@ -185,9 +186,15 @@ class Worker:
 
     # -- generation -------------------------------------------------------------------------------------------
     def generate(
-        self, tenant: str, user_id: str, prompt: str, params: SamplingParams, use_base_model: bool = False
+        self,
+        tenant: str,
+        user_id: str,
+        prompt: str | tuple[ChatMessage, ...],
+        params: SamplingParams,
+        use_base_model: bool = False,
     ) -> Generation:
-        """Start a generation with the user's current adapter (or the base model); returns at once.
+        """Start a generation with the user's current adapter (or the base model); returns at once. `prompt`
+        is text or a chat (rendered with the model's chat template).
 
         When the adapter cannot be loaded (Unavailable, CorruptObject, DeadlineExceeded of the load), that
         error is raised, or with config.degrade_to_base the base model serves and the info says degraded."""
@@ -224,12 +231,19 @@ class Worker:
             raise
         return _Running(handle, GenerationInfo(record.version, lease.tier, self.node_id))
 
-    def _base(self, prompt: str, params: SamplingParams, reason: str = "", tenant: str = "") -> Generation:
+    def _base(
+        self, prompt: str | tuple[ChatMessage, ...], params: SamplingParams, reason: str = "", tenant: str = ""
+    ) -> Generation:
         handle = self.engine.submit(prompt, params, tenant=tenant)
         return _Running(handle, GenerationInfo(0, "none", self.node_id, degraded=bool(reason), degraded_reason=reason))
 
     def _degraded(
-        self, tenant: str, prompt: str, params: SamplingParams, what: str, exc: PersonalizeError
+        self,
+        tenant: str,
+        prompt: str | tuple[ChatMessage, ...],
+        params: SamplingParams,
+        what: str,
+        exc: PersonalizeError,
     ) -> Generation:
         """The base model, flagged degraded, for a request whose adapter (`what`) failed to load with `exc`."""
         reason = f"{what} {_CAUSES.get(type(exc), 'unavailable: the adapter store or registry is unreachable')}"
@@ -259,6 +273,8 @@ class Worker:
         """Durably append a feedback event; returns (event id, partition) only after the append."""
         if self.stream is None:
             raise Unavailable("this node has no feedback stream configured")
+        if event.messages:
+            encode_chat(self.base.tokenizer, event.messages)  # INVALID_ARGUMENT now, not a failed round later
         return self.stream.append(event)
 
     def _pending(self, tenant: str, user_id: str) -> int:

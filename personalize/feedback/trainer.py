@@ -30,7 +30,7 @@ from personalize.adapters.repository import AdapterRepository
 from personalize.adapters.store.keys import user_digest
 from personalize.errors import Conflict, CorruptObject, InvalidArgument, NotFound, PersonalizeError, Unavailable
 from personalize.feedback.batch import TrainBatch, build_batch, select_rows
-from personalize.feedback.events import FeedbackEvent, event_id_key
+from personalize.feedback.events import FeedbackEvent, event_id_key, messages_from_json, messages_json
 from personalize.feedback.losses import dpo_loss, sft_loss, token_logprobs, unlikelihood_loss
 from personalize.feedback.replay import merge, rehearsal
 from personalize.feedback.stacked import MaskedAdam, StackedAdapters
@@ -261,10 +261,11 @@ def replay_of(adapter: Adapter) -> list[FeedbackEvent]:
 
 
 def _replay_event(item: object) -> FeedbackEvent | None:
-    if not isinstance(item, dict) or not all(isinstance(item.get(k, ""), str) for k in _REPLAY_FIELDS):
+    if not isinstance(item, dict) or not all(isinstance(item.get(k, ""), str) for k in (*_REPLAY_FIELDS, "messages")):
         return None
     try:
-        return FeedbackEvent(**{k: item.get(k, "") for k in _REPLAY_FIELDS})
+        chat = messages_from_json(item.get("messages", ""))
+        return FeedbackEvent(**{k: item.get(k, "") for k in _REPLAY_FIELDS}, messages=chat)
     except PersonalizeError:
         return None
 
@@ -281,6 +282,7 @@ def with_replay(adapter: Adapter, examples: list[FeedbackEvent]) -> Adapter:
             "completion": e.completion[:cap],
             "correction": e.correction[:cap],
             "rejected": e.rejected[:cap],
+            **({"messages": messages_json(e.messages)} if e.messages else {}),
         }
         for e in examples
     ]

@@ -24,9 +24,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from personalize_service.client import PersonalizeClient, PersonalizeClientError
 from personalize_service.http.models import ChatCompletionRequest, ChatMessage, CompletionRequest, FeedbackBody
 
-CHAT_TEMPLATE_DOC = """Chat messages become one prompt as `<|ROLE|>\\nCONTENT\\n` per message, then
-`<|assistant|>\\n` for the answer (the built-in tiny model has no chat template of its own)."""
-
 ERROR_STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
     grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
@@ -47,10 +44,11 @@ FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"
 """The engine's finish reasons as OpenAI's."""
 
 
-def render_chat(messages: list[ChatMessage]) -> str:
-    """The prompt of a chat (CHAT_TEMPLATE_DOC). A real model's own template, applied through its
-    tokenizer, is a later step."""
-    return "".join(f"<|{m.role}|>\n{m.content or ''}\n" for m in messages) + "<|assistant|>\n"
+def chat_turns(messages: list[ChatMessage]) -> list[tuple[str, str]]:
+    """A chat as the (role, content) pairs sent in the proto's `messages`: the worker renders them with the
+    model's chat template (the built-in tiny model's is `<|ROLE|>\\nCONTENT\\n` per message, then
+    `<|assistant|>\\n`)."""
+    return [(m.role, m.content or "") for m in messages]
 
 
 class ApiError(Exception):
@@ -187,13 +185,13 @@ def create_app(
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
-        return await _generate(model_name, client(request), body, render_chat(body.messages), chat=True)
+        return await _generate(model_name, client(request), body, chat_turns(body.messages), chat=True)
 
     @app.post("/v1/feedback")
     async def feedback(body: FeedbackBody, request: Request) -> dict[str, Any]:
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give exactly one of prompt and messages", param="prompt")
-        prompt = body.prompt if body.prompt is not None else render_chat(body.messages or [])
+        prompt = body.prompt if body.prompt is not None else chat_turns(body.messages or [])
         sdk = client(request)
         ack = await run_in_threadpool(
             lambda: sdk.feedback(
@@ -212,7 +210,12 @@ def create_app(
 
 
 async def _generate(
-    model_name: str, sdk: PersonalizeClient, body: CompletionRequest | ChatCompletionRequest, prompt: str, *, chat: bool
+    model_name: str,
+    sdk: PersonalizeClient,
+    body: CompletionRequest | ChatCompletionRequest,
+    prompt: str | list[tuple[str, str]],
+    *,
+    chat: bool,
 ) -> JSONResponse | StreamingResponse:
     if body.n != 1:
         raise ApiError(400, f"n: only n=1 is supported, got {body.n}", param="n")
