@@ -553,6 +553,15 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="N",
     ),
     _s(
+        "trainer.loss_chunk_tokens",
+        "--train-loss-chunk-tokens",
+        "PERSONALIZE_TRAIN_LOSS_CHUNK_TOKENS",
+        1024,
+        _int,
+        "answer tokens whose full-vocabulary logits the loss computes at once (bounds trainer memory)",
+        metavar="N",
+    ),
+    _s(
         "trainer.fit_loss",
         "--train-fit-loss",
         "PERSONALIZE_TRAIN_FIT_LOSS",
