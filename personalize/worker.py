@@ -109,6 +109,9 @@ class NodeStats:
     max_batch_occupancy: int = 0
     queue_depth: int = 0
     stream_lag: int = 0
+    slot_bytes: int = 0
+    """Bytes of one device slot (every configured target module at r_max)."""
+    device_slots: int = 0
 
 
 class Generation(Protocol):
@@ -348,7 +351,22 @@ class Worker:
             max_batch_occupancy=self.engine.max_occupancy,
             queue_depth=self.engine.queue_depth,
             stream_lag=self._lag(),
+            slot_bytes=self.slot_bytes,
+            device_slots=self.engine.pool.num_slots if self.engine.pool is not None else 0,
         )
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one device slot: sized by the configured target modules and r_max (0 = no pool)."""
+        return self.engine.pool.slot_nbytes if self.engine.pool is not None else 0
+
+    def slots_summary(self) -> str:
+        """One line for banners: slot count, bytes per slot and what a slot holds."""
+        pool = self.engine.pool
+        if pool is None:
+            return "no device slots (base model only)"
+        modules = ",".join(pool.target_modules)
+        return f"{pool.num_slots} device slots of {pool.slot_nbytes / 2**20:.2f} MiB ({modules} at r_max {pool.r_max})"
 
     def _lag(self) -> int:
         try:

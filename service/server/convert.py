@@ -220,6 +220,8 @@ def node_stats(stats: NodeStats) -> pb.NodeStats:
         max_batch_occupancy=stats.max_batch_occupancy,
         queue_depth=stats.queue_depth,
         stream_lag=stats.stream_lag,
+        slot_bytes=stats.slot_bytes,
+        device_slots=stats.device_slots,
     )
 
 

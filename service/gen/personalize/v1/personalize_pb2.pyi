@@ -200,7 +200,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStats(_message.Message):
-    __slots__ = ("node_id", "resident", "bytes", "hits", "misses", "batch_occupancy", "max_batch_occupancy", "queue_depth", "stream_lag")
+    __slots__ = ("node_id", "resident", "bytes", "hits", "misses", "batch_occupancy", "max_batch_occupancy", "queue_depth", "stream_lag", "slot_bytes", "device_slots")
     class ResidentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +238,8 @@ class NodeStats(_message.Message):
     MAX_BATCH_OCCUPANCY_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     STREAM_LAG_FIELD_NUMBER: _ClassVar[int]
+    SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SLOTS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     resident: _containers.ScalarMap[str, int]
     bytes: _containers.ScalarMap[str, int]
@@ -247,7 +249,9 @@ class NodeStats(_message.Message):
     max_batch_occupancy: int
     queue_depth: int
     stream_lag: int
-    def __init__(self, node_id: _Optional[str] = ..., resident: _Optional[_Mapping[str, int]] = ..., bytes: _Optional[_Mapping[str, int]] = ..., hits: _Optional[_Mapping[str, int]] = ..., misses: _Optional[_Mapping[str, int]] = ..., batch_occupancy: _Optional[float] = ..., max_batch_occupancy: _Optional[int] = ..., queue_depth: _Optional[int] = ..., stream_lag: _Optional[int] = ...) -> None: ...
+    slot_bytes: int
+    device_slots: int
+    def __init__(self, node_id: _Optional[str] = ..., resident: _Optional[_Mapping[str, int]] = ..., bytes: _Optional[_Mapping[str, int]] = ..., hits: _Optional[_Mapping[str, int]] = ..., misses: _Optional[_Mapping[str, int]] = ..., batch_occupancy: _Optional[float] = ..., max_batch_occupancy: _Optional[int] = ..., queue_depth: _Optional[int] = ..., stream_lag: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., device_slots: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("nodes", "degraded")
