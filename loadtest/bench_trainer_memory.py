@@ -1,7 +1,9 @@
 """Trainer memory at a real vocabulary size, and device slots per GiB by target modules.
 
-1. One training round of EVENTS events x TOKENS tokens (half prompt, half answer) at vocab 128,256 on a
-   small-hidden random Llama, with the loss computed in chunks (the trainer as it is): peak RSS growth.
+1. One training round of EVENTS events x TOKENS tokens (--answer-tokens of them the answer, the rest the
+   prompt) at vocab 128,256 on a small-hidden random Llama, with the loss computed in chunks (the trainer as
+   it is): peak RSS growth. The loss's work grows with the answer tokens only (logits are computed at answer
+   positions); the full-logits path it replaced formed [rows, length, vocab] whatever the answer length.
 2. The loss alone (hidden states -> loss -> backward), chunked vs full [rows, length, vocab] logits, at a
    row count where the full one fits; the full round's logits are then estimated from the measured bytes
    per logit (it would need tens of GB: it is not run).
@@ -60,7 +62,7 @@ def _model() -> Any:
     return model.eval().requires_grad_(False)
 
 
-def measure_round(events: int) -> dict[str, Any]:
+def measure_round(events: int, answer_tokens: int) -> dict[str, Any]:
     """Peak RSS growth of one train_round (one step per user) of `events` events of TOKENS tokens."""
     from transformers import ByT5Tokenizer
 
@@ -75,7 +77,11 @@ def measure_round(events: int) -> dict[str, Any]:
     jobs = []
     for u in range(users):
         per_user = [
-            Delivered(0, f"1-{i}", FeedbackEvent("t", f"u{u}", "accept", "q" * (TOKENS // 2 - 1), "a" * (TOKENS // 2)))
+            Delivered(
+                0,
+                f"1-{i}",
+                FeedbackEvent("t", f"u{u}", "accept", "q" * (TOKENS - answer_tokens), "a" * (answer_tokens - 1)),
+            )
             for i in range(events // users)
         ]
         adapter = zero_adapter(spec, 8, 16.0, generator=torch.Generator().manual_seed(u))
@@ -87,6 +93,7 @@ def measure_round(events: int) -> dict[str, Any]:
     return {
         "events": events,
         "tokens_per_event": TOKENS,
+        "answer_tokens_per_event": answer_tokens,
         "vocab": VOCAB,
         "loss_chunk_tokens": config.loss_chunk_tokens,
         "peak_rss_growth_mib": round((_peak() - before) / 2**20, 1),
@@ -146,12 +153,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--events", type=int, default=256, help="events in the measured round")
-    parser.add_argument("--loss-rows", type=int, default=4, help="rows of the full-vs-chunked loss measurement")
+    parser.add_argument("--answer-tokens", type=int, default=32, help="answer tokens per event (with EOS)")
+    parser.add_argument("--loss-rows", type=int, default=8, help="rows of the full-vs-chunked loss measurement")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         what, *rest = args.child
-        result = measure_round(int(rest[0])) if what == "round" else measure_loss(int(rest[0]), rest[1] == "1")
+        if what == "round":
+            result = measure_round(int(rest[0]), int(rest[1]))
+        else:
+            result = measure_loss(int(rest[0]), rest[1] == "1")
         print(json.dumps(result))
         return
     torch.set_num_threads(2)
@@ -160,7 +171,7 @@ def main() -> None:
     per_logit = full["peak_rss_growth_mib"] * 2**20 / (args.loss_rows * TOKENS * VOCAB)
     report = {
         "machine": "2-core CPU VM (shared), torch CPU float32",
-        "round_chunked": _child("round", str(args.events)),
+        "round_chunked": _child("round", str(args.events), str(args.answer_tokens)),
         "loss_full_vs_chunked": [full, chunked],
         "round_full_estimated_gib": round(per_logit * args.events * TOKENS * VOCAB / GIB, 1),
         "round_full_estimate_note": "not run: measured bytes per logit of the full loss x events x tokens x vocab",
