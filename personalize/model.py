@@ -28,6 +28,7 @@ from transformers import (
 
 from personalize.checkpoint import checkpoint_fingerprint, eos_ids, read_config, resolve
 from personalize.engine.llama import read_family
+from personalize.engine.text import BUILTIN_CHAT_TEMPLATE
 from personalize.errors import InvalidArgument
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
@@ -205,6 +206,7 @@ def load_base_model(config: ModelConfig) -> BaseModel:
     digest = fingerprint(model)
     model.to(device=config.device, dtype=config.torch_dtype)  # type: ignore[arg-type,call-arg]
     tokenizer = ByT5Tokenizer()
+    tokenizer.chat_template = BUILTIN_CHAT_TEMPLATE
     return BaseModel(
         model=model,
         tokenizer=tokenizer,

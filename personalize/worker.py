@@ -21,6 +21,7 @@ from personalize.adapters.store import ObjectStore
 from personalize.completions import CompletionLog
 from personalize.config import Config
 from personalize.engine.engine import Engine
+from personalize.engine.text import ChatMessage, encode_chat
 from personalize.engine.types import GenerationResult, SamplingParams
 from personalize.errors import (
     CorruptObject,
@@ -127,6 +128,9 @@ class NodeStats:
     max_batch_occupancy: int = 0
     queue_depth: int = 0
     stream_lag: int = 0
+    slot_bytes: int = 0
+    """Bytes of one device slot (every configured target module at r_max)."""
+    device_slots: int = 0
 
 
 class Generation(Protocol):
@@ -204,9 +208,15 @@ class Worker:
 
     # -- generation -------------------------------------------------------------------------------------------
     def generate(
-        self, tenant: str, user_id: str, prompt: str, params: SamplingParams, use_base_model: bool = False
+        self,
+        tenant: str,
+        user_id: str,
+        prompt: str | tuple[ChatMessage, ...],
+        params: SamplingParams,
+        use_base_model: bool = False,
     ) -> Generation:
-        """Start a generation with the user's current adapter (or the base model); returns at once.
+        """Start a generation with the user's current adapter (or the base model); returns at once. `prompt`
+        is text or a chat (rendered with the model's chat template).
 
         When the adapter cannot be loaded (Unavailable, CorruptObject, DeadlineExceeded of the load), that
         error is raised, or with config.degrade_to_base the base model serves and the info says degraded."""
@@ -243,12 +253,19 @@ class Worker:
             raise
         return _Running(handle, GenerationInfo(record.version, lease.tier, self.node_id))
 
-    def _base(self, prompt: str, params: SamplingParams, reason: str = "", tenant: str = "") -> Generation:
+    def _base(
+        self, prompt: str | tuple[ChatMessage, ...], params: SamplingParams, reason: str = "", tenant: str = ""
+    ) -> Generation:
         handle = self.engine.submit(prompt, params, tenant=tenant)
         return _Running(handle, GenerationInfo(0, "none", self.node_id, degraded=bool(reason), degraded_reason=reason))
 
     def _degraded(
-        self, tenant: str, prompt: str, params: SamplingParams, what: str, exc: PersonalizeError
+        self,
+        tenant: str,
+        prompt: str | tuple[ChatMessage, ...],
+        params: SamplingParams,
+        what: str,
+        exc: PersonalizeError,
     ) -> Generation:
         """The base model, flagged degraded, for a request whose adapter (`what`) failed to load with `exc`."""
         reason = f"{what} {_CAUSES.get(type(exc), 'unavailable: the adapter store or registry is unreachable')}"
@@ -278,6 +295,8 @@ class Worker:
         """Durably append a feedback event; returns (event id, partition) only after the append."""
         if self.stream is None:
             raise Unavailable("this node has no feedback stream configured")
+        if event.messages:
+            encode_chat(self.base.tokenizer, event.messages)  # INVALID_ARGUMENT now, not a failed round later
         return self.stream.append(event)
 
     def _pending(self, tenant: str, user_id: str) -> int:
@@ -361,7 +380,22 @@ class Worker:
             max_batch_occupancy=self.engine.max_occupancy,
             queue_depth=self.engine.queue_depth,
             stream_lag=self._lag(),
+            slot_bytes=self.slot_bytes,
+            device_slots=self.engine.pool.num_slots if self.engine.pool is not None else 0,
         )
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one device slot: sized by the configured target modules and r_max (0 = no pool)."""
+        return self.engine.pool.slot_nbytes if self.engine.pool is not None else 0
+
+    def slots_summary(self) -> str:
+        """One line for banners: slot count, bytes per slot and what a slot holds."""
+        pool = self.engine.pool
+        if pool is None:
+            return "no device slots (base model only)"
+        modules = ",".join(pool.target_modules)
+        return f"{pool.num_slots} device slots of {pool.slot_nbytes / 2**20:.2f} MiB ({modules} at r_max {pool.r_max})"
 
     def _lag(self) -> int:
         try:

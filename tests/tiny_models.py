@@ -41,6 +41,13 @@ _SHAPE: dict[str, Any] = dict(
 )
 
 
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""A ChatML chat template (Qwen's shape) for tiny models that need one."""
+
+
 def _rope(rope_type: str, **extra: Any) -> dict[str, Any]:
     return {"rope_type": rope_type, "rope_theta": 10000.0, **extra}
 
@@ -115,9 +122,11 @@ def randomize(model: torch.nn.Module, seed: int, std: float = 0.2) -> None:
                 param.copy_(noise * std)
 
 
-def save_tiny(family: str, directory: Path, seed: int = 7, max_shard_size: str = "5GB") -> Path:
-    """Write a random tiny model of `family` with its tokenizer into `directory` (in shards of at most
-    `max_shard_size`); returns it."""
+def save_tiny(
+    family: str, directory: Path, seed: int = 7, max_shard_size: str = "5GB", chat_template: str | None = None
+) -> Path:
+    """Write a random tiny model of `family` with its tokenizer (with `chat_template`, if given; none by
+    default) into `directory` (in shards of at most `max_shard_size`); returns it."""
     config = FAMILIES[family]()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
@@ -125,5 +134,8 @@ def save_tiny(family: str, directory: Path, seed: int = 7, max_shard_size: str =
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.save_pretrained(directory, max_shard_size=max_shard_size)
-    train_tokenizer().save_pretrained(directory)
+    tokenizer = train_tokenizer()
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(directory)
     return directory

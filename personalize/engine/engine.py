@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from personalize.engine.llama import FastLlama
-from personalize.engine.sampling import finite_rows, is_greedy, sample_token
-from personalize.engine.text import TextStream, encode_prompt
+from personalize.engine.sampling import finite_rows, is_greedy, penalize_rows, sample_token, token_logprob
+from personalize.engine.text import ChatMessage, TextStream, encode_input
 from personalize.engine.types import GenerationResult, SamplingParams
 from personalize.errors import (
     AdapterError,
@@ -81,6 +81,8 @@ class _Request:
     result: GenerationResult | None = None
     error: BaseException | None = None
     generated: int = 0
+    logprobs: list[float] = field(default_factory=list)
+    """With params.logprobs: log p of each generated token."""
     last_token: int = 0
     position: int = 0
 
@@ -149,12 +151,12 @@ class Engine:
         self.tokens_generated = 0
 
     # -- submission (any thread) -------------------------------------------------------------------------
-    def encode(self, prompt: str) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt)
+    def encode(self, prompt: str | tuple[ChatMessage, ...]) -> list[int]:
+        return encode_input(self.tokenizer, prompt)
 
     def submit(
         self,
-        prompt: str | list[int],
+        prompt: str | tuple[ChatMessage, ...] | list[int],
         params: SamplingParams,
         slot: int | None = None,
         on_done: Callable[[GenerationResult | None], None] | None = None,
@@ -162,8 +164,8 @@ class Engine:
         label: str = "",
     ) -> RequestHandle:
         """Queue a request of `tenant` using adapter `slot` of the pool (None = base model), named `label` in
-        errors. on_done runs on completion."""
-        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        errors. on_done runs on completion. `prompt`: text, a chat (tuple of messages) or token ids (a list)."""
+        ids = list(prompt) if isinstance(prompt, list) else self.encode(prompt)
         if len(ids) >= self.config.max_len:
             raise InvalidArgument(f"prompt is {len(ids)} tokens; the context limit is {self.config.max_len}")
         if slot is not None and (self.pool is None or not 0 <= slot < self.pool.num_slots):
@@ -304,23 +306,45 @@ class Engine:
             r.position += 1
         self._sample_and_emit(list(batch), logits)
 
-    def _sample_and_emit(self, reqs: list[_Request], logits: torch.Tensor) -> None:
+    def _penalized(self, reqs: list[_Request], logits: torch.Tensor) -> torch.Tensor:
+        """logits with each row's repetition penalty applied over its prompt and completion so far."""
+        rows = [n for n, r in enumerate(reqs) if r.params.repetition_penalty != 1.0]
+        if not rows:
+            return logits
+        seen = torch.zeros(len(rows), logits.shape[-1], dtype=torch.bool, device=logits.device)
+        for i, n in enumerate(rows):
+            history = reqs[n].prompt_ids + reqs[n].stream.ids
+            seen[i, torch.tensor(history, device=logits.device)] = True
+        penalty = torch.tensor([reqs[n].params.repetition_penalty for n in rows], device=logits.device)
+        out = logits.clone()
+        index = torch.tensor(rows, device=logits.device)
+        out[index] = penalize_rows(logits[index], seen, penalty)
+        return out
+
+    def _sample_and_emit(self, reqs: list[_Request], raw: torch.Tensor) -> None:
+        finite = finite_rows(raw)
+        logits = self._penalized(reqs, raw)
         greedy = torch.argmax(logits, dim=-1).tolist()
-        finite = finite_rows(logits)
         for n, req in enumerate(reqs):
             if not finite[n]:
                 what = req.label or "the base model"
                 self._fail(req, AdapterError(f"{what} produced non-finite logits; its weights are unusable"))
                 continue
             try:
-                self._emit(req, greedy[n], logits[n])
+                self._emit(req, greedy[n], logits[n], raw[n])
             except Exception as exc:  # this row's sampling or detokenizing failed: it alone ends
                 log.exception("sampling request %d failed", req.id)
                 self._fail(req, _step_error(exc))
 
-    def _emit(self, req: _Request, greedy: int, logits: torch.Tensor) -> None:
+    def _emit(self, req: _Request, greedy: int, logits: torch.Tensor, raw: torch.Tensor) -> None:
+        """Choose the next token from (penalized) `logits`; its logprob, when asked, is under `raw`."""
         p = req.params
-        token = greedy if is_greedy(p.temperature) else sample_token(logits, p.temperature, p.top_p, req.generator)
+        if is_greedy(p.temperature):
+            token = greedy
+        else:
+            token = sample_token(logits, p.temperature, p.top_p, req.generator, top_k=p.top_k)
+        if p.logprobs:
+            req.logprobs.append(token_logprob(raw, token))
         req.generated += 1
         self.tokens_generated += 1
         req.last_token = token
@@ -352,7 +376,8 @@ class Engine:
         tail = req.stream.flush()
         if tail and reason != "cancelled":
             req.pieces.put(tail)
-        self._complete(req, GenerationResult(req.stream.text, len(req.prompt_ids), req.generated, reason))
+        result = GenerationResult(req.stream.text, len(req.prompt_ids), req.generated, reason, tuple(req.logprobs))
+        self._complete(req, result)
 
     def _complete(self, req: _Request, result: GenerationResult | None, error: BaseException | None = None) -> None:
         req.result, req.error = result, error

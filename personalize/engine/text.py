@@ -1,5 +1,6 @@
-"""Text in and out of the model: prompt encoding (the one place serving and training tokenize a prompt)
-and incremental detokenization with stop strings: pieces are emitted only once they are final.
+"""Text in and out of the model: prompt encoding (the one place serving and training tokenize a prompt or
+render a chat with the model's chat template) and incremental detokenization with stop strings: pieces
+are emitted only once they are final.
 
 Each token costs a decode of a short window, never of the whole sequence (prefix and read offsets, as in
 vLLM): `prefix` is where the window starts (tokens already emitted, kept so that a tokenizer's
@@ -10,7 +11,11 @@ after every emitted piece, so its length stays at a few tokens whatever the outp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
+
+from personalize.errors import InvalidArgument
 
 _PREFIX_TOKENS = 5
 """Left context kept in the window: enough for every decoder's context rules (vLLM keeps 5 as well)."""
@@ -25,6 +30,45 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     if bos is not None:
         ids = [bos, *ids]
     return ids or [tokenizer.pad_token_id or 0]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a chat, as chat templates take it."""
+
+    role: str
+    """system, user, assistant (or whatever roles the model's template knows)."""
+    content: str
+
+
+BUILTIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+"""The built-in tiny model's chat template: `<|ROLE|>\\nCONTENT\\n` per message, then `<|assistant|>\\n`."""
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
+    """The token ids of a chat as the model sees it, serving and training alike: the model's chat template
+    rendered with the generation prompt (`tokenizer.apply_chat_template(..., add_generation_prompt=True)`).
+    InvalidArgument when the model has no chat template or there are no messages."""
+    if not messages:
+        raise InvalidArgument("messages: a chat needs at least one message")
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidArgument("messages: this model has no chat template; send a plain prompt instead")
+    turns = [{"role": m.role, "content": m.content} for m in messages]
+    try:
+        ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False)
+    except Exception as exc:  # a template may raise on roles or orders it does not accept (jinja's raise_exception)
+        raise InvalidArgument(f"messages: the model's chat template refused this chat: {exc}") from exc
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # some tokenizer versions return a BatchEncoding
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+def encode_input(tokenizer: Any, prompt: str | Sequence[ChatMessage]) -> list[int]:
+    """A plain prompt through `encode_prompt`, a chat (ChatMessage sequence) through `encode_chat`."""
+    return encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else encode_chat(tokenizer, prompt)
 
 
 class TextStream:

@@ -23,6 +23,12 @@ class SamplingParams:
     """Generation ends before the first occurrence of any of these strings."""
     ignore_eos: bool = False
     """Keep generating past the end-of-sequence token (benchmarks)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only; 0 = no limit."""
+    repetition_penalty: float = 1.0
+    """CTRL penalty in (0, 100] on tokens of the prompt and completion so far; 1.0 = none, > 1 discourages."""
+    logprobs: bool = False
+    """Return each chosen token's log-probability (GenerationResult.logprobs)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -31,6 +37,10 @@ class SamplingParams:
             raise InvalidArgument(f"temperature must be in [0, 100], got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
             raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidArgument(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
+        if not (0.0 < self.repetition_penalty <= 100.0):
+            raise InvalidArgument(f"repetition_penalty must be in (0, 100] (1.0 = none), got {self.repetition_penalty}")
         if any(not s for s in self.stop):
             raise InvalidArgument("stop strings must be non-empty")
 
@@ -44,3 +54,6 @@ class GenerationResult:
     completion_tokens: int
     finish_reason: str
     """'stop' (stop string), 'length' (max_new_tokens), 'eos' (end-of-sequence token) or 'cancelled'."""
+    logprobs: tuple[float, ...] = ()
+    """With SamplingParams.logprobs: log p of each generated token under the model's (unpenalized,
+    untempered) distribution, natural log; one per completion token."""

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from personalize.engine.text import encode_prompt
+from personalize.engine.text import ChatMessage, encode_input
 from personalize.feedback.events import FeedbackEvent
 
 
@@ -47,9 +47,12 @@ def select_rows(batch: TrainBatch, rows: Tensor) -> TrainBatch:
     )
 
 
-def encode_example(tokenizer: Any, prompt: str, answer: str, max_tokens: int) -> tuple[list[int], list[int]]:
-    """(ids, labels) for prompt + answer + EOS; the prompt is context only. Keeps the end if too long."""
-    prompt_ids = encode_prompt(tokenizer, prompt)  # as the engine encodes it when serving
+def encode_example(
+    tokenizer: Any, prompt: str | tuple[ChatMessage, ...], answer: str, max_tokens: int
+) -> tuple[list[int], list[int]]:
+    """(ids, labels) for prompt (text or chat) + answer + EOS; the prompt is context only. Keeps the end if
+    too long."""
+    prompt_ids = encode_input(tokenizer, prompt)  # as the engine encodes it when serving
     answer_ids = [*tokenizer.encode(answer, add_special_tokens=False), tokenizer.eos_token_id]
     ids = (prompt_ids + answer_ids)[-max_tokens:]
     labels = ([-100] * len(prompt_ids) + answer_ids)[-max_tokens:]
@@ -66,10 +69,10 @@ def build_batch(
         for e in events:
             if e.kind == "prefer":
                 pairs.append((len(rows), len(rows) + 1))
-                rows.append((*encode_example(tokenizer, e.prompt, e.completion, max_tokens), u, "chosen"))
-                rows.append((*encode_example(tokenizer, e.prompt, e.rejected, max_tokens), u, "rejected"))
+                rows.append((*encode_example(tokenizer, e.question, e.completion, max_tokens), u, "chosen"))
+                rows.append((*encode_example(tokenizer, e.question, e.rejected, max_tokens), u, "rejected"))
             else:
-                rows.append((*encode_example(tokenizer, e.prompt, e.target, max_tokens), u, e.kind))
+                rows.append((*encode_example(tokenizer, e.question, e.target, max_tokens), u, e.kind))
     length = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), length), tokenizer.pad_token_id or 0, dtype=torch.long)
     labels = torch.full((len(rows), length), -100, dtype=torch.long)

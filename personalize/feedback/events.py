@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
+from personalize.engine.text import ChatMessage
 from personalize.errors import InvalidArgument
 
 KINDS = ("accept", "reject", "correct", "prefer")
@@ -14,7 +16,8 @@ class FeedbackEvent:
     """One user's reaction to one answer.
 
     accept: `completion` was good. reject: it was bad. correct: `correction` is the answer wanted.
-    prefer: `completion` is preferred over `rejected`.
+    prefer: `completion` is preferred over `rejected`. The question is `prompt`, or, when `messages` is
+    set (and `prompt` empty), a chat rendered with the model's chat template as when serving.
     """
 
     tenant: str
@@ -26,8 +29,12 @@ class FeedbackEvent:
     rejected: str = ""
     event_key: str = ""
     """Client idempotency key: a repeated key is stored once."""
+    messages: tuple[ChatMessage, ...] = ()
+    """The chat answered, instead of `prompt` (empty = a plain prompt)."""
 
     def __post_init__(self) -> None:
+        if self.messages and self.prompt:
+            raise InvalidArgument("feedback takes exactly one of prompt and messages")
         if self.kind not in KINDS:
             raise InvalidArgument(f"feedback kind must be one of {KINDS}, got {self.kind!r}")
         if self.kind == "correct" and not self.correction:
@@ -38,12 +45,17 @@ class FeedbackEvent:
             raise InvalidArgument(f"feedback kind {self.kind!r} needs a non-empty completion")
 
     @property
+    def question(self) -> str | tuple[ChatMessage, ...]:
+        """What the model was asked: the chat when there is one, else the prompt (for `encode_input`)."""
+        return self.messages or self.prompt
+
+    @property
     def target(self) -> str:
         """The answer this event teaches towards (or, for reject, away from)."""
         return self.correction if self.kind == "correct" else self.completion
 
     def to_fields(self) -> dict[str, str]:
-        return {
+        fields = {
             "t": self.tenant,
             "u": self.user_id,
             "k": self.kind,
@@ -53,6 +65,9 @@ class FeedbackEvent:
             "r": self.rejected,
             "e": self.event_key,
         }
+        if self.messages:
+            fields["m"] = messages_json(self.messages)
+        return fields
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes] | dict[str, str]) -> FeedbackEvent:
@@ -69,7 +84,29 @@ class FeedbackEvent:
             correction=f.get("x", ""),
             rejected=f.get("r", ""),
             event_key=f.get("e", ""),
+            messages=messages_from_json(f.get("m", "")),
         )
+
+
+def messages_json(messages: tuple[ChatMessage, ...]) -> str:
+    """A chat as stored (on the stream, in replay buffers): a JSON list of [role, content]."""
+    return json.dumps([[m.role, m.content] for m in messages], ensure_ascii=False)
+
+
+def messages_from_json(raw: str) -> tuple[ChatMessage, ...]:
+    """The chat of `messages_json` ("" = none); InvalidArgument when it is not such a list."""
+    if not raw:
+        return ()
+    try:
+        items = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgument(f"messages: not a JSON list of [role, content]: {exc}") from exc
+    ok = isinstance(items, list) and all(
+        isinstance(i, list) and len(i) == 2 and all(isinstance(x, str) for x in i) for i in items
+    )
+    if not ok:
+        raise InvalidArgument("messages: not a JSON list of [role, content]")
+    return tuple(ChatMessage(role, content) for role, content in items)
 
 
 def event_id_key(event_id: str) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from personalize.adapters.repository import AdapterRepository
 from personalize.adapters.store.base import checksum_of
 from personalize.adapters.store.keys import adapter_key
 from personalize.errors import AdapterError, CorruptObject, NotFound, PersonalizeError
-from personalize.feedback.events import FeedbackEvent
+from personalize.feedback.events import FeedbackEvent, messages_from_json, messages_json
 from personalize.lora.adapter import Adapter
 from personalize.lora.format import adapter_from_bytes
 
@@ -52,6 +52,7 @@ def encode(examples: VersionExamples) -> bytes:
             "completion": e.completion[:TEXT_CAP],
             "correction": e.correction[:TEXT_CAP],
             "rejected": e.rejected[:TEXT_CAP],
+            **({"messages": messages_json(e.messages)} if e.messages else {}),
         }
         for e in examples.replay
     ]
@@ -131,9 +132,10 @@ def _events(items: object) -> list[FeedbackEvent]:
 
 
 def _event(item: object) -> FeedbackEvent | None:
-    if not isinstance(item, dict) or not all(isinstance(item.get(k, ""), str) for k in _FIELDS):
+    if not isinstance(item, dict) or not all(isinstance(item.get(k, ""), str) for k in (*_FIELDS, "messages")):
         return None
     try:
-        return FeedbackEvent(**{k: item.get(k, "") for k in _FIELDS})
+        chat = messages_from_json(item.get("messages", ""))
+        return FeedbackEvent(**{k: item.get(k, "") for k in _FIELDS}, messages=chat)
     except PersonalizeError:
         return None

@@ -1,14 +1,18 @@
 """Per-row losses turning feedback into gradients. Pure functions over token log-probabilities.
 
 `token_logprobs` [N, T] holds log p(target token) at each position and `mask` [N, T] marks the answer
-tokens the loss covers (the prompt is context only).
+tokens the loss covers (the prompt is context only). `chunked_token_logprobs` computes the same from the
+hidden states, a chunk of answer positions at a time, for real vocabulary sizes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 
 def token_logprobs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -17,6 +21,31 @@ def token_logprobs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     mask = targets != -100
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return logp * mask, mask
+
+
+def _chunk_logprobs(head: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor) -> Tensor:
+    return torch.log_softmax(head(hidden).float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def chunked_token_logprobs(
+    hidden: Tensor, head: Callable[[Tensor], Tensor], labels: Tensor, chunk_tokens: int
+) -> tuple[Tensor, Tensor]:
+    """`token_logprobs` without the full logits: hidden [N, L, H] (the model's last hidden states), head
+    maps hidden [T, H] -> logits [T, V]. Logits are computed only at answer positions, `chunk_tokens` of
+    them at a time, and recomputed in backward (checkpointed), so at most [chunk_tokens, V] float32 logits
+    are alive at once. -> ([N, L-1], mask [N, L-1]), equal to token_logprobs(head(hidden), labels)."""
+    targets = labels[:, 1:]
+    mask = targets != -100
+    picked, wanted = hidden[:, :-1][mask], targets[mask]  # [T, H], [T]
+    pieces = [
+        checkpoint(
+            _chunk_logprobs, head, picked[i : i + chunk_tokens], wanted[i : i + chunk_tokens], use_reentrant=False
+        )
+        for i in range(0, picked.shape[0], chunk_tokens)
+    ]
+    flat = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    logp = torch.zeros(mask.shape, dtype=flat.dtype, device=hidden.device).masked_scatter(mask, flat)
+    return logp, mask
 
 
 def sft_loss(logp: Tensor, mask: Tensor) -> Tensor:

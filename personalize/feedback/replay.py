@@ -15,8 +15,8 @@ SAME_OPENING = 8
 """Answers sharing an opening of this many characters (or one being a prefix of the other) teach the same."""
 
 
-def _key(e: FeedbackEvent) -> tuple[str, str, str, str]:
-    return (e.kind, e.prompt, e.target, e.rejected)
+def _key(e: FeedbackEvent) -> tuple[object, ...]:
+    return (e.kind, e.prompt, e.messages, e.target, e.rejected)
 
 
 def _same(a: str, b: str) -> bool:

@@ -31,7 +31,7 @@ from personalize.errors import Conflict, CorruptObject, InvalidArgument, NotFoun
 from personalize.feedback.batch import TrainBatch, build_batch, select_rows
 from personalize.feedback.events import FeedbackEvent, event_id_key
 from personalize.feedback.examples import VersionExamples, encode, stored_examples, without_legacy
-from personalize.feedback.losses import dpo_loss, sft_loss, token_logprobs, unlikelihood_loss
+from personalize.feedback.losses import chunked_token_logprobs, dpo_loss, sft_loss, unlikelihood_loss
 from personalize.feedback.replay import merge, rehearsal
 from personalize.feedback.stacked import MaskedAdam, StackedAdapters
 from personalize.feedback.stream import Delivered, FeedbackStream
@@ -100,12 +100,17 @@ class TrainerConfig:
     """Recent examples kept with each adapter and trained on again with new ones (0 = off) ..."""
     replay_per_event: int = 3
     """... at most this many of them per new event in a round (keeps rounds of trickling feedback small)."""
+    loss_chunk_tokens: int = 1024
+    """Answer tokens whose logits are computed at once (float32 [chunk, vocab], recomputed in backward):
+    bounds the loss's memory at real vocabulary sizes instead of [rows, length, vocab] for the round."""
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.steps < 1 or self.lr <= 0 or self.max_events < 1:
             raise InvalidArgument("trainer rank, steps, max_events must be >= 1 and lr > 0")
         if not 1 <= self.min_steps <= self.max_steps:
             raise InvalidArgument("trainer steps need 1 <= min_steps <= max_steps")
+        if self.loss_chunk_tokens < 1:
+            raise InvalidArgument(f"trainer loss_chunk_tokens must be >= 1, got {self.loss_chunk_tokens}")
 
     def replay_for(self, new_events: int) -> int:
         """Most replayed examples a user with `new_events` new events trains on with them in a round."""
@@ -214,8 +219,8 @@ def _user_losses(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, fit, reference) per user: fit is the mean token NLL of the answers the user wants."""
     with use_slots(state, batch.user_index, config.lora_dropout):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    logp, mask = token_logprobs(logits, batch.labels)
+        hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    logp, mask = chunked_token_logprobs(hidden, output_head(model), batch.labels, config.loss_chunk_tokens)
     seq = logp.sum(-1)
     ref = seq.detach() if ref is None else ref  # the reference is the user's version at round start
     nll = sft_loss(logp, mask)
@@ -235,6 +240,18 @@ def _user_losses(
     per_user = _per_user(row_loss * weight, weight, batch.user_index, users)
     fit = _per_user(nll.detach() * wanted, wanted.to(seq.dtype), batch.user_index, users)
     return per_user, fit, ref
+
+
+def output_head(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The causal LM's hidden -> logits map, as its forward applies it (lm_head, then Gemma 2's final logit
+    soft-capping when configured)."""
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        logits = model.lm_head(hidden)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    return head
 
 
 def _per_user(values: torch.Tensor, weight: torch.Tensor, user_index: torch.Tensor, users: int) -> torch.Tensor:

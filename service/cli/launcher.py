@@ -193,6 +193,7 @@ class _Up:
         fingerprint: str,
         workers: Mapping[str, str] | None = None,
         http_port: int = 0,
+        slots: str = "",
     ) -> str:
         keys = self.resolved.service.api_keys
         from personalize.adapters.store.s3 import redact_url
@@ -209,6 +210,7 @@ class _Up:
             keys.tenants if keys.enabled else (),
             workers=workers,
             http_port=http_port,
+            slots=slots,
         )
 
     def start_http(self, grpc_port: int, model: str, fingerprint: str) -> Any:
@@ -255,6 +257,7 @@ def _up_one_worker(up: _Up, step: Callable[[], None]) -> None:
                 f"{worker.base.name} on {config.model.device}",
                 worker.base.fingerprint,
                 http_port=http[0].port if http[0] else 0,
+                slots=worker.slots_summary(),
             ),
             flush=True,
         )
@@ -362,7 +365,7 @@ def run_serve(role: str, values: Mapping[str, Any]) -> int:
             metrics = f", metrics on :{metrics_port}" if metrics_port else ""
             print(
                 f"personalize serve: worker {worker.node_id} serving on {resolved.service.host}:{port}"
-                f"{metrics} ({worker.base.name} on {resolved.config.model.device})",
+                f"{metrics} ({worker.base.name} on {resolved.config.model.device}; {worker.slots_summary()})",
                 flush=True,
             )
 
@@ -537,6 +540,7 @@ def up_banner(
     *,
     workers: Mapping[str, str] | None = None,
     http_port: int = 0,
+    slots: str = "",
 ) -> str:
     """What `personalize up` prints once it serves: what runs where, and commands to try.
 
@@ -562,6 +566,7 @@ def up_banner(
             f"personalize up: serving on {target}",
             *_nodes_lines(node_id, workers, data_dir),
             f"  model     {model}" + (f" ({fingerprint[:19]}…)" if fingerprint else ""),
+            *([f"  slots     {slots}"] if slots else []),
             f"  registry  embedded Valkey {valkey_url} (AOF in {data_dir / 'valkey'})",
             f"  store     {store_url}",
             f"  metrics   {metrics}",

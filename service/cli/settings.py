@@ -80,6 +80,13 @@ def _str(text: str) -> str:
     return text
 
 
+def _modules(text: str) -> tuple[str, ...]:
+    modules = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not modules:
+        raise ValueError("not a comma-separated list of module names (e.g. q_proj,v_proj)")
+    return modules
+
+
 _BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
@@ -116,6 +123,8 @@ class Setting:
             return format_size(value)
         if self.parse is _bool:
             return "true" if value else "false"
+        if self.parse is _modules:
+            return ",".join(value)
         return str(value)
 
 
@@ -358,6 +367,15 @@ SETTINGS: tuple[Setting, ...] = (
     # -- adapters and the cache
     _s("lora.r_max", "--max-rank", "PERSONALIZE_MAX_RANK", 16, _int, "largest adapter rank accepted", metavar="R"),
     _s(
+        "lora.target_modules",
+        "--target-modules",
+        "PERSONALIZE_TARGET_MODULES",
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        _modules,
+        "projections a device slot holds LoRA for (with r_max, its size); adapters on others are refused",
+        metavar="LIST",
+    ),
+    _s(
         "lora.device_bytes",
         "--device-cache",
         "PERSONALIZE_DEVICE_CACHE",
@@ -550,6 +568,15 @@ SETTINGS: tuple[Setting, ...] = (
         256,
         _int,
         "most events in one training round",
+        metavar="N",
+    ),
+    _s(
+        "trainer.loss_chunk_tokens",
+        "--train-loss-chunk-tokens",
+        "PERSONALIZE_TRAIN_LOSS_CHUNK_TOKENS",
+        1024,
+        _int,
+        "answer tokens whose full-vocabulary logits the loss computes at once (bounds trainer memory)",
         metavar="N",
     ),
     _s(

@@ -270,7 +270,7 @@ class PersonalizeClient:
     def generate(
         self,
         user_id: str,
-        prompt: str,
+        prompt: str | Sequence[tuple[str, str]],
         *,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
@@ -278,19 +278,24 @@ class PersonalizeClient:
         seed: int = 0,
         stop: Sequence[str] = (),
         use_base_model: bool = False,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        logprobs: bool = False,
     ) -> pb.GenerateResponse:
-        """One completion with the user's current adapter (temperature 0 = greedy).
+        """One completion with the user's current adapter (temperature 0 = greedy). `prompt` is text, or a
+        chat as (role, content) pairs, rendered with the model's chat template by the server.
 
         The response says which adapter served (`adapter_version`, 0 = the base model) and where it was
         found (`cache_tier`); `degraded` is true (with `degraded_reason`) when the user's adapter could not
         be loaded and the base model served instead (a server running with degrade_to_base)."""
         request = _generate_request(user_id, prompt, max_new_tokens, temperature, top_p, seed, stop, use_base_model)
+        request.top_k, request.repetition_penalty, request.logprobs = top_k, repetition_penalty, logprobs
         return self._call("Generate", request, idempotent=True)
 
     def generate_stream(
         self,
         user_id: str,
-        prompt: str,
+        prompt: str | Sequence[tuple[str, str]],
         *,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
@@ -298,10 +303,14 @@ class PersonalizeClient:
         seed: int = 0,
         stop: Sequence[str] = (),
         use_base_model: bool = False,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        logprobs: bool = False,
     ) -> GenerationStream:
         """The same as `generate`, as text pieces while they are produced; see GenerationStream (its
         `response`, with `degraded`, is set after the last piece)."""
         request = _generate_request(user_id, prompt, max_new_tokens, temperature, top_p, seed, stop, use_base_model)
+        request.top_k, request.repetition_penalty, request.logprobs = top_k, repetition_penalty, logprobs
         return self._stream(request)
 
     # -- feedback and adapters --
@@ -309,7 +318,7 @@ class PersonalizeClient:
     def feedback(
         self,
         user_id: str,
-        prompt: str,
+        prompt: str | Sequence[tuple[str, str]],
         completion: str,
         kind: FeedbackKind = "accept",
         *,
@@ -319,12 +328,12 @@ class PersonalizeClient:
     ) -> pb.FeedbackAck:
         """Record the user's reaction; durable once this returns. `correct` needs `correction`; `prefer`
         takes `completion` as the chosen answer and `rejected` as the other. Without `event_key` a random
-        one is sent, so a retry can never store the event twice."""
+        one is sent, so a retry can never store the event twice. `prompt` may be a chat, as in `generate`."""
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {sorted(_KINDS)}, got {kind!r}")
         request = pb.FeedbackRequest(
             user_id=user_id,
-            prompt=prompt,
+            **_question(prompt),
             completion=completion,
             kind=_KINDS[kind],
             correction=correction,
@@ -413,9 +422,16 @@ def time_left(deadline: float) -> float:
     return max(deadline - time.monotonic(), 0.001)
 
 
+def _question(prompt: str | Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """The request fields of a prompt: `prompt` for text, `messages` for a chat of (role, content) pairs."""
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    return {"messages": [pb.ChatMessage(role=role, content=content) for role, content in prompt]}
+
+
 def _generate_request(
     user_id: str,
-    prompt: str,
+    prompt: str | Sequence[tuple[str, str]],
     max_new_tokens: int,
     temperature: float,
     top_p: float,
@@ -425,7 +441,7 @@ def _generate_request(
 ) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         user_id=user_id,
-        prompt=prompt,
+        **_question(prompt),
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,

@@ -4,7 +4,7 @@ It holds no engine: every request becomes a gRPC call through the client SDK, wi
 `Authorization: Bearer KEY` passed through as the tenant key and `user` as the user id.
 """
 
-from personalize_service.http.app import CHAT_TEMPLATE_DOC, create_app, render_chat
+from personalize_service.http.app import chat_turns, create_app
 from personalize_service.http.serve import GatewayConfig, HttpServer, serve_http
 
-__all__ = ["CHAT_TEMPLATE_DOC", "GatewayConfig", "HttpServer", "create_app", "render_chat", "serve_http"]
+__all__ = ["GatewayConfig", "HttpServer", "chat_turns", "create_app", "serve_http"]

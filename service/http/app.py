@@ -39,19 +39,17 @@ from personalize_service.http.errors import (
 from personalize_service.http.middleware import TTFT_KEY, BodyLimit, HttpMetrics, MetricsMiddleware
 from personalize_service.http.models import ChatCompletionRequest, ChatMessage, CompletionRequest, FeedbackBody
 
-CHAT_TEMPLATE_DOC = """Chat messages become one prompt as `<|ROLE|>\\nCONTENT\\n` per message, then
-`<|assistant|>\\n` for the answer (the built-in tiny model has no chat template of its own)."""
-
 ANONYMOUS = "anonymous"
 """The user id sent (with use_base_model) for a request without `user`: the base model serves it."""
 FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
 """The engine's finish reasons as OpenAI's."""
 
 
-def render_chat(messages: list[ChatMessage]) -> str:
-    """The prompt of a chat (CHAT_TEMPLATE_DOC). A real model's own template, applied through its
-    tokenizer, is a later step."""
-    return "".join(f"<|{m.role}|>\n{m.content or ''}\n" for m in messages) + "<|assistant|>\n"
+def chat_turns(messages: list[ChatMessage]) -> list[tuple[str, str]]:
+    """A chat as the (role, content) pairs sent in the proto's `messages`: the worker renders them with the
+    model's chat template (the built-in tiny model's is `<|ROLE|>\\nCONTENT\\n` per message, then
+    `<|assistant|>\\n`)."""
+    return [(m.role, m.content or "") for m in messages]
 
 
 MAX_BODY_BYTES = 1 << 20
@@ -128,9 +126,7 @@ def create_app(
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
         caller = client(request)
-        return await _generate(
-            model_name, caller, body, render_chat(body.messages), memory(caller, body, None), request
-        )
+        return await _generate(model_name, caller, body, chat_turns(body.messages), memory(caller, body, None), request)
 
     @app.post("/v1/feedback")
     async def feedback(body: FeedbackBody, request: Request) -> dict[str, Any]:
@@ -195,7 +191,13 @@ def _install_probes(
         }
 
 
-async def _feedback_text(body: FeedbackBody, caller: Caller, completions: CompletionLog | None) -> tuple[str, str, str]:
+Prompt = str | list[tuple[str, str]]
+"""A text prompt, or a chat as (role, content) pairs."""
+
+
+async def _feedback_text(
+    body: FeedbackBody, caller: Caller, completions: CompletionLog | None
+) -> tuple[str, Prompt, str]:
     """(user, prompt, completion) of a feedback body: remembered under its completion_id, or sent in full."""
     if body.completion_id:
         if completions is None or caller.tenant is None:
@@ -204,13 +206,13 @@ async def _feedback_text(body: FeedbackBody, caller: Caller, completions: Comple
             )
         known = await run_in_threadpool(completions.recall, caller.tenant, body.completion_id)
         messages = [ChatMessage(**m) for m in known.messages] if known.messages is not None else []
-        return known.user_id, known.prompt if known.prompt is not None else render_chat(messages), known.completion
+        return known.user_id, known.prompt if known.prompt is not None else chat_turns(messages), known.completion
     if body.user is None or body.completion is None:
         missing = "user" if body.user is None else "completion"
         raise ApiError(400, f"{missing}: give completion_id, or user, prompt|messages and completion", param=missing)
     if (body.prompt is None) == (body.messages is None):
         raise ApiError(400, "give exactly one of prompt and messages", param="prompt")
-    prompt = body.prompt if body.prompt is not None else render_chat(body.messages or [])
+    prompt = body.prompt if body.prompt is not None else chat_turns(body.messages or [])
     return body.user, prompt, body.completion
 
 
@@ -236,7 +238,7 @@ async def _generate(
     model_name: str,
     caller: Caller,
     body: CompletionRequest | ChatCompletionRequest,
-    prompt: str,
+    prompt: Prompt,
     memory: Memory | None,
     request: Request,
 ) -> JSONResponse | StreamingResponse:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
+from personalize.engine.text import ChatMessage
 from personalize.engine.types import GenerationResult, SamplingParams
 from personalize.errors import InvalidArgument
 from personalize.lora.format import canonical_safetensors
@@ -21,6 +22,7 @@ from personalize_service.server.limits import (
     check_import_files,
     check_max_new_tokens,
     check_prompt,
+    check_size,
     check_stop,
     check_user_id,
 )
@@ -39,30 +41,54 @@ FEEDBACK_KINDS: dict[int, str] = {
 
 class GenerateArgs(NamedTuple):
     user_id: str
-    prompt: str
+    prompt: str | tuple[ChatMessage, ...]
+    """The prompt text, or the chat of `messages`."""
     params: SamplingParams
     use_base_model: bool
+
+
+def chat_messages(messages: Iterable[pb.ChatMessage], limits: Limits) -> tuple[ChatMessage, ...]:
+    """`messages` as the library's ChatMessages: each with a role, all contents together within
+    max_prompt_bytes. Raises InvalidArgument naming the field."""
+    chat = tuple(ChatMessage(m.role, m.content) for m in messages)
+    for n, m in enumerate(chat):
+        if not m.role:
+            raise InvalidArgument(f"messages[{n}].role is empty (system, user, assistant, ...)")
+    check_size("messages", "".join(m.role + m.content for m in chat), limits.max_prompt_bytes, "max_prompt_bytes")
+    return chat
+
+
+def _prompt_or_chat(
+    prompt: str, messages: Iterable[pb.ChatMessage], limits: Limits, prompt_name: str = "prompt"
+) -> str | tuple[ChatMessage, ...]:
+    chat = chat_messages(messages, limits)
+    if chat and prompt:
+        raise InvalidArgument(f"give exactly one of {prompt_name} and messages, not both")
+    return chat or prompt
 
 
 def generate_args(request: pb.GenerateRequest, limits: Limits) -> GenerateArgs:
     """Validated arguments of Generate/GenerateStream.
 
     Proto defaults mean: max_new_tokens 0 -> limits.default_new_tokens, temperature 0 -> greedy,
-    top_p 0 -> 1.0 (no truncation). Raises InvalidArgument naming the offending field.
+    top_p 0 -> 1.0 (no truncation), top_k 0 -> no limit, repetition_penalty 0 -> 1.0 (none). `prompt` or
+    `messages`, not both. Raises InvalidArgument naming the offending field.
     """
+    penalty = float(request.repetition_penalty)
+    if penalty != penalty or penalty < 0.0:  # NaN or negative: 0 alone means the default
+        raise InvalidArgument(f"repetition_penalty must be > 0 (0 = 1.0, none), got {penalty}")
     params = SamplingParams(
         max_new_tokens=check_max_new_tokens(request.max_new_tokens, limits),
         temperature=float(request.temperature),
         top_p=float(request.top_p) if request.top_p != 0.0 else 1.0,
         seed=int(request.seed),
         stop=check_stop(list(request.stop), limits),
+        top_k=int(request.top_k),
+        repetition_penalty=penalty or 1.0,
+        logprobs=bool(request.logprobs),
     )
-    return GenerateArgs(
-        check_user_id(request.user_id, limits),
-        check_prompt(request.prompt, limits),
-        params,
-        bool(request.use_base_model),
-    )
+    prompt = _prompt_or_chat(check_prompt(request.prompt, limits), request.messages, limits)
+    return GenerateArgs(check_user_id(request.user_id, limits), prompt, params, bool(request.use_base_model))
 
 
 class FeedbackArgs(NamedTuple):
@@ -75,6 +101,8 @@ class FeedbackArgs(NamedTuple):
     rejected: str
     event_key: str
     """Client idempotency key; empty = none."""
+    messages: tuple[ChatMessage, ...] = ()
+    """The chat answered instead of `prompt` (empty = none)."""
 
 
 def feedback_args(request: pb.FeedbackRequest, limits: Limits) -> FeedbackArgs:
@@ -93,10 +121,12 @@ def feedback_args(request: pb.FeedbackRequest, limits: Limits) -> FeedbackArgs:
         name: check_feedback_text(name, getattr(request, name), limits)
         for name in ("prompt", "completion", "correction", "rejected")
     }
+    question = _prompt_or_chat(texts["prompt"], request.messages, limits)
     return FeedbackArgs(
         user_id=check_user_id(request.user_id, limits),
         kind=kind,
         event_key=check_event_key(request.event_key, limits),
+        messages=question if isinstance(question, tuple) else (),
         **texts,
     )
 
@@ -136,6 +166,7 @@ def generate_response(result: GenerationResult, info: GenerationInfo) -> pb.Gene
         finish_reason=result.finish_reason,
         degraded=info.degraded,
         degraded_reason=info.degraded_reason,
+        token_logprobs=result.logprobs,
     )
 
 
@@ -189,6 +220,8 @@ def node_stats(stats: NodeStats) -> pb.NodeStats:
         max_batch_occupancy=stats.max_batch_occupancy,
         queue_depth=stats.queue_depth,
         stream_lag=stats.stream_lag,
+        slot_bytes=stats.slot_bytes,
+        device_slots=stats.device_slots,
     )
 
 

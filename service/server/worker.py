@@ -65,7 +65,15 @@ class PersonalizeServicer(pb_grpc.PersonalizeServicer):
     def SubmitFeedback(self, request: pb.FeedbackRequest, context: grpc.ServicerContext) -> pb.FeedbackAck:
         a = convert.feedback_args(request, self.limits)
         event = FeedbackEvent(
-            current_tenant(), a.user_id, a.kind, a.prompt, a.completion, a.correction, a.rejected, a.event_key
+            current_tenant(),
+            a.user_id,
+            a.kind,
+            a.prompt,
+            a.completion,
+            a.correction,
+            a.rejected,
+            a.event_key,
+            messages=a.messages,
         )
         event_id, partition = self.worker.submit_feedback(event)  # returns only after the durable append
         return convert.feedback_ack(event_id, partition)

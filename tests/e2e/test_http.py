@@ -108,6 +108,8 @@ def test_chat_completion_renders_the_template(client: openai.OpenAI, sdk: Person
     assert done.object == "chat.completion" and done.choices[0].message.role == "assistant"
     direct = sdk.generate("http-bob", "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n", max_new_tokens=16)
     assert done.choices[0].message.content == direct.text
+    as_messages = sdk.generate("http-bob", [("system", "Be brief."), ("user", "Hi")], max_new_tokens=16)
+    assert (as_messages.text, as_messages.prompt_tokens) == (direct.text, direct.prompt_tokens)
     stream = client.chat.completions.create(
         model="tiny",
         messages=messages,

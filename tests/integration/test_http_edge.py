@@ -8,18 +8,26 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from fastapi.testclient import TestClient
+from transformers import ByT5Tokenizer
 
+from personalize.engine.text import BUILTIN_CHAT_TEMPLATE
 from personalize_service.client import PersonalizeClient, PersonalizeClientError
-from personalize_service.http import create_app, render_chat
+from personalize_service.http import chat_turns, create_app
 from personalize_service.http.app import Caller
 from personalize_service.http.errors import error_response
 from personalize_service.http.models import ChatMessage
 from personalize_service.net import find_free_port
 
 
-def test_chat_template_renders_every_message_then_the_assistant_turn() -> None:
+def test_chat_goes_as_messages_which_the_builtin_template_renders_then_the_assistant_turn() -> None:
     messages = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")]
-    assert render_chat(messages) == "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n"
+    turns = chat_turns(messages)
+    assert turns == [("system", "Be brief."), ("user", "Hi")]
+    tokenizer = ByT5Tokenizer()
+    tokenizer.chat_template = BUILTIN_CHAT_TEMPLATE
+    chat = [{"role": role, "content": content} for role, content in turns]
+    rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert rendered == "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n"
 
 
 @pytest.mark.parametrize(

@@ -125,10 +125,11 @@ def test_trained_adapter_exports_to_peft_that_generates_identically(
         assert handle.result().text == base.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True), name
 
 
-def test_unsupported_model_type_is_refused_before_any_weight_is_read(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_bigcode"}))
+@pytest.mark.parametrize("model_type", ["gpt_bigcode", "phi3"])  # phi3: fused qkv_proj/gate_up_proj
+def test_unsupported_model_type_is_refused_before_any_weight_is_read(tmp_path: Path, model_type: str) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
     (tmp_path / "model.safetensors").write_bytes(b"not a weight file")  # reading it would fail differently
-    with pytest.raises(InvalidArgument, match="gpt_bigcode") as info:
+    with pytest.raises(InvalidArgument, match=model_type) as info:
         load_base_model(ModelConfig(path=str(tmp_path)))
     assert all(t in str(info.value) for t in SUPPORTED_MODEL_TYPES)
 

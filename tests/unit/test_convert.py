@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from personalize.engine.text import ChatMessage
 from personalize.engine.types import GenerationResult, SamplingParams
 from personalize.errors import InvalidArgument
 from personalize.lora.format import canonical_safetensors
@@ -45,6 +46,35 @@ def test_generate_request_fields_are_carried() -> None:
     assert params == SamplingParams(max_new_tokens=12, temperature=0.5, top_p=0.25, seed=2**63 + 5, stop=("\n", "END"))
 
 
+def test_chat_and_sampling_options_are_carried() -> None:
+    request = pb.GenerateRequest(
+        user_id="bob",
+        messages=[pb.ChatMessage(role="system", content="Be brief."), pb.ChatMessage(role="user", content="Hi")],
+        top_k=40,
+        repetition_penalty=1.3,
+        logprobs=True,
+    )
+    args = convert.generate_args(request, LIMITS)
+    assert args.prompt == (ChatMessage("system", "Be brief."), ChatMessage("user", "Hi"))
+    assert (args.params.top_k, args.params.logprobs) == (40, True)
+    assert args.params.repetition_penalty == pytest.approx(1.3)
+    assert convert.generate_args(pb.GenerateRequest(user_id="b", prompt="p"), LIMITS).params.repetition_penalty == 1.0
+    feedback = pb.FeedbackRequest(
+        user_id="bob", messages=request.messages, completion="a", kind=pb.FeedbackRequest.ACCEPT
+    )
+    assert convert.feedback_args(feedback, LIMITS).messages == args.prompt
+    feedback.prompt = "also a prompt"
+    with pytest.raises(InvalidArgument, match="exactly one of prompt and messages"):
+        convert.feedback_args(feedback, LIMITS)
+    with_logprobs = GenerationResult("Hi", 2, 2, "length", logprobs=(-0.5, -1.25))
+    assert list(convert.generate_response(with_logprobs, INFO).token_logprobs) == [-0.5, -1.25]
+
+
+def test_negative_top_k_is_invalid_argument() -> None:
+    with pytest.raises(InvalidArgument, match="top_k must be >= 0"):
+        SamplingParams(top_k=-1)
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -55,6 +85,12 @@ def test_generate_request_fields_are_carried() -> None:
         ({"temperature": float("nan")}, "temperature must be in"),
         ({"top_p": 1.5}, "top_p must be in"),
         ({"stop": [""]}, "stop strings must be non-empty"),
+        ({"repetition_penalty": -0.5}, "repetition_penalty must be > 0"),
+        ({"repetition_penalty": float("nan")}, "repetition_penalty must be > 0"),
+        ({"repetition_penalty": 1000.0}, "repetition_penalty must be in"),
+        ({"messages": [pb.ChatMessage(role="user", content="x")]}, "exactly one of prompt and messages"),
+        ({"prompt": "", "messages": [pb.ChatMessage(role="", content="x")]}, r"messages\[0\].role is empty"),
+        ({"prompt": "", "messages": [pb.ChatMessage(role="user", content="x" * 20000)]}, "messages is 20004 bytes"),
     ],
 )
 def test_bad_generate_requests_are_invalid_argument(fields: dict[str, object], message: str) -> None:

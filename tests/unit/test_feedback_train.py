@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from personalize.feedback.batch import build_batch, encode_example
 from personalize.feedback.events import FeedbackEvent
 from personalize.feedback.examples import VersionExamples, decode, encode, legacy_replay
-from personalize.feedback.losses import dpo_loss, sft_loss, token_logprobs, unlikelihood_loss
+from personalize.feedback.losses import (
+    chunked_token_logprobs,
+    dpo_loss,
+    sft_loss,
+    token_logprobs,
+    unlikelihood_loss,
+)
 from personalize.feedback.stream import Delivered
 from personalize.feedback.trainer import TrainerConfig, UserJob, train_round
 from personalize.lora.adapter import Adapter
@@ -45,6 +52,32 @@ def test_losses_prefer_the_right_answer() -> None:
     assert dpo_loss(seq[:1], seq[1:], torch.zeros(1), torch.zeros(1), 0.1) < dpo_loss(
         seq[1:], seq[:1], torch.zeros(1), torch.zeros(1), 0.1
     )
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 10_000])
+def test_chunked_loss_equals_the_full_logits_loss_and_grads(chunk_tokens: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 9, 16, generator=g)
+    head = torch.nn.Linear(16, 50, bias=False)
+    labels = torch.randint(0, 50, (3, 9), generator=g)
+    labels[:, :4] = -100  # prompts
+    labels[1, 7:] = -100  # padding
+    results = []
+    for chunked in (False, True):
+        h = hidden.clone().requires_grad_(True)
+        head.zero_grad()
+        if chunked:
+            logp, mask = chunked_token_logprobs(h, head, labels, chunk_tokens)
+        else:
+            logp, mask = token_logprobs(head(h), labels)
+        loss = (sft_loss(logp, mask) + unlikelihood_loss(logp, mask) + logp.sum(-1)).sum()
+        loss.backward()
+        assert h.grad is not None and head.weight.grad is not None
+        results.append((logp.detach(), mask, loss.detach(), h.grad.clone(), head.weight.grad.clone()))
+    (full_logp, full_mask, full_loss, full_dh, full_dw), (logp, mask, loss, dh, dw) = results
+    assert torch.equal(mask, full_mask)
+    assert torch.allclose(logp, full_logp, atol=1e-6) and torch.allclose(loss, full_loss, atol=1e-5)
+    assert torch.allclose(dh, full_dh, atol=1e-6) and torch.allclose(dw, full_dw, atol=1e-6)
 
 
 def test_batch_labels_cover_only_the_answer(base: BaseModel) -> None:

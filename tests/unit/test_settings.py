@@ -34,7 +34,6 @@ NOT_FIELDS = {
 """Settings that are not one dataclass field (API keys become ServiceConfig.api_keys; the worker_* are up's)."""
 UNEXPOSED = {
     "model.seed",
-    "lora.target_modules",
     "engine.max_prefill_tokens",
     "limits.max_stop_strings",
     "limits.max_stop_bytes",

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("user_id", "prompt", "max_new_tokens", "temperature", "top_p", "seed", "stop", "use_base_model")
+    __slots__ = ("user_id", "prompt", "max_new_tokens", "temperature", "top_p", "seed", "stop", "use_base_model", "messages", "top_k", "repetition_penalty", "logprobs")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,10 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     USE_BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     prompt: str
     max_new_tokens: int
@@ -25,10 +29,22 @@ class GenerateRequest(_message.Message):
     seed: int
     stop: _containers.RepeatedScalarFieldContainer[str]
     use_base_model: bool
-    def __init__(self, user_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., use_base_model: _Optional[bool] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    top_k: int
+    repetition_penalty: float
+    logprobs: bool
+    def __init__(self, user_id: _Optional[str] = ..., prompt: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., use_base_model: _Optional[bool] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., logprobs: _Optional[bool] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "adapter_version", "node_id", "cache_tier", "prompt_tokens", "completion_tokens", "finish_reason", "degraded", "degraded_reason")
+    __slots__ = ("text", "adapter_version", "node_id", "cache_tier", "prompt_tokens", "completion_tokens", "finish_reason", "degraded", "degraded_reason", "token_logprobs")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +54,7 @@ class GenerateResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_REASON_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     text: str
     adapter_version: int
     node_id: str
@@ -47,7 +64,8 @@ class GenerateResponse(_message.Message):
     finish_reason: str
     degraded: bool
     degraded_reason: str
-    def __init__(self, text: _Optional[str] = ..., adapter_version: _Optional[int] = ..., node_id: _Optional[str] = ..., cache_tier: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ...) -> None: ...
+    token_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, text: _Optional[str] = ..., adapter_version: _Optional[int] = ..., node_id: _Optional[str] = ..., cache_tier: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ..., token_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("text", "done", "final")
@@ -60,7 +78,7 @@ class GenerateChunk(_message.Message):
     def __init__(self, text: _Optional[str] = ..., done: _Optional[bool] = ..., final: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
 
 class FeedbackRequest(_message.Message):
-    __slots__ = ("user_id", "prompt", "completion", "kind", "correction", "rejected", "event_key")
+    __slots__ = ("user_id", "prompt", "completion", "kind", "correction", "rejected", "event_key", "messages")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[FeedbackRequest.Kind]
@@ -80,6 +98,7 @@ class FeedbackRequest(_message.Message):
     CORRECTION_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     EVENT_KEY_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     prompt: str
     completion: str
@@ -87,7 +106,8 @@ class FeedbackRequest(_message.Message):
     correction: str
     rejected: str
     event_key: str
-    def __init__(self, user_id: _Optional[str] = ..., prompt: _Optional[str] = ..., completion: _Optional[str] = ..., kind: _Optional[_Union[FeedbackRequest.Kind, str]] = ..., correction: _Optional[str] = ..., rejected: _Optional[str] = ..., event_key: _Optional[str] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, user_id: _Optional[str] = ..., prompt: _Optional[str] = ..., completion: _Optional[str] = ..., kind: _Optional[_Union[FeedbackRequest.Kind, str]] = ..., correction: _Optional[str] = ..., rejected: _Optional[str] = ..., event_key: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class FeedbackAck(_message.Message):
     __slots__ = ("event_id", "partition")
@@ -180,7 +200,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStats(_message.Message):
-    __slots__ = ("node_id", "resident", "bytes", "hits", "misses", "batch_occupancy", "max_batch_occupancy", "queue_depth", "stream_lag")
+    __slots__ = ("node_id", "resident", "bytes", "hits", "misses", "batch_occupancy", "max_batch_occupancy", "queue_depth", "stream_lag", "slot_bytes", "device_slots")
     class ResidentEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +238,8 @@ class NodeStats(_message.Message):
     MAX_BATCH_OCCUPANCY_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     STREAM_LAG_FIELD_NUMBER: _ClassVar[int]
+    SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SLOTS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     resident: _containers.ScalarMap[str, int]
     bytes: _containers.ScalarMap[str, int]
@@ -227,7 +249,9 @@ class NodeStats(_message.Message):
     max_batch_occupancy: int
     queue_depth: int
     stream_lag: int
-    def __init__(self, node_id: _Optional[str] = ..., resident: _Optional[_Mapping[str, int]] = ..., bytes: _Optional[_Mapping[str, int]] = ..., hits: _Optional[_Mapping[str, int]] = ..., misses: _Optional[_Mapping[str, int]] = ..., batch_occupancy: _Optional[float] = ..., max_batch_occupancy: _Optional[int] = ..., queue_depth: _Optional[int] = ..., stream_lag: _Optional[int] = ...) -> None: ...
+    slot_bytes: int
+    device_slots: int
+    def __init__(self, node_id: _Optional[str] = ..., resident: _Optional[_Mapping[str, int]] = ..., bytes: _Optional[_Mapping[str, int]] = ..., hits: _Optional[_Mapping[str, int]] = ..., misses: _Optional[_Mapping[str, int]] = ..., batch_occupancy: _Optional[float] = ..., max_batch_occupancy: _Optional[int] = ..., queue_depth: _Optional[int] = ..., stream_lag: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., device_slots: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("nodes", "degraded")
