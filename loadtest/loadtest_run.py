@@ -625,7 +625,12 @@ def load(client: PersonalizeClient, server: Server, args: argparse.Namespace, ou
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole run; returns the summary (also written to disk)."""
     out = results_dir(args.results)
-    with serving(args, out) as server, PersonalizeClient(server.target, api_key=args.api_key or None) as client:
+    with (
+        serving(args, out) as server,
+        PersonalizeClient(
+            server.target, api_key=args.api_key or None, operator_key=args.operator_key or None
+        ) as client,
+    ):
         summary = load(client, server, args, out)
     write_report(out, summary, args.results)
     print_summary(summary)
@@ -650,6 +655,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=2, help="`personalize up --workers N` (1 while N > 1 is refused)")
     ap.add_argument("--target", default="", help="a running server instead of starting `personalize up`")
     ap.add_argument("--api-key", default=os.environ.get("PERSONALIZE_API_KEY", ""), help="for --target")
+    ap.add_argument(
+        "--operator-key", default=os.environ.get("PERSONALIZE_OPERATOR_KEY", ""), help="for --target's Stats"
+    )
     ap.add_argument(
         "--up-arg",
         action="append",
