@@ -395,6 +395,15 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="SIZE",
     ),
     _s(
+        "lora.tenant_slot_share",
+        "--tenant-slot-share",
+        "PERSONALIZE_TENANT_SLOT_SHARE",
+        0.5,
+        _float,
+        "largest share of the device slots one tenant may hold pinned or loading at once (1 = no cap)",
+        metavar="F",
+    ),
+    _s(
         "lora.keep_versions",
         "--keep-versions",
         "PERSONALIZE_KEEP_VERSIONS",
