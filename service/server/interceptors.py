@@ -1,14 +1,15 @@
-"""Server interceptors: status mapping (+ call metrics), drain on shutdown, authentication, per-tenant
-rate limit.
+"""Server interceptors: status mapping (+ call metrics), drain on shutdown, authentication, request size,
+per-tenant rate limit.
 
 Install them with `grpc.server(pool, interceptors=server_interceptors(keys, limiter, metrics, drain))`; the
 order matters and that function fixes it: errors outermost (so it maps what the others raise), then the
-drain (refuses calls during shutdown, before any work), then auth (sets the tenant), then the rate limit
-(reads the tenant).
+drain (refuses calls during shutdown, before any work), then auth (sets the tenant), then the request
+size, then the rate limit (reads the tenant).
 
-Each interceptor wraps the *behavior* of a method handler (unary or streaming responses alike) rather
-than acting in `intercept_service`, because only the behavior runs in the thread, and for the duration,
-of the call itself.
+Most interceptors wrap the *behavior* of a method handler (unary or streaming responses alike), because
+only the behavior runs in the thread, and for the duration, of the call itself. Auth and the request size
+act in `intercept_service` as well, where the call's headers are known and its message not yet parsed:
+auth swaps a refused call's deserializer for one that drops the bytes, the size check reads their length.
 """
 
 from __future__ import annotations
