@@ -638,7 +638,12 @@ def load(client: PersonalizeClient, server: Server, args: argparse.Namespace, ou
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole run; returns the summary (also written to disk)."""
     out = results_dir(args.results)
-    with serving(args, out) as server, PersonalizeClient(server.target, api_key=args.api_key or None) as client:
+    with (
+        serving(args, out) as server,
+        PersonalizeClient(
+            server.target, api_key=args.api_key or None, operator_key=args.operator_key or None
+        ) as client,
+    ):
         summary = load(client, server, args, out)
     write_report(out, summary, args.results)
     print_summary(summary)
@@ -670,6 +675,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="drive the gRPC API (the SDK) or the OpenAI-compatible HTTP API with the same workload",
     )
     ap.add_argument("--http-target", default="", help="http://HOST:PORT of --target's HTTP API (--protocol http)")
+    ap.add_argument(
+        "--operator-key", default=os.environ.get("PERSONALIZE_OPERATOR_KEY", ""), help="for --target's Stats"
+    )
     ap.add_argument(
         "--up-arg",
         action="append",

@@ -73,7 +73,12 @@ def worker(config: Config) -> Worker:
         return adapter_from_bytes(data, spec, dtype=base.dtype)
 
     cache = AdapterCache(
-        CacheConfig(host_bytes=config.lora.host_bytes, disk_bytes=config.lora.disk_bytes, disk_dir=disk_dir),
+        CacheConfig(
+            host_bytes=config.lora.host_bytes,
+            disk_bytes=config.lora.disk_bytes,
+            disk_dir=disk_dir,
+            max_tenant_slots=config.lora.max_tenant_slots(pool.num_slots),
+        ),
         pool,
         engine.pool_lock,
         fetch=store_fetch(store, registry),

@@ -31,8 +31,12 @@ class LoraConfig:
     """Stored versions kept per user: every keep_versions-th publish deletes the versions older than the
     newest keep_versions (the corrupt-object recovery rebuilds from them) and objects of lost races at the
     current version; 0 = keep every version."""
+    tenant_slot_share: float = 0.5
+    """Largest share of the device slots one tenant may hold pinned or loading at once (1.0 = no cap)."""
 
     def __post_init__(self) -> None:
+        if not 0 < self.tenant_slot_share <= 1:
+            raise InvalidArgument(f"lora tenant_slot_share must be in (0, 1], got {self.tenant_slot_share}")
         if not 1 <= self.r_max <= 256:
             raise InvalidArgument(f"lora r_max must be in [1, 256], got {self.r_max}")
         bad = set(self.target_modules) - set(TARGET_MODULES)
@@ -42,6 +46,10 @@ class LoraConfig:
             raise InvalidArgument(f"lora keep_versions must be >= 0 (0 = keep all), got {self.keep_versions}")
         if min(self.device_bytes, self.host_bytes, self.disk_bytes) < 0:
             raise InvalidArgument("cache byte budgets must be >= 0")
+
+    def max_tenant_slots(self, num_slots: int) -> int:
+        """The cache's max_tenant_slots for a pool of `num_slots`: at least 1; 0 (no cap) at share 1.0."""
+        return 0 if self.tenant_slot_share >= 1 else max(1, int(self.tenant_slot_share * num_slots))
 
 
 @dataclass(frozen=True)

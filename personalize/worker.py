@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -162,6 +163,20 @@ class _Running:
         self._handle.cancel()
 
 
+class _Once:
+    """`fn` run by the first call only (a lease released at admission is not released again at the end)."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self._fn: Callable[[], object] | None = fn
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            fn, self._fn = self._fn, None
+        if fn is not None:
+            fn()
+
+
 class Worker:
     """One serving node: registry -> tiered cache -> continuous-batching engine. Thread-safe."""
 
@@ -239,17 +254,19 @@ class Worker:
             if not self.config.degrade_to_base:
                 raise
             return self._degraded(tenant, prompt, params, f"adapter v{record.version} of user {user_id!r}", exc)
+        release = _Once(lambda: self.cache.release(lease))  # at admission (the lane has the copy), or at the end
         try:
             handle = self.engine.submit(
                 prompt,
                 params,
                 slot=lease.slot,
-                on_done=lambda _result: self.cache.release(lease),
+                on_done=lambda _result: release(),
                 tenant=tenant,
                 label=f"adapter v{record.version} of user {user_id!r}",
+                on_admit=release,
             )
         except BaseException:
-            self.cache.release(lease)
+            release()
             raise
         return _Running(handle, GenerationInfo(record.version, lease.tier, self.node_id))
 

@@ -108,6 +108,9 @@ class CacheConfig:
     """Threads loading adapters (fetch, parse, copy into a slot) off the engine thread."""
     wait_timeout_s: float = 30.0
     """How long an acquire waits for a load or a free slot when it passes no timeout."""
+    max_tenant_slots: int = 0
+    """Most device slots one tenant may hold pinned or loading at once (0 = no cap): a tenant at it waits, as
+    for a free slot, until one of its own is released, so one tenant's many users never hold every slot."""
 
     def __post_init__(self) -> None:
         if self.host_bytes < 0 or self.disk_bytes < 0:
@@ -116,6 +119,8 @@ class CacheConfig:
             )
         if self.load_threads < 1:
             raise InvalidArgument(f"load_threads must be >= 1, got {self.load_threads}")
+        if self.max_tenant_slots < 0:
+            raise InvalidArgument(f"max_tenant_slots must be >= 0 (0 = no cap), got {self.max_tenant_slots}")
         if not self.wait_timeout_s > 0:
             raise InvalidArgument(f"wait_timeout_s must be > 0, got {self.wait_timeout_s}")
         if self.disk_dir and not Path(self.disk_dir).is_absolute():
@@ -457,12 +462,13 @@ class AdapterCache:
             load = self._loading.get(key)
             if load is not None:
                 return load
-            slot = self._reserve()
+            capped = self._at_tenant_cap(key.tenant)
+            slot = None if capped else self._reserve()
             if slot is not None:
                 return self._start(key, slot)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise self._exhausted(wait)
+                raise self._tenant_exhausted(key.tenant, wait) if capped else self._exhausted(wait)
             self._slot_waiters += 1
             try:
                 self._slot_freed.wait(remaining)
@@ -486,6 +492,23 @@ class AdapterCache:
             f"all {self._slots.num_slots} device adapter slots are pinned by in-flight requests or loads "
             f"(waited {waited:.3g} s for one): raise the device budget or lower concurrency"
         )
+
+    def _tenant_exhausted(self, tenant: str, waited: float) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"tenant {tenant!r} holds {self.config.max_tenant_slots} device adapter slots pinned or loading; the "
+            f"limit is {self.config.max_tenant_slots} (max_tenant_slots; waited {waited:.3g} s for one of them)"
+        )
+
+    def _at_tenant_cap(self, tenant: str) -> bool:
+        """Under the lock: whether `tenant` holds max_tenant_slots slots pinned or loading."""
+        cap = self.config.max_tenant_slots
+        if not cap:
+            return False
+        held = sum(1 for k in self._loading if k.tenant == tenant)
+        for slot, pins in enumerate(self._slots.pins):
+            key = self._slots.keys[slot]
+            held += pins > 0 and key is not None and key.tenant == tenant
+        return held >= cap
 
     def _check_open(self) -> None:
         if self._closed:

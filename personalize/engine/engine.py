@@ -75,6 +75,8 @@ class _Request:
     """Whose request: the waiting queue admits tenants round robin."""
     label: str = ""
     """What serves it, for errors ("adapter v3 of user 'u'"); empty = the base model."""
+    on_admit: Callable[[], None] | None = None
+    """Runs once its lane holds the copy of its slot: the slot's pin may go (the engine reads only the lane)."""
     pieces: queue.Queue[Any] = field(default_factory=queue.Queue)
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
@@ -162,9 +164,11 @@ class Engine:
         on_done: Callable[[GenerationResult | None], None] | None = None,
         tenant: str = "",
         label: str = "",
+        on_admit: Callable[[], None] | None = None,
     ) -> RequestHandle:
         """Queue a request of `tenant` using adapter `slot` of the pool (None = base model), named `label` in
-        errors. on_done runs on completion. `prompt`: text, a chat (tuple of messages) or token ids (a list)."""
+        errors. on_admit runs once its lane holds the slot's copy (the slot is free to change from then on),
+        on_done on completion. `prompt`: text, a chat (tuple of messages) or token ids (a list)."""
         ids = list(prompt) if isinstance(prompt, list) else self.encode(prompt)
         if len(ids) >= self.config.max_len:
             raise InvalidArgument(f"prompt is {len(ids)} tokens; the context limit is {self.config.max_len}")
@@ -174,7 +178,16 @@ class Engine:
         if not is_greedy(params.temperature):
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
         req = _Request(
-            next(self._ids), ids, params, slot, TextStream(self.tokenizer, params.stop), on_done, gen, tenant, label
+            next(self._ids),
+            ids,
+            params,
+            slot,
+            TextStream(self.tokenizer, params.stop),
+            on_done,
+            gen,
+            tenant,
+            label,
+            on_admit=on_admit,
         )
         with self._cond:
             if len(self._waiting) >= self.config.max_waiting:
@@ -272,6 +285,8 @@ class Engine:
                     else:
                         assert self.pool is not None
                         lanes.copy_slot(self.pool, req.slot, row0 + n)
+            for req in joiners:  # outside pool_lock: the callback takes the cache's lock
+                _run_callback(req.on_admit)
         longest = max(len(r.prompt_ids) for r in joiners)
         ids = torch.zeros(len(joiners), longest, dtype=torch.long)
         for n, req in enumerate(joiners):
@@ -395,6 +410,14 @@ class Engine:
         for req in victims:
             if not req.done.is_set():
                 self._complete(req, None, _step_error(exc))
+
+
+def _run_callback(callback: Callable[[], None] | None) -> None:
+    if callback is not None:
+        try:
+            callback()
+        except Exception:
+            log.exception("on_admit callback failed")
 
 
 def _step_error(exc: BaseException) -> BaseException:

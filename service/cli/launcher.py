@@ -211,6 +211,7 @@ class _Up:
             workers=workers,
             http_port=http_port,
             slots=slots,
+            operator_keys=bool(keys.operators),
         )
 
     def start_http(self, grpc_port: int, model: str, fingerprint: str) -> Any:
@@ -527,6 +528,14 @@ class TrainerSupervisor:
         self.pid_file.unlink(missing_ok=True)
 
 
+def _admin_lines(tenant_keys: bool, operator_keys: bool) -> list[str]:
+    if operator_keys:
+        return ["  admin     Stats/ListNodes need an operator key (--operator-keys / PERSONALIZE_OPERATOR_KEYS)"]
+    if tenant_keys:
+        return ["  admin     Stats/ListNodes refused: no operator key configured (--operator-keys)"]
+    return []
+
+
 def up_banner(
     port: int,
     metrics_port: int,
@@ -541,10 +550,12 @@ def up_banner(
     workers: Mapping[str, str] | None = None,
     http_port: int = 0,
     slots: str = "",
+    operator_keys: bool = False,
 ) -> str:
     """What `personalize up` prints once it serves: what runs where, and commands to try.
 
-    `tenants` empty = no API keys configured; `fingerprint` empty = not shown. `workers` (node id ->
+    `tenants` empty = no API keys configured; `operator_keys` = operator keys guard the Admin API;
+    `fingerprint` empty = not shown. `workers` (node id ->
     address) = a cluster behind the router, shown instead of `node_id`. The first line, `serving on
     HOST:PORT`, is stable: scripts (and the e2e tests) read the port from it.
     """
@@ -576,6 +587,7 @@ def up_banner(
                 else []
             ),
             f"  auth      {auth}",
+            *_admin_lines(bool(tenants), operator_keys),
             "",
             f"Try it from another terminal{key_note}:",
             f'  personalize generate{target_flag}{key_flag} alice "Tell me about LoRA"',

@@ -129,6 +129,8 @@ def worker_environment(values: Mapping[str, Any], store_url: str, registry_url: 
         env[settings.BY_KEY["service.api_keys_file"].env] = str(values["service.api_keys_file"])
     if values["service.api_keys"]:
         env[settings.BY_KEY["service.api_keys"].env] = str(values["service.api_keys"])
+    if values["service.operator_keys"]:
+        env[settings.BY_KEY["service.operator_keys"].env] = str(values["service.operator_keys"])
     return env
 
 

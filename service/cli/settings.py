@@ -335,6 +335,16 @@ SETTINGS: tuple[Setting, ...] = (
         "tenant:key entries, comma-separated (prefer the env var: flags show in ps)",
         metavar="KEYS",
     ),
+    _s(
+        "service.operator_keys",
+        "--operator-keys",
+        "PERSONALIZE_OPERATOR_KEYS",
+        "",
+        _str,
+        "keys of the Admin API (Stats, ListNodes), comma-separated; with tenant keys and none of these, "
+        "Admin is refused to all (prefer the env var)",
+        metavar="KEYS",
+    ),
     # -- the base model
     _s(
         "model.path",
@@ -401,6 +411,15 @@ SETTINGS: tuple[Setting, ...] = (
         parse_size,
         "local disk budget of adapter files (under DATA_DIR/cache; 0 = off)",
         metavar="SIZE",
+    ),
+    _s(
+        "lora.tenant_slot_share",
+        "--tenant-slot-share",
+        "PERSONALIZE_TENANT_SLOT_SHARE",
+        0.5,
+        _float,
+        "largest share of the device slots one tenant may hold pinned or loading at once (1 = no cap)",
+        metavar="F",
     ),
     _s(
         "lora.keep_versions",
@@ -520,6 +539,24 @@ SETTINGS: tuple[Setting, ...] = (
         256,
         _int,
         "generations one tenant may have running or queued (keep well below --threads)",
+        metavar="N",
+    ),
+    _s(
+        "limits.feedback_per_second",
+        "--feedback-rate",
+        "PERSONALIZE_FEEDBACK_RATE",
+        200.0,
+        _float,
+        "feedback quota: sustained events/s per tenant (per server)",
+        metavar="R",
+    ),
+    _s(
+        "limits.feedback_burst",
+        "--feedback-burst",
+        "PERSONALIZE_FEEDBACK_BURST",
+        2000,
+        _int,
+        "feedback events a tenant may send at once above its quota's rate",
         metavar="N",
     ),
     # -- feedback and training
@@ -822,12 +859,13 @@ def build(values: Mapping[str, Any]) -> Resolved:
     )
     service_values = _section(values, "service.")
     keys_file, keys_text = service_values.pop("api_keys_file"), service_values.pop("api_keys")
+    operator_keys = service_values.pop("operator_keys")
     if keys_file and keys_text:
         raise SettingsError(
             "API keys are given both as a file (--api-keys-file / PERSONALIZE_API_KEYS_FILE) "
             "and inline (--api-keys / PERSONALIZE_API_KEYS); use one"
         )
-    api_keys = load_api_keys(keys_file) if keys_file else ApiKeys.parse(keys_text)
+    api_keys = (load_api_keys(keys_file) if keys_file else ApiKeys.parse(keys_text)).with_operator_keys(operator_keys)
     service = ServiceConfig(**service_values, limits=Limits(**_section(values, "limits.")), api_keys=api_keys)
     router = RouterConfig(**_section(values, "router."))
     return Resolved(config=config, service=service, router=router, workers=values.get("workers", 1))

@@ -248,6 +248,8 @@ class PersonalizeClient:
     timeout: seconds per call, retries included. tls: None/False = plaintext, True = TLS with the system
     roots, bytes = TLS with this PEM root certificate, or a ready grpc.ChannelCredentials.
     retries: extra attempts on UNAVAILABLE for idempotent calls (at most 2 by default).
+    operator_key: sent on the Admin calls (stats, list_nodes) instead of api_key; a server with keys
+    answers them only for an operator key.
     """
 
     def __init__(
@@ -259,8 +261,9 @@ class PersonalizeClient:
         *,
         retries: int = 2,
         backoff: float = 0.05,
+        operator_key: str | None = None,
     ) -> None:
-        self._configure(api_key, timeout, RetryPolicy(retries=retries, backoff=backoff))
+        self._configure(api_key, timeout, RetryPolicy(retries=retries, backoff=backoff), operator_key)
         self._channel = open_channel(target, tls)
         self._api = pb_grpc.PersonalizeStub(self._channel)
         self._admin = pb_grpc.AdminStub(self._channel)
@@ -365,10 +368,12 @@ class PersonalizeClient:
     # -- admin --
 
     def stats(self) -> pb.StatsResponse:
-        return self._unary(self._admin.Stats, pb.StatsRequest(), idempotent=True)
+        return self._unary(self._admin.Stats, pb.StatsRequest(), idempotent=True, metadata=self._operator_metadata)
 
     def list_nodes(self) -> pb.ListNodesResponse:
-        return self._unary(self._admin.ListNodes, pb.ListNodesRequest(), idempotent=True)
+        return self._unary(
+            self._admin.ListNodes, pb.ListNodesRequest(), idempotent=True, metadata=self._operator_metadata
+        )
 
     # -- lifecycle --
 
@@ -391,13 +396,16 @@ class PersonalizeClient:
 
         return RoutingClient(registry_url, api_key, tenant=tenant, **options)
 
-    def _configure(self, api_key: str | None, timeout: float, retry: RetryPolicy) -> None:
+    def _configure(
+        self, api_key: str | None, timeout: float, retry: RetryPolicy, operator_key: str | None = None
+    ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.timeout = timeout
         self._metadata: tuple[tuple[str, str], ...] = ()
         if api_key:
             self._metadata = (("authorization", f"Bearer {api_key}"),)
+        self._operator_metadata = (("authorization", f"Bearer {operator_key}"),) if operator_key else self._metadata
         self._retry = retry
 
     def _call(self, rpc: str, request: Any, *, idempotent: bool) -> Any:
@@ -410,11 +418,17 @@ class PersonalizeClient:
             lambda: self._api.GenerateStream(request, timeout=time_left(deadline), metadata=self._metadata), self._retry
         )
 
-    def _unary(self, method: Callable[..., T], request: Any, *, idempotent: bool) -> T:
+    def _unary(
+        self,
+        method: Callable[..., T],
+        request: Any,
+        *,
+        idempotent: bool,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> T:
         deadline = time.monotonic() + self.timeout
-        return self._retry.run(
-            lambda: method(request, timeout=time_left(deadline), metadata=self._metadata), idempotent
-        )
+        sent = self._metadata if metadata is None else metadata
+        return self._retry.run(lambda: method(request, timeout=time_left(deadline), metadata=sent), idempotent)
 
 
 def time_left(deadline: float) -> float:

@@ -5,6 +5,10 @@ file with one entry per line). Only the SHA-256 of each key is kept in memory, a
 compared against every stored digest with `hmac.compare_digest`, so neither the keys nor their order
 leak through timing. With no keys configured the server has one tenant, `default`, and needs no key.
 
+Operator keys (env `PERSONALIZE_OPERATOR_KEYS="key1,key2"`) are separate: only they may call the Admin API
+(`Stats`, `ListNodes`); a tenant's key there is PERMISSION_DENIED. With neither kind configured nobody needs
+a key, for the Admin API too.
+
 Handlers read the caller's tenant with `current_tenant()`; `AuthInterceptor` (service/server/interceptors.py)
 sets it for the duration of each call.
 """
@@ -12,6 +16,7 @@ sets it for the duration of each call.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import hashlib
 import hmac
 import os
@@ -20,10 +25,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from personalize.errors import InvalidArgument, Unauthenticated
+from personalize.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 DEFAULT_TENANT = "default"
+OPERATOR = "(operator)"
+"""The `current_tenant()` of a call made with an operator key (not a valid tenant name, so never a tenant's)."""
 ENV_VAR = "PERSONALIZE_API_KEYS"
+OPERATOR_ENV_VAR = "PERSONALIZE_OPERATOR_KEYS"
 METADATA_KEY = "authorization"
 _TENANT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -59,6 +67,8 @@ class ApiKeys:
 
     entries: tuple[tuple[bytes, str], ...] = field(default=(), repr=False)
     """(sha256 of key, tenant) pairs."""
+    operators: tuple[bytes, ...] = field(default=(), repr=False)
+    """sha256 of each operator key (the Admin API's)."""
 
     @classmethod
     def from_mapping(cls, keys: Mapping[str, str]) -> ApiKeys:
@@ -95,6 +105,17 @@ class ApiKeys:
             keys[tenant] = key
         return cls.from_mapping(keys)
 
+    def with_operator_keys(self, text: str) -> ApiKeys:
+        """These keys plus operator keys from `text` (comma- or newline-separated; `#` starts a comment line).
+
+        Raises InvalidArgument if an operator key is also a tenant's key.
+        """
+        keys = [k.strip() for k in re.split(r"[,\n]", text) if k.strip() and not k.strip().startswith("#")]
+        digests = tuple(dict.fromkeys(_digest(k) for k in keys))
+        if set(digests) & {d for d, _ in self.entries}:
+            raise InvalidArgument("an operator key is also a tenant's API key; give operators keys of their own")
+        return dataclasses.replace(self, operators=digests)
+
     @property
     def enabled(self) -> bool:
         """True if keys are required (at least one configured)."""
@@ -119,9 +140,37 @@ class ApiKeys:
             raise Unauthenticated("unknown API key")
         return found
 
+    def authorize_operator(self, key: str | None) -> str:
+        """OPERATOR for an operator key; DEFAULT_TENANT when no key of either kind is configured.
+
+        Raises PermissionDenied for a tenant's key, Unauthenticated for a missing or unknown one.
+        """
+        if not self.entries and not self.operators:
+            return DEFAULT_TENANT
+        if not key:
+            raise Unauthenticated(
+                f"the Admin API needs an operator key: send metadata '{METADATA_KEY}: Bearer <operator key>'"
+            )
+        presented = _digest(key)
+        if _matches(presented, self.operators):
+            return OPERATOR
+        if _matches(presented, [d for d, _ in self.entries]):
+            raise PermissionDenied(
+                "the Admin API needs an operator key (service.operator_keys); a tenant's API key may not call it"
+            )
+        raise Unauthenticated("unknown operator key")
+
     def tenant_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
         """The tenant selected by a call's `authorization: Bearer <key>` metadata (see authenticate)."""
         return self.authenticate(bearer_key(metadata))
+
+
+def _matches(presented: bytes, digests: Iterable[bytes]) -> bool:
+    """Whether `presented` is one of `digests`, compared with all of them (time independent of which)."""
+    found = False
+    for digest in digests:
+        found |= hmac.compare_digest(presented, digest)
+    return found
 
 
 def bearer_key(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:

@@ -1,14 +1,15 @@
-"""Server interceptors: status mapping (+ call metrics), drain on shutdown, authentication, per-tenant
-rate limit.
+"""Server interceptors: status mapping (+ call metrics), drain on shutdown, authentication, request size,
+per-tenant rate limit.
 
 Install them with `grpc.server(pool, interceptors=server_interceptors(keys, limiter, metrics, drain))`; the
 order matters and that function fixes it: errors outermost (so it maps what the others raise), then the
-drain (refuses calls during shutdown, before any work), then auth (sets the tenant), then the rate limit
-(reads the tenant).
+drain (refuses calls during shutdown, before any work), then auth (sets the tenant), then the request
+size, then the rate limit (reads the tenant).
 
-Each interceptor wraps the *behavior* of a method handler (unary or streaming responses alike) rather
-than acting in `intercept_service`, because only the behavior runs in the thread, and for the duration,
-of the call itself.
+Most interceptors wrap the *behavior* of a method handler (unary or streaming responses alike), because
+only the behavior runs in the thread, and for the duration, of the call itself. Auth and the request size
+act in `intercept_service` as well, where the call's headers are known and its message not yet parsed:
+auth swaps a refused call's deserializer for one that drops the bytes, the size check reads their length.
 """
 
 from __future__ import annotations
@@ -19,20 +20,25 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
 
-from personalize.errors import Unavailable
-from personalize_service.server.auth import ApiKeys, current_tenant, tenant_context
+from personalize.errors import InvalidArgument, PersonalizeError, Unavailable
+from personalize_service.server.auth import ApiKeys, bearer_key, current_tenant, tenant_context
 from personalize_service.server.errors import message_of, status_of
-from personalize_service.server.limits import RateLimiter
+from personalize_service.server.limits import Limits, RateLimiter
 from personalize_service.server.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
 PUBLIC_METHOD_PREFIXES: tuple[str, ...] = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 """Methods served without an API key or rate limit: health checking and server reflection."""
+ADMIN_METHOD_PREFIX = "/personalize.v1.Admin/"
+"""Methods that need an operator key."""
+IMPORT_METHOD = "/personalize.v1.Personalize/ImportAdapter"
+"""The one method whose request may be larger than Limits.max_request_bytes."""
 
 _HANDLER_KINDS: dict[tuple[bool, bool], tuple[str, Callable[..., Any]]] = {
     (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
@@ -71,8 +77,7 @@ class CallInterceptor(grpc.ServerInterceptor, abc.ABC):
 
 def _wrap_handler(handler: Any, interceptor: CallInterceptor, method: str) -> Any:
     """A copy of `handler` whose behavior goes through `interceptor`."""
-    attr, make = _HANDLER_KINDS[(bool(handler.request_streaming), bool(handler.response_streaming))]
-    behavior = getattr(handler, attr)
+    behavior = getattr(handler, _HANDLER_KINDS[(bool(handler.request_streaming), bool(handler.response_streaming))][0])
 
     def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
         def call() -> Any:
@@ -82,9 +87,7 @@ def _wrap_handler(handler: Any, interceptor: CallInterceptor, method: str) -> An
             return interceptor.stream(call, context, method)
         return interceptor.unary(call, context, method)
 
-    return make(
-        wrapped, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-    )
+    return _rebuild(handler, wrapped, handler.request_deserializer)
 
 
 def _is_public(method: str) -> bool:
@@ -165,28 +168,46 @@ def _handler_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
 # ---- authentication and rate limit -------------------------------------------------------------------
 
 
-class AuthInterceptor(CallInterceptor):
-    """Resolves the caller's tenant from `authorization: Bearer <key>` and runs the call with
-    `current_tenant()` set to it; raises Unauthenticated (-> UNAUTHENTICATED) on a missing or unknown key.
-    Health checking and reflection need no key.
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Resolves the caller from `authorization: Bearer <key>` when the call's headers arrive, before its
+    message is parsed, and runs the call with `current_tenant()` set. A missing or unknown key is
+    UNAUTHENTICATED, a tenant's key on the Admin API PERMISSION_DENIED; a refused call's message is
+    never deserialized (its handler takes the bytes unread). Health checking and reflection need no key.
     """
 
     def __init__(self, keys: ApiKeys) -> None:
         self.keys = keys
 
-    def applies_to(self, method: str) -> bool:
-        return not _is_public(method)
+    def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or _is_public(method):
+            return handler
+        try:
+            key = bearer_key(handler_call_details.invocation_metadata)
+            if method.startswith(ADMIN_METHOD_PREFIX):
+                tenant = self.keys.authorize_operator(key)
+            else:
+                tenant = self.keys.authenticate(key)
+        except PersonalizeError as exc:
+            return _refusal(handler, exc)
+        return _wrap_handler(handler, _TenantScope(tenant), method)
+
+
+class _TenantScope(CallInterceptor):
+    """Runs one call (every step of a streaming handler's generator) with `current_tenant()` = tenant."""
+
+    def __init__(self, tenant: str) -> None:
+        self.tenant = tenant
 
     def unary(self, call: Callable[[], Any], context: grpc.ServicerContext, method: str) -> Any:
-        tenant = self.keys.tenant_of(context.invocation_metadata())
-        return tenant_context(tenant).run(call)
+        return tenant_context(self.tenant).run(call)
 
     def stream(self, call: Callable[[], Iterator[Any]], context: grpc.ServicerContext, method: str) -> Iterator[Any]:
-        tenant = self.keys.tenant_of(context.invocation_metadata())
-        ctx = tenant_context(tenant)
+        ctx = tenant_context(self.tenant)
         responses = ctx.run(call)
         try:
-            while True:  # each step of the handler's generator runs with the tenant set
+            while True:
                 try:
                     item = ctx.run(next, responses)
                 except StopIteration:
@@ -196,6 +217,70 @@ class AuthInterceptor(CallInterceptor):
             close = getattr(responses, "close", None)
             if close is not None:
                 ctx.run(close)
+
+
+_UNREAD = object()
+"""The "request" of a refused call: its bytes are dropped without parsing."""
+
+
+def _unread(data: bytes) -> object:
+    return _UNREAD
+
+
+def _refusal(handler: Any, error: PersonalizeError) -> Any:
+    """A handler of `handler`'s kind that raises `error` without deserializing the request."""
+
+    def refuse(request: Any, context: grpc.ServicerContext) -> NoReturn:
+        raise error
+
+    return _rebuild(handler, refuse, _unread)
+
+
+class RequestSizeInterceptor(grpc.ServerInterceptor):
+    """Refuses a request over `limit` bytes (every method but those in `exempt`) by its raw length, before
+    it is parsed: INVALID_ARGUMENT naming the limit. The server-wide receive limit stays large enough for
+    an ImportAdapter; this is the small limit of everything else."""
+
+    def __init__(self, limit: int, exempt: tuple[str, ...] = (IMPORT_METHOD,)) -> None:
+        self.limit = limit
+        self.exempt = exempt
+
+    def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or handler.request_streaming or _is_public(method) or method in self.exempt:
+            return handler
+        behavior = getattr(handler, _HANDLER_KINDS[(False, bool(handler.response_streaming))][0])
+        parse = handler.request_deserializer
+        limit = self.limit
+
+        def deserialize(data: bytes) -> Any:
+            if len(data) > limit:
+                return _Oversized(len(data))
+            return data if parse is None else parse(data)
+
+        def checked(request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, _Oversized):
+                raise InvalidArgument(
+                    f"{method.rsplit('/', 1)[-1]} request is {request.size} bytes; the limit is {limit} "
+                    f"(max_request_bytes, derived from the text limits; only ImportAdapter may be larger)"
+                )
+            return behavior(request, context)
+
+        return _rebuild(handler, checked, deserialize)
+
+
+@dataclass(frozen=True)
+class _Oversized:
+    """The "request" of a call whose message was over the limit, never parsed."""
+
+    size: int
+
+
+def _rebuild(handler: Any, behavior: Callable[..., Any], deserializer: Callable[[bytes], Any] | None) -> Any:
+    """A handler of `handler`'s kind with `behavior` and `deserializer` in place of its own."""
+    _, make = _HANDLER_KINDS[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    return make(behavior, request_deserializer=deserializer, response_serializer=handler.response_serializer)
 
 
 class RateLimitInterceptor(CallInterceptor):
@@ -287,14 +372,21 @@ class DrainInterceptor(CallInterceptor):
 
 
 def server_interceptors(
-    keys: ApiKeys, limiter: RateLimiter | None = None, metrics: ServiceMetrics | None = None, drain: Drain | None = None
+    keys: ApiKeys,
+    limiter: RateLimiter | None = None,
+    metrics: ServiceMetrics | None = None,
+    drain: Drain | None = None,
+    limits: Limits | None = None,
 ) -> list[grpc.ServerInterceptor]:
     """The service's interceptors in the order they must run (outermost first): errors, drain (if given),
-    auth, rate limit."""
+    auth, request size (`limits`, or the limiter's), rate limit."""
     chain: list[grpc.ServerInterceptor] = [ErrorInterceptor(metrics)]
     if drain is not None:
         chain.append(DrainInterceptor(drain))
     chain.append(AuthInterceptor(keys))
+    limits = limits or (limiter.limits if limiter is not None else None)
+    if limits is not None:
+        chain.append(RequestSizeInterceptor(limits.max_request_bytes))
     if limiter is not None:
         chain.append(RateLimitInterceptor(limiter))
     return chain

@@ -57,6 +57,10 @@ class Limits:
     max_concurrent_generations: int = 256
     """Generations one tenant may have running or queued at once; a quarter of the default 1024 handler
     threads, so one tenant can never hold every thread."""
+    feedback_per_second: float = 200.0
+    """Sustained feedback events per tenant per server (the tenant's feedback quota, a token bucket)."""
+    feedback_burst: int = 2000
+    """Feedback events a tenant may send at once above feedback_per_second."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -70,17 +74,27 @@ class Limits:
             "max_import_file_bytes",
             "burst",
             "max_concurrent_generations",
+            "feedback_burst",
         ):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"limit {name} must be >= 1, got {getattr(self, name)}")
         if self.max_stop_strings < 0:
             raise InvalidArgument(f"limit max_stop_strings must be >= 0, got {self.max_stop_strings}")
-        if not self.requests_per_second > 0:
-            raise InvalidArgument(f"limit requests_per_second must be > 0, got {self.requests_per_second}")
+        for name in ("requests_per_second", "feedback_per_second"):
+            if not getattr(self, name) > 0:
+                raise InvalidArgument(f"limit {name} must be > 0, got {getattr(self, name)}")
         if self.default_new_tokens > self.max_new_tokens:
             raise InvalidArgument(
                 f"limit default_new_tokens ({self.default_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})"
             )
+
+    @property
+    def max_request_bytes(self) -> int:
+        """Largest serialized request of any method but ImportAdapter: the largest request the text limits
+        allow (a feedback event's four texts, or a prompt with its stop strings) plus 64 KiB of room."""
+        feedback = 4 * self.max_feedback_text_bytes + self.max_event_key_bytes
+        generate = self.max_prompt_bytes + self.max_stop_strings * self.max_stop_bytes
+        return max(feedback, generate) + self.max_user_id_bytes + 64 * KIB
 
 
 DEFAULT_LIMITS = Limits()
@@ -217,28 +231,66 @@ class TokenBucket:
 
 
 @dataclass
-class RateLimiter:
-    """One token bucket per tenant (tenants come from configured keys, so the map stays small)."""
+class TenantBuckets:
+    """One token bucket per tenant (tenants come from configured keys, so the map stays small). Thread-safe."""
 
-    limits: Limits
+    rate: float
+    capacity: int
     clock: Callable[[], float] = time.monotonic
     _buckets: dict[str, TokenBucket] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
-    def check(self, tenant: str) -> None:
-        """Count one request of `tenant`; ResourceExhausted if its bucket is empty."""
+    def take(self, tenant: str) -> bool:
+        """Take one of `tenant`'s tokens; False if its bucket is empty."""
         with self._lock:
             now = self.clock()
             bucket = self._buckets.get(tenant)
             if bucket is None:
-                bucket = TokenBucket(self.limits.requests_per_second, self.limits.burst, self.limits.burst, now)
+                bucket = TokenBucket(self.rate, self.capacity, self.capacity, now)
                 self._buckets[tenant] = bucket
-            allowed = bucket.try_take(now)
-        if not allowed:
+            return bucket.try_take(now)
+
+
+@dataclass
+class RateLimiter:
+    """Requests per tenant: requests_per_second, with a burst of `burst`."""
+
+    limits: Limits
+    clock: Callable[[], float] = time.monotonic
+    _buckets: TenantBuckets = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._buckets = TenantBuckets(self.limits.requests_per_second, self.limits.burst, self.clock)
+
+    def check(self, tenant: str) -> None:
+        """Count one request of `tenant`; ResourceExhausted if its bucket is empty."""
+        if not self._buckets.take(tenant):
             raise ResourceExhausted(
                 f"tenant {tenant!r} is over its request rate: the limit is "
                 f"{self.limits.requests_per_second:g} requests/s with a burst of {self.limits.burst}"
                 f" (requests_per_second, burst); retry later"
+            )
+
+
+@dataclass
+class FeedbackQuota:
+    """Feedback events per tenant: feedback_per_second, with a burst of feedback_burst, so one tenant cannot
+    fill the feedback partitions every tenant shares."""
+
+    limits: Limits
+    clock: Callable[[], float] = time.monotonic
+    _buckets: TenantBuckets = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._buckets = TenantBuckets(self.limits.feedback_per_second, self.limits.feedback_burst, self.clock)
+
+    def check(self, tenant: str) -> None:
+        """Count one feedback event of `tenant`; ResourceExhausted if its quota is spent."""
+        if not self._buckets.take(tenant):
+            raise ResourceExhausted(
+                f"tenant {tenant!r} is over its feedback quota: the limit is "
+                f"{self.limits.feedback_per_second:g} events/s with a burst of {self.limits.feedback_burst}"
+                f" (feedback_per_second, feedback_burst); retry later"
             )
 
 

@@ -10,7 +10,9 @@ caller's `authorization` and `x-user-id` metadata unchanged, so the worker authe
 The outgoing timeout is the incoming call's remaining time; a caller that goes away cancels the upstream
 call. Idempotent calls (everything but ImportAdapter; GenerateStream until its first chunk;
 SubmitFeedback because the router gives a key-less event an `event_key` first) are retried once on the
-next worker when the first answers UNAVAILABLE. Upstream failures keep their status code and details.
+next worker when the first answers UNAVAILABLE. Upstream failures keep their status code, and their
+details unless these name an address, a path or a URL (a transport error's "ipv4:10.0.0.7:50051: Connection
+refused"): then the caller learns which component failed, and the router log the rest.
 
 Admin: `Stats` fans out to every live worker and returns their nodes (degraded when some did not answer);
 `ListNodes` shows the membership view: node id, address, state (up, draining, or down for a worker that
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 import uuid
@@ -109,6 +112,43 @@ def _code_of(exc: BaseException | None) -> grpc.StatusCode:
     return code() if isinstance(exc, grpc.RpcError) and callable(code) else grpc.StatusCode.UNKNOWN
 
 
+_INTERNAL_DETAIL = re.compile(
+    r"ipv[46]:|unix:|dns:|\w+://|\b\d{1,3}(?:\.\d{1,3}){3}\b|\[[0-9a-fA-F]*:[0-9a-fA-F:]*\]|[\w.-]+:\d{2,5}\b|(?:^|\s)/\w"
+)
+"""What must not reach a caller: addresses (ipv4:, [::1], host:port), socket paths, URLs, absolute paths."""
+_COMPONENT_FAILED = {
+    grpc.StatusCode.UNAVAILABLE: "the worker serving this user is unreachable; retry shortly",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the worker serving this user did not answer before the deadline",
+}
+
+
+class UpstreamError(grpc.RpcError):
+    """A worker's failure as the router's caller gets it: the worker's code, details fit for the caller."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def public_error(rpc: str, exc: grpc.RpcError) -> UpstreamError:
+    """`exc` (a forwarded call's failure) with its details replaced by the failing component when they name
+    internal addresses, paths or URLs; the original goes to the log."""
+    code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if callable(getattr(exc, "details", None)) else "") or ""
+    if not _INTERNAL_DETAIL.search(details):
+        return UpstreamError(code, details)
+    log.warning("%s: upstream %s: %s", rpc, code.name, details)
+    generic = f"the worker serving this user failed the call ({code.name}); the router log has the details"
+    return UpstreamError(code, _COMPONENT_FAILED.get(code, generic))
+
+
 _END = object()
 
 
@@ -154,6 +194,12 @@ class RouterServicer(pb_grpc.PersonalizeServicer):
         return self._forward("Generate", request, context, retry=True)
 
     def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateChunk]:
+        try:
+            yield from self._forward_stream(request, context)
+        except grpc.RpcError as exc:
+            raise public_error("GenerateStream", exc) from None
+
+    def _forward_stream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateChunk]:
         key, metadata = self._route(request, context)
         for attempt in self.cluster.attempts(key, retry=True):
             with attempt as upstream:
@@ -197,6 +243,12 @@ class RouterServicer(pb_grpc.PersonalizeServicer):
         return route_key(current_tenant(), user_id), forwarded_metadata(context)
 
     def _forward(self, rpc: str, request: Any, context: grpc.ServicerContext, *, retry: bool) -> Any:
+        try:
+            return self._forward_unary(rpc, request, context, retry=retry)
+        except grpc.RpcError as exc:
+            raise public_error(rpc, exc) from None
+
+    def _forward_unary(self, rpc: str, request: Any, context: grpc.ServicerContext, *, retry: bool) -> Any:
         key, metadata = self._route(request, context)
         for attempt in self.cluster.attempts(key, retry=retry):
             with attempt as upstream:

@@ -24,7 +24,13 @@ from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_gr
 from personalize_service.server import base, convert
 from personalize_service.server.auth import current_tenant
 from personalize_service.server.base import NodeState, ServiceConfig, cancel_with_call, create, time_remaining
-from personalize_service.server.limits import DEFAULT_LIMITS, ConcurrencyLimiter, Limits, check_user_id
+from personalize_service.server.limits import (
+    DEFAULT_LIMITS,
+    ConcurrencyLimiter,
+    FeedbackQuota,
+    Limits,
+    check_user_id,
+)
 from personalize_service.server.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -37,6 +43,7 @@ class PersonalizeServicer(pb_grpc.PersonalizeServicer):
         self.worker = worker
         self.limits = limits
         self.concurrency = ConcurrencyLimiter(limits)
+        self.feedback_quota = FeedbackQuota(limits)
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
         args = convert.generate_args(request, self.limits)
@@ -64,8 +71,10 @@ class PersonalizeServicer(pb_grpc.PersonalizeServicer):
 
     def SubmitFeedback(self, request: pb.FeedbackRequest, context: grpc.ServicerContext) -> pb.FeedbackAck:
         a = convert.feedback_args(request, self.limits)
+        tenant = current_tenant()
+        self.feedback_quota.check(tenant)
         event = FeedbackEvent(
-            current_tenant(),
+            tenant,
             a.user_id,
             a.kind,
             a.prompt,

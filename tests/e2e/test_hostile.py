@@ -19,7 +19,17 @@ from safetensors.torch import load_file, save_file
 
 from personalize.model import BaseModel
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
-from tests.e2e.upserver import KEY_A, KEY_B, Stubs, UpServer, adapter_files, make_peft_adapter, two_tenants
+from personalize_service.server.limits import MIB, Limits
+from tests.e2e.upserver import (
+    KEY_A,
+    KEY_B,
+    OPERATOR_KEY,
+    Stubs,
+    UpServer,
+    adapter_files,
+    make_peft_adapter,
+    two_tenants,
+)
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +99,48 @@ def test_tiny_temperature_and_huge_adapter_fail_only_their_own_request(
         pb.GenerateRequest(user_id="bob", prompt="still", max_new_tokens=4), timeout=60, metadata=KEY_B
     )
     assert after.completion_tokens >= 1
+
+
+def _raw_error(server: UpServer, method: str, body: bytes, metadata: object = None) -> grpc.RpcError:
+    """The error a call of `method` with `body` as its raw (unparsed) message gets."""
+    with server.channel() as channel:
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as raised:
+            call(body, timeout=120, metadata=metadata)
+    return raised.value
+
+
+def test_huge_unauthenticated_calls_oversize_requests_and_admin_calls_are_refused(
+    up: tuple[UpServer, Stubs],
+) -> None:
+    """While B streams: 100 MiB of junk without a key is UNAUTHENTICATED (never parsed: parsing it would be
+    INTERNAL), a Generate over max_request_bytes INVALID_ARGUMENT, A's key on the Admin API PERMISSION_DENIED."""
+    server, stubs = up
+    other = _Stream(stubs.api)
+    other.start()
+    junk = b"\xff" * (100 * MIB)
+    error = _raw_error(server, "/personalize.v1.Personalize/ImportAdapter", junk)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
+    limit = Limits().max_request_bytes
+    error = _raw_error(server, "/personalize.v1.Personalize/Generate", junk[: limit + 1], KEY_A)
+    assert (
+        error.code() == grpc.StatusCode.INVALID_ARGUMENT and f"limit is {limit} (max_request_bytes" in error.details()
+    )
+    for call in (stubs.admin.Stats, stubs.admin.ListNodes):
+        request = pb.StatsRequest() if call is stubs.admin.Stats else pb.ListNodesRequest()
+        with pytest.raises(grpc.RpcError) as raised:
+            call(request, timeout=30, metadata=KEY_A)
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert call(request, timeout=30, metadata=OPERATOR_KEY).nodes
+    other.join(120)
+    assert other.error is None, other.error
+    assert other.chunks and other.chunks[-1].done
+    ack = stubs.api.SubmitFeedback(
+        pb.FeedbackRequest(user_id="bob", prompt="p", completion="c", kind=pb.FeedbackRequest.ACCEPT),
+        timeout=30,
+        metadata=KEY_B,
+    )
+    assert ack.event_id
 
 
 EXAMPLES = int(os.environ.get("PERSONALIZE_HOSTILE_EXAMPLES", "30"))
@@ -204,20 +256,23 @@ def test_random_hostile_imports_never_hurt_another_tenant(
 
 @pytest.fixture(scope="module")
 def narrow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[UpServer, Stubs]]:
-    """A server decoding at most 2 rows at a time, so a flood of one tenant queues."""
-    with two_tenants(tmp_path_factory.mktemp("up-narrow"), "--max-batch", "2") as running:
+    """A server decoding at most 2 rows at a time, so a flood of one tenant queues; a feedback quota of 3
+    events per tenant (refilled at 1 per 1000 s)."""
+    flags = ("--max-batch", "2", "--feedback-burst", "3", "--feedback-rate", "0.001")
+    with two_tenants(tmp_path_factory.mktemp("up-narrow"), *flags) as running:
         yield running
 
 
 def test_one_tenants_flood_does_not_queue_another_tenant_behind_it(narrow: tuple[UpServer, Stubs]) -> None:
-    """A queues 20 streams of 24 tokens on 2 rows; B's call, sent once A's first token arrived, finishes while
+    """A queues 20 calls of 24 tokens on 2 rows; B's call, sent once all of A's are at the engine, finishes while
     most of A's flood is still waiting (first-come-first-served would finish it behind all of A's)."""
     api = narrow[1].api
     flood = 20
     request = pb.GenerateRequest(user_id="flooder", prompt="flood", max_new_tokens=24, temperature=0.5)
     calls = [api.Generate.future(request, timeout=300, metadata=KEY_A) for _ in range(flood)]
-    first = api.GenerateStream(request, timeout=300, metadata=KEY_A)
-    next(iter(first))  # A's flood is queued and decoding
+    admin = narrow[1].admin
+    while admin.ListNodes(pb.ListNodesRequest(), timeout=30, metadata=OPERATOR_KEY).nodes[0].load < flood:
+        time.sleep(0.01)  # until A's whole flood is at the engine (running or queued)
     reply = api.Generate(
         pb.GenerateRequest(user_id="bob", prompt="mine", max_new_tokens=4), timeout=300, metadata=KEY_B
     )
@@ -226,4 +281,19 @@ def test_one_tenants_flood_does_not_queue_another_tenant_behind_it(narrow: tuple
     assert still_waiting >= flood // 2, f"only {still_waiting} of A's {flood} calls were still queued"
     for c in calls:
         c.result()
-    list(first)
+
+
+def test_one_tenants_feedback_flood_is_refused_at_its_quota_and_not_anothers(narrow: tuple[UpServer, Stubs]) -> None:
+    api = narrow[1].api
+
+    def feedback(user: str, metadata: object) -> pb.FeedbackAck:
+        request = pb.FeedbackRequest(user_id=user, prompt="p", completion="c", kind=pb.FeedbackRequest.ACCEPT)
+        return api.SubmitFeedback(request, timeout=30, metadata=metadata)  # type: ignore[no-any-return]
+
+    for _ in range(3):
+        assert feedback("flooder", KEY_A).event_id
+    with pytest.raises(grpc.RpcError) as raised:
+        feedback("flooder", KEY_A)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "feedback quota" in raised.value.details() and "feedback_burst" in raised.value.details()
+    assert feedback("bob", KEY_B).event_id  # B's quota is its own

@@ -31,6 +31,7 @@ def adapter_dir(base: BaseModel, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def test_start_names_the_tenants(keyed: tuple[UpServer, Stubs]) -> None:
     log = keyed[0].log()
     assert "tenantA, tenantB" in log and "no API keys configured" not in log
+    assert "Stats/ListNodes need an operator key" in log
 
 
 @pytest.mark.parametrize("metadata", [None, (("authorization", "Bearer wrong"),), (("authorization", "keyA"),)])

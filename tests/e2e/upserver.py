@@ -198,13 +198,16 @@ def adapter_files(directory: Path) -> dict[str, bytes]:
 KEY_A = (("authorization", "Bearer keyA"),)
 """Call metadata of tenant A of `two_tenants`."""
 KEY_B = (("authorization", "Bearer keyB"),)
+OPERATOR_KEY = (("authorization", "Bearer opKey"),)
+"""Call metadata of the operator (the Admin API) of `two_tenants`."""
 
 
 @contextlib.contextmanager
 def two_tenants(root: Path, *args: str) -> Iterator[tuple[UpServer, Stubs]]:
-    """`personalize up ARGS` under `root` with two tenants (KEY_A, KEY_B) and stubs on one channel; stopped
-    cleanly."""
-    server = start_up(root / "data", root / "up.log", *args, env={"PERSONALIZE_API_KEYS": "tenantA:keyA,tenantB:keyB"})
+    """`personalize up ARGS` under `root` with two tenants (KEY_A, KEY_B), an operator key (OPERATOR_KEY) and
+    stubs on one channel; stopped cleanly."""
+    env = {"PERSONALIZE_API_KEYS": "tenantA:keyA,tenantB:keyB", "PERSONALIZE_OPERATOR_KEYS": "opKey"}
+    server = start_up(root / "data", root / "up.log", *args, env=env)
     try:
         with server.channel() as channel:
             yield server, Stubs.on(channel)

@@ -331,6 +331,23 @@ def test_the_last_worker_failing_reports_its_own_error(router: Router, fleet: Fl
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE and "ring is empty" in raised.value.details()
 
 
+def test_an_unreachable_worker_is_named_as_a_component_never_by_its_address(router: Router, fleet: Fleet) -> None:
+    router.cluster.apply(fleet.view((DEAD,)))
+    host, port = fleet.addresses[DEAD].rsplit(":", 1)
+    calls = [
+        lambda: router.api.Generate(pb.GenerateRequest(user_id="u", prompt="hi"), timeout=10),
+        lambda: list(router.api.GenerateStream(pb.GenerateRequest(user_id="u", prompt="hi"), timeout=10)),
+        lambda: router.api.ImportAdapter(pb.ImportAdapterRequest(user_id="u"), timeout=10),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as raised:
+            call()
+        details = raised.value.details()
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "worker serving this user is unreachable" in details
+        assert host not in details and port not in details and "ipv4" not in details
+
+
 # ---- streams ---------------------------------------------------------------------------------------
 
 

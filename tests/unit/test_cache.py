@@ -79,10 +79,21 @@ def store() -> FakeStore:
 
 
 def make_cache(
-    store: FakeStore, slots: int = 4, tmp: Path | None = None, host: int = 1 << 30, disk: int = 1 << 30
+    store: FakeStore,
+    slots: int = 4,
+    tmp: Path | None = None,
+    host: int = 1 << 30,
+    disk: int = 1 << 30,
+    tenant_slots: int = 0,
 ) -> AdapterCache:
     pool = SlotPool(CFG, slots, R_MAX)
-    config = CacheConfig(host_bytes=host, disk_bytes=disk, disk_dir=str(tmp) if tmp else "", load_threads=2)
+    config = CacheConfig(
+        host_bytes=host,
+        disk_bytes=disk,
+        disk_dir=str(tmp) if tmp else "",
+        load_threads=2,
+        max_tenant_slots=tenant_slots,
+    )
     return AdapterCache(config, pool, threading.Lock(), store.fetch, store.parse)
 
 
@@ -213,6 +224,23 @@ def test_a_miss_waits_for_a_slot_to_be_released(store: FakeStore) -> None:
         threading.Timer(0.1, cache.release, args=(held[0],)).start()
         lease = cache.acquire(T, "c", 1, timeout=5)
         assert lease.slot == held[0].slot and lease.tier == "store"
+
+
+def test_one_tenant_never_holds_more_than_its_slot_cap(store: FakeStore) -> None:
+    """acme pins its cap (2 of 4 slots) with many users: its next miss waits and is refused naming the
+    limit; another tenant still gets a slot at once; a release of acme's own lets its waiting miss in."""
+    for user in "abcd":
+        store.add(user)
+    store.adapters[("globex", "x", 1)] = store.adapters[(T, "a", 1)]
+    with make_cache(store, slots=4, tenant_slots=2) as cache:
+        held = [cache.acquire(T, u, 1, timeout=5) for u in "ab"]
+        with pytest.raises(ResourceExhausted, match=r"tenant 'acme' holds 2 .* the limit is 2 \(max_tenant_slots"):
+            cache.acquire(T, "c", 1, timeout=0.2)
+        other = cache.acquire("globex", "x", 1, timeout=5)
+        assert other.tier == "store" and other.slot not in {lease.slot for lease in held}
+        assert cache.acquire(T, "a", 1, timeout=5).tier == "device"  # a device hit takes no new slot: never capped
+        threading.Timer(0.1, cache.release, args=(held[1],)).start()
+        assert cache.acquire(T, "c", 1, timeout=5).tier == "store"
 
 
 def test_releasing_twice_is_refused(cache: AdapterCache, store: FakeStore) -> None:

@@ -116,3 +116,21 @@ def test_waiting_queue_admits_tenants_in_turn(base: BaseModel) -> None:
     assert steps <= 4  # the running rows' remaining tokens, then B is next
     engine.run_until_idle()
     assert all(h.result().completion_tokens == 4 for h in flood)
+
+
+def test_slot_is_let_go_at_admission_and_may_change_under_the_running_row(base: BaseModel, pool: SlotPool) -> None:
+    """on_admit runs once the row's lane holds the slot's copy; the cache may then write another adapter
+    into the slot (it is unpinned) and the running row still decodes with its own copy."""
+    engine = Engine(base, EngineConfig(max_batch=4, max_len=64), pool)
+    expected = _alone(engine, "mine", 1, _params(16))
+    admitted: list[bool] = []
+
+    def reuse_slot() -> None:
+        admitted.append(True)
+        pool.set_slot(1, make_adapter(base.config, 4, seed=99))  # another user's adapter lands in the slot
+
+    handle = engine.submit("mine", _params(16), slot=1, on_admit=reuse_slot)
+    engine.step()
+    assert len(admitted) == 1  # at admission, before the request is done
+    engine.run_until_idle()
+    assert len(admitted) == 1 and handle.result().text == expected

@@ -15,6 +15,7 @@ from personalize.errors import InvalidArgument, ResourceExhausted
 from personalize_service.server.limits import (
     DEFAULT_LIMITS,
     ConcurrencyLimiter,
+    FeedbackQuota,
     Limits,
     RateLimiter,
     check_event_key,
@@ -235,6 +236,25 @@ def test_rate_limiter_allows_burst_then_refills_at_rate() -> None:
         limiter.check("a")
     with pytest.raises(ResourceExhausted):
         limiter.check("a")
+
+
+def test_feedback_quota_is_per_tenant_and_names_its_limit() -> None:
+    clock = _Clock()
+    quota = FeedbackQuota(Limits(feedback_per_second=1, feedback_burst=2), clock=clock)
+    quota.check("a")
+    quota.check("a")
+    with pytest.raises(
+        ResourceExhausted, match=r"feedback quota: the limit is 1 events/s with a burst of 2 \(feedback_"
+    ):
+        quota.check("a")
+    quota.check("b")  # another tenant's quota is its own
+    clock.now += 1.0
+    quota.check("a")
+
+
+def test_max_request_bytes_covers_the_largest_valid_request() -> None:
+    limits = Limits(max_feedback_text_bytes=100 * 1024)
+    assert limits.max_request_bytes > 4 * 100 * 1024 > DEFAULT_LIMITS.max_request_bytes
 
 
 def test_concurrency_limiter_counts_per_tenant_and_releases() -> None:

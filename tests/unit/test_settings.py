@@ -24,6 +24,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 NOT_FIELDS = {
     "service.api_keys": "",
     "service.api_keys_file": "",
+    "service.operator_keys": "",
     "workers": 1,
     "worker_restarts": 10,
     "worker_advertise": "",
@@ -213,6 +214,12 @@ def test_api_keys_from_a_file_or_inline_but_not_both(tmp_path: Path) -> None:
     assert build(resolve(settings.UP, {"api_keys_file": keys}, {})).service.api_keys.tenants == ("acme",)
     with pytest.raises(SettingsError, match="use one"):
         build(resolve(settings.UP, {"api_keys_file": keys}, {"PERSONALIZE_API_KEYS": "b:k2"}))
+
+
+def test_operator_keys_come_from_their_own_setting() -> None:
+    env = {"PERSONALIZE_API_KEYS": "acme:k1", "PERSONALIZE_OPERATOR_KEYS": "op1,op2"}
+    keys = build(resolve(settings.UP, {}, env)).service.api_keys
+    assert keys.authorize_operator("op2") == "(operator)" and keys.tenants == ("acme",)
 
 
 @pytest.mark.parametrize(
