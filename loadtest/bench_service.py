@@ -7,6 +7,9 @@ on the base model and on 32 distinct adapters (user i has adapter i; the same ra
 imported into the service and written into the in-process engine's slots). Greedy, the same prompts on
 both sides, so both generate the same tokens. tokens/s = completion tokens of all calls / wall seconds.
 
+Each (engine, service) pair runs `repeat` times interleaved; medians are reported (the ratio is the
+median of the per-pair ratios), and each pair must produce the same number of tokens.
+
 Engine side: `Engine.start()` and `clients` threads of this process calling submit() then result()
 (unary) or iterating the pieces (streaming). Service side: one client process apart (spawned, grpc's
 Python client, one channel, `clients` threads, `x-user-id` metadata as the SDK sends), whose own CPU
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -176,20 +180,28 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 load = Load(args.clients, args.calls if new_tokens <= 64 else max(1, args.calls // 2), new_tokens)
                 for base in (True, False):
                     for streaming in (False, True):
-                        ours = engine_run(engine, load, streaming, base)
-                        service = client.submit(client_run, up.target, load, streaming, base).result()
+                        engine_tps, service_tps, ratios, cpu, wall = [], [], [], [], []
+                        for _ in range(args.repeat):  # interleaved: both sides see the same machine
+                            ours = engine_run(engine, load, streaming, base)
+                            service = client.submit(client_run, up.target, load, streaming, base).result()
+                            assert ours["tokens"] == service["tokens"], (ours, service)  # the same work
+                            engine_tps.append(ours["tokens_per_s"])
+                            service_tps.append(service["tokens_per_s"])
+                            ratios.append(service["tokens_per_s"] / ours["tokens_per_s"])
+                            cpu.append(service["client_cpu_s"])
+                            wall.append(service["seconds"])
                         row = {
                             "new_tokens": new_tokens,
                             "adapters": "base" if base else f"{args.clients} distinct",
                             "mode": "stream" if streaming else "unary",
                             "calls": load.calls * load.clients,
-                            "engine_tokens_per_s": ours["tokens_per_s"],
-                            "service_tokens_per_s": service["tokens_per_s"],
-                            "service_over_engine": service["tokens_per_s"] / ours["tokens_per_s"],
-                            "client_cpu_s": service["client_cpu_s"],
-                            "service_seconds": service["seconds"],
-                            "tokens_engine": ours["tokens"],
-                            "tokens_service": service["tokens"],
+                            "tokens": ours["tokens"],
+                            "engine_tokens_per_s": statistics.median(engine_tps),
+                            "service_tokens_per_s": statistics.median(service_tps),
+                            "service_over_engine": statistics.median(ratios),
+                            "service_over_engine_each": ratios,
+                            "client_cpu_s": statistics.median(cpu),
+                            "service_seconds": statistics.median(wall),
                         }
                         rows.append(row)
                         print_row(row)
@@ -234,9 +246,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the result here")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--calls", type=int, default=0, help="calls per client per measurement (default 4; --quick 2)")
+    ap.add_argument("--repeat", type=int, default=0, help="interleaved repetitions, median (default 3; --quick 1)")
     ap.add_argument("--tokens", type=lambda s: [int(t) for t in s.split(",")], default=[32, 64, 512])
     args = ap.parse_args()
     args.calls = args.calls or (2 if args.quick else 4)
+    args.repeat = args.repeat or (1 if args.quick else 3)
     started = time.perf_counter()
     result = measure(args)
     result["seconds"] = round(time.perf_counter() - started, 1)
