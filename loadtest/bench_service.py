@@ -10,6 +10,10 @@ both sides, so both generate the same tokens. tokens/s = completion tokens of al
 Each (engine, service) pair runs `repeat` times interleaved; medians are reported (the ratio is the
 median of the per-pair ratios), and each pair must produce the same number of tokens.
 
+Also, once per (new tokens, adapters): the engine alone (`engine_alone`), no caller threads at all:
+waves of `clients` requests submitted at once and stepped on one thread until idle, the ceiling that
+neither side's callers reach; `service_over_engine_alone` is the service against it.
+
 Engine side: `Engine.start()` and `clients` threads of this process calling submit() then result()
 (unary) or iterating the pieces (streaming). Service side: one client process apart (spawned, grpc's
 Python client, one channel, `clients` threads, `x-user-id` metadata as the SDK sends), whose own CPU
@@ -116,6 +120,26 @@ def engine_run(engine: Any, load: Load, streaming: bool, base: bool) -> dict[str
     return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall}
 
 
+def engine_ceiling(engine: Any, load: Load, base: bool) -> dict[str, float]:
+    """The engine alone, no caller threads: `load.calls` waves of `load.clients` requests submitted at once
+    and stepped on this thread until idle (the engine's own thread paused meanwhile)."""
+    from personalize.engine.types import SamplingParams
+
+    texts = prompts(load.clients)
+    params = SamplingParams(max_new_tokens=load.new_tokens)
+    engine.stop()
+    try:
+        start, tokens = time.perf_counter(), 0
+        for _ in range(load.calls):
+            handles = [engine.submit(texts[i], params, slot=None if base else i) for i in range(load.clients)]
+            engine.run_until_idle()
+            tokens += sum(h.result().completion_tokens for h in handles)
+        wall = time.perf_counter() - start
+    finally:
+        engine.start()
+    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall}
+
+
 def build_engine(base_model: Any, adapters: list[Any], max_batch: int) -> Any:
     from personalize.engine.engine import Engine, EngineConfig
     from personalize.lora.slots import SlotPool
@@ -142,6 +166,8 @@ def random_adapters(base_model: Any, n: int) -> list[Any]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
     from personalize.lora.format import AdapterSpec, write_peft
     from personalize.model import ModelConfig, load_base_model
     from personalize_service.client import PersonalizeClient
@@ -157,6 +183,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         ProcessPoolExecutor(1, mp_context=get_context("spawn")) as client,
     ):
         root = Path(tmp)
+        torch.set_num_threads(args.torch_threads)  # as many as the service's worker gets: the same compute
         up = start_up(
             root / "data",
             root / "up.log",
@@ -166,6 +193,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             str(RANK),
             "--max-batch",
             str(args.clients),
+            "--torch-threads",
+            str(args.torch_threads),
         )
         try:
             with PersonalizeClient(up.target, timeout=120) as sdk:
@@ -179,6 +208,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             for new_tokens in args.tokens:
                 load = Load(args.clients, args.calls if new_tokens <= 64 else max(1, args.calls // 2), new_tokens)
                 for base in (True, False):
+                    ceiling = engine_ceiling(engine, load, base)
                     for streaming in (False, True):
                         engine_tps, service_tps, ratios, cpu, wall = [], [], [], [], []
                         for _ in range(args.repeat):  # interleaved: both sides see the same machine
@@ -200,6 +230,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                             "service_tokens_per_s": statistics.median(service_tps),
                             "service_over_engine": statistics.median(ratios),
                             "service_over_engine_each": ratios,
+                            "engine_alone_tokens_per_s": ceiling["tokens_per_s"],
+                            "service_over_engine_alone": statistics.median(service_tps) / ceiling["tokens_per_s"],
                             "client_cpu_s": statistics.median(cpu),
                             "service_seconds": statistics.median(wall),
                         }
@@ -216,6 +248,9 @@ def summarize(rows: list[dict[str, Any]], tokens: list[int]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for mode, target in TARGETS.items():
         worst = min(r["service_over_engine"] for r in rows if r["mode"] == mode)
+        out[f"{mode}_service_over_engine_alone_min"] = min(
+            r["service_over_engine_alone"] for r in rows if r["mode"] == mode
+        )
         out[f"{mode}_service_over_engine_min"] = worst
         out[f"{mode}_target"] = target
         out[f"{mode}_ok"] = worst >= target
@@ -235,6 +270,7 @@ def print_row(row: dict[str, Any]) -> None:
     print(
         f"{row['new_tokens']:>5} {row['adapters']:>12} {row['mode']:>6}  engine {row['engine_tokens_per_s']:8.0f} tok/s"
         f"  service {row['service_tokens_per_s']:8.0f} tok/s  ratio {row['service_over_engine']:.2f}"
+        f"  (engine alone {row['engine_alone_tokens_per_s']:.0f}: {row['service_over_engine_alone']:.2f})"
         f"  client cpu {row['client_cpu_s']:.1f}s of {row['service_seconds']:.1f}s",
         flush=True,
     )
@@ -246,6 +282,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the result here")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--calls", type=int, default=0, help="calls per client per measurement (default 4; --quick 2)")
+    ap.add_argument("--torch-threads", type=int, default=1, help="torch threads of both engines (the worker's)")
     ap.add_argument("--repeat", type=int, default=0, help="interleaved repetitions, median (default 3; --quick 1)")
     ap.add_argument("--tokens", type=lambda s: [int(t) for t in s.split(",")], default=[32, 64, 512])
     args = ap.parse_args()
