@@ -175,6 +175,7 @@ def add_personalize(servicer: pb_grpc.PersonalizeServicer, server: grpc.Server) 
             response_serializer=response_type.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)  # as generated: grpc's faster lookup
 
 
 def create_server(
