@@ -3,10 +3,13 @@ user (docs/architecture.md, Routing). `personalize serve --role router`, and the
 --workers N`.
 
 Per call: the router's own interceptors refuse it while draining, authenticate it (the tenant) and count
-it against the tenant's rate; the handler takes the user from `x-user-id` metadata if present, else the
-request's `user_id` (a request without `user_id` gets the header's), routes on `route_key(tenant,
-user_id)` (service/client/cluster.py: owner first, bounded loads past a floor), and forwards the request with the
-caller's `authorization` and `x-user-id` metadata unchanged, so the worker authenticates the same tenant.
+it against the tenant's rate; the handler (a generic one: request and responses stay bytes) takes the user
+from `x-user-id` metadata if present, else from the body's `user_id` field alone (service/server/wire.py),
+routes on `route_key(tenant, user_id)` (service/client/cluster.py: owner first, bounded loads past a floor),
+and forwards the bytes with the caller's `authorization`, `x-user-id` and trace-context metadata
+unchanged, so the worker authenticates the same tenant. With `x-user-id` the body is never parsed: its
+first field is compared (a leading user_id that differs is INVALID_ARGUMENT) and the header's user_id is
+appended, so whatever else the body holds, the worker serves the user the call was routed by.
 The outgoing timeout is the incoming call's remaining time; a caller that goes away cancels the upstream
 call. Idempotent calls (everything but ImportAdapter; GenerateStream until its first chunk;
 SubmitFeedback because the router gives a key-less event an `event_key` first) are retried once on the
