@@ -2,6 +2,11 @@
 
 Every mode generates the same 32 prompts (64 tokens each, 32 new tokens, greedy); modes are interleaved
 and repeated, and the median tokens/s of each is reported. Run: python loadtest/bench_engine.py [--quick]
+
+What each ratio compares: distinct_vs_peft_{mixed,sequential} mix two things (our fused decode loop vs
+HF `generate`, and multi-LoRA batching); distinct_vs_ours_sequential is batching alone (our loop, the
+same requests one at a time); distinct_vs_peft_loop_{mixed,sequential} put PEFT's forward in a bare
+decode loop with no `generate` overhead (mixed-adapter batch, or one adapter at a time).
 """
 
 from __future__ import annotations
@@ -82,6 +87,34 @@ def run_peft_sequential(model: Any, prompts: torch.Tensor, names: list[str], new
                 do_sample=False,
             )
     return len(names) * new_tokens / (time.perf_counter() - start)
+
+
+def run_engine_sequential(engine: Engine, prompts: list[list[int]], slots: list[int | None], new_tokens: int) -> float:
+    """Our decode loop without batching across adapters: each request alone, one after the other."""
+    start = time.perf_counter()
+    for prompt, slot in zip(prompts, slots, strict=True):
+        handle = engine.submit(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), slot=slot)
+        engine.run_until_idle()
+        assert handle.result().completion_tokens == new_tokens
+    return len(prompts) * new_tokens / (time.perf_counter() - start)
+
+
+def run_peft_loop(model: Any, prompts: torch.Tensor, names: list[str], new_tokens: int, mixed: bool) -> float:
+    """PEFT's forward inside a bare greedy decode loop (prefill, then one token per step on the KV cache; no
+    `generate` machinery): all rows in one mixed-adapter batch (`mixed`), or each row with its adapter
+    set, one after the other."""
+    groups = [(prompts, names)] if mixed else [(prompts[i : i + 1], [names[i]]) for i in range(len(names))]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for ids, group in groups:
+            kwargs: dict[str, Any] = {"adapter_names": group} if mixed else {}
+            if not mixed:
+                model.set_adapter(group[0])
+            out = model(input_ids=ids, use_cache=True, **kwargs)
+            for _ in range(new_tokens - 1):
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True, **kwargs)
+    return prompts.shape[0] * new_tokens / (time.perf_counter() - start)
 
 
 def build_peft(base: BaseModel, adapters: list[Any]) -> Any:
@@ -173,6 +206,9 @@ def main() -> None:
         "distinct_adapters": lambda: run_engine(engine, prompts, list(range(args.batch)), n),
         "peft_mixed": lambda: run_peft_mixed(peft, prompt_t.to(dev), names, n),
         "peft_sequential": lambda: run_peft_sequential(peft, prompt_t[:seq_n].to(dev), names[:seq_n], n),
+        "ours_sequential": lambda: run_engine_sequential(engine, prompts[:seq_n], list(range(seq_n)), n),
+        "peft_loop_mixed": lambda: run_peft_loop(peft, prompt_t.to(dev), names, n, mixed=True),
+        "peft_loop_sequential": lambda: run_peft_loop(peft, prompt_t[:seq_n].to(dev), names[:seq_n], n, mixed=False),
     }
     run_engine(engine, prompts[:2], [0, 1], 2)  # warm-up: first calls pay for allocation and thread start
     run_engine(base_engine, prompts[:2], [None, None], 2)
@@ -191,6 +227,9 @@ def main() -> None:
             "distinct_vs_base": d / tps["base"],
             "distinct_vs_peft_mixed": d / tps["peft_mixed"],
             "distinct_vs_peft_sequential": d / tps["peft_sequential"],
+            "distinct_vs_ours_sequential": d / tps["ours_sequential"],
+            "distinct_vs_peft_loop_mixed": d / tps["peft_loop_mixed"],
+            "distinct_vs_peft_loop_sequential": d / tps["peft_loop_sequential"],
         },
         "config": {
             **shape,

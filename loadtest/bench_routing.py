@@ -12,12 +12,18 @@ cluster         (--cluster) `personalize up --workers 3` on the tiny model with 
                 workers in turn (round_robin), and to one extra worker with all three device budgets
                 (ideal); miss_ratio = round-robin device misses / consistent-hash device misses. Then
                 router_overhead_ms_p50: p50 Generate(max_new_tokens=1) via the router minus straight to
-                the owner, interleaved (and the same for the SDK's routing client). --quick: < 2 minutes.
+                the owner, the same calls interleaved after an untimed warm-up of both paths (and the
+                same for the SDK's routing client). router_balance: a skewed Zipf stream through the real
+                router from many concurrent callers, each call's load released when it finishes (the
+                router's own in-flight count); per worker, the calls it answered and its in-flight calls
+                sampled while the stream runs, as max / average. --quick: < 2 minutes.
 
     python loadtest/bench_routing.py [--quick] [--json loadtest/results/bench_routing.json] [--cluster]
 
 The simulation is pure CPU, one process. Zipf samples are a bounded Zipf over the user ranks (inverse CDF,
-seeded); the load of a worker is the number of requests assigned to it so far (no request ever finishes).
+seeded); in the simulation the load of a worker is the number of requests assigned to it so far (no request
+ever finishes, which is what the balancer caps: ring.max_over_avg_load holds by construction there; the
+router's real balance under released load is --cluster's router_balance).
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ TARGETS: dict[str, tuple[str, float]] = {
     "cache_hit_rate.consistent_hash_over_ideal": (">=", 0.97),
     "cache_hit_rate.miss_ratio": (">=", 1.5),
     "cache_hit_rate_cluster.miss_ratio": (">=", 1.5),
+    "router_overhead_ms_p50": ("<=", 0.5),
+    "router_balance.max_over_avg_in_flight": ("<=", 1.25),
 }
 
 
@@ -222,6 +230,11 @@ class ClusterConfig:
     concurrency: int = 4
     zipf_s: float = 1.1
     overhead_pairs: int = 300
+    balance_callers: int = 24
+    """Concurrent callers of the balance stream (above the workers' batch, so loads pile up)."""
+    balance_zipf_s: float = 1.5
+    """Skew of the balance stream: the hottest user alone is more than a worker's fair share."""
+    balance_tokens: int = 16
     seed: int = 0
 
     @property
@@ -318,6 +331,11 @@ def _overhead(
     timed call would pay the adapter's load)."""
     times: dict[str, list[float]] = {"router": [], "routing_client": [], "direct": []}
     request = pb.GenerateRequest(prompt="Hello", max_new_tokens=1)
+    for i in range(min(len(users), cfg.overhead_pairs)):  # warm-up of every path: channels, adapters
+        request.user_id = users[i]
+        owner = router.Generate(request, timeout=60).node_id
+        direct[owner].Generate(request, timeout=60)
+        routing_client.generate(request.user_id, "Hello", max_new_tokens=1)
     for i in range(cfg.overhead_pairs):
         request.user_id = users[i % len(users)]
         owner = router.Generate(request, timeout=60).node_id  # warm-up: loads the adapter if it must
@@ -337,6 +355,54 @@ def _overhead(
         "direct_ms_p50": p50["direct"],
         "router_overhead_ms_p50": p50["router"] - p50["direct"],
         "routing_client_overhead_ms_p50": p50["routing_client"] - p50["direct"],
+    }
+
+
+def _balance(cfg: ClusterConfig, router: Any, workers: dict[str, Any], users: list[str]) -> dict[str, Any]:
+    """A Zipf(cfg.balance_zipf_s) stream through the real router from cfg.balance_callers threads; each
+    call holds its worker until it answers, when the router releases its load. Per worker: the calls it
+    answered, and its in-flight generations (its own ListNodes load: running + queued) sampled every
+    20 ms while the stream runs; max / average of each."""
+    import threading
+
+    stream = [users[r] for r in zipf_ranks(len(users), cfg.requests, cfg.balance_zipf_s, cfg.seed + 2)]
+    answered: Counter[str] = Counter()
+    load: Counter[str] = Counter()
+    lock, done = threading.Lock(), threading.Event()
+
+    def one(user: str) -> None:
+        request = pb.GenerateRequest(user_id=user, prompt="Hello", max_new_tokens=cfg.balance_tokens)
+        node = router.Generate(request, timeout=120).node_id
+        with lock:
+            answered[node] += 1
+
+    def poll() -> None:
+        while not done.wait(0.02):
+            for node, admin in workers.items():
+                (info,) = admin.ListNodes(pb.ListNodesRequest(), timeout=10).nodes
+                load[node] += info.load
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        with ThreadPoolExecutor(cfg.balance_callers) as pool:
+            list(pool.map(one, stream))
+    finally:
+        done.set()
+        poller.join()
+    hottest = Counter(stream).most_common(1)[0][1] / len(stream)
+
+    def max_avg(counts: Counter[str]) -> float | None:
+        total = sum(counts[n] for n in workers)
+        return max(counts[n] for n in workers) / (total / len(workers)) if total else None
+
+    return {
+        "callers": cfg.balance_callers,
+        "zipf_s": cfg.balance_zipf_s,
+        "hottest_user_share": hottest,
+        "answered": {n: answered[n] for n in workers},
+        "max_over_avg_answered": max_avg(answered),
+        "max_over_avg_in_flight": max_avg(load),
     }
 
 
@@ -396,6 +462,9 @@ def measure_cluster(args: argparse.Namespace) -> dict[str, Any]:
                 stages.done("import_adapters")
                 rates = {"consistent_hash": _strategy(cfg, admin, set(nodes), lambda i, u: router, users)}
                 stages.done("consistent_hash")
+                worker_admin = {n: pb_grpc.AdminStub(grpc.insecure_channel(a)) for n, a in nodes.items()}
+                balance = _balance(cfg, router, worker_admin, users)
+                stages.done("balance")
                 starting = background.submit(
                     start_server,
                     _ideal_command(base, cfg, registry[1], up.data_dir, root),
@@ -421,7 +490,7 @@ def measure_cluster(args: argparse.Namespace) -> dict[str, Any]:
             if ideal is not None:
                 ideal.stop()
             stages.done("stop")
-    return _cluster_result(cfg, rates, overhead, stages.seconds)
+    return {**_cluster_result(cfg, rates, overhead, stages.seconds), "router_balance": balance}
 
 
 def _ideal_command(base: Any, cfg: ClusterConfig, registry_url: str, data_dir: Path, root: Path) -> list[str]:
@@ -550,6 +619,7 @@ def main() -> None:
         "cache_hit_rate": hits,
         "cache_hit_rate_cluster": cluster.pop("cache_hit_rate_cluster") if cluster else None,
         "router_overhead_ms_p50": cluster.pop("router_overhead_ms_p50") if cluster else None,
+        "router_balance": cluster.pop("router_balance") if cluster else None,
         "cluster": cluster,
     }
     checks = check_targets(flatten(result))

@@ -97,13 +97,24 @@ class RequestHandle:
         self._engine = engine
 
     def __iter__(self) -> Iterator[str]:
+        """The text as it is produced: each item joins every piece queued since the previous one, so a
+        reader that falls behind the engine catches up in one item (one gRPC message) instead of many."""
+        pieces = self._req.pieces
         while True:
-            piece = self._req.pieces.get()
-            if piece is _DONE:
+            ready = [pieces.get()]
+            while ready[-1] is not _DONE:
+                try:
+                    ready.append(pieces.get_nowait())
+                except queue.Empty:
+                    break
+            done = ready[-1] is _DONE
+            text = "".join(ready[:-1] if done else ready)
+            if text:
+                yield text
+            if done:
                 if self._req.error is not None:
                     raise self._req.error
                 return
-            yield piece
 
     def result(self, timeout: float | None = None) -> GenerationResult:
         if timeout is not None and timeout > 86400 * 365:  # beyond a year means none: Event.wait overflows

@@ -35,7 +35,7 @@ import grpc
 from personalize import errors
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
-from personalize_service.server.limits import IMPORT_FILE_NAMES
+from personalize_service.server.limits import IMPORT_FILE_NAMES, USER_ID_METADATA_KEY
 
 if TYPE_CHECKING:
     from personalize_service.client.routing import RoutingClient
@@ -410,12 +410,14 @@ class PersonalizeClient:
 
     def _call(self, rpc: str, request: Any, *, idempotent: bool) -> Any:
         """One unary Personalize call by method name (the routing client overrides where it goes)."""
-        return self._unary(getattr(self._api, rpc), request, idempotent=idempotent)
+        metadata = self._metadata + user_metadata(request.user_id)
+        return self._unary(getattr(self._api, rpc), request, idempotent=idempotent, metadata=metadata)
 
     def _stream(self, request: pb.GenerateRequest) -> GenerationStream:
         deadline = time.monotonic() + self.timeout
+        metadata = self._metadata + user_metadata(request.user_id)
         return GenerationStream(
-            lambda: self._api.GenerateStream(request, timeout=time_left(deadline), metadata=self._metadata), self._retry
+            lambda: self._api.GenerateStream(request, timeout=time_left(deadline), metadata=metadata), self._retry
         )
 
     def _unary(
@@ -429,6 +431,15 @@ class PersonalizeClient:
         deadline = time.monotonic() + self.timeout
         sent = self._metadata if metadata is None else metadata
         return self._retry.run(lambda: method(request, timeout=time_left(deadline), metadata=sent), idempotent)
+
+
+def user_metadata(user_id: str) -> tuple[tuple[str, str], ...]:
+    """`x-user-id` for a call about `user_id`, so a router routes it without parsing the body; none for
+    an id gRPC metadata cannot carry (non-ASCII, control characters, edge spaces), which the router then
+    reads from the body."""
+    if user_id and user_id.isascii() and user_id.isprintable() and user_id == user_id.strip():
+        return ((USER_ID_METADATA_KEY, user_id),)
+    return ()
 
 
 def time_left(deadline: float) -> float:

@@ -3,10 +3,13 @@ user (docs/architecture.md, Routing). `personalize serve --role router`, and the
 --workers N`.
 
 Per call: the router's own interceptors refuse it while draining, authenticate it (the tenant) and count
-it against the tenant's rate; the handler takes the user from `x-user-id` metadata if present, else the
-request's `user_id` (a request without `user_id` gets the header's), routes on `route_key(tenant,
-user_id)` (service/client/cluster.py: owner first, bounded loads past a floor), and forwards the request with the
-caller's `authorization` and `x-user-id` metadata unchanged, so the worker authenticates the same tenant.
+it against the tenant's rate; the handler (a generic one: request and responses stay bytes) takes the user
+from `x-user-id` metadata if present, else from the body's `user_id` field alone (service/server/wire.py),
+routes on `route_key(tenant, user_id)` (service/client/cluster.py: owner first, bounded loads past a floor),
+and forwards the bytes with the caller's `authorization`, `x-user-id` and trace-context metadata
+unchanged, so the worker authenticates the same tenant. With `x-user-id` the body is never parsed: its
+first field is compared (a leading user_id that differs is INVALID_ARGUMENT) and the header's user_id is
+appended, so whatever else the body holds, the worker serves the user the call was routed by.
 The outgoing timeout is the incoming call's remaining time; a caller that goes away cancels the upstream
 call. Idempotent calls (everything but ImportAdapter; GenerateStream until its first chunk;
 SubmitFeedback because the router gives a key-less event an `event_key` first) are retried once on the
@@ -29,25 +32,25 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
-from personalize.errors import DeadlineExceeded
+from personalize.errors import DeadlineExceeded, InvalidArgument
 from personalize.routing.ring import route_key
 from personalize_service.client.cluster import Cluster, Upstream, gather_stats, node_list
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
-from personalize_service.server import base
+from personalize_service.server import base, wire
 from personalize_service.server.auth import METADATA_KEY, current_tenant
 from personalize_service.server.base import NodeState, ServiceConfig, cancel_with_call, create, time_remaining
 from personalize_service.server.limits import (
     DEFAULT_LIMITS,
     USER_ID_METADATA_KEY,
     Limits,
+    check_user_id,
     grpc_message_options,
-    user_id_of,
 )
 from personalize_service.server.metrics import PREFIX, ServiceMetrics
 from personalize_service.server.tls import channel_credentials
@@ -55,7 +58,7 @@ from personalize_service.server.tls import channel_credentials
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-FORWARDED_METADATA = (METADATA_KEY, USER_ID_METADATA_KEY)
+FORWARDED_METADATA = (METADATA_KEY, USER_ID_METADATA_KEY, "traceparent", "tracestate")
 """Metadata the router passes on to the worker, unchanged."""
 STATS_TIMEOUT_S = 10.0
 """Longest a Stats fan-out waits for the workers (less when the caller's deadline is nearer)."""
@@ -101,7 +104,7 @@ class RouterMetrics:
 
 
 def forwarded_metadata(context: grpc.ServicerContext) -> tuple[tuple[str, str | bytes], ...]:
-    """The caller's metadata that travels on to the worker: `authorization` and `x-user-id`."""
+    """The caller's metadata that travels on to the worker: `authorization`, `x-user-id` and trace context."""
     return tuple((k, v) for k, v in context.invocation_metadata() or () if k in FORWARDED_METADATA)
 
 
@@ -182,29 +185,93 @@ def _relay(call: Any, context: grpc.ServicerContext, poll_s: float = 0.05) -> It
         yield item
 
 
-class RouterServicer(pb_grpc.PersonalizeServicer):
-    """The app-facing API, forwarded to the owning worker."""
+SERVICE = pb.DESCRIPTOR.services_by_name["Personalize"].full_name
+"""The app-facing service the router forwards, method by method, as bytes."""
+RETRIED = {
+    "Generate": True,
+    "GenerateStream": True,
+    "SubmitFeedback": True,
+    "GetAdapter": True,
+    "DeleteUser": True,
+    "ExportAdapter": True,
+    "ImportAdapter": False,  # each import is a new version
+}
+"""Whether a method is sent again to the next worker after UNAVAILABLE (a stream only before its first chunk)."""
+USER_ID_FIELD = 1
+"""`user_id`'s field number in every request of the Personalize service."""
+EVENT_KEY_FIELD = pb.FeedbackRequest.DESCRIPTOR.fields_by_name["event_key"].number
+
+
+class RouterHandler(grpc.GenericRpcHandler):
+    """The app-facing API, forwarded to the owning worker as bytes: the request body is never
+    deserialized (no deserializer, no serializer: grpc hands over and takes raw bytes). The routing key
+    comes from `x-user-id` metadata when present, else from the body's user_id field alone (`wire`)."""
 
     def __init__(self, cluster: Cluster, limits: Limits = DEFAULT_LIMITS, metrics: RouterMetrics | None = None) -> None:
         self.cluster = cluster
         self.limits = limits
         self.metrics = metrics
+        self._callables: dict[tuple[int, str], tuple[grpc.Channel, Any]] = {}
+        self._handlers = {f"/{SERVICE}/{rpc}": self._handler(rpc) for rpc in RETRIED}
 
-    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
-        return self._forward("Generate", request, context, retry=True)
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self._handlers.get(handler_call_details.method)
 
-    def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateChunk]:
+    def _handler(self, rpc: str) -> grpc.RpcMethodHandler:
+        if rpc == "GenerateStream":
+            return grpc.unary_stream_rpc_method_handler(self._public_stream)
+        retry = RETRIED[rpc]
+        return grpc.unary_unary_rpc_method_handler(lambda body, context: self._public(rpc, body, context, retry))
+
+    def _public(self, rpc: str, body: bytes, context: grpc.ServicerContext, retry: bool) -> bytes:
         try:
-            yield from self._forward_stream(request, context)
+            return self._forward(rpc, body, context, retry)
+        except grpc.RpcError as exc:
+            raise public_error(rpc, exc) from None
+
+    def _public_stream(self, body: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        try:
+            yield from self._stream(body, context)
         except grpc.RpcError as exc:
             raise public_error("GenerateStream", exc) from None
 
-    def _forward_stream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateChunk]:
-        key, metadata = self._route(request, context)
+    def _route(self, rpc: str, body: bytes, context: grpc.ServicerContext) -> tuple[str, bytes, tuple[Any, ...]]:
+        """(routing key, body to send, metadata to forward); InvalidArgument for a bad or contradictory
+        user id. With `x-user-id`, the body gets that user_id appended (protobuf: the last value wins), so
+        the worker serves exactly the user the call was routed by, whatever the body said further on."""
+        metadata = forwarded_metadata(context)
+        from_metadata = next((v for k, v in metadata if k == USER_ID_METADATA_KEY), None)
+        if from_metadata is not None:
+            user_id = check_user_id(str(from_metadata), self.limits)
+            leading = wire.leading_string(body, USER_ID_FIELD)
+            if leading is not None and leading != user_id:
+                raise InvalidArgument(
+                    f"{USER_ID_METADATA_KEY} metadata {user_id!r} differs from the request's user_id {leading!r}"
+                )
+            body += wire.string_field(USER_ID_FIELD, user_id)
+        else:
+            user_id = check_user_id(wire.last_string(body, USER_ID_FIELD), self.limits)
+        if rpc == "SubmitFeedback":
+            body = _with_event_key(body)
+        return route_key(current_tenant(), user_id), body, metadata
+
+    def _callable(self, upstream: Upstream, rpc: str, streaming: bool = False) -> Any:
+        """The channel's bytes-in, bytes-out method `rpc` (made once per channel)."""
+        key = (id(upstream.channel), rpc)
+        entry = self._callables.get(key)
+        if entry is None or entry[0] is not upstream.channel:  # an id is reused once its channel is gone
+            make = upstream.channel.unary_stream if streaming else upstream.channel.unary_unary
+            entry = (upstream.channel, make(f"/{SERVICE}/{rpc}"))
+            self._callables[key] = entry
+        return entry[1]
+
+    def _stream(self, body: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        key, body, metadata = self._route("GenerateStream", body, context)
         for attempt in self.cluster.attempts(key, retry=True):
             with attempt as upstream:
                 start, error = time.perf_counter(), None
-                call = upstream.api.GenerateStream(request, timeout=time_remaining(context), metadata=metadata)
+                method = self._callable(upstream, "GenerateStream", streaming=True)
+                call = method(body, timeout=time_remaining(context), metadata=metadata)
                 cancel_with_call(context, call.cancel)
                 try:
                     for chunk in _relay(call, context):
@@ -218,45 +285,16 @@ class RouterServicer(pb_grpc.PersonalizeServicer):
                     call.cancel()  # a no-op once finished; stops the worker when the caller went away
                     self._observe("GenerateStream", upstream, attempt.number, error, start)
 
-    def SubmitFeedback(self, request: pb.FeedbackRequest, context: grpc.ServicerContext) -> pb.FeedbackAck:
-        if not request.event_key:  # a retry on the next worker must not store the event twice
-            request.event_key = uuid.uuid4().hex
-        return self._forward("SubmitFeedback", request, context, retry=True)
-
-    def GetAdapter(self, request: pb.GetAdapterRequest, context: grpc.ServicerContext) -> pb.AdapterInfo:
-        return self._forward("GetAdapter", request, context, retry=True)
-
-    def DeleteUser(self, request: pb.DeleteUserRequest, context: grpc.ServicerContext) -> pb.DeleteUserResponse:
-        return self._forward("DeleteUser", request, context, retry=True)
-
-    def ExportAdapter(self, request: pb.ExportAdapterRequest, context: grpc.ServicerContext) -> pb.AdapterBundle:
-        return self._forward("ExportAdapter", request, context, retry=True)
-
-    def ImportAdapter(self, request: pb.ImportAdapterRequest, context: grpc.ServicerContext) -> pb.AdapterInfo:
-        return self._forward("ImportAdapter", request, context, retry=False)  # each import is a new version
-
-    def _route(self, request: Any, context: grpc.ServicerContext) -> tuple[str, tuple[tuple[str, Any], ...]]:
-        """(routing key, metadata to forward); InvalidArgument for a bad or contradictory user id."""
-        user_id = user_id_of(request, context, self.limits)
-        if not request.user_id:
-            request.user_id = user_id
-        return route_key(current_tenant(), user_id), forwarded_metadata(context)
-
-    def _forward(self, rpc: str, request: Any, context: grpc.ServicerContext, *, retry: bool) -> Any:
-        try:
-            return self._forward_unary(rpc, request, context, retry=retry)
-        except grpc.RpcError as exc:
-            raise public_error(rpc, exc) from None
-
-    def _forward_unary(self, rpc: str, request: Any, context: grpc.ServicerContext, *, retry: bool) -> Any:
-        key, metadata = self._route(request, context)
+    def _forward(self, rpc: str, body: bytes, context: grpc.ServicerContext, retry: bool) -> bytes:
+        key, body, metadata = self._route(rpc, body, context)
         for attempt in self.cluster.attempts(key, retry=retry):
             with attempt as upstream:
                 start, error = time.perf_counter(), None
-                future = getattr(upstream.api, rpc).future(request, timeout=time_remaining(context), metadata=metadata)
+                method = self._callable(upstream, rpc)
+                future = method.future(body, timeout=time_remaining(context), metadata=metadata)
                 cancel_with_call(context, future.cancel)
                 try:
-                    return future.result()
+                    return cast(bytes, future.result())
                 except grpc.RpcError as exc:
                     error = exc
                     raise
@@ -271,6 +309,17 @@ class RouterServicer(pb_grpc.PersonalizeServicer):
     def _observe(self, rpc: str, upstream: Upstream, number: int, error: BaseException | None, start: float) -> None:
         if self.metrics is not None:
             self.metrics.attempt(rpc, upstream.node_id, number, _code_of(error), time.perf_counter() - start)
+
+
+def _with_event_key(body: bytes) -> bytes:
+    """`body` with a fresh event_key appended when it has none, so a retry on the next worker cannot store
+    the event twice; a body that does not parse goes on unchanged (the worker refuses it)."""
+    try:
+        if wire.last_string(body, EVENT_KEY_FIELD):
+            return body
+    except InvalidArgument:
+        return body
+    return body + wire.string_field(EVENT_KEY_FIELD, uuid.uuid4().hex)
 
 
 class RouterAdminServicer(pb_grpc.AdminServicer):
@@ -303,10 +352,10 @@ def create_router(
     """
     if router_metrics is None and metrics is not None:
         router_metrics = RouterMetrics(metrics)
-    servicer = RouterServicer(cluster, config.limits, router_metrics)
+    handler = RouterHandler(cluster, config.limits, router_metrics)
 
     def register(server: grpc.Server, port: int, state: NodeState) -> None:
-        pb_grpc.add_PersonalizeServicer_to_server(servicer, server)
+        server.add_generic_rpc_handlers((handler,))
         pb_grpc.add_AdminServicer_to_server(RouterAdminServicer(cluster), server)
 
     return create(config, register, metrics, state, "router")

@@ -13,9 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
+from personalize.errors import InvalidArgument
 from personalize.feedback.events import FeedbackEvent
 from personalize.routing.announce import AnnounceConfig, Announcement, advertised_address
 from personalize.worker import Worker
@@ -26,6 +29,7 @@ from personalize_service.server.auth import current_tenant
 from personalize_service.server.base import NodeState, ServiceConfig, cancel_with_call, create, time_remaining
 from personalize_service.server.limits import (
     DEFAULT_LIMITS,
+    USER_ID_METADATA_KEY,
     ConcurrencyLimiter,
     FeedbackQuota,
     Limits,
@@ -129,6 +133,63 @@ class AdminServicer(pb_grpc.AdminServicer):
         return pb.ListNodesResponse(nodes=[node])
 
 
+SERVICE = pb.DESCRIPTOR.services_by_name["Personalize"]
+
+
+class _Unparseable:
+    """A request body that is not a message of its method's type (seen by `_checked`, never a handler)."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def _parser(message_type: type[Message]) -> Callable[[bytes], Message | _Unparseable]:
+    def parse(data: bytes) -> Message | _Unparseable:
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            return _Unparseable(message_type.DESCRIPTOR.full_name)
+
+    return parse
+
+
+def _checked(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+    """`behavior` for parsed requests only; an empty user_id takes `x-user-id` metadata, a different one
+    is refused (a call is served for the user it was routed by, or not at all)."""
+
+    def run(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, _Unparseable):
+            raise InvalidArgument(f"the request body is not a {request.type_name} message")
+        header = next((v for k, v in context.invocation_metadata() or () if k == USER_ID_METADATA_KEY), None)
+        if header is not None:
+            if not request.user_id:
+                request.user_id = header
+            elif request.user_id != header:
+                raise InvalidArgument(
+                    f"{USER_ID_METADATA_KEY} metadata {header!r} differs from the request's user_id {request.user_id!r}"
+                )
+        return behavior(request, context)
+
+    return run
+
+
+def add_personalize(servicer: pb_grpc.PersonalizeServicer, server: grpc.Server) -> None:
+    """Register `servicer` as the generated add_PersonalizeServicer_to_server does, except that a body
+    that does not parse is INVALID_ARGUMENT (grpc's own answer would be INTERNAL) and `x-user-id`
+    metadata must agree with the body (`_checked`)."""
+    handlers = {}
+    for method in SERVICE.methods:
+        response_type = getattr(pb, method.output_type.name)
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
+            _checked(getattr(servicer, method.name)),
+            request_deserializer=_parser(getattr(pb, method.input_type.name)),
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)  # as generated: grpc's faster lookup
+
+
 def create_server(
     config: ServiceConfig, worker: Worker, metrics: ServiceMetrics | None = None, state: NodeState | None = None
 ) -> tuple[grpc.Server, int]:
@@ -139,7 +200,7 @@ def create_server(
     """
 
     def register(server: grpc.Server, port: int, state: NodeState) -> None:
-        pb_grpc.add_PersonalizeServicer_to_server(PersonalizeServicer(worker, config.limits), server)
+        add_personalize(PersonalizeServicer(worker, config.limits), server)
         address = advertised_address(config.host, port, config.advertise)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(worker, address, state), server)
 

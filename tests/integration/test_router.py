@@ -37,10 +37,13 @@ from personalize_service.client.routing import RoutingClient
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
 from personalize_service.net import find_free_port
+from personalize_service.server import wire
 from personalize_service.server.auth import ApiKeys
 from personalize_service.server.base import ServiceConfig
+from personalize_service.server.interceptors import ErrorInterceptor
 from personalize_service.server.metrics import ServiceMetrics
 from personalize_service.server.router import RouterConfig, create_router, worker_channel_opener
+from personalize_service.server.worker import add_personalize
 
 LIVE = ("w0", "w1", "w2")
 DEAD = "dead"
@@ -172,6 +175,8 @@ class Router:
     cluster: Cluster
     api: pb_grpc.PersonalizeStub
     admin: pb_grpc.AdminStub
+    channel: grpc.Channel
+    address: str
 
     def owners(self, user_id: str, tenant: str = "default") -> list[str]:
         return self.cluster.ring().owners(route_key(tenant, user_id))
@@ -184,7 +189,8 @@ def _start_router(fleet: Fleet, keys: ApiKeys | None = None) -> Iterator[Router]
     server, port = create_router(ServiceConfig(port=0, api_keys=keys or ApiKeys()), cluster, ServiceMetrics())
     server.start()
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield Router(cluster, pb_grpc.PersonalizeStub(channel), pb_grpc.AdminStub(channel))
+        api, admin = pb_grpc.PersonalizeStub(channel), pb_grpc.AdminStub(channel)
+        yield Router(cluster, api, admin, channel, f"127.0.0.1:{port}")
     server.stop(None)
     cluster.stop()
 
@@ -254,6 +260,91 @@ def test_x_user_id_routes_and_fills_an_empty_user_id(router: Router, fleet: Flee
         router.api.GetAdapter(pb.GetAdapterRequest(), timeout=10)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert sum(len(w.received) for w in fleet.workers.values()) == 1
+
+
+GENERATE = "/personalize.v1.Personalize/Generate"
+
+
+def test_with_x_user_id_the_body_is_never_parsed_and_reaches_the_worker_as_sent(fleet: Fleet) -> None:
+    """A body no parser accepts, with a valid x-user-id: the router forwards it to bob's owner, whose own
+    parse refuses it (INVALID_ARGUMENT, in the worker's words), so the router never read the body."""
+    worker = FakeWorker("strict")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[ErrorInterceptor()])
+    add_personalize(worker, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    cluster = Cluster(None, worker_channel_opener(RouterConfig()))
+    cluster.apply({"strict": NodeInfo("strict", address, 4.0)})
+    router, port = create_router(ServiceConfig(port=0), cluster, ServiceMetrics())
+    router.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            raw = channel.unary_unary(GENERATE)
+            with pytest.raises(grpc.RpcError) as raised:
+                raw(b"\xff\xff\xff garbage", metadata=[("x-user-id", "bob")], timeout=10)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a personalize.v1.GenerateRequest message" in raised.value.details()
+            with pytest.raises(grpc.RpcError) as raised:  # without x-user-id the router reads user_id: refused there
+                raw(b"\xff\xff\xff garbage", timeout=10)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert raised.value.details().startswith("request body is not a proto")
+            assert worker.received == []
+            reply = pb.GenerateResponse.FromString(
+                raw(pb.GenerateRequest(prompt="hi").SerializeToString(), metadata=[("x-user-id", "bob")], timeout=10)
+            )
+            assert reply.text == "strict:bob"  # an empty user_id takes the header's, at the worker too
+    finally:
+        router.stop(None)
+        server.stop(None)
+        cluster.stop()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pb.GenerateRequest(prompt="hi").SerializeToString() + wire.string_field(1, "alice"),  # user_id not first
+        pb.GenerateRequest(user_id="bob", prompt="hi").SerializeToString() + wire.string_field(1, "alice"),
+    ],
+    ids=["user-id-after-other-fields", "second-user-id-at-the-end"],
+)
+def test_a_body_naming_another_user_than_x_user_id_is_served_as_the_routed_user(
+    router: Router, fleet: Fleet, body: bytes
+) -> None:
+    """A tenant lying in metadata (x-user-id bob, a body that parses as alice) is served as bob on bob's
+    owner: the user a call is served for is always the user it was routed by."""
+    router.cluster.apply(fleet.view(LIVE))
+    assert pb.GenerateRequest.FromString(body).user_id == "alice"
+    raw = router.channel.unary_unary(GENERATE)
+    reply = pb.GenerateResponse.FromString(raw(body, metadata=[("x-user-id", "bob")], timeout=10))
+    assert reply.node_id == router.owners("bob")[0] and reply.text == f"{reply.node_id}:bob"
+
+
+def test_the_worker_refuses_x_user_id_differing_from_the_body() -> None:
+    worker = FakeWorker("strict")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[ErrorInterceptor()])
+    add_personalize(worker, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            api = pb_grpc.PersonalizeStub(channel)
+            with pytest.raises(grpc.RpcError) as raised:
+                api.GetAdapter(pb.GetAdapterRequest(user_id="alice"), metadata=[("x-user-id", "bob")], timeout=10)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "differs" in raised.value.details()
+            assert api.GetAdapter(pb.GetAdapterRequest(user_id="bob"), metadata=[("x-user-id", "bob")]).user_id == "bob"
+    finally:
+        server.stop(None)
+
+
+def test_the_sdk_sends_x_user_id_and_the_router_passes_it_and_traceparent_on(router: Router, fleet: Fleet) -> None:
+    router.cluster.apply(fleet.view(LIVE))
+    with PersonalizeClient(router.address) as client:
+        client.get_adapter("carol")
+    seen = fleet.workers[router.owners("carol")[0]].received[-1].metadata
+    assert seen["x-user-id"] == "carol"
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    router.api.GetAdapter(pb.GetAdapterRequest(user_id="carol"), metadata=[("traceparent", trace)], timeout=10)
+    assert fleet.workers[router.owners("carol")[0]].received[-1].metadata["traceparent"] == trace
 
 
 def test_deadline_is_the_callers_remaining_time(router: Router, fleet: Fleet) -> None:

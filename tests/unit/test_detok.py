@@ -73,3 +73,12 @@ def test_work_per_token_is_bounded_whatever_the_length(tokenizer: Any) -> None:
     assert len(ids) > 1000
     assert len(counting.lengths) <= 2 * len(ids) + 2
     assert max(counting.lengths) <= 16  # a window of a few tokens, never the sequence so far
+
+
+def test_special_tokens_among_the_ids_are_left_out_as_a_full_decode_leaves_them(tokenizer: Any) -> None:
+    text_ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    specials = sorted(tokenizer.all_special_ids)
+    assert specials
+    ids = [i for n, t in enumerate(text_ids) for i in ((t, specials[n % len(specials)]) if n % 7 == 0 else (t,))]
+    pieces, _ = _stream(tokenizer, ids)
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
