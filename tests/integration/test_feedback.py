@@ -24,9 +24,9 @@ _ns = itertools.count()
 
 
 @pytest.fixture
-def parts(valkey_url: str, tmp_path: Path, base: BaseModel) -> dict[str, Any]:
+def parts(state_url: str, tmp_path: Path, base: BaseModel) -> dict[str, Any]:
     ns = f"fb{next(_ns)}"
-    client = redis_client(valkey_url)
+    client = redis_client(state_url)
     stream = FeedbackStream(client, StreamConfig(partitions=3, namespace=ns))
     stream.ensure_group()
     spec = AdapterSpec.for_model(base.model, 16, base_fingerprint=base.fingerprint)
