@@ -108,8 +108,7 @@ class ValkeyCluster:
     def flush(self) -> None:
         client = self.client()
         try:
-            client.flushall(target_nodes=redis.cluster.RedisCluster.PRIMARIES)
-            client.script_flush(target_nodes=redis.cluster.RedisCluster.ALL_NODES)
+            client.execute_command("FLUSHALL", "SYNC", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
         finally:
             client.close()
 
