@@ -3,6 +3,7 @@ one translation of its failures into the library's errors."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -25,7 +26,8 @@ def call(fn: Callable[[], T], what: str) -> T:
         return fn()
     except redis.exceptions.ResponseError as exc:
         raise Unavailable(f"{what} refused a command: {exc}") from exc
-    except (redis.exceptions.RedisError, OSError) as exc:
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
+        # RedisClusterException: a cluster client found no node for a slot (mid-failover, all seeds down)
         raise Unavailable(f"{what} unreachable ({type(exc).__name__}: {exc})") from exc
 
 
@@ -67,4 +69,5 @@ def node_client(client: Any, key: str) -> Any:
 def refresh_slots(client: Any) -> None:
     """After a MOVED or a dead node: reload the cluster's slot map (no-op for a plain client)."""
     if is_cluster(client):
-        client.nodes_manager.initialize()
+        with contextlib.suppress(redis.exceptions.RedisError, redis.exceptions.RedisClusterException):
+            client.nodes_manager.initialize()  # mid-failover it may fail: the next command retries it
