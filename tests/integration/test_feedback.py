@@ -12,7 +12,7 @@ import pytest
 from personalize.adapters.registry import Registry
 from personalize.adapters.repository import AdapterRepository
 from personalize.adapters.store import open_store
-from personalize.errors import InvalidArgument, ResourceExhausted
+from personalize.errors import InvalidArgument, ResourceExhausted, Unavailable
 from personalize.feedback.events import FeedbackEvent
 from personalize.feedback.notify import redis_client
 from personalize.feedback.stream import FeedbackStream, StreamConfig
@@ -162,3 +162,18 @@ def test_delete_user_removes_their_dead_letters_only(parts: dict[str, Any]) -> N
         for k in client.scan_iter(f"{stream.config.namespace}:*")
         if client.type(k) == b"stream"
     )
+
+
+def test_wait_replicas_acks_only_what_a_replica_holds(state_url: str) -> None:
+    config = StreamConfig(partitions=3, namespace=f"fb{next(_ns)}", wait_replicas=1, wait_timeout_ms=200)
+    stream = FeedbackStream(redis_client(state_url), config)
+    event = _event("hana", 1, key="k1")
+    if state_url.startswith("redis+cluster://"):  # every shard has a replica
+        event_id, _ = stream.append(event)
+        assert stream.append(event)[0] == event_id and stream.pending_ids("acme", "hana") == {event_id}
+    else:  # one server, no replica: stored but never acknowledged
+        with pytest.raises(Unavailable, match="0 of 1 replicas"):
+            stream.append(event)
+        assert stream.pending_count("acme", "hana") == 1
+    with pytest.raises(InvalidArgument, match="wait_replicas"):
+        StreamConfig(wait_replicas=-1)
