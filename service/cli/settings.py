@@ -504,6 +504,15 @@ SETTINGS: tuple[Setting, ...] = (
         "generations one tenant may have running or queued (keep well below --threads)",
         metavar="N",
     ),
+    _s(
+        "limits.shared",
+        "--shared-limits",
+        "PERSONALIZE_SHARED_LIMITS",
+        False,
+        _bool,
+        "keep each tenant's rate bucket in the registry's Valkey: the rate holds across every process",
+        metavar="BOOL",
+    ),
     # -- feedback and training
     _s(
         "feedback.partitions",
@@ -819,7 +828,11 @@ def build(values: Mapping[str, Any]) -> Resolved:
             "and inline (--api-keys / PERSONALIZE_API_KEYS); use one"
         )
     api_keys = load_api_keys(keys_file) if keys_file else ApiKeys.parse(keys_text)
-    service = ServiceConfig(**service_values, limits=Limits(**_section(values, "limits.")), api_keys=api_keys)
+    limit_values = _section(values, "limits.")
+    shared_limits = registry if limit_values.pop("shared") else None
+    service = ServiceConfig(
+        **service_values, limits=Limits(**limit_values), api_keys=api_keys, shared_limits=shared_limits
+    )
     router = RouterConfig(**_section(values, "router."))
     return Resolved(config=config, service=service, router=router, workers=values.get("workers", 1))
 

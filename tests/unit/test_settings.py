@@ -22,6 +22,7 @@ from personalize_service.server.router import RouterConfig
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 NOT_FIELDS = {
+    "limits.shared": False,  # becomes service.shared_limits = the registry's RegistryConfig
     "service.api_keys": "",
     "service.api_keys_file": "",
     "workers": 1,
@@ -32,6 +33,7 @@ NOT_FIELDS = {
 }
 """Settings that are not one dataclass field (API keys become ServiceConfig.api_keys; the worker_* are up's)."""
 UNEXPOSED = {
+    "service.shared_limits",  # set from limits.shared
     "model.seed",
     "lora.target_modules",
     "engine.max_prefill_tokens",
