@@ -172,7 +172,7 @@ def test_wait_replicas_acks_only_what_a_replica_holds(state_url: str) -> None:
     if state_url.startswith("redis+cluster://"):  # every shard has a replica
         event_id, _ = stream.append(event)
         assert stream.append(event)[0] == event_id and stream.pending_ids("acme", "hana") == {event_id}
-        fsynced = FeedbackStream(stream.client, dataclasses.replace(config, wait_aof=True))  # WAITAOF
+        fsynced = FeedbackStream(stream.client, dataclasses.replace(config, wait_aof=True, wait_timeout_ms=10_000))
         assert fsynced.append(_event("hana", 2, key="k2"))[0] != event_id
     else:  # one server, no replica: stored but never acknowledged
         with pytest.raises(Unavailable, match="0 of 1 replicas"):
