@@ -4,6 +4,13 @@ against the obvious layout (one Redis hash per user with named fields) in the sa
     python loadtest/bench_registry.py --users 1000000 --json loadtest/results/bench_registry.json
 
 Without --url it starts a private EmbeddedValkey (AOF on, as `personalize up` runs it).
+
+    python loadtest/bench_registry.py --cluster --json loadtest/results/bench_registry_cluster.json
+
+--cluster instead starts a Valkey Cluster of 1 primary, then one of 3 primaries (tests/valkeycluster.py,
+no replicas, AOF fsynced on every write), and measures registry lookups/s and feedback appends/s on each
+from --processes client processes (each its own cluster client), in one run: the ratio is what sharding
+buys on this machine.
 `run_registry_bench(url, users)` is importable (loadtest/bench_cache.py uses it).
 """
 
@@ -11,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import random
 import sys
 import tempfile
@@ -22,6 +30,7 @@ from typing import Any
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # valkeycluster.py
 
 from personalize.adapters.registry import AdapterRecord, CasUpdate, Registry
 from personalize.adapters.store.keys import user_digest
@@ -176,6 +185,67 @@ def run_registry_bench(
     }
 
 
+def _cluster_worker(task: tuple[str, str, str, int, float, int]) -> int:
+    """One client process: `kind` ("lookup" or "append") as fast as it can for `seconds`; how many done."""
+    from personalize import valkey
+    from personalize.feedback.events import FeedbackEvent
+    from personalize.feedback.stream import FeedbackStream, StreamConfig
+
+    kind, url, namespace, users, seconds, seed = task
+    client = valkey.connect(url, socket_timeout=10.0)
+    rng = random.Random(seed)
+    done = 0
+    if kind == "lookup":
+        registry = Registry(client, namespace=namespace)
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            registry.get("bench", f"user-{rng.randrange(users)}")
+            done += 1
+    else:
+        stream = FeedbackStream(client, StreamConfig(partitions=12, namespace=namespace))
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            user = f"user-{rng.randrange(users)}"
+            stream.append(FeedbackEvent("bench", user, "accept", "Q: ?\nA: ", "ok", event_key=f"{seed}-{done}"))
+            done += 1
+    client.close()
+    return done
+
+
+def run_cluster_bench(users: int, seconds: float, processes: int, shapes: tuple[int, ...] = (1, 3)) -> dict[str, Any]:
+    """Lookups/s and appends/s on a cluster of each number of primaries in `shapes`, and the ratios."""
+    from valkeycluster import ValkeyCluster
+
+    from personalize import valkey
+
+    result: dict[str, Any] = {"users": users, "seconds": seconds, "processes": processes, "cpus": _cpus()}
+    for primaries in shapes:
+        with (
+            tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp,
+            ValkeyCluster(Path(tmp), primaries=primaries, replicas=0) as cluster,
+        ):
+            namespace = "bench"
+            fill_synthetic(Registry(valkey.connect(cluster.url), namespace=namespace), users)
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(processes) as pool:
+                for kind in ("lookup", "append"):
+                    tasks = [(kind, cluster.url, namespace, users, seconds, i) for i in range(processes)]
+                    start = time.perf_counter()
+                    done = sum(pool.map(_cluster_worker, tasks))
+                    elapsed = max(seconds, time.perf_counter() - start)
+                    result[f"{kind}s_per_s_{primaries}p"] = round(done / elapsed)
+    for kind in ("lookup", "append"):
+        low, high = result[f"{kind}s_per_s_{shapes[0]}p"], result[f"{kind}s_per_s_{shapes[-1]}p"]
+        result[f"{kind}s_{shapes[-1]}p_over_{shapes[0]}p"] = round(high / max(low, 1), 2)
+    return result
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _chunks(items: Any, size: int) -> Any:
     chunk: list[Any] = []
     for item in items:
@@ -194,8 +264,13 @@ def main() -> None:
     parser.add_argument("--bucket-bits", type=int, default=16)
     parser.add_argument("--url", help="an existing server instead of a private embedded one")
     parser.add_argument("--json", type=Path, help="write the result here")
+    parser.add_argument("--cluster", action="store_true", help="1 primary vs 3 primaries: lookups/s, appends/s")
+    parser.add_argument("--seconds", type=float, default=10.0, help="--cluster: length of each measurement")
+    parser.add_argument("--processes", type=int, default=8, help="--cluster: client processes")
     args = parser.parse_args()
-    if args.url:
+    if args.cluster:
+        result = run_cluster_bench(min(args.users, 100_000), args.seconds, args.processes)
+    elif args.url:
         result = run_registry_bench(args.url, args.users, args.lookups, bucket_bits=args.bucket_bits)
     else:
         with (
@@ -209,7 +284,8 @@ def main() -> None:
         print(f"{key:<{width}}  {value}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"bench": "registry", **result}, indent=2) + "\n")
+        bench = "registry_cluster" if args.cluster else "registry"
+        args.json.write_text(json.dumps({"bench": bench, **result}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

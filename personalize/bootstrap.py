@@ -50,7 +50,7 @@ def worker(config: Config) -> Worker:
     """A serving node: base model, slot pool sized by the device budget, engine, tiered cache over the
     registry and store, the feedback stream and update notifications; not started."""
     _check_urls(config)
-    client = redis_client(config.registry.url)
+    client = redis_client(config.registry.url, config.registry.cluster)
     check_durability(client, config.allow_unsynced_registry)  # before the model loads: fail fast
     check_server_version(client)
     base = load_base_model(config.model)
@@ -99,7 +99,7 @@ def trainer(config: Config, consumer: str = "") -> Trainer:
     claimed by the others.
     """
     _check_urls(config)
-    client = redis_client(config.registry.url)
+    client = redis_client(config.registry.url, config.registry.cluster)
     check_durability(client, config.allow_unsynced_registry)
     check_server_version(client)
     base = load_base_model(config.model)
@@ -122,4 +122,6 @@ def trainer(config: Config, consumer: str = "") -> Trainer:
 def membership(config: Config, membership_config: MembershipConfig | None = None) -> Membership:
     """The live workers as the registry lists them: what a router (or a routing client) watches."""
     _check_urls(config, store=False)
-    return Membership(membership_client(config.registry.url), membership_config or MembershipConfig())
+    return Membership(
+        membership_client(config.registry.url, config.registry.cluster), membership_config or MembershipConfig()
+    )

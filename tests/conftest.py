@@ -13,6 +13,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).parent))  # tests/s3server.py, also imported by loadtest/
 
 from s3server import S3Server, start_weed_mini
+from valkeycluster import ValkeyCluster
 
 from personalize_service.cli.embedded import EmbeddedValkey, EmbeddedValkeyConfig
 
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 #   valkey_server  EmbeddedValkey (session)       valkey_url    its redis:// URL (session)
 #   redis_client   redis.Redis on it, FLUSHALL before each test using it
 #   s3_server      S3Server: .endpoint .access_key .secret_key .s3_url(bucket, prefix) .client()
+#   valkey_cluster ValkeyCluster (session): 3 primaries + 3 replicas, .url is redis+cluster://
+#   state_url      parametrized: the single server's redis:// URL, then the cluster's redis+cluster:// URL
 # --------------------------------------------------------------------------------------------------
 
 
@@ -47,6 +50,21 @@ def redis_client(valkey_url: str) -> Iterator[redis.Redis]:
     client.execute_command("FLUSHALL", "SYNC")  # SYNC: the server may make a plain FLUSHALL lazy
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def valkey_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyCluster]:
+    cluster = ValkeyCluster(tmp_path_factory.mktemp("valkey-cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["single", "cluster"])
+def state_url(request: pytest.FixtureRequest) -> str:
+    """Where shared state lives, once per kind of deployment: one Valkey, then a Valkey Cluster."""
+    if request.param == "single":
+        return str(request.getfixturevalue("valkey_url"))
+    return str(request.getfixturevalue("valkey_cluster").url)
 
 
 @pytest.fixture(scope="session")

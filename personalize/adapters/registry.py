@@ -120,16 +120,18 @@ class RegistryConfig:
     """Where the registry lives."""
 
     url: str = ""
-    """redis:// or rediss:// URL of a Valkey/Redis server (a seed node for a cluster); empty = not set yet
-    (`personalize up` sets it to its embedded Valkey)."""
+    """redis:// or rediss:// URL of a Valkey/Redis server, or redis+cluster:// / rediss+cluster:// naming a
+    seed node of a Redis Cluster; empty = not set yet (`personalize up` sets it to its embedded Valkey)."""
     namespace: str = "pz"
     """Prefix of every key, so several deployments can share one server."""
     bucket_bits: int = DEFAULT_BUCKET_BITS
     """Users are spread over 2**bucket_bits hashes; fixed for the life of a namespace."""
     cluster: bool = False
-    """Talk Redis Cluster protocol."""
+    """Talk Redis Cluster protocol (set by a redis+cluster:// URL)."""
 
     def __post_init__(self) -> None:
+        if valkey.is_cluster_url(self.url):
+            object.__setattr__(self, "cluster", True)
         _check_namespace(self.namespace)
         _check_bucket_bits(self.bucket_bits)
 
@@ -345,11 +347,7 @@ def open_registry(config: RegistryConfig) -> Registry:
         "decode_responses": False,
         "max_connections": valkey.MAX_CONNECTIONS,
     }
-    client: Any
-    if config.cluster:
-        client = redis.cluster.RedisCluster.from_url(config.url, **options)
-    else:
-        client = redis.Redis.from_url(config.url, health_check_interval=30, **options)
+    client = valkey.connect(config.url, config.cluster, health_check_interval=30, **options)
     return Registry(client, namespace=config.namespace, bucket_bits=config.bucket_bits)
 
 

@@ -14,10 +14,12 @@ from personalize import valkey
 log = logging.getLogger(__name__)
 
 
-def redis_client(url: str) -> Any:
-    """A binary-safe client with bounded timeouts (the stream and notifications share it)."""
-    return redis.Redis.from_url(
+def redis_client(url: str, cluster: bool = False) -> Any:
+    """A binary-safe client with bounded timeouts (the stream and notifications share it); a cluster client
+    for a redis+cluster:// URL or `cluster`."""
+    return valkey.connect(
         url,
+        cluster,
         socket_timeout=10.0,
         socket_connect_timeout=2.0,
         decode_responses=False,

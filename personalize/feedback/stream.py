@@ -7,6 +7,9 @@ Keys of partition p share the hash tag `{fb<p>}`, so each script touches one Red
                              expiring after idempotency_ttl_s (HEXPIRE: Valkey >= 9.0, Redis >= 7.4)
     {ns}:{fb<p>}:p:<user>    set of the user's event ids not yet applied (pending count, DeleteUser)
 DeleteUser drops the user's idempotency keys with the user: a key resent after the delete is a new event.
+On a Redis Cluster the partitions spread over the shards by their hash tags; a read there is one XREADGROUP
+per partition (a command may not cross slots), and with wait_replicas > 0 an append is acknowledged only
+once that many replicas of its shard hold it (WAIT), so a failover that promotes one of them keeps it.
 An event is acknowledged (XACK + XDEL + SREM) only after the adapter version that includes it is published.
 """
 
@@ -17,6 +20,8 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+import redis
 
 from personalize import valkey
 from personalize.adapters.store.keys import user_digest
@@ -29,7 +34,12 @@ T = TypeVar("T")
 _APPEND_LUA = """
 if ARGV[2] ~= '' then
   local existing = redis.call('HGET', KEYS[2], ARGV[2])
-  if existing then return existing end
+  if existing then
+    -- rewritten, so that a WAIT after a retried append waits for the original to reach the replicas too
+    redis.call('HSET', KEYS[2], ARGV[2], existing)
+    redis.call('HEXPIRE', KEYS[2], tonumber(ARGV[1]), 'FIELDS', 1, ARGV[2])
+    return existing
+  end
 end
 local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
 if ARGV[2] ~= '' then
@@ -69,8 +79,21 @@ class StreamConfig:
     appenders may pass it by a few."""
     max_dead_letters: int = 100_000
     """Approximate cap on dead letters per partition; the oldest are trimmed beyond it."""
+    wait_replicas: int = 0
+    """An append is acknowledged only once this many replicas of its server (its shard, on a cluster) have
+    it (WAIT), so a failover to one of them keeps every acked event; 0 = the primary's own fsync only."""
+    wait_timeout_ms: int = 2000
+    """How long an append waits for those replicas; past it the append fails UNAVAILABLE (the event may
+    still be stored: a retry with the same event_key returns its id, no duplicate)."""
+    wait_aof: bool = False
+    """Wait for the replicas to fsync the event to their AOF (WAITAOF), not just to receive it (WAIT)."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.wait_replicas <= 16 or not 1 <= self.wait_timeout_ms <= 600_000:
+            raise InvalidArgument(
+                f"feedback wait_replicas must be in [0, 16] and wait_timeout_ms in [1, 600000], "
+                f"got {self.wait_replicas} and {self.wait_timeout_ms}"
+            )
         if not 1 <= self.partitions <= 1024:
             raise InvalidArgument(f"feedback partitions must be in [1, 1024], got {self.partitions}")
         if self.max_len < 1 or self.max_dead_letters < 1:
@@ -128,8 +151,33 @@ class FeedbackStream:
                 f"feedback partition {p} holds {self.config.max_len} untrained events "
                 f"(feedback max_len); retry once the trainer catches up"
             )
-        event_id = self._call(lambda: self._append(keys=keys, args=args))
+        event_id = self._call(functools.partial(self._append_replicated, keys, args))
         return _s(event_id), p
+
+    def _append_replicated(self, keys: list[str], args: list[Any]) -> Any:
+        """The append script, then (wait_replicas > 0) WAIT on the same connection: one pipeline on the
+        server that owns the partition."""
+        n = self.config.wait_replicas
+        if not n:
+            return self._append(keys=keys, args=args)
+        pipe = valkey.node_client(self.client, keys[0]).pipeline(transaction=False)
+        self._append(keys=keys, args=args, client=pipe)
+        if self.config.wait_aof:
+            pipe.execute_command("WAITAOF", 0, n, self.config.wait_timeout_ms)
+        else:
+            pipe.execute_command("WAIT", n, self.config.wait_timeout_ms)
+        try:
+            event_id, acked = pipe.execute()
+        except (redis.exceptions.ConnectionError, redis.exceptions.ResponseError):
+            valkey.refresh_slots(self.client)  # MOVED or a dead primary: the caller retries on the new one
+            raise
+        replicas = int(acked[1] if isinstance(acked, list) else acked)
+        if replicas < n:
+            raise Unavailable(
+                f"feedback event {_s(event_id)} reached {replicas} of {n} replicas within "
+                f"{self.config.wait_timeout_ms} ms (feedback wait_replicas); retry with the same event_key"
+            )
+        return event_id
 
     # -- consumers --------------------------------------------------------------------------------------------
     def ensure_group(self) -> None:
@@ -143,6 +191,8 @@ class FeedbackStream:
 
     def read(self, consumer: str, count: int, block_ms: int) -> list[Delivered]:
         """New events for this consumer across all partitions (blocks up to block_ms when there are none)."""
+        if valkey.is_cluster(self.client):
+            return self._read_each(consumer, ">", count, block_ms)
         streams = {self.stream_key(p): ">" for p in range(self.config.partitions)}
         reply = self._call(
             lambda: self.client.xreadgroup(
@@ -151,12 +201,37 @@ class FeedbackStream:
         )
         return self._parse(reply or [])
 
+    def _read_each(self, consumer: str, start: str, count: int, block_ms: int) -> list[Delivered]:
+        """A read on a cluster: one XREADGROUP per partition (each its own slot); when none has anything,
+        block on each in turn for a share of block_ms."""
+        per = self._per_stream(count)
+
+        def one(p: int, block: int | None) -> list[Delivered]:
+            reply = self._call(
+                lambda: self.client.xreadgroup(
+                    self.config.group, consumer, {self.stream_key(p): start}, count=per, block=block
+                )
+            )
+            return self._parse(reply or [])
+
+        out = [d for p in range(self.config.partitions) for d in one(p, None)]
+        if out or not block_ms or start != ">":
+            return out
+        share = max(1, block_ms // self.config.partitions)
+        for p in range(self.config.partitions):
+            out = one(p, share)
+            if out:
+                return out
+        return []
+
     def _per_stream(self, count: int) -> int:
         """XREADGROUP's COUNT applies to each stream: share `count` out so a read returns at most about it."""
         return max(1, -(-count // self.config.partitions))
 
     def read_own_pending(self, consumer: str, count: int) -> list[Delivered]:
         """Events delivered to this consumer name earlier and never acknowledged (it restarted mid-round)."""
+        if valkey.is_cluster(self.client):
+            return self._read_each(consumer, "0", count, 0)
         streams = {self.stream_key(p): "0" for p in range(self.config.partitions)}
         reply = self._call(
             lambda: self.client.xreadgroup(self.config.group, consumer, streams, count=self._per_stream(count))

@@ -25,8 +25,6 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, TypeVar
 
-import redis
-
 from personalize import valkey
 from personalize.errors import InvalidArgument, Unavailable
 from personalize.routing.ring import DEFAULT_VNODES, Ring
@@ -35,11 +33,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def membership_client(registry_url: str) -> Any:
+def membership_client(registry_url: str, cluster: bool = False) -> Any:
     """A binary-safe redis client for membership reads and beats, with short timeouts (a beat that
-    hangs longer than the TTL is worthless)."""
-    return redis.Redis.from_url(
+    hangs longer than the TTL is worthless); a cluster client for a redis+cluster:// URL or `cluster`."""
+    return valkey.connect(
         registry_url,
+        cluster,
         socket_timeout=2.0,
         socket_connect_timeout=2.0,
         decode_responses=False,

@@ -187,7 +187,7 @@ SETTINGS: tuple[Setting, ...] = (
         "PERSONALIZE_REGISTRY_CLUSTER",
         False,
         _bool,
-        "the registry is a Redis/Valkey Cluster (speak its protocol)",
+        "the registry is a Redis/Valkey Cluster (speak its protocol; a redis+cluster:// URL implies it)",
         (SERVE,),
         "BOOL",
     ),
@@ -559,6 +559,15 @@ SETTINGS: tuple[Setting, ...] = (
         "feedback events a tenant may send at once above its quota's rate",
         metavar="N",
     ),
+    _s(
+        "limits.shared",
+        "--shared-limits",
+        "PERSONALIZE_SHARED_LIMITS",
+        False,
+        _bool,
+        "keep each tenant's rate bucket in the registry's Valkey: the rate holds across every process",
+        metavar="BOOL",
+    ),
     # -- feedback and training
     _s(
         "feedback.partitions",
@@ -568,6 +577,33 @@ SETTINGS: tuple[Setting, ...] = (
         _int,
         "feedback streams; fixed for the life of a deployment",
         metavar="P",
+    ),
+    _s(
+        "feedback.wait_replicas",
+        "--feedback-wait-replicas",
+        "PERSONALIZE_FEEDBACK_WAIT_REPLICAS",
+        0,
+        _int,
+        "acknowledge feedback only once N replicas of its shard hold it (WAIT): survives a failover",
+        metavar="N",
+    ),
+    _s(
+        "feedback.wait_timeout_ms",
+        "--feedback-wait-timeout-ms",
+        "PERSONALIZE_FEEDBACK_WAIT_TIMEOUT_MS",
+        2000,
+        _int,
+        "how long an append waits for those replicas before it fails UNAVAILABLE (retry with the event_key)",
+        metavar="MS",
+    ),
+    _s(
+        "feedback.wait_aof",
+        "--feedback-wait-aof",
+        "PERSONALIZE_FEEDBACK_WAIT_AOF",
+        False,
+        _bool,
+        "wait for the replicas to fsync the event to their AOF (WAITAOF), not only to receive it",
+        metavar="BOOL",
     ),
     _s(
         "trainer.steps",
@@ -866,7 +902,11 @@ def build(values: Mapping[str, Any]) -> Resolved:
             "and inline (--api-keys / PERSONALIZE_API_KEYS); use one"
         )
     api_keys = (load_api_keys(keys_file) if keys_file else ApiKeys.parse(keys_text)).with_operator_keys(operator_keys)
-    service = ServiceConfig(**service_values, limits=Limits(**_section(values, "limits.")), api_keys=api_keys)
+    limit_values = _section(values, "limits.")
+    shared_limits = registry if limit_values.pop("shared") else None
+    service = ServiceConfig(
+        **service_values, limits=Limits(**limit_values), api_keys=api_keys, shared_limits=shared_limits
+    )
     router = RouterConfig(**_section(values, "router."))
     return Resolved(config=config, service=service, router=router, workers=values.get("workers", 1))
 

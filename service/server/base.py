@@ -24,6 +24,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from personalize import valkey
+from personalize.adapters.registry import RegistryConfig
 from personalize.errors import InvalidArgument
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.server.auth import ApiKeys
@@ -33,6 +35,7 @@ from personalize_service.server.limits import (
     MAX_QUEUED_PER_THREAD,
     Limits,
     RateLimiter,
+    SharedRateLimiter,
     grpc_message_options,
 )
 from personalize_service.server.metrics import MetricsServer, ServiceMetrics, start_metrics_server
@@ -57,6 +60,8 @@ class ServiceConfig:
     """TCP port; 0 picks a free one (create_server returns it)."""
     limits: Limits = DEFAULT_LIMITS
     """Request size, rate and concurrency limits."""
+    shared_limits: RegistryConfig | None = None
+    """Where tenants' rate buckets are shared by every process (the registry's Valkey); None = per process."""
     api_keys: ApiKeys = field(default_factory=ApiKeys)
     """API key -> tenant; empty = every caller is tenant `default`."""
     metrics_port: int = 0
@@ -144,6 +149,15 @@ Register = Callable[[grpc.Server, int, NodeState], None]
 """Adds a role's servicers to a bound server, given its port and state."""
 
 
+def rate_limiter(config: ServiceConfig) -> RateLimiter:
+    """The tenant rate limiter of a server: shared through Valkey when `config.shared_limits` says where."""
+    shared = config.shared_limits
+    if shared is None or not shared.url:
+        return RateLimiter(config.limits)
+    client = valkey.connect(shared.url, shared.cluster, socket_timeout=1.0, socket_connect_timeout=1.0)
+    return SharedRateLimiter(config.limits, client=client, namespace=shared.namespace)
+
+
 def create(
     config: ServiceConfig,
     register: Register,
@@ -160,7 +174,7 @@ def create(
     options = [*grpc_message_options(config.limits), ("grpc.so_reuseport", 0)]  # a taken port must fail
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=thread_prefix),
-        interceptors=server_interceptors(config.api_keys, RateLimiter(config.limits), metrics, state.drain),
+        interceptors=server_interceptors(config.api_keys, rate_limiter(config), metrics, state.drain),
         options=options,
         maximum_concurrent_rpcs=MAX_QUEUED_PER_THREAD * config.threads,
     )

@@ -7,6 +7,7 @@ concurrency limits raise ResourceExhausted (they clear with time).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import unicodedata
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from personalize.errors import InvalidArgument, ResourceExhausted
+
+log = logging.getLogger(__name__)
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -269,6 +272,67 @@ class RateLimiter:
                 f"tenant {tenant!r} is over its request rate: the limit is "
                 f"{self.limits.requests_per_second:g} requests/s with a burst of {self.limits.burst}"
                 f" (requests_per_second, burst); retry later"
+            )
+
+
+# KEYS: the tenant's bucket (a hash: tokens, ts in server microseconds). ARGV: rate/s, capacity.
+# The server's clock, so every process refills the same bucket at the same rate.
+_SHARED_BUCKET_LUA = """
+local rate, capacity = tonumber(ARGV[1]), tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens, ts = tonumber(b[1]) or capacity, tonumber(b[2]) or now
+tokens = math.min(capacity, tokens + math.max(0, now - ts) * rate / 1000000)
+local ok = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  ok = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / rate * 1000) + 1000)
+return ok
+"""
+
+
+@dataclass
+class SharedRateLimiter(RateLimiter):
+    """A tenant's token bucket kept in Valkey (one Lua call per request, one key per tenant, so on a
+    Redis Cluster each tenant's bucket lives in one slot, `{<namespace>:rl:<tenant>}`): the rate and burst
+    hold for the tenant however many routers, gateways and workers serve it. When Valkey cannot be
+    reached each process falls back to its own bucket (fail open, at the per-process limit), logged."""
+
+    client: Any = None
+    """A redis.Redis or RedisCluster (decode_responses off)."""
+    namespace: str = "pz"
+
+    def __post_init__(self) -> None:
+        if self.client is None:
+            raise InvalidArgument("SharedRateLimiter needs a Valkey client")
+        self._take = self.client.register_script(_SHARED_BUCKET_LUA)
+        self._warned = False
+
+    def key(self, tenant: str) -> str:
+        return f"{{{self.namespace}:rl:{tenant}}}"
+
+    def check(self, tenant: str) -> None:
+        from personalize import valkey
+        from personalize.errors import Unavailable
+
+        rate, burst = self.limits.requests_per_second, self.limits.burst
+        try:
+            allowed = bool(valkey.call(lambda: self._take(keys=[self.key(tenant)], args=[rate, burst]), "limits"))
+        except Unavailable as exc:
+            if not self._warned:
+                log.warning("shared rate limits unavailable, limiting per process: %s", exc)
+                self._warned = True
+            super().check(tenant)
+            return
+        self._warned = False
+        if not allowed:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} is over its request rate: the limit is {rate:g} requests/s with a burst "
+                f"of {burst} (requests_per_second, burst; shared by every process); retry later"
             )
 
 

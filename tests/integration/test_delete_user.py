@@ -9,7 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import redis
 import torch
 from s3server import S3Server
 
@@ -31,13 +30,19 @@ R_MAX = 8
 GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
 
 
-@pytest.fixture(params=["file", "s3"])
-def worker(
-    request: pytest.FixtureRequest, tmp_path: Path, valkey_url: str, redis_client: redis.Redis
-) -> Iterator[Worker]:
+@pytest.fixture(params=["file", "s3", "file-cluster"])
+def worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Worker]:
     """A started worker wired by `bootstrap` as `personalize serve` wires it: 4 device slots, host RAM and a
-    disk tier under its data dir, the feedback stream on the (flushed) session Valkey."""
-    if request.param == "file":
+    disk tier under its data dir, the feedback stream on the (flushed) session Valkey, or for file-cluster
+    on the (flushed) Valkey Cluster through a redis+cluster:// URL."""
+    if request.param == "file-cluster":
+        cluster = request.getfixturevalue("valkey_cluster")
+        cluster.flush()
+        valkey_url = cluster.url
+    else:
+        request.getfixturevalue("redis_client")  # flushes the session Valkey
+        valkey_url = request.getfixturevalue("valkey_url")
+    if request.param.startswith("file"):
         store_url = (tmp_path / "objects").as_uri()
     else:
         server: S3Server = request.getfixturevalue("s3_server")

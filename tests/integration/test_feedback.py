@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from personalize.adapters.registry import Registry
 from personalize.adapters.repository import AdapterRepository
 from personalize.adapters.store import open_store
-from personalize.errors import InvalidArgument, ResourceExhausted
+from personalize.errors import InvalidArgument, ResourceExhausted, Unavailable
 from personalize.feedback.events import FeedbackEvent
 from personalize.feedback.notify import redis_client
 from personalize.feedback.stream import FeedbackStream, StreamConfig
@@ -24,9 +25,9 @@ _ns = itertools.count()
 
 
 @pytest.fixture
-def parts(valkey_url: str, tmp_path: Path, base: BaseModel) -> dict[str, Any]:
+def parts(state_url: str, tmp_path: Path, base: BaseModel) -> dict[str, Any]:
     ns = f"fb{next(_ns)}"
-    client = redis_client(valkey_url)
+    client = redis_client(state_url)
     stream = FeedbackStream(client, StreamConfig(partitions=3, namespace=ns))
     stream.ensure_group()
     spec = AdapterSpec.for_model(base.model, 16, base_fingerprint=base.fingerprint)
@@ -162,3 +163,20 @@ def test_delete_user_removes_their_dead_letters_only(parts: dict[str, Any]) -> N
         for k in client.scan_iter(f"{stream.config.namespace}:*")
         if client.type(k) == b"stream"
     )
+
+
+def test_wait_replicas_acks_only_what_a_replica_holds(state_url: str) -> None:
+    config = StreamConfig(partitions=3, namespace=f"fb{next(_ns)}", wait_replicas=1, wait_timeout_ms=200)
+    stream = FeedbackStream(redis_client(state_url), config)
+    event = _event("hana", 1, key="k1")
+    if state_url.startswith("redis+cluster://"):  # every shard has a replica
+        event_id, _ = stream.append(event)
+        assert stream.append(event)[0] == event_id and stream.pending_ids("acme", "hana") == {event_id}
+        fsynced = FeedbackStream(stream.client, dataclasses.replace(config, wait_aof=True, wait_timeout_ms=10_000))
+        assert fsynced.append(_event("hana", 2, key="k2"))[0] != event_id
+    else:  # one server, no replica: stored but never acknowledged
+        with pytest.raises(Unavailable, match="0 of 1 replicas"):
+            stream.append(event)
+        assert stream.pending_count("acme", "hana") == 1
+    with pytest.raises(InvalidArgument, match="wait_replicas"):
+        StreamConfig(wait_replicas=-1)

@@ -20,19 +20,19 @@ from personalize.routing.membership import (
     Membership,
     MembershipConfig,
     NodeInfo,
+    membership_client,
     pack_node,
     unpack_node,
 )
 from personalize.routing.ring import Ring
 from personalize_service.cli.embedded import EmbeddedValkey, EmbeddedValkeyConfig
-from personalize_service.net import find_free_port
 
 FAST = dict(ttl_s=2.0, heartbeat_s=0.1)  # a generous TTL: a busy test machine must not drop live nodes
 
 
 @pytest.fixture
-def client(valkey_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(valkey_url, decode_responses=False, socket_timeout=2.0)
+def client(state_url: str) -> Iterator[redis.Redis]:
+    client = membership_client(state_url)  # a redis.Redis, or a RedisCluster for the cluster
     yield client
     client.close()
 
@@ -191,22 +191,3 @@ def test_unreachable_server_is_unavailable_and_the_watcher_keeps_its_view(
         beat.stop()  # best effort while the server is down: must not raise
         client.close()
         server.stop()
-
-
-def test_membership_on_a_redis_cluster(tmp_path: Path) -> None:
-    # a one-node cluster enforces the same same-slot rules (CROSSSLOT) as a big one
-    settings = {"cluster-enabled": "yes", "cluster-port": str(find_free_port())}
-    with EmbeddedValkey(EmbeddedValkeyConfig(data_dir=tmp_path, settings=settings)) as server:
-        seed = redis.Redis.from_url(server.url)
-        seed.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
-        wait_for(lambda: b"cluster_state:ok" in seed.execute_command("CLUSTER", "INFO"), timeout_s=15)
-        seed.close()
-        cluster = redis.cluster.RedisCluster.from_url(server.url)
-        config = MembershipConfig(namespace="cl", **FAST)  # type: ignore[arg-type]
-        beats = [Heartbeat(cluster, config, node(f"worker-{i}")).start() for i in range(3)]
-        assert set(Membership(cluster, config).nodes()) == {"worker-0", "worker-1", "worker-2"}
-        beats[0].stop(leave=True)
-        beats[1].stop(leave=False)
-        wait_for(lambda: set(Membership(cluster, config).nodes()) == {"worker-2"})
-        beats[2].stop()
-        cluster.close()

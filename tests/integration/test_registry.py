@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 import redis.cluster
+from valkeycluster import ValkeyCluster
 
 from personalize.adapters.registry import (
     AdapterRecord,
@@ -22,8 +22,7 @@ from personalize.adapters.registry import (
     pack_record,
 )
 from personalize.errors import Conflict, InvalidArgument, Unavailable
-from personalize_service.cli.embedded import EmbeddedValkey, EmbeddedValkeyConfig
-from personalize_service.net import find_free_port
+from personalize_service.cli.embedded import EmbeddedValkey
 
 FP = "sha256:" + "ab" * 32
 
@@ -41,9 +40,17 @@ def record(version: int, **changes: object) -> AdapterRecord:
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-def registry(redis_client: redis.Redis) -> Registry:
-    return Registry(redis_client, namespace="pz")
+@pytest.fixture(params=["single", "cluster"])
+def registry(request: pytest.FixtureRequest) -> Iterator[Registry]:
+    """An empty registry on one Valkey, then on the Valkey Cluster (buckets spread over its shards)."""
+    if request.param == "single":
+        yield Registry(request.getfixturevalue("redis_client"), namespace="pz")
+        return
+    cluster: ValkeyCluster = request.getfixturevalue("valkey_cluster")
+    cluster.flush()
+    client = cluster.client()
+    yield Registry(client, namespace="pz")
+    client.close()
 
 
 def test_record_round_trip(registry: Registry) -> None:
@@ -239,25 +246,15 @@ def test_compact_under_200_bytes_per_user(redis_client: redis.Redis) -> None:
     assert registry.get("acme", "user-123") == record(1, examples_seen=123)
 
 
-# ---- Redis Cluster: a one-node cluster enforces the same same-slot rules as a big one ----
+# ---- Redis Cluster: 3 primaries + 3 replicas; pipelines split per node, SCAN visits every primary ----
 
 
-@pytest.fixture(scope="module")
-def cluster_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.cluster.RedisCluster]:
-    config = EmbeddedValkeyConfig(
-        data_dir=tmp_path_factory.mktemp("cluster"),
-        settings={"cluster-enabled": "yes", "cluster-port": str(find_free_port())},
-    )
-    with EmbeddedValkey(config) as server:
-        node = redis.Redis.from_url(server.url)
-        node.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
-        deadline = time.monotonic() + 15
-        while b"cluster_state:ok" not in node.execute_command("CLUSTER", "INFO"):
-            assert time.monotonic() < deadline, "one-node cluster never became ok"
-            time.sleep(0.05)
-        client = redis.cluster.RedisCluster.from_url(server.url)
-        yield client
-        client.close()
+@pytest.fixture
+def cluster_client(valkey_cluster: ValkeyCluster) -> Iterator[redis.cluster.RedisCluster]:
+    valkey_cluster.flush()
+    client = valkey_cluster.client()
+    yield client
+    client.close()
 
 
 def test_registry_on_redis_cluster(cluster_client: redis.cluster.RedisCluster) -> None:
@@ -275,6 +272,17 @@ def test_registry_on_redis_cluster(cluster_client: redis.cluster.RedisCluster) -
     assert registry.delete("acme", "alice") == record(1)
     fresh = Registry(cluster_client, namespace="cl")
     assert fresh.get("acme", "user7") == record(2)
+    shards = {cluster_client.get_node_from_key(key).name for key in cluster_client.scan_iter(match="cl:a:*")}
+    assert len(shards) == 3  # the buckets live on every shard
+
+
+def test_a_cluster_url_opens_a_cluster_client(valkey_cluster: ValkeyCluster) -> None:
+    config = RegistryConfig(url=valkey_cluster.url, namespace="curl")
+    assert config.cluster
+    registry = open_registry(config)
+    assert isinstance(registry._client, redis.cluster.RedisCluster)
+    registry.compare_and_set("t", "u", 0, record(1))
+    assert registry.get("t", "u") == record(1) and registry.count() == 1
 
 
 def test_open_registry_from_config(valkey_server: EmbeddedValkey, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from personalize_service.server.router import RouterConfig
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 NOT_FIELDS = {
+    "limits.shared": False,  # becomes service.shared_limits = the registry's RegistryConfig
     "service.api_keys": "",
     "service.api_keys_file": "",
     "service.operator_keys": "",
@@ -34,6 +35,7 @@ NOT_FIELDS = {
 }
 """Settings that are not one dataclass field (API keys become ServiceConfig.api_keys; the worker_* are up's)."""
 UNEXPOSED = {
+    "service.shared_limits",  # set from limits.shared
     "model.seed",
     "engine.max_prefill_tokens",
     "limits.max_stop_strings",

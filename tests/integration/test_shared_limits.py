@@ -1,0 +1,75 @@
+"""A tenant's rate limit held cluster-wide: three routers' limiters sharing buckets in Valkey (one Valkey,
+then the Valkey Cluster) let a tenant through at most its configured rate, where per-process buckets let
+it through three times over. Counts accepted calls over a window; no call is timed."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+from personalize import valkey
+from personalize.errors import ResourceExhausted
+from personalize_service.server.limits import Limits, RateLimiter, SharedRateLimiter
+
+RATE, BURST, WINDOW_S = 20.0, 5, 3.0
+
+
+def _hammer(limiters: list[RateLimiter], tenant: str) -> tuple[int, float]:
+    """Every limiter (a router) checks `tenant` as fast as it can for WINDOW_S; (accepted, seconds)."""
+    accepted = [0] * len(limiters)
+    start = time.monotonic()
+
+    def run(i: int, check: Callable[[str], None]) -> None:
+        while time.monotonic() - start < WINDOW_S:
+            try:
+                check(tenant)
+                accepted[i] += 1
+            except ResourceExhausted:
+                pass
+
+    threads = [threading.Thread(target=run, args=(i, lim.check)) for i, lim in enumerate(limiters)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(accepted), time.monotonic() - start
+
+
+def test_a_tenant_behind_three_routers_gets_its_rate_once(state_url: str) -> None:
+    limits = Limits(requests_per_second=RATE, burst=BURST)
+    clients = [valkey.connect(state_url, socket_timeout=5.0) for _ in range(3)]  # one per router process
+    ns = f"rl{uuid.uuid4().hex[:8]}"
+    shared: list[RateLimiter] = [SharedRateLimiter(limits, client=c, namespace=ns) for c in clients]
+    accepted, elapsed = _hammer(shared, "acme")
+    allowed = RATE * elapsed + BURST
+    assert accepted <= 1.1 * allowed, f"{accepted} accepted, the limit allows {allowed:.0f}"
+    assert accepted >= 1  # it did let the tenant through
+    local = [RateLimiter(limits) for _ in range(3)]  # today's per-process limiters: 3x the rate
+    accepted_local, elapsed_local = _hammer(local, "acme")
+    assert accepted_local > 1.1 * (RATE * elapsed_local + BURST)
+    for c in clients:
+        c.close()
+
+
+def test_an_unreachable_valkey_falls_back_to_the_per_process_limit() -> None:
+    client = valkey.connect("redis://127.0.0.1:1/0", socket_timeout=0.2, socket_connect_timeout=0.2)
+    limiter = SharedRateLimiter(Limits(requests_per_second=1.0, burst=2), client=client)
+    limiter.check("acme")
+    limiter.check("acme")
+    try:
+        limiter.check("acme")
+        raise AssertionError("the third call within a second passed a burst of 2")
+    except ResourceExhausted as exc:
+        assert "burst of 2" in str(exc)
+
+
+def test_limits_shared_selects_the_shared_limiter(valkey_url: str) -> None:
+    from personalize_service.cli import settings
+    from personalize_service.server.base import ServiceConfig, rate_limiter
+
+    assert type(rate_limiter(ServiceConfig())) is RateLimiter
+    environ = {"PERSONALIZE_REGISTRY_URL": valkey_url, "PERSONALIZE_SHARED_LIMITS": "true"}
+    resolved = settings.build(settings.resolve(settings.SERVE, {}, environ))
+    assert isinstance(rate_limiter(resolved.service), SharedRateLimiter)
