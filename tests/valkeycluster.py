@@ -6,6 +6,7 @@ appendfsync always) and a dead primary's replica takes over after `node_timeout_
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from pathlib import Path
 import redis
 import redis.cluster
 
-from personalize_service.cli.embedded import EmbeddedValkey, EmbeddedValkeyConfig
+from personalize_service.cli.embedded import PASSWORD_FILE, EmbeddedValkey, EmbeddedValkeyConfig
 from personalize_service.net import find_free_port
 
 SLOTS = 16384
@@ -46,6 +47,15 @@ class ValkeyCluster:
             "appendfsync": "always",
             "cluster-allow-replica-migration": "no",
         }
+        self.password = secrets.token_hex(16)
+        """One password for every node (each node's data dir holds it, as the embedded server expects), so
+        replicas authenticate to their primary (masterauth) and one client reaches every node."""
+        settings["masterauth"] = self.password
+        for i in range(primaries * (replicas + 1)):
+            (data_dir / f"node{i}").mkdir(parents=True, exist_ok=True)
+            path = data_dir / f"node{i}" / PASSWORD_FILE
+            path.write_text(self.password)
+            path.chmod(0o600)
         self.primaries = primaries
         self.bus_ports = [find_free_port() for _ in range(primaries * (replicas + 1))]
         self.nodes = [
@@ -57,7 +67,7 @@ class ValkeyCluster:
 
     @property
     def url(self) -> str:
-        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+        return f"redis+cluster://:{self.password}@127.0.0.1:{self.nodes[0].port}/0"
 
     def start(self) -> ValkeyCluster:
         try:
@@ -70,7 +80,10 @@ class ValkeyCluster:
         return self
 
     def _assemble(self) -> None:
-        clients = [redis.Redis(host="127.0.0.1", port=n.port, decode_responses=True) for n in self.nodes]
+        clients = [
+            redis.Redis(host="127.0.0.1", port=n.port, password=self.password, decode_responses=True)
+            for n in self.nodes
+        ]
         try:
             ids = [c.execute_command("CLUSTER", "MYID") for c in clients]
             for i, client in enumerate(clients[: self.primaries]):
@@ -100,7 +113,9 @@ class ValkeyCluster:
             return False
 
     def client(self, **options: object) -> redis.cluster.RedisCluster:
-        return redis.cluster.RedisCluster(host="127.0.0.1", port=self.live()[0].port, **options)  # type: ignore[arg-type]
+        return redis.cluster.RedisCluster(  # type: ignore[arg-type]
+            host="127.0.0.1", port=self.live()[0].port, password=self.password, **options
+        )
 
     def live(self) -> list[EmbeddedValkey]:
         return [n for n in self.nodes if n.running]
@@ -141,7 +156,9 @@ class ValkeyCluster:
             return covered == SLOTS and all(int(r[2][1]) in live for r in ranges)
 
         def healthy() -> bool:
-            clients = [redis.Redis(host="127.0.0.1", port=port, decode_responses=True) for port in live]
+            clients = [
+                redis.Redis(host="127.0.0.1", port=port, password=self.password, decode_responses=True) for port in live
+            ]
             try:
                 return all(self._ok(c) and served(c) for c in clients)
             finally:

@@ -309,6 +309,7 @@ class SharedRateLimiter(RateLimiter):
     def __post_init__(self) -> None:
         if self.client is None:
             raise InvalidArgument("SharedRateLimiter needs a Valkey client")
+        super().__post_init__()  # the per-process buckets it falls back to
         self._take = self.client.register_script(_SHARED_BUCKET_LUA)
         self._warned = False
 
