@@ -17,6 +17,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import torch
 from personalize.engine.llama import FastLlama
 from personalize.engine.sampling import finite_rows, is_greedy, sample_token
 from personalize.engine.text import TextStream, encode_prompt
-from personalize.engine.types import GenerationResult, SamplingParams
+from personalize.engine.types import GenerationResult, RequestTimings, SamplingParams
 from personalize.errors import (
     AdapterError,
     DeadlineExceeded,
@@ -39,6 +40,7 @@ from personalize.lora.slots import SlotPool
 
 log = logging.getLogger(__name__)
 _DONE = object()
+_KEEP_FINISHED = 8192
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class _Request:
     generated: int = 0
     last_token: int = 0
     position: int = 0
+    timings: RequestTimings = field(default_factory=lambda: RequestTimings(submitted=time.time()))
 
 
 class RequestHandle:
@@ -144,6 +147,15 @@ class Engine:
         self.occupancy_sum = 0
         self.max_occupancy = 0
         self.tokens_generated = 0
+        self._finished: deque[GenerationResult] = deque(maxlen=_KEEP_FINISHED)
+
+    def take_finished(self) -> list[GenerationResult]:
+        """Results (with timings) of the requests finished since the last call, oldest first; at most the
+        last _KEEP_FINISHED are kept between calls (the service turns them into latency metrics)."""
+        out = []
+        while self._finished:
+            out.append(self._finished.popleft())
+        return out
 
     # -- submission (any thread) -------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
@@ -272,6 +284,9 @@ class Engine:
         for n, req in enumerate(joiners):
             ids[n, : len(req.prompt_ids)] = torch.tensor(req.prompt_ids)
         lengths = torch.tensor([len(r.prompt_ids) for r in joiners])
+        admitted = time.time()
+        for req in joiners:
+            req.timings.admitted = admitted
         try:
             logits = self.model.prefill(ids.to(self.device), lengths.to(self.device), row0)
         except Exception as exc:  # only the joiners' rows were touched: the running batch goes on
@@ -320,6 +335,12 @@ class Engine:
         token = greedy if is_greedy(p.temperature) else sample_token(logits, p.temperature, p.top_p, req.generator)
         req.generated += 1
         self.tokens_generated += 1
+        now, t = time.time(), req.timings
+        if t.first_token:
+            t.token_gaps.append(now - t.finished)
+        else:
+            t.first_token = now
+        t.finished = now  # the latest token, until the request ends
         req.last_token = token
         if token in self.eos_ids and not p.ignore_eos:
             self._finish(req, "eos")
@@ -349,7 +370,10 @@ class Engine:
         tail = req.stream.flush()
         if tail and reason != "cancelled":
             req.pieces.put(tail)
-        self._complete(req, GenerationResult(req.stream.text, len(req.prompt_ids), req.generated, reason))
+        req.timings.finished = time.time()
+        result = GenerationResult(req.stream.text, len(req.prompt_ids), req.generated, reason, req.timings)
+        self._finished.append(result)
+        self._complete(req, result)
 
     def _complete(self, req: _Request, result: GenerationResult | None, error: BaseException | None = None) -> None:
         req.result, req.error = result, error

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from personalize.errors import InvalidArgument
 
@@ -26,6 +26,9 @@ class FeedbackEvent:
     rejected: str = ""
     event_key: str = ""
     """Client idempotency key: a repeated key is stored once."""
+    trace: str = field(default="", compare=False)
+    """W3C `traceparent` of the call that submitted it ("" = none), stored with the event so the trainer's
+    round and publish join that trace."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -52,6 +55,7 @@ class FeedbackEvent:
             "x": self.correction,
             "r": self.rejected,
             "e": self.event_key,
+            **({"tp": self.trace} if self.trace else {}),
         }
 
     @classmethod
@@ -69,6 +73,7 @@ class FeedbackEvent:
             correction=f.get("x", ""),
             rejected=f.get("r", ""),
             event_key=f.get("e", ""),
+            trace=f.get("tp", ""),
         )
 
 

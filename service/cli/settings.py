@@ -597,6 +597,43 @@ SETTINGS: tuple[Setting, ...] = (
         "a dead trainer's events are claimed after this idle time",
         metavar="MS",
     ),
+    _s(
+        "trainer.metrics_port",
+        "--trainer-metrics-port",
+        "PERSONALIZE_TRAINER_METRICS_PORT",
+        0,
+        _int,
+        "the trainer's Prometheus /metrics port (0 = off)",
+        metavar="N",
+    ),
+    # -- traces and access logs
+    _s(
+        "service.otlp_endpoint",
+        "--otlp-endpoint",
+        "PERSONALIZE_OTLP_ENDPOINT",
+        "",
+        _str,
+        "OpenTelemetry collector (host:port, OTLP/gRPC) to export traces to; empty = off",
+        metavar="ADDR",
+    ),
+    _s(
+        "service.access_log",
+        "--access-log",
+        "PERSONALIZE_ACCESS_LOG",
+        "",
+        _str,
+        "file of JSON access-log lines, one per call ('-' = stderr); empty = off",
+        metavar="FILE",
+    ),
+    _s(
+        "service.access_log_key",
+        "--access-log-key",
+        "PERSONALIZE_ACCESS_LOG_KEY",
+        "",
+        _str,
+        "secret key of the access log's user-id hash (set it for hashes that join across nodes)",
+        metavar="KEY",
+    ),
     # -- the OpenAI-compatible HTTP edge (service/http)
     _s(
         "http_port",
@@ -749,6 +786,8 @@ class Resolved:
     service: ServiceConfig
     router: RouterConfig
     workers: int
+    trainer_metrics_port: int = 0
+    """The trainer's Prometheus /metrics port (0 = off)."""
 
 
 def _section(values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -782,7 +821,7 @@ def build(values: Mapping[str, Any]) -> Resolved:
         degrade_to_base=values["degrade_to_base"],
         allow_unsynced_registry=values["allow_unsynced_registry"],
         feedback=StreamConfig(**_section(values, "feedback."), namespace=registry.namespace),
-        trainer=TrainerConfig(**_section(values, "trainer.")),
+        trainer=TrainerConfig(**{k: v for k, v in _section(values, "trainer.").items() if k != "metrics_port"}),
     )
     service_values = _section(values, "service.")
     keys_file, keys_text = service_values.pop("api_keys_file"), service_values.pop("api_keys")
@@ -794,7 +833,13 @@ def build(values: Mapping[str, Any]) -> Resolved:
     api_keys = load_api_keys(keys_file) if keys_file else ApiKeys.parse(keys_text)
     service = ServiceConfig(**service_values, limits=Limits(**_section(values, "limits.")), api_keys=api_keys)
     router = RouterConfig(**_section(values, "router."))
-    return Resolved(config=config, service=service, router=router, workers=values.get("workers", 1))
+    return Resolved(
+        config=config,
+        service=service,
+        router=router,
+        workers=values.get("workers", 1),
+        trainer_metrics_port=values.get("trainer.metrics_port", 0),
+    )
 
 
 # ---- documentation -----------------------------------------------------------------------------------

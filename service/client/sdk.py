@@ -398,14 +398,30 @@ class PersonalizeClient:
     def _stream(self, request: pb.GenerateRequest) -> GenerationStream:
         deadline = time.monotonic() + self.timeout
         return GenerationStream(
-            lambda: self._api.GenerateStream(request, timeout=time_left(deadline), metadata=self._metadata), self._retry
+            lambda: self._api.GenerateStream(request, timeout=time_left(deadline), metadata=self._call_metadata()),
+            self._retry,
         )
 
     def _unary(self, method: Callable[..., T], request: Any, *, idempotent: bool) -> T:
         deadline = time.monotonic() + self.timeout
         return self._retry.run(
-            lambda: method(request, timeout=time_left(deadline), metadata=self._metadata), idempotent
+            lambda: method(request, timeout=time_left(deadline), metadata=self._call_metadata()), idempotent
         )
+
+    def _call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The API key and, when the caller has a current OpenTelemetry span, its W3C trace context."""
+        return (*self._metadata, *_trace_metadata())
+
+
+def _trace_metadata() -> tuple[tuple[str, str], ...]:
+    """`traceparent`/`tracestate` of the current span; empty without one or without opentelemetry-api."""
+    try:
+        from opentelemetry import propagate
+    except ImportError:
+        return ()
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return tuple((k, v) for k, v in carrier.items() if k in ("traceparent", "tracestate"))
 
 
 def time_left(deadline: float) -> float:

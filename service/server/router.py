@@ -47,6 +47,7 @@ from personalize_service.server.limits import (
     user_id_of,
 )
 from personalize_service.server.metrics import PREFIX, ServiceMetrics
+from personalize_service.server.observe import trace_metadata
 from personalize_service.server.tls import channel_credentials
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,10 @@ class RouterMetrics:
 
 
 def forwarded_metadata(context: grpc.ServicerContext) -> tuple[tuple[str, str | bytes], ...]:
-    """The caller's metadata that travels on to the worker: `authorization` and `x-user-id`."""
-    return tuple((k, v) for k, v in context.invocation_metadata() or () if k in FORWARDED_METADATA)
+    """The caller's metadata that travels on to the worker: `authorization` and `x-user-id`, and the router's
+    own span as `traceparent` (so the worker's spans are its children)."""
+    caller = tuple((k, v) for k, v in context.invocation_metadata() or () if k in FORWARDED_METADATA)
+    return (*caller, *trace_metadata())
 
 
 def _code_of(exc: BaseException | None) -> grpc.StatusCode:
