@@ -429,7 +429,7 @@ def run_trainer(values: Mapping[str, Any]) -> int:
         metrics = TrainerMetrics()
         lag = FeedbackStream(redis_client(config.registry.url), config.feedback).lag_by_partition
         trainer = bootstrap.trainer(config, on_round=TrainerObserver(metrics, lag))
-        port = resolved.trainer_metrics_port
+        port = resolved.service.metrics_port
         http = start_metrics_server(metrics.registry, port, resolved.service.host) if port else None
         print(
             f"personalize serve: trainer {config.node_id} consuming {config.feedback.partitions} feedback partition(s)"

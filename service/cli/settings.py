@@ -239,7 +239,7 @@ SETTINGS: tuple[Setting, ...] = (
         "PERSONALIZE_METRICS_PORT",
         0,
         _int,
-        "Prometheus /metrics port (0 = off)",
+        "Prometheus /metrics port (0 = off); serve --role trainer serves the trainer's metrics on it",
         metavar="N",
     ),
     _s(
@@ -597,15 +597,6 @@ SETTINGS: tuple[Setting, ...] = (
         "a dead trainer's events are claimed after this idle time",
         metavar="MS",
     ),
-    _s(
-        "trainer.metrics_port",
-        "--trainer-metrics-port",
-        "PERSONALIZE_TRAINER_METRICS_PORT",
-        0,
-        _int,
-        "the trainer's Prometheus /metrics port (0 = off)",
-        metavar="N",
-    ),
     # -- traces and access logs
     _s(
         "service.otlp_endpoint",
@@ -786,8 +777,6 @@ class Resolved:
     service: ServiceConfig
     router: RouterConfig
     workers: int
-    trainer_metrics_port: int = 0
-    """The trainer's Prometheus /metrics port (0 = off)."""
 
 
 def _section(values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -821,7 +810,7 @@ def build(values: Mapping[str, Any]) -> Resolved:
         degrade_to_base=values["degrade_to_base"],
         allow_unsynced_registry=values["allow_unsynced_registry"],
         feedback=StreamConfig(**_section(values, "feedback."), namespace=registry.namespace),
-        trainer=TrainerConfig(**{k: v for k, v in _section(values, "trainer.").items() if k != "metrics_port"}),
+        trainer=TrainerConfig(**_section(values, "trainer.")),
     )
     service_values = _section(values, "service.")
     keys_file, keys_text = service_values.pop("api_keys_file"), service_values.pop("api_keys")
@@ -833,13 +822,7 @@ def build(values: Mapping[str, Any]) -> Resolved:
     api_keys = load_api_keys(keys_file) if keys_file else ApiKeys.parse(keys_text)
     service = ServiceConfig(**service_values, limits=Limits(**_section(values, "limits.")), api_keys=api_keys)
     router = RouterConfig(**_section(values, "router."))
-    return Resolved(
-        config=config,
-        service=service,
-        router=router,
-        workers=values.get("workers", 1),
-        trainer_metrics_port=values.get("trainer.metrics_port", 0),
-    )
+    return Resolved(config=config, service=service, router=router, workers=values.get("workers", 1))
 
 
 # ---- documentation -----------------------------------------------------------------------------------
