@@ -96,30 +96,17 @@ class ServiceMetrics:
             f"{PREFIX}_train_round_seconds", "Seconds per trainer round.", buckets=_ROUND_BUCKETS, registry=r
         )
 
-        self.time_to_first_token = Histogram(
-            f"{PREFIX}_time_to_first_token_seconds",
-            "Seconds from submit to the first completion token.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        def seconds(name: str, doc: str, buckets: tuple[float, ...] = _LATENCY_BUCKETS) -> Histogram:
+            return Histogram(f"{PREFIX}_{name}_seconds", doc, buckets=buckets, registry=r)
+
+        self.time_to_first_token = seconds("time_to_first_token", "Seconds from submit to the first completion token.")
+        self.inter_token_latency = seconds(
+            "inter_token_latency", "Seconds between consecutive completion tokens of a request.", _TOKEN_BUCKETS
         )
-        self.inter_token_latency = Histogram(
-            f"{PREFIX}_inter_token_latency_seconds",
-            "Seconds between consecutive completion tokens of a request.",
-            buckets=_TOKEN_BUCKETS,
-            registry=r,
+        self.e2e_latency = seconds(
+            "e2e_request_latency", "Seconds from submit to the last token of a finished request."
         )
-        self.e2e_latency = Histogram(
-            f"{PREFIX}_e2e_request_latency_seconds",
-            "Seconds from submit to the last token of a finished request.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.queue_seconds = Histogram(
-            f"{PREFIX}_request_queue_seconds",
-            "Seconds a request waited before joining the running batch.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
+        self.queue_seconds = seconds("request_queue", "Seconds a request waited before joining the running batch.")
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
         self.completion_tokens = Counter(
             f"{PREFIX}_completion_tokens", "Completion tokens of finished requests.", registry=r
