@@ -40,7 +40,8 @@ from personalize.lora.slots import SlotPool
 
 log = logging.getLogger(__name__)
 _DONE = object()
-_KEEP_FINISHED = 8192
+_KEEP_FINISHED = 2048
+"""Finished results kept for take_finished (the service takes them every second; older ones are dropped)."""
 
 
 @dataclass(frozen=True)

@@ -575,7 +575,7 @@ def _dashboard_names() -> tuple[set[str], dict[str, set[str]]]:
     samples = {f.name: {f.name + s for s in suffixes[f.type]} for f in families}
     dashboard = json.loads((K8S / "base" / "grafana-dashboard.json").read_text())
     exprs = " ".join(t["expr"] for panel in dashboard["panels"] for t in panel["targets"])
-    return set(re.findall(r"\bpersonalize_[a-z_]+", exprs)), samples
+    return set(re.findall(r"\bpersonalize_[a-z0-9_]+", exprs)), samples
 
 
 def test_grafana_dashboard_shows_every_metric_by_its_real_name() -> None:
