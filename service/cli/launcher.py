@@ -445,7 +445,15 @@ def run_trainer(values: Mapping[str, Any]) -> int:
     return 0
 
 
-TRAINER_KEYS = ("model.", "lora.r_max", "lora.keep_versions", "feedback.", "trainer.", "allow_unsynced_registry")
+TRAINER_KEYS = (
+    "model.",
+    "lora.r_max",
+    "lora.keep_versions",
+    "feedback.",
+    "trainer.",
+    "allow_unsynced_registry",
+    "service.otlp_endpoint",  # so the trainer's round and publish spans reach the same collector
+)
 """Settings `up` passes on to the trainer process it supervises."""
 
 
