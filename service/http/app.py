@@ -18,13 +18,11 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from opentelemetry import propagate, trace
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from personalize_service.client import PersonalizeClient, PersonalizeClientError
 from personalize_service.http.models import ChatCompletionRequest, ChatMessage, CompletionRequest, FeedbackBody
-from personalize_service.server.observe import TRACER
 
 CHAT_TEMPLATE_DOC = """Chat messages become one prompt as `<|ROLE|>\\nCONTENT\\n` per message, then
 `<|assistant|>\\n` for the answer (the built-in tiny model has no chat template of its own)."""
@@ -137,18 +135,6 @@ def _install_body_limit(app: FastAPI) -> None:
         return await call_next(request)
 
 
-def _install_tracing(app: FastAPI) -> None:
-    """A server span per request, child of the caller's W3C `traceparent` header; the SDK's calls made
-    while serving it send the span on to the router and the worker."""
-
-    @app.middleware("http")
-    async def _trace(request: Request, call_next: Callable[[Request], Any]) -> Any:
-        parent = propagate.extract(dict(request.headers))
-        name = f"gateway {request.method} {request.url.path}"
-        with trace.get_tracer(TRACER).start_as_current_span(name, context=parent, kind=trace.SpanKind.SERVER):
-            return await call_next(request)
-
-
 def create_app(
     client_for: Callable[[str | None], PersonalizeClient], model_name: str, fingerprint: str = ""
 ) -> FastAPI:
@@ -158,7 +144,6 @@ def create_app(
 
     _install_error_handlers(app)
     _install_body_limit(app)
-    _install_tracing(app)
 
     def client(request: Request) -> PersonalizeClient:
         auth = request.headers.get("authorization", "")

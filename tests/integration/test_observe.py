@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -145,30 +145,6 @@ def test_a_feedback_events_trace_holds_the_trainers_round_and_publish(
     assert spans["trainer.publish"].parent.span_id == spans["trainer.round"].context.span_id
     assert metrics.rounds._value.get() == 1 and metrics.published._value.get() == 1
     assert sum(metrics.stream_lag.labels(partition=str(p))._value.get() for p in range(2)) == 0
-
-
-def test_the_http_edge_continues_the_callers_trace(stack: Stack, exporter: InMemorySpanExporter) -> None:
-    from fastapi.testclient import TestClient
-
-    from personalize_service.http import create_app
-
-    sdk = PersonalizeClient(stack.router_address)
-    caller = trace.get_tracer("test").start_span("app")
-    headers: dict[str, str] = {}
-    propagate.inject(headers, context=trace.set_span_in_context(caller))
-    with TestClient(create_app(lambda _key: sdk, "tiny")) as http:
-        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2, "user": USER}
-        assert http.post("/v1/completions", json=body, headers=headers).status_code == 200
-    caller.end()
-    sdk.close()
-    spans = _trace(exporter, caller.get_span_context().trace_id)
-    assert {"gateway POST /v1/completions", "router Generate", "worker Generate", "engine.decode"} <= set(spans)
-    by_id = {span.context.span_id: span for span in spans.values()}
-    ancestors, span = [], spans["router Generate"]
-    while span.parent is not None and span.parent.span_id in by_id:  # FastAPI may add spans of its own between
-        span = by_id[span.parent.span_id]
-        ancestors.append(span.name)
-    assert "gateway POST /v1/completions" in ancestors and ancestors[-1] == "app", ancestors
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
