@@ -74,6 +74,9 @@ START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 60.0
 TTFP_SUFFIX = ":ttfp"
 """Request names ending so are a stream's time to first piece, not calls of their own."""
+ITL_SUFFIX = ":itl"
+"""... and these the gaps between a stream's pieces (inter-token latency)."""
+STREAM = "GenerateStream"
 PERCENTILES = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
 WORKLOAD_FLAGS = (
     "population",
@@ -445,10 +448,10 @@ def run_locust(command: Sequence[str], log_path: Path) -> int:
 def request_figures(final_stats: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """requests, failures, rps and latency_ms per call from locust's final stats (its --json-file).
 
-    Time-to-first-piece entries (':ttfp') get latencies but are not calls: they are left out of the
-    request and failure counts and of rps. Percentiles are computed as locust computes them (the figures of
-    its console summary and HTML report)."""
-    calls = [e for e in final_stats if not e["name"].endswith(TTFP_SUFFIX)]
+    Time-to-first-piece (':ttfp') and inter-token (':itl') entries get latencies but are not calls: they
+    are left out of the request and failure counts and of rps. Percentiles are computed as locust computes
+    them (the figures of its console summary and HTML report)."""
+    calls = [e for e in final_stats if not e["name"].endswith((TTFP_SUFFIX, ITL_SUFFIX))]
     requests = sum(int(e["num_requests"]) for e in calls)
     failures = sum(int(e["num_failures"]) for e in calls)
     started = min((float(e["start_time"]) for e in final_stats), default=0.0)
@@ -528,6 +531,8 @@ def build_summary(
         "failures": figures["failures"],
         "rps": figures["rps"],
         "latency_ms": figures["latency_ms"],
+        "ttft_ms": figures["latency_ms"].get(STREAM + TTFP_SUFFIX),
+        "itl_ms": figures["latency_ms"].get(STREAM + ITL_SUFFIX),
         "cache_hit_rate": rates,
         "feedback": {
             "sent": locust_sent["requests"] - locust_sent["failures"],
@@ -552,6 +557,7 @@ def print_summary(summary: Mapping[str, Any]) -> None:
     print(f"{'call':<24}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}")
     for name, q in summary["latency_ms"].items():
         print(f"{name:<24}{q['p50']:>9}{q['p95']:>9}{q['p99']:>9}")
+    print("streams: time to first token", json.dumps(summary["ttft_ms"]), "inter-token", json.dumps(summary["itl_ms"]))
     print("cache hit rate:", json.dumps(summary["cache_hit_rate"]))
     print("feedback:", json.dumps(summary["feedback"]))
 

@@ -7,7 +7,8 @@ stats, charts, CSV and HTML report count it:
 
     Generate                unary generation
     GenerateStream          streaming generation, start to last chunk
-    GenerateStream:ttfp     the same streams, start to first text piece (time to first piece)
+    GenerateStream:ttfp     the same streams, start to first text piece (time to first token, TTFT)
+    GenerateStream:itl      the same streams, between consecutive text pieces (inter-token latency)
     SubmitFeedback          a feedback event (accept / correct / reject / prefer)
 
 Run (the server's address is locust's --host, or env PERSONALIZE_TARGET):
@@ -418,17 +419,19 @@ class LocustPersonalizeClient:
         return response
 
     def generate_stream(self, user_id: str, prompt: str, max_new_tokens: int) -> Any:
-        """A stream, reported twice: 'GenerateStream:ttfp' at its first text piece (successful streams
-        with text only), 'GenerateStream' once the last chunk arrived (or it failed)."""
+        """A stream, reported as 'GenerateStream:ttfp' at its first text piece (successful streams
+        with text only), 'GenerateStream:itl' for the gap before each later piece, and 'GenerateStream'
+        once the last chunk arrived (or it failed)."""
         context = {"user_id": user_id}
-        started = time.perf_counter()
+        started = previous = time.perf_counter()
         size = 0
         try:
             stream = self.sdk.generate_stream(user_id, prompt, max_new_tokens=max_new_tokens)
             with stream:
                 for piece in stream:
-                    if not size:
-                        self._fire("GenerateStream:ttfp", started, len(piece.encode()), None, context)
+                    name = "GenerateStream:itl" if size else "GenerateStream:ttfp"
+                    self._fire(name, previous if size else started, len(piece.encode()), None, context)
+                    previous = time.perf_counter()
                     size += len(piece.encode())
         except Exception as exc:
             self._fire("GenerateStream", started, size, exc, context)

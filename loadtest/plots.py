@@ -28,6 +28,7 @@ from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
 TTFP_SUFFIX = ":ttfp"
+ITL_SUFFIX = ":itl"
 TIER_ORDER = ("device", "host", "disk", "store")
 """Fastest first, as docs/architecture.md lists the cache tiers."""
 QUANTILES = (("50%", "p50"), ("95%", "p95"), ("99%", "p99"))
@@ -90,7 +91,7 @@ def _tier_key(tier: str) -> tuple[int, str]:
 def _calls(history: Mapping[str, Series]) -> list[str]:
     """Request names in plotting order: calls first, then time-to-first-piece entries."""
     names = [n for n in history if n != "Aggregated"]
-    return sorted(names, key=lambda n: (n.endswith(TTFP_SUFFIX), n))
+    return sorted(names, key=lambda n: (n.endswith((TTFP_SUFFIX, ITL_SUFFIX)), n))
 
 
 def plot_latency(history: Mapping[str, Series], path: Path) -> Path:
@@ -104,6 +105,7 @@ def plot_latency(history: Mapping[str, Series], path: Path) -> Path:
         for column, label in QUANTILES:
             ax.plot(series.get("t", []), series.get(column, []), label=label, linewidth=1.6)
         title = f"{name} (time to first piece)" if name.endswith(TTFP_SUFFIX) else name
+        title = f"{name} (between pieces)" if name.endswith(ITL_SUFFIX) else title
         _decorate(ax, title, "response time (ms)")
         ax.set_ylim(bottom=0)
     for ax in list(axes.flat)[len(names) :]:
@@ -192,6 +194,20 @@ def plot_cache(summary: Mapping[str, Any], timeline: Mapping[str, Series], path:
     return _save(fig, path)
 
 
+def plot_streaming(summary: Mapping[str, Any], path: Path) -> Path:
+    """Time to first token and inter-token latency of the streams: p50, p95, p99 over the whole run."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    labels = [label for _, label in QUANTILES]
+    for n, (key, name) in enumerate((("ttft_ms", "time to first token"), ("itl_ms", "inter-token latency"))):
+        figures = summary.get(key) or {}
+        xs = [i + 0.4 * n for i in range(len(labels))]
+        bars = ax.bar(xs, [figures.get(label, 0) for label in labels], width=0.4, label=name)
+        ax.bar_label(bars, fmt="%g")
+    ax.set_xticks([i + 0.2 for i in range(len(labels))], labels)
+    _decorate(ax, "Streaming latency (whole run)", "ms", xlabel=False)
+    return _save(fig, path)
+
+
 def _decorate(ax: Axes, title: str, ylabel: str, xlabel: bool = True) -> None:
     ax.set_title(title, fontsize=10)
     ax.set_ylabel(ylabel)
@@ -224,6 +240,8 @@ def make_plots(results: Path) -> list[Path]:
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         written.append(plot_cache(summary, read_timeline(results / "cache_timeline.csv", start), results / "cache.png"))
+        if summary.get("ttft_ms") or summary.get("itl_ms"):
+            written.append(plot_streaming(summary, results / "streaming.png"))
     return written
 
 

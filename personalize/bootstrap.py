@@ -12,6 +12,7 @@ Every part reads the registry's Valkey/Redis at `config.registry.url` under `con
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from personalize.adapters.cache import AdapterCache, CacheConfig, slots_for_budget, store_fetch
@@ -24,7 +25,7 @@ from personalize.engine.engine import Engine
 from personalize.errors import InvalidArgument
 from personalize.feedback.notify import UpdateListener, publish_update, redis_client
 from personalize.feedback.stream import FeedbackStream
-from personalize.feedback.trainer import Trainer
+from personalize.feedback.trainer import RoundReport, Trainer
 from personalize.lora.adapter import Adapter
 from personalize.lora.format import AdapterSpec, adapter_from_bytes
 from personalize.lora.slots import SlotPool, slot_nbytes
@@ -91,8 +92,9 @@ def worker(config: Config) -> Worker:
     )
 
 
-def trainer(config: Config, consumer: str = "") -> Trainer:
-    """A trainer that reads the feedback stream and announces every version it publishes.
+def trainer(config: Config, consumer: str = "", on_round: Callable[[RoundReport], None] | None = None) -> Trainer:
+    """A trainer that reads the feedback stream and announces every version it publishes; `on_round`
+    sees every round's report (the service's metrics and traces).
 
     `consumer` (default: the node id) must be stable across restarts of the same trainer (e.g. the pod
     name), so a restarted trainer picks up its own pending events first; a dead trainer's events are
@@ -116,7 +118,9 @@ def trainer(config: Config, consumer: str = "") -> Trainer:
     def notify(tenant: str, user_id: str, version: int) -> None:
         publish_update(client, namespace, tenant, user_id, version)
 
-    return Trainer(config.trainer, base, repo, stream, consumer=consumer or config.node_id, notify=notify)
+    return Trainer(
+        config.trainer, base, repo, stream, consumer=consumer or config.node_id, notify=notify, on_round=on_round
+    )
 
 
 def membership(config: Config, membership_config: MembershipConfig | None = None) -> Membership:

@@ -92,6 +92,10 @@ class CacheStats(TypedDict):
     """Bytes held per tier (device: occupied slots times the slot size)."""
     hits: dict[str, int]
     misses: dict[str, int]
+    evictions: dict[str, int]
+    """Adapters pushed out of each tier to make room."""
+    slots: dict[str, int]
+    """Device slots in all ({DEVICE: n})."""
 
 
 @dataclass(frozen=True)
@@ -309,6 +313,7 @@ class AdapterCache:
         self._device_misses = 0
         self._hits = dict.fromkeys(TIERS, 0)
         self._misses = dict.fromkeys(TIERS, 0)
+        self._evictions = dict.fromkeys((DEVICE, HOST, DISK), 0)
         self._samples: deque[tuple[str, float]] = deque(maxlen=4096)
         self._executor = ThreadPoolExecutor(config.load_threads, thread_name_prefix="adapter-load")
         self._closed = False
@@ -402,7 +407,8 @@ class AdapterCache:
             return max(version for version, _ in versions) if versions else None
 
     def stats(self) -> CacheStats:
-        """Counters: `resident` and `bytes` per tier holding adapters, `hits` and `misses` per tier.
+        """Counters: `resident` and `bytes` per tier holding adapters, `hits` and `misses` per tier,
+        `evictions` per tier (adapters pushed out to make room), `slots` (device slots in all).
 
         Device hits/misses count acquires; host/disk/store ones count loads (waiters share one load)."""
         with self._lock:
@@ -414,6 +420,8 @@ class AdapterCache:
                 bytes={DEVICE: occupied * self._slot_nbytes, HOST: self._host.nbytes, DISK: self._disk_lru.nbytes},
                 hits=hits,
                 misses=misses,
+                evictions=dict(self._evictions),
+                slots={DEVICE: self._slots.num_slots},
             )
 
     def take_load_samples(self) -> list[tuple[str, float]]:
@@ -522,6 +530,7 @@ class AdapterCache:
         slot, evicted = got
         if evicted is not None:
             self._unmark(evicted, DEVICE)
+            self._evictions[DEVICE] += 1
         return slot
 
     def _start(self, key: Key, slot: int) -> _Load:
@@ -653,6 +662,7 @@ class AdapterCache:
         evicted = [k for k, _ in lru.put(key, value, nbytes)]
         for k in evicted:
             self._unmark(k, tier)
+        self._evictions[tier] += len([k for k in evicted if k != key])
         if key in lru:
             self._mark(key, tier)
         return evicted

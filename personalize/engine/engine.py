@@ -17,6 +17,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import torch
 from personalize.engine.llama import FastLlama
 from personalize.engine.sampling import finite_rows, is_greedy, penalize_rows, sample_token, token_logprob
 from personalize.engine.text import ChatMessage, TextStream, encode_input
-from personalize.engine.types import GenerationResult, SamplingParams
+from personalize.engine.types import GenerationResult, RequestTimings, SamplingParams
 from personalize.errors import (
     AdapterError,
     DeadlineExceeded,
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _DONE = object()
+_KEEP_FINISHED = 2048
+"""Finished results kept for take_finished (the service takes them every second; older ones are dropped)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class _Request:
     """With params.logprobs: log p of each generated token."""
     last_token: int = 0
     position: int = 0
+    timings: RequestTimings = field(default_factory=lambda: RequestTimings(submitted=time.time()))
 
 
 class RequestHandle:
@@ -162,6 +166,15 @@ class Engine:
         self.occupancy_sum = 0
         self.max_occupancy = 0
         self.tokens_generated = 0
+        self._finished: deque[GenerationResult] = deque(maxlen=_KEEP_FINISHED)
+
+    def take_finished(self) -> list[GenerationResult]:
+        """Results (with timings) of the requests finished since the last call, oldest first; at most the
+        last _KEEP_FINISHED are kept between calls (the service turns them into latency metrics)."""
+        out = []
+        while self._finished:
+            out.append(self._finished.popleft())
+        return out
 
     # -- submission (any thread) -------------------------------------------------------------------------
     def encode(self, prompt: str | tuple[ChatMessage, ...]) -> list[int]:
@@ -303,6 +316,9 @@ class Engine:
         for n, req in enumerate(joiners):
             ids[n, : len(req.prompt_ids)] = torch.tensor(req.prompt_ids)
         lengths = torch.tensor([len(r.prompt_ids) for r in joiners])
+        admitted = time.time()
+        for req in joiners:
+            req.timings.admitted = admitted
         try:
             logits = self.model.prefill(ids.to(self.device), lengths.to(self.device), row0)
         except Exception as exc:  # only the joiners' rows were touched: the running batch goes on
@@ -373,6 +389,12 @@ class Engine:
             req.logprobs.append(token_logprob(raw, token))
         req.generated += 1
         self.tokens_generated += 1
+        now, t = time.time(), req.timings
+        if t.first_token:
+            t.token_gaps.append(now - t.finished)
+        else:
+            t.first_token = now
+        t.finished = now  # the latest token, until the request ends
         req.last_token = token
         if token in self.eos_ids and not p.ignore_eos:
             self._finish(req, "eos")
@@ -402,7 +424,11 @@ class Engine:
         tail = req.stream.flush()
         if tail and reason != "cancelled":
             req.pieces.put(tail)
-        result = GenerationResult(req.stream.text, len(req.prompt_ids), req.generated, reason, tuple(req.logprobs))
+        req.timings.finished = time.time()
+        result = GenerationResult(
+            req.stream.text, len(req.prompt_ids), req.generated, reason, tuple(req.logprobs), req.timings
+        )
+        self._finished.append(result)
         self._complete(req, result)
 
     def _complete(self, req: _Request, result: GenerationResult | None, error: BaseException | None = None) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from personalize.errors import InvalidArgument
 
@@ -45,6 +45,21 @@ class SamplingParams:
             raise InvalidArgument("stop strings must be non-empty")
 
 
+@dataclass
+class RequestTimings:
+    """When one request passed each stage, in seconds since the epoch (0.0 = not reached), for metrics
+    and traces: waiting = admitted - submitted, prefill = first_token - admitted (time to first token =
+    first_token - submitted), decode = finished - first_token."""
+
+    submitted: float = 0.0
+    admitted: float = 0.0
+    """Taken from the waiting queue into a prefill."""
+    first_token: float = 0.0
+    finished: float = 0.0
+    token_gaps: list[float] = field(default_factory=list)
+    """Seconds between consecutive tokens after the first (inter-token latency), one per later token."""
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     """The outcome of one request."""
@@ -57,3 +72,5 @@ class GenerationResult:
     logprobs: tuple[float, ...] = ()
     """With SamplingParams.logprobs: log p of each generated token under the model's (unpenalized,
     untempered) distribution, natural log; one per completion token."""
+    timings: RequestTimings | None = field(default=None, compare=False)
+    """When it was queued, admitted, produced its first token and finished; None for a request that never ran."""

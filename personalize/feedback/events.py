@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from personalize.engine.text import ChatMessage
 from personalize.errors import InvalidArgument
@@ -31,6 +31,9 @@ class FeedbackEvent:
     """Client idempotency key: a repeated key is stored once."""
     messages: tuple[ChatMessage, ...] = ()
     """The chat answered, instead of `prompt` (empty = a plain prompt)."""
+    trace: str = field(default="", compare=False)
+    """W3C `traceparent` of the call that submitted it ("" = none), stored with the event so the trainer's
+    round and publish join that trace."""
 
     def __post_init__(self) -> None:
         if self.messages and self.prompt:
@@ -64,6 +67,7 @@ class FeedbackEvent:
             "x": self.correction,
             "r": self.rejected,
             "e": self.event_key,
+            **({"tp": self.trace} if self.trace else {}),
         }
         if self.messages:
             fields["m"] = messages_json(self.messages)
@@ -85,6 +89,7 @@ class FeedbackEvent:
             rejected=f.get("r", ""),
             event_key=f.get("e", ""),
             messages=messages_from_json(f.get("m", "")),
+            trace=f.get("tp", ""),
         )
 
 

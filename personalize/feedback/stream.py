@@ -317,6 +317,13 @@ class FeedbackStream:
             for p in range(self.config.partitions)
         )
 
+    def lag_by_partition(self) -> dict[int, int]:
+        """Events appended but not yet acknowledged, per partition (what KEDA scales trainers on)."""
+        return {
+            p: int(self._call(functools.partial(self.client.xlen, self.stream_key(p))))
+            for p in range(self.config.partitions)
+        }
+
     # -- plumbing -----------------------------------------------------------------------------------------------
     def _parse(self, reply: list[Any]) -> list[Delivered]:
         out = []

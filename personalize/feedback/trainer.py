@@ -161,8 +161,16 @@ class RoundReport:
     recovered_users: int = 0
     """Users retrained from an older intact version because their current object was corrupt or missing."""
     dead_lettered: int = 0
+    publish_failures: int = 0
+    """Publishes that failed (store or registry unreachable, an unwritable adapter); a Conflict is not one."""
     seconds: float = 0.0
     train_seconds: float = 0.0
+    started_at: float = 0.0
+    """Seconds since the epoch when the round began (for traces)."""
+    traces: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    """(tenant, user_id) -> the traceparents of the user's events in the round (events that carried one)."""
+    publish_times: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+    """(tenant, user_id) -> (start, end) of the user's publish, seconds since the epoch."""
 
 
 def train_round(
@@ -272,13 +280,16 @@ class Trainer:
         stream: FeedbackStream,
         consumer: str,
         notify: Callable[[str, str, int], None] | None = None,
+        on_round: Callable[[RoundReport], None] | None = None,
     ) -> None:
+        """`on_round(report)` runs after every round, empty ones too (the service's metrics and traces)."""
         self.config = config
         self.base = base
         self.repo = repo
         self.stream = stream
         self.consumer = consumer
         self.notify = notify
+        self.on_round = on_round
         self.model = copy.deepcopy(base.model).float().requires_grad_(False)
         self._carry: list[Delivered] = []
         self._attempts: dict[str, int] = defaultdict(int)
@@ -392,11 +403,14 @@ class Trainer:
         If the round fails (the registry or stream unreachable), every event it held is carried to the next:
         those not yet acknowledged are then trained, the others recognised as applied."""
         start = time.perf_counter()
-        report = RoundReport()
+        report = RoundReport(started_at=time.time())
         got, self._carry = self._carry, []
         try:
             delivered = self._gather(got, claim)
             report.events = len(delivered)
+            for d in delivered:
+                if d.event.trace:
+                    report.traces.setdefault((d.event.tenant, d.event.user_id), []).append(d.event.trace)
             jobs = self._jobs(delivered, report) if delivered else []
             report.users = len(jobs)
             if jobs:
@@ -411,6 +425,11 @@ class Trainer:
         self.rounds += 1
         report.seconds = time.perf_counter() - start
         self.last_report = report
+        if self.on_round is not None:
+            try:
+                self.on_round(report)
+            except Exception:  # metrics and traces must never stop training
+                log.exception("on_round hook failed")
         return report
 
     def _train(self, jobs: list[UserJob], report: RoundReport) -> list[tuple[UserJob, Adapter, bool, float]]:
@@ -448,21 +467,25 @@ class Trainer:
             return  # the user was deleted during the round: publish nothing
         seen = (job.record.examples_seen if job.record else 0) + len(ids)
         examples = encode(VersionExamples(ids, job.examples(self.config.replay)))
+        publish_start = time.time()
         try:
             last = max(ids, key=event_id_key)
             published = self.repo.publish(
                 job.tenant, job.user_id, without_legacy(adapter), job.record, seen, last, examples
             )
+            report.publish_times[(job.tenant, job.user_id)] = (publish_start, time.time())
         except Conflict:
             self._carry += job.events  # another writer won; retrain from its version next round
             return
         except Unavailable as exc:
             log.warning("publishing %s failed: %s; events stay pending", job.user_id, exc)
+            report.publish_failures += 1
             self._carry += job.events
             return
         except Exception as exc:  # the user's adapter cannot be written (its data): retry, then dead-letter
             log.warning("publishing %s failed: %s", job.user_id, _describe(exc))
             report.failed_users += 1
+            report.publish_failures += 1
             self._retry_or_dead_letter(job.events, f"publish failed: {_describe(exc)}", report)
             return
         if not self.stream.pending_ids(job.tenant, job.user_id) & set(ids):

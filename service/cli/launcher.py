@@ -444,22 +444,44 @@ def run_trainer(values: Mapping[str, Any]) -> int:
     """
     resolved = settings.build({**values, "data_dir": str(Path(values["data_dir"]).expanduser().resolve())})
     from personalize import bootstrap
+    from personalize.feedback.notify import redis_client
+    from personalize.feedback.stream import FeedbackStream
     from personalize_service.server.base import stop_on_signals
+    from personalize_service.server.metrics import TrainerMetrics, start_metrics_server
+    from personalize_service.server.observe import TrainerObserver, setup_tracing
 
     stop = threading.Event()
     with stop_on_signals(stop):
         config = resolved.config
-        trainer = bootstrap.trainer(config)
+        setup_tracing(resolved.service.otlp_endpoint, "personalize-trainer")
+        metrics = TrainerMetrics()
+        lag = FeedbackStream(redis_client(config.registry.url), config.feedback).lag_by_partition
+        trainer = bootstrap.trainer(config, on_round=TrainerObserver(metrics, lag))
+        port = resolved.service.metrics_port
+        http = start_metrics_server(metrics.registry, port, resolved.service.host) if port else None
         print(
-            f"personalize serve: trainer {config.node_id} consuming {config.feedback.partitions} feedback partition(s)",
+            f"personalize serve: trainer {config.node_id} consuming {config.feedback.partitions} feedback partition(s)"
+            + (f", metrics on :{http.port}" if http else ""),
             flush=True,
         )
-        trainer.run_forever(stop)
+        try:
+            trainer.run_forever(stop)
+        finally:
+            if http is not None:
+                http.stop()
     print("personalize serve: trainer stopped", flush=True)
     return 0
 
 
-TRAINER_KEYS = ("model.", "lora.r_max", "lora.keep_versions", "feedback.", "trainer.", "allow_unsynced_registry")
+TRAINER_KEYS = (
+    "model.",
+    "lora.r_max",
+    "lora.keep_versions",
+    "feedback.",
+    "trainer.",
+    "allow_unsynced_registry",
+    "service.otlp_endpoint",  # so the trainer's round and publish spans reach the same collector
+)
 """Settings `up` passes on to the trainer process it supervises."""
 
 

@@ -248,7 +248,7 @@ SETTINGS: tuple[Setting, ...] = (
         "PERSONALIZE_METRICS_PORT",
         0,
         _int,
-        "Prometheus /metrics port (0 = off)",
+        "Prometheus /metrics port (0 = off); serve --role trainer serves the trainer's metrics on it",
         metavar="N",
     ),
     _s(
@@ -696,6 +696,34 @@ SETTINGS: tuple[Setting, ...] = (
         _int,
         "a dead trainer's events are claimed after this idle time",
         metavar="MS",
+    ),
+    # -- traces and access logs
+    _s(
+        "service.otlp_endpoint",
+        "--otlp-endpoint",
+        "PERSONALIZE_OTLP_ENDPOINT",
+        "",
+        _str,
+        "OpenTelemetry collector (host:port, OTLP/gRPC) to export traces to; empty = off",
+        metavar="ADDR",
+    ),
+    _s(
+        "service.access_log",
+        "--access-log",
+        "PERSONALIZE_ACCESS_LOG",
+        "",
+        _str,
+        "file of JSON access-log lines, one per call ('-' = stderr); empty = off",
+        metavar="FILE",
+    ),
+    _s(
+        "service.access_log_key",
+        "--access-log-key",
+        "PERSONALIZE_ACCESS_LOG_KEY",
+        "",
+        _str,
+        "secret key of the access log's user-id hash (set it for hashes that join across nodes)",
+        metavar="KEY",
     ),
     # -- the OpenAI-compatible HTTP edge (service/http)
     _s(

@@ -90,7 +90,7 @@ class RoutingClient(PersonalizeClient):
         deadline = time.monotonic() + self.timeout
 
         def send(upstream: Upstream) -> Any:
-            return getattr(upstream.api, rpc)(request, timeout=time_left(deadline), metadata=self._metadata)
+            return getattr(upstream.api, rpc)(request, timeout=time_left(deadline), metadata=self._call_metadata())
 
         try:
             return self._cluster.call(route_key(self.tenant, request.user_id), send, retry=idempotent)
@@ -113,7 +113,9 @@ class RoutingClient(PersonalizeClient):
             except errors.Unavailable as exc:
                 raise UnavailableError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
             tried.append(ticket.upstream.node_id)
-            call = ticket.upstream.api.GenerateStream(request, timeout=time_left(deadline), metadata=self._metadata)
+            call = ticket.upstream.api.GenerateStream(
+                request, timeout=time_left(deadline), metadata=self._call_metadata()
+            )
             call.add_done_callback(lambda _call: self._cluster.release(ticket))
             return call
 

@@ -417,7 +417,10 @@ class PersonalizeClient:
         deadline = time.monotonic() + self.timeout
         metadata = self._metadata + user_metadata(request.user_id)
         return GenerationStream(
-            lambda: self._api.GenerateStream(request, timeout=time_left(deadline), metadata=metadata), self._retry
+            lambda: self._api.GenerateStream(
+                request, timeout=time_left(deadline), metadata=(*metadata, *_trace_metadata())
+            ),
+            self._retry,
         )
 
     def _unary(
@@ -429,7 +432,7 @@ class PersonalizeClient:
         metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> T:
         deadline = time.monotonic() + self.timeout
-        sent = self._metadata if metadata is None else metadata
+        sent = (*(self._metadata if metadata is None else metadata), *_trace_metadata())
         return self._retry.run(lambda: method(request, timeout=time_left(deadline), metadata=sent), idempotent)
 
 
@@ -440,6 +443,17 @@ def user_metadata(user_id: str) -> tuple[tuple[str, str], ...]:
     if user_id and user_id.isascii() and user_id.isprintable() and user_id == user_id.strip():
         return ((USER_ID_METADATA_KEY, user_id),)
     return ()
+
+
+def _trace_metadata() -> tuple[tuple[str, str], ...]:
+    """`traceparent`/`tracestate` of the current span; empty without one or without opentelemetry-api."""
+    try:
+        from opentelemetry import propagate
+    except ImportError:
+        return ()
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return tuple((k, v) for k, v in carrier.items() if k in ("traceparent", "tracestate"))
 
 
 def time_left(deadline: float) -> float:

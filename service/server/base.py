@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -39,6 +40,7 @@ from personalize_service.server.limits import (
     grpc_message_options,
 )
 from personalize_service.server.metrics import MetricsServer, ServiceMetrics, start_metrics_server
+from personalize_service.server.observe import ObserveInterceptor, open_access_log, setup_tracing
 from personalize_service.server.tls import bind
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 HEALTH_SERVICE = health.SERVICE_NAME
 SERVICE_NAMES = (PERSONALIZE_SERVICE, ADMIN_SERVICE, HEALTH_SERVICE)
 """Services every server registers (and lists through reflection)."""
+_ROLES = {"grpc": "worker"}
+"""Span names by `create`'s thread prefix."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,12 @@ class ServiceConfig:
     """PEM private key file of tls_cert."""
     tls_client_ca: str = ""
     """PEM CA file: callers must present a certificate it signed (mutual TLS); empty = no client certs."""
+    access_log: str = ""
+    """File of JSON access-log lines, one per call ("-" = stderr); empty = off."""
+    access_log_key: str = ""
+    """Secret key of the access log's user-id hash (HMAC); empty = a random one per process."""
+    otlp_endpoint: str = ""
+    """OTLP/gRPC collector (host:port) that spans are exported to; empty = tracing off."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
@@ -171,10 +181,14 @@ def create(
     Raises OSError if the address cannot be bound (port taken).
     """
     state = state or NodeState()
+    access = open_access_log(config.access_log, config.access_log_key)
     options = [*grpc_message_options(config.limits), ("grpc.so_reuseport", 0)]  # a taken port must fail
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=thread_prefix),
-        interceptors=server_interceptors(config.api_keys, rate_limiter(config), metrics, state.drain),
+        interceptors=[
+            ObserveInterceptor(_ROLES.get(thread_prefix, thread_prefix), socket.gethostname(), config.api_keys, access),
+            *server_interceptors(config.api_keys, rate_limiter(config), metrics, state.drain),
+        ],
         options=options,
         maximum_concurrent_rpcs=MAX_QUEUED_PER_THREAD * config.threads,
     )
@@ -252,6 +266,7 @@ def serve(
     """
     metrics = metrics or ServiceMetrics()
     state = NodeState()
+    setup_tracing(config.otlp_endpoint, f"personalize-{role.name}")
     try:
         server, port = role.create(config, metrics, state)
         http = start_metrics_http(config, metrics, server)

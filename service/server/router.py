@@ -53,6 +53,7 @@ from personalize_service.server.limits import (
     grpc_message_options,
 )
 from personalize_service.server.metrics import PREFIX, ServiceMetrics
+from personalize_service.server.observe import trace_metadata
 from personalize_service.server.tls import channel_credentials
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,14 @@ class RouterMetrics:
 
 
 def forwarded_metadata(context: grpc.ServicerContext) -> tuple[tuple[str, str | bytes], ...]:
-    """The caller's metadata that travels on to the worker: `authorization`, `x-user-id` and trace context."""
-    return tuple((k, v) for k, v in context.invocation_metadata() or () if k in FORWARDED_METADATA)
+    """The caller's metadata that travels on to the worker: `authorization`, `x-user-id` and trace context —
+    the router's own span as `traceparent` when it has one (so the worker's spans are its children), else
+    the caller's."""
+    caller = tuple((k, v) for k, v in context.invocation_metadata() or () if k in FORWARDED_METADATA)
+    own = trace_metadata()
+    if own:
+        caller = tuple((k, v) for k, v in caller if k not in ("traceparent", "tracestate"))
+    return (*caller, *own)
 
 
 def _code_of(exc: BaseException | None) -> grpc.StatusCode:

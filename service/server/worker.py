@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from personalize.engine.types import GenerationResult
 from personalize.errors import InvalidArgument
 from personalize.feedback.events import FeedbackEvent
 from personalize.routing.announce import AnnounceConfig, Announcement, advertised_address
-from personalize.worker import Worker
+from personalize.worker import GenerationInfo, Worker
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
 from personalize_service.server import base, convert
@@ -36,6 +38,7 @@ from personalize_service.server.limits import (
     check_user_id,
 )
 from personalize_service.server.metrics import ServiceMetrics
+from personalize_service.server.observe import current_traceparent, generation_spans
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +56,18 @@ class PersonalizeServicer(pb_grpc.PersonalizeServicer):
         args = convert.generate_args(request, self.limits)
         tenant = current_tenant()
         with self.concurrency.hold(tenant):
+            start = time.time()
             generation = self.worker.generate(tenant, args.user_id, args.prompt, args.params, args.use_base_model)
             cancel_with_call(context, generation.cancel)
             result = generation.result(timeout=time_remaining(context))
+        _spans(start, result, generation.info)
         return convert.generate_response(result, generation.info)
 
     def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateChunk]:
         args = convert.generate_args(request, self.limits)
         tenant = current_tenant()
         with self.concurrency.hold(tenant):
+            start = time.time()
             generation = self.worker.generate(tenant, args.user_id, args.prompt, args.params, args.use_base_model)
             cancel_with_call(context, generation.cancel)
             try:
@@ -71,6 +77,7 @@ class PersonalizeServicer(pb_grpc.PersonalizeServicer):
                 generation.cancel()
                 raise
             result = generation.result(timeout=time_remaining(context))
+        _spans(start, result, generation.info)
         yield convert.final_chunk(result, generation.info)
 
     def SubmitFeedback(self, request: pb.FeedbackRequest, context: grpc.ServicerContext) -> pb.FeedbackAck:
@@ -87,6 +94,7 @@ class PersonalizeServicer(pb_grpc.PersonalizeServicer):
             a.rejected,
             a.event_key,
             messages=a.messages,
+            trace=current_traceparent(),  # the trainer's round and publish join this call's trace
         )
         event_id, partition = self.worker.submit_feedback(event)  # returns only after the durable append
         return convert.feedback_ack(event_id, partition)
@@ -108,6 +116,10 @@ class PersonalizeServicer(pb_grpc.PersonalizeServicer):
     def ImportAdapter(self, request: pb.ImportAdapterRequest, context: grpc.ServicerContext) -> pb.AdapterInfo:
         args = convert.import_args(request, self.limits)
         return convert.adapter_info(self.worker.import_adapter(current_tenant(), args.user_id, args.files))
+
+
+def _spans(start: float, result: GenerationResult, info: GenerationInfo) -> None:
+    generation_spans(start, result.timings, info.cache_tier, info.adapter_version)
 
 
 class AdminServicer(pb_grpc.AdminServicer):
@@ -211,13 +223,15 @@ def create_server(
 
 
 class MetricsRefresher:
-    """Copies the worker's counters (cache hits/misses, loads, tokens, batch occupancy, queue depth) into
+    """Copies the worker's counters (cache hits/misses/evictions, loads, tokens, batch and slot occupancy,
+    queue depth, finished requests' latencies) into
     `metrics` every `period_s`, on a daemon thread, as increments since the previous copy."""
 
     def __init__(self, metrics: ServiceMetrics, worker: Worker, period_s: float = 1.0) -> None:
         self.metrics, self.worker, self.period_s = metrics, worker, period_s
         self._hits: dict[str, int] = {}
         self._misses: dict[str, int] = {}
+        self._evictions: dict[str, int] = {}
         self._tokens = self._steps = self._occupancy = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="metrics-refresh", daemon=True)
@@ -246,6 +260,17 @@ class MetricsRefresher:
         for tier, count in stats.misses.items():
             m.cache_misses.labels(tier=tier).inc(count - self._misses.get(tier, 0))
         self._hits, self._misses = dict(stats.hits), dict(stats.misses)
+        cache = self.worker.cache.stats()
+        for tier, count in cache["evictions"].items():
+            m.cache_evictions.labels(tier=tier).inc(count - self._evictions.get(tier, 0))
+        self._evictions = dict(cache["evictions"])
+        slots = cache["slots"]["device"]
+        m.slot_occupancy.set(cache["resident"]["device"] / slots if slots else 0.0)
+        for result in engine.take_finished():
+            m.observe_result(result)
+        m.requests_running.set(engine.running)
+        m.requests_waiting.set(engine.queue_depth)
+        m.lane_occupancy.set(engine.running / engine.config.max_batch)
         for tier, seconds in self.worker.cache.take_load_samples():
             m.adapter_load_seconds.labels(tier=tier).observe(seconds)
         tokens, steps, occupancy = engine.tokens_generated, engine.steps, engine.occupancy_sum

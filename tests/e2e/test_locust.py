@@ -64,6 +64,10 @@ def test_no_failures_and_every_call_measured(run: tuple[dict[str, Any], Path]) -
         assert summary["latency_ms"][call]["p50"] > 0, call
         assert summary["latency_ms"][call]["p50"] <= summary["latency_ms"][call]["p99"]
     assert set(summary["cache_hit_rate"]) == {"device", "host", "disk", "store"}
+    assert summary["ttft_ms"] == summary["latency_ms"]["GenerateStream:ttfp"] and summary["ttft_ms"]["p50"] > 0
+    itl = summary["itl_ms"]  # a tiny model's gaps may round to 0 ms in locust's buckets
+    assert itl == summary["latency_ms"]["GenerateStream:itl"] and 0 <= itl["p50"] <= itl["p99"]
+    assert summary["calls"]["GenerateStream:itl"]["requests"] > summary["calls"]["GenerateStream"]["requests"]
 
 
 def test_report_figures_match_the_service(run: tuple[dict[str, Any], Path]) -> None:
@@ -87,6 +91,7 @@ def test_report_files_written(run: tuple[dict[str, Any], Path]) -> None:
         "latency.png",
         "throughput.png",
         "cache.png",
+        "streaming.png",
     ):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "results" / "latest" / "summary.json").read_text())["requests"] > 0
