@@ -571,6 +571,15 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="N",
     ),
     _s(
+        "trainer.warmup",
+        "--train-warmup",
+        "PERSONALIZE_TRAIN_WARMUP",
+        4,
+        _int,
+        "steps over which a user's learning rate ramps up to --train-lr in every round (0 = none)",
+        metavar="N",
+    ),
+    _s(
         "trainer.reject_weight",
         "--train-reject-weight",
         "PERSONALIZE_TRAIN_REJECT_WEIGHT",
