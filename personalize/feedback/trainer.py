@@ -63,7 +63,8 @@ class TrainerConfig:
     """... and at most this many."""
     fit_loss: float = 0.1
     """A user whose wanted answers (accept, correct, the chosen of prefer) still have a mean token NLL above
-    this after its step budget keeps training ...; a half-learned answer is what loops ("ererer")."""
+    this after its step budget keeps training ...; a half-learned answer is what loops ("ererer"). Once below
+    it, a user without rejects stops: more steps on a learned answer are a fresh Adam's noise, and loop too."""
     fit_steps: int = 16
     """... up to this many steps per new event (and at most max_steps)."""
     warmup: int = 4

@@ -558,7 +558,7 @@ SETTINGS: tuple[Setting, ...] = (
         "PERSONALIZE_TRAIN_FIT_LOSS",
         0.1,
         _float,
-        "a user whose wanted answers still have a mean token NLL above this keeps training past its step budget",
+        "a user whose wanted answers have a mean token NLL above this trains past its step budget; below, it stops",
         metavar="NLL",
     ),
     _s(
