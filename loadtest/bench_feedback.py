@@ -12,9 +12,10 @@ kinds     users of every kind of feedback side by side, through the real stream,
                      answers to unrelated prompts end in a repetition loop, against the base model's count
 training  one online round of 64 users x 2 events x 4 steps: our batched round vs PEFT trained user
           after user; both load each user's adapter, start a fresh Adam (neither persists optimizer
-          state) and save the new adapter; each side runs once untimed first (warm-up).
+          state) and save the new adapter; each side runs once untimed first on 8 users (warm-up).
 freshness ack of SubmitFeedback -> first Generate served by a version including that event, at a
-          steady 2 events/s over 50 users, trainer running continuously.
+          steady 2 events/s over 50 users, through `personalize up` (router, worker and trainer in their
+          own processes) and the SDK over gRPC, as an app sees it.
 Run: python loadtest/bench_feedback.py [--quick] [--json PATH]
 """
 
@@ -28,7 +29,6 @@ import re
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from personalize.adapters.registry import RegistryConfig
 from personalize.config import Config, LoraConfig
 from personalize.engine.types import SamplingParams
 from personalize.feedback.batch import build_batch
-from personalize.feedback.events import FeedbackEvent, event_id_key
+from personalize.feedback.events import FeedbackEvent
 from personalize.feedback.notify import publish_update
 from personalize.feedback.stream import Delivered
 from personalize.feedback.trainer import Trainer, TrainerConfig, UserJob, train_round
@@ -323,8 +323,9 @@ def training(tmp: Path, users: int, events: int, steps: int, repeats: int) -> di
         folder.mkdir()
         for j in jobs:
             (folder / f"{j.user_id}.st").write_bytes(adapter_to_bytes(j.adapter, worker.spec))
-        ours_round(worker, jobs, folder, cfg)  # warm-up, untimed: first-call allocations, lazy imports
-        peft_sequential(worker, jobs, folder, cfg)
+        # Warm-up, untimed, on a few users: first-call allocations and lazy imports, not the whole round again.
+        ours_round(worker, jobs[:8], folder, cfg)
+        peft_sequential(worker, jobs[:8], folder, cfg)
         ours, theirs = [], []
         for _ in range(repeats):
             ours.append(ours_round(worker, jobs, folder, cfg))
@@ -345,49 +346,63 @@ def training(tmp: Path, users: int, events: int, steps: int, repeats: int) -> di
         valkey.stop()
 
 
+def _untrained(client: Any, user: str) -> bool:
+    from personalize_service.client import NotFoundError
+
+    try:
+        return client.get_adapter(user).pending_events > 0
+    except NotFoundError:
+        return True
+
+
 def freshness(tmp: Path, seconds: float, rate: float, users: int) -> dict[str, Any]:
-    valkey, worker, trainer = start_stack(tmp, TrainerConfig(block_ms=50))
-    stop = threading.Event()
-    thread = threading.Thread(target=trainer.run_forever, args=(stop, 2.0), daemon=True)
-    thread.start()
+    """Event -> new version served, through `personalize up` (a subprocess: router, worker, trainer) over gRPC.
+
+    Events go out at a steady `rate` round-robin over `users` (a user's next event comes users/rate seconds
+    later, so versions never wait on each other); an event is fresh once GetAdapter shows the user with no
+    pending events and more examples than before it, and Generate is served by that version or a newer one."""
+    from personalize_service.client import PersonalizeClient
+    from tests.e2e.upserver import start_up
+
+    up = start_up(tmp / "data", tmp / "up.log")
     rnd = random.Random(2)
     samples: list[float] = []
     try:
-        waiting: list[tuple[str, str, float]] = []
-        next_send, end = time.monotonic(), time.monotonic() + seconds
-        while time.monotonic() < end or waiting:
-            now = time.monotonic()
-            if now >= next_send and now < end:
-                user = f"f{rnd.randrange(users)}"
-                event_id, _ = worker.submit_feedback(
-                    FeedbackEvent("bench", user, "correct", prompt(rnd), "x", correction=answer(rnd, "Yo! "))
-                )
-                waiting.append((user, event_id, time.monotonic()))
-                next_send += 1.0 / rate
-            for item in list(waiting):
-                user, event_id, acked = item
-                record = worker.registry.get("bench", user)
-                if record and event_id_key(record.last_event_id) >= event_id_key(event_id):
-                    g = worker.generate("bench", user, "Q: hi?\nA: ", SamplingParams(max_new_tokens=1))
-                    g.result(60)
-                    if g.info.adapter_version >= record.version:
-                        samples.append((time.monotonic() - acked) * 1000)
-                        waiting.remove(item)
-            if time.monotonic() > end + 60:
-                break
-            time.sleep(0.01)
+        with PersonalizeClient(up.target, timeout=120) as client:
+            for u in range(users):  # the first version of each user is created before timing starts
+                client.feedback(f"f{u}", prompt(rnd), "x", "correct", correction=answer(rnd, "Yo! "))
+            while any(_untrained(client, f"f{u}") for u in range(users)):
+                time.sleep(0.2)
+            waiting: list[tuple[str, int, float]] = []
+            sent, next_send, end = 0, time.monotonic(), time.monotonic() + seconds
+            while time.monotonic() < end + 120 and (time.monotonic() < end or waiting):
+                now = time.monotonic()
+                if now >= next_send and now < end:
+                    user = f"f{sent % users}"
+                    seen = client.get_adapter(user).examples_seen
+                    client.feedback(user, prompt(rnd), "x", "correct", correction=answer(rnd, "Yo! "))
+                    waiting.append((user, seen, time.monotonic()))
+                    sent, next_send = sent + 1, next_send + 1.0 / rate
+                for item in list(waiting):
+                    user, seen, acked = item
+                    info = client.get_adapter(user)
+                    if info.pending_events == 0 and info.examples_seen > seen:
+                        served = client.generate(user, "Q: hi?\nA: ", max_new_tokens=1)
+                        if served.adapter_version >= info.version:
+                            samples.append((time.monotonic() - acked) * 1000)
+                            waiting.remove(item)
+                time.sleep(0.01)
     finally:
-        stop.set()
-        thread.join(10)
-        worker.stop()
-        valkey.stop()
+        up.stop()
     samples.sort()
     return {
         "p50": statistics.median(samples),
         "p99": samples[min(len(samples) - 1, int(0.99 * len(samples)))],
         "events": len(samples),
+        "sent": sent,
         "rate_per_s": rate,
         "users": users,
+        "path": "personalize up subprocess, SDK over gRPC: SubmitFeedback ack -> GetAdapter -> Generate",
     }
 
 

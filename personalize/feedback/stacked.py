@@ -83,9 +83,10 @@ class MaskedAdam:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        warmup: int = 0,
     ) -> None:
         self.groups = groups
-        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        self.betas, self.eps, self.weight_decay, self.warmup = betas, eps, weight_decay, warmup
         device = groups[0][0][0].device
         self.t = torch.zeros(users, device=device)
         self.m = {id(p): torch.zeros_like(p) for params, _ in groups for p in params}
@@ -102,6 +103,7 @@ class MaskedAdam:
         b1, b2 = self.betas
         self.t += active.to(self.t.dtype)
         t = self.t.clamp(min=1)
+        ramp = (t / self.warmup).clamp(max=1) if self.warmup else torch.ones_like(t)
         for params, lr in self.groups:
             for p in params:
                 if p.grad is None:
@@ -113,5 +115,5 @@ class MaskedAdam:
                 v.copy_(torch.where(keep, b2 * v + (1 - b2) * p.grad.square(), v))
                 m_hat = m / (1 - b1**t).view(shape)
                 v_hat = v / (1 - b2**t).view(shape)
-                update = lr * (m_hat / (v_hat.sqrt() + self.eps) + self.weight_decay * p)
+                update = lr * ramp.view(shape) * (m_hat / (v_hat.sqrt() + self.eps) + self.weight_decay * p)
                 p.sub_(torch.where(keep, update, torch.zeros_like(update)))

@@ -66,9 +66,13 @@ class TrainerConfig:
     """... and at most this many."""
     fit_loss: float = 0.1
     """A user whose wanted answers (accept, correct, the chosen of prefer) still have a mean token NLL above
-    this after its step budget keeps training ...; a half-learned answer is what loops ("ererer")."""
+    this after its step budget keeps training ...; a half-learned answer is what loops ("ererer"). Once below
+    it, a user without rejects stops: more steps on a learned answer are a fresh Adam's noise, and loop too."""
     fit_steps: int = 16
     """... up to this many steps per new event (and at most max_steps)."""
+    warmup: int = 4
+    """Steps over which a user's learning rate ramps up from lr/warmup to lr in every round: a round starts a
+    fresh Adam, whose first update moves every weight by ~lr whatever the gradient's size."""
     lora_dropout: float = 0.0
     """Dropout on the adapters' input while training."""
     weight_decay: float = 0.0
@@ -188,11 +192,13 @@ def train_round(
         [(list(stacked.a.values()), config.lr), (list(stacked.b.values()), config.lr * config.lr_ratio_b)],
         users=len(jobs),
         weight_decay=config.weight_decay,
+        warmup=config.warmup,
     )
     budget = torch.tensor([config.steps_for(len(j.events)) for j in jobs], device=device)
     cap = torch.tensor([config.fit_steps_for(len(j.events)) for j in jobs], device=device)
     finite = torch.ones(len(jobs), dtype=torch.bool, device=device)
     unfit = torch.ones(len(jobs), dtype=torch.bool, device=device)
+    rejects = torch.zeros(len(jobs), device=device).index_add(0, batch.user_index, batch.is_reject.float()) > 0
     ref: torch.Tensor | None = None
     per_user = torch.zeros(len(jobs), device=device)
     try:
@@ -209,6 +215,7 @@ def train_round(
             finite &= torch.isfinite(per_user) | ~active
             unfit = torch.where(active, fit > config.fit_loss, unfit)
             active &= finite & ((budget > step) | unfit)
+            active &= unfit | rejects  # learned answers take no more steps: each one a fresh Adam's noise
             total = torch.where(active, per_user, torch.zeros_like(per_user)).sum()
             opt.zero_grad()
             if not active.any():

@@ -658,7 +658,7 @@ SETTINGS: tuple[Setting, ...] = (
         "PERSONALIZE_TRAIN_FIT_LOSS",
         0.1,
         _float,
-        "a user whose wanted answers still have a mean token NLL above this keeps training past its step budget",
+        "a user whose wanted answers have a mean token NLL above this trains past its step budget; below, it stops",
         metavar="NLL",
     ),
     _s(
@@ -668,6 +668,15 @@ SETTINGS: tuple[Setting, ...] = (
         16,
         _int,
         "most steps per new event of a user whose wanted answers are not learned yet",
+        metavar="N",
+    ),
+    _s(
+        "trainer.warmup",
+        "--train-warmup",
+        "PERSONALIZE_TRAIN_WARMUP",
+        4,
+        _int,
+        "steps over which a user's learning rate ramps up to --train-lr in every round (0 = none)",
         metavar="N",
     ),
     _s(

@@ -17,6 +17,7 @@ from personalize.feedback.losses import (
     token_logprobs,
     unlikelihood_loss,
 )
+from personalize.feedback.stacked import MaskedAdam
 from personalize.feedback.stream import Delivered
 from personalize.feedback.trainer import TrainerConfig, UserJob, train_round
 from personalize.lora.adapter import Adapter
@@ -128,6 +129,31 @@ def test_a_half_learned_answer_keeps_training_until_it_is_fit(base: BaseModel) -
     _, _, (budget_only,) = train_round(model, base.tokenizer, jobs, TrainerConfig(fit_steps=0))
     _, _, (fitted,) = train_round(model, base.tokenizer, jobs, TrainerConfig(fit_loss=0.1, fit_steps=32))
     assert budget_only > 0.1 >= fitted
+
+
+def test_a_learned_answer_takes_no_more_steps(base: BaseModel) -> None:
+    """A round starts a fresh Adam, whose steps move every weight by ~lr however small the gradient: once an
+    answer is learned, more steps are noise (the same ACCEPT in a second round looped 20 of 40 answers)."""
+    model = copy.deepcopy(base.model).requires_grad_(False)
+    job = _job(base, "kai", ["accept"], 9)
+    (learned,), _, (loss,) = train_round(model, base.tokenizer, [job], TrainerConfig())
+    assert loss <= TrainerConfig().fit_loss
+    again = UserJob("t", "kai", None, learned, job.events)
+    (after,), _, _ = train_round(model, base.tokenizer, [again], TrainerConfig())
+    for key, (a, b) in learned.weights.items():
+        assert torch.equal(a, after.weights[key][0]) and torch.equal(b, after.weights[key][1])
+
+
+def test_a_rounds_first_steps_ramp_up_the_learning_rate() -> None:
+    """A fresh Adam's first update is ~lr per weight whatever the gradient: warm-up makes it lr / warmup."""
+    moved = {}
+    for warmup in (0, 4):
+        p = torch.nn.Parameter(torch.zeros(1, 8))
+        opt = MaskedAdam([([p], 1e-2)], users=1, warmup=warmup)
+        p.grad = torch.full_like(p, 1e-6)
+        opt.step(torch.tensor([True]))
+        moved[warmup] = float(p.detach().abs().max())
+    assert moved[0] > 0.9e-2 and moved[4] < 0.3e-2
 
 
 def test_prefer_makes_the_chosen_answer_likely_not_just_likelier(base: BaseModel) -> None:
