@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtest.loadtest_run import Server, launch_up, server_env, wait_serving
+from personalize_service.cli.embedded import running_url
 from personalize_service.client import PersonalizeClient
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.http.app import Caller, create_app
@@ -72,15 +72,16 @@ def _grpc_first_token(sdk: PersonalizeClient, max_tokens: int) -> float:
     return first
 
 
-def start_gateway(up_log: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """`serve --role gateway` on a free port over the ring of up's embedded Valkey; (process, its URL)."""
-    registry = re.search(rb"embedded Valkey (redis://\S+)", up_log.read_bytes())
-    assert registry, f"no registry URL in {up_log}"
+def start_gateway(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`serve --role gateway` on a free port over the ring of up's embedded Valkey (the URL with its password
+    read from up's data dir: the banner masks it; passed by environment, never argv); (process, its URL)."""
+    registry = running_url(data_dir / "valkey")
     port = find_free_port()
     command = [sys.executable, "-m", "personalize_service.cli", "serve", "--role", "gateway", "--http-port", str(port)]
-    command += ["--registry-url", registry[1].decode(), "--data-dir", str(log_path.parent)]
+    command += ["--data-dir", str(log_path.parent)]
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_env())
+        env = {**server_env(), "PERSONALIZE_REGISTRY_URL": registry}
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 60
     while b"gateway serving on" not in log_path.read_bytes():
         if process.poll() is not None or time.monotonic() > deadline:
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             wait_serving(server.target, time.monotonic() + 300)
             if not args.in_up:
-                gateway, url = start_gateway(Path(tmp) / "up.log", Path(tmp) / "gateway.log")
+                gateway, url = start_gateway(Path(tmp) / "data", Path(tmp) / "gateway.log")
                 server = dataclasses.replace(server, http_url=url)
             result = measure(server, requests)
             result["edge"] = "up's own" if args.in_up else "serve --role gateway"

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import statistics
 import sys
 import tempfile
@@ -426,6 +425,7 @@ def measure_cluster(args: argparse.Namespace) -> dict[str, Any]:
     (ideal; started during the round-robin phase, which does not use the router); then the router's
     overhead. Rates come from Admin.Stats counter deltas."""
     from personalize.model import ModelConfig, load_base_model
+    from personalize_service.cli.embedded import running_url
     from personalize_service.client import PersonalizeClient
     from tests.e2e.upserver import start_server, start_up
 
@@ -451,8 +451,7 @@ def measure_cluster(args: argparse.Namespace) -> dict[str, Any]:
         stages.done("start_cluster")
         ideal = None
         try:
-            registry = re.search(r"embedded Valkey (redis://\S+)", up.log())
-            assert registry is not None, up.log()
+            registry = running_url(up.data_dir / "valkey")  # the banner masks the password
             with up.channel() as channel, PersonalizeClient(up.target, timeout=120) as client:
                 router, admin = pb_grpc.PersonalizeStub(channel), pb_grpc.AdminStub(channel)
                 users = _import_adapters(client, base, cfg)
@@ -467,7 +466,7 @@ def measure_cluster(args: argparse.Namespace) -> dict[str, Any]:
                 stages.done("balance")
                 starting = background.submit(
                     start_server,
-                    _ideal_command(base, cfg, registry[1], up.data_dir, root),
+                    _ideal_command(base, cfg, registry, up.data_dir, root),
                     root / "ideal",
                     root / "ideal.log",
                 )
@@ -480,7 +479,7 @@ def measure_cluster(args: argparse.Namespace) -> dict[str, Any]:
                 rates["ideal"] = _strategy(cfg, admin, {"ideal"}, lambda i, u: ideal_stub, users)
                 stages.done("ideal")
                 direct["ideal"] = ideal_stub  # it joined the ring too: the router now routes to it as well
-                with PersonalizeClient.discover(registry[1], timeout=60) as routing_client:
+                with PersonalizeClient.discover(registry, timeout=60) as routing_client:
                     overhead = _overhead(cfg, router, direct, routing_client, users)
                 stages.done("overhead")
         finally:

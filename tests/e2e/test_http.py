@@ -20,6 +20,7 @@ import pytest
 
 from personalize.model import BaseModel
 from personalize.routing.ring import route_key
+from personalize_service.cli.embedded import running_url
 from personalize_service.client import PersonalizeClient
 from personalize_service.client.routing import RoutingClient
 from personalize_service.net import find_free_port
@@ -232,10 +233,9 @@ def _stopped(process: subprocess.Popen[bytes], log_path: Path) -> None:
 def test_serve_role_gateway_routes_on_the_registry_ring(up: tuple[UpServer, str], tmp_path: Path) -> None:
     """`personalize serve --role gateway --registry-url` alone: the same answers, straight from the worker
     that owns the user on the ring (its node id in the header); an empty ring is OpenAI's 503."""
-    registry = re.search(r"embedded Valkey (redis://\S+)", up[0].log())
-    assert registry, up[0].log()[-2000:]
+    registry = running_url(up[0].data_dir / "valkey")  # the banner masks the password
     keys = ("--api-keys", f"alpha:{KEY}")
-    process, url = _gateway(tmp_path / "gateway.log", "--registry-url", registry[1], *keys)
+    process, url = _gateway(tmp_path / "gateway.log", "--registry-url", registry, *keys)
     try:
         client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=120)
         raw = client.completions.with_raw_response.create(
@@ -249,7 +249,7 @@ def test_serve_role_gateway_routes_on_the_registry_ring(up: tuple[UpServer, str]
         assert httpx.get(url.removesuffix("/v1") + "/readyz").status_code == 200
     finally:
         _stopped(process, tmp_path / "gateway.log")
-    empty = ("--registry-url", registry[1], "--namespace", "nobody", *keys)
+    empty = ("--registry-url", registry, "--namespace", "nobody", *keys)
     process, url = _gateway(tmp_path / "empty.log", *empty)
     try:
         reply = httpx.post(
@@ -382,9 +382,7 @@ def test_with_two_workers_each_user_lands_on_its_ring_owner_without_the_router(t
         while (found := HTTP_RE.search(server.log())) is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert found, server.log()[-2000:]
-        registry = re.search(r"embedded Valkey (redis://\S+)", server.log())
-        assert registry, server.log()[-2000:]
-        with RoutingClient(registry[1], timeout=30) as ring_view:
+        with RoutingClient(running_url(server.data_dir / "valkey"), timeout=30) as ring_view:
             ring = ring_view.cluster.ring()
             assert sorted(ring.nodes) == ["worker-0", "worker-1"]
             landed = {}
