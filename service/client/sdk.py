@@ -435,6 +435,10 @@ class PersonalizeClient:
         sent = (*(self._metadata if metadata is None else metadata), *_trace_metadata())
         return self._retry.run(lambda: method(request, timeout=time_left(deadline), metadata=sent), idempotent)
 
+    def _call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The API key and, when the caller has a current OpenTelemetry span, its W3C trace context."""
+        return (*self._metadata, *_trace_metadata())
+
 
 def user_metadata(user_id: str) -> tuple[tuple[str, str], ...]:
     """`x-user-id` for a call about `user_id`, so a router routes it without parsing the body; none for
