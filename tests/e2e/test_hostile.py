@@ -264,15 +264,19 @@ def narrow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[UpServer,
 
 
 def test_one_tenants_flood_does_not_queue_another_tenant_behind_it(narrow: tuple[UpServer, Stubs]) -> None:
-    """A queues 20 calls of 24 tokens on 2 rows; B's call, sent once all of A's are at the engine, finishes while
-    most of A's flood is still waiting (first-come-first-served would finish it behind all of A's)."""
+    """A queues 20 calls of 96 tokens on 2 rows; B's call, sent once A's flood waits in the engine's queue,
+    finishes while most of A's flood is still waiting (first-come-first-served would finish it behind all of
+    A's). The wait is on the engine's own queue depth (Stats), not on heartbeat-reported load, which a fast
+    machine can finish the flood within."""
     api = narrow[1].api
     flood = 20
-    request = pb.GenerateRequest(user_id="flooder", prompt="flood", max_new_tokens=24, temperature=0.5)
+    request = pb.GenerateRequest(user_id="flooder", prompt="flood", max_new_tokens=96, temperature=0.5)
     calls = [api.Generate.future(request, timeout=300, metadata=KEY_A) for _ in range(flood)]
     admin = narrow[1].admin
-    while admin.ListNodes(pb.ListNodesRequest(), timeout=30, metadata=OPERATOR_KEY).nodes[0].load < flood:
-        time.sleep(0.01)  # until A's whole flood is at the engine (running or queued)
+    deadline = time.monotonic() + 120
+    while admin.Stats(pb.StatsRequest(), timeout=30, metadata=OPERATOR_KEY).nodes[0].queue_depth < flood - 4:
+        assert time.monotonic() < deadline and not all(c.done() for c in calls), "A's flood never queued"
+        time.sleep(0.01)
     reply = api.Generate(
         pb.GenerateRequest(user_id="bob", prompt="mine", max_new_tokens=4), timeout=300, metadata=KEY_B
     )
