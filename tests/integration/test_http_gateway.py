@@ -163,7 +163,9 @@ def test_a_chat_completion_is_remembered_with_its_messages_and_streamed_text(gat
     reply = gateway.http.post("/v1/feedback", json={"completion_id": ident, "kind": "accept"}, headers=ACME)
     assert reply.status_code == 200
     sent = gateway.workers[gateway.owner("bob", "acme")].feedback[-1]
-    assert sent.prompt.endswith("Yo\n<|assistant|>\n") and sent.completion == "Hello"
+    # the chat goes as messages (the worker renders them with the model's template), not as a prompt
+    assert not sent.prompt and [(m.role, m.content) for m in sent.messages] == [("user", "Yo")]
+    assert sent.completion == "Hello"
 
 
 def test_another_tenants_completion_id_is_404(gateway: Gateway) -> None:
