@@ -466,9 +466,10 @@ def measure_cluster(args: argparse.Namespace) -> dict[str, Any]:
                 stages.done("balance")
                 starting = background.submit(
                     start_server,
-                    _ideal_command(base, cfg, registry, up.data_dir, root),
+                    _ideal_command(base, cfg, up.data_dir, root),
                     root / "ideal",
                     root / "ideal.log",
+                    {"PERSONALIZE_REGISTRY_URL": registry},  # by environment: argv (and its password) shows in ps
                 )
                 rates["round_robin"] = _strategy(
                     cfg, admin, set(nodes), lambda i, u: direct[order[i % len(order)]], users
@@ -492,8 +493,9 @@ def measure_cluster(args: argparse.Namespace) -> dict[str, Any]:
     return {**_cluster_result(cfg, rates, overhead, stages.seconds), "router_balance": balance}
 
 
-def _ideal_command(base: Any, cfg: ClusterConfig, registry_url: str, data_dir: Path, root: Path) -> list[str]:
-    """One more worker with the device and host budgets of all the cluster's workers together."""
+def _ideal_command(base: Any, cfg: ClusterConfig, data_dir: Path, root: Path) -> list[str]:
+    """One more worker with the device and host budgets of all the cluster's workers together (its registry
+    URL, password included, comes by PERSONALIZE_REGISTRY_URL)."""
     return [
         sys.executable,
         "-m",
@@ -503,8 +505,6 @@ def _ideal_command(base: Any, cfg: ClusterConfig, registry_url: str, data_dir: P
         "worker",
         "--node-id",
         "ideal",
-        "--registry-url",
-        registry_url,
         "--store-url",
         (data_dir / "store").as_uri(),
         "--data-dir",

@@ -65,3 +65,18 @@ def holds(pool: SlotPool, slot: int, adapter: Adapter) -> bool:
             ):
                 return False
     return bool(pool.scaling[slot] == adapter.scaling)
+
+
+def hf_greedy(model: Any, ids: list[int], new_tokens: int, **options: Any) -> Any:
+    """Hugging Face's own greedy generation of exactly `new_tokens` tokens after `ids` (no EOS stop): the
+    reference the engine's outputs are held to. `options` go to `model.generate` (repetition_penalty, ...)."""
+    with torch.no_grad():
+        return model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            **options,
+        )

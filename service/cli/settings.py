@@ -713,8 +713,8 @@ SETTINGS: tuple[Setting, ...] = (
         "PERSONALIZE_OTLP_ENDPOINT",
         "",
         _str,
-        "OpenTelemetry collector (host:port, OTLP/gRPC) to export traces to; empty = off",
-        metavar="ADDR",
+        "OTLP/HTTP collector (http://host:4318) to export traces to; empty = OTEL_EXPORTER_OTLP_ENDPOINT, else off",
+        metavar="URL",
     ),
     _s(
         "service.access_log",

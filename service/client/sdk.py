@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Self, TypedDict, TypeVar, Unpack
 
 import grpc
 
@@ -49,6 +49,25 @@ _KINDS: dict[str, int] = {
     "prefer": pb.FeedbackRequest.PREFER,
 }
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+DEFAULT_NEW_TOKENS = 64
+"""max_new_tokens of a generate call that does not say."""
+
+
+class GenerateOptions(TypedDict, total=False):
+    """Keyword options of `generate` and `generate_stream`; one left out takes the GenerateRequest default
+    (greedy, top_p 1, no stop strings, the user's adapter), except max_new_tokens (DEFAULT_NEW_TOKENS)."""
+
+    max_new_tokens: int
+    temperature: float
+    """0 = greedy."""
+    top_p: float
+    seed: int
+    stop: Sequence[str]
+    use_base_model: bool
+    top_k: int
+    """0 = off."""
+    repetition_penalty: float
+    logprobs: bool
 
 
 # ---- errors ------------------------------------------------------------------------------------------
@@ -274,16 +293,7 @@ class PersonalizeClient:
         self,
         user_id: str,
         prompt: str | Sequence[tuple[str, str]],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        stop: Sequence[str] = (),
-        use_base_model: bool = False,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        logprobs: bool = False,
+        **options: Unpack[GenerateOptions],
     ) -> pb.GenerateResponse:
         """One completion with the user's current adapter (temperature 0 = greedy). `prompt` is text, or a
         chat as (role, content) pairs, rendered with the model's chat template by the server.
@@ -291,29 +301,18 @@ class PersonalizeClient:
         The response says which adapter served (`adapter_version`, 0 = the base model) and where it was
         found (`cache_tier`); `degraded` is true (with `degraded_reason`) when the user's adapter could not
         be loaded and the base model served instead (a server running with degrade_to_base)."""
-        request = _generate_request(user_id, prompt, max_new_tokens, temperature, top_p, seed, stop, use_base_model)
-        request.top_k, request.repetition_penalty, request.logprobs = top_k, repetition_penalty, logprobs
+        request = _generate_request(user_id, prompt, options)
         return self._call("Generate", request, idempotent=True)
 
     def generate_stream(
         self,
         user_id: str,
         prompt: str | Sequence[tuple[str, str]],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        stop: Sequence[str] = (),
-        use_base_model: bool = False,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        logprobs: bool = False,
+        **options: Unpack[GenerateOptions],
     ) -> GenerationStream:
         """The same as `generate`, as text pieces while they are produced; see GenerationStream (its
         `response`, with `degraded`, is set after the last piece)."""
-        request = _generate_request(user_id, prompt, max_new_tokens, temperature, top_p, seed, stop, use_base_model)
-        request.top_k, request.repetition_penalty, request.logprobs = top_k, repetition_penalty, logprobs
+        request = _generate_request(user_id, prompt, options)
         return self._stream(request)
 
     # -- feedback and adapters --
@@ -473,25 +472,14 @@ def _question(prompt: str | Sequence[tuple[str, str]]) -> dict[str, Any]:
 
 
 def _generate_request(
-    user_id: str,
-    prompt: str | Sequence[tuple[str, str]],
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int,
-    stop: Sequence[str],
-    use_base_model: bool,
+    user_id: str, prompt: str | Sequence[tuple[str, str]], options: GenerateOptions
 ) -> pb.GenerateRequest:
-    return pb.GenerateRequest(
-        user_id=user_id,
-        **_question(prompt),
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        stop=list(stop),
-        use_base_model=use_base_model,
-    )
+    unknown = sorted(set(options) - set(GenerateOptions.__annotations__))
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword arguments {unknown}")
+    fields: dict[str, Any] = {"max_new_tokens": DEFAULT_NEW_TOKENS, **options}
+    fields["stop"] = list(fields.get("stop", ()))
+    return pb.GenerateRequest(user_id=user_id, **_question(prompt), **fields)
 
 
 def _read_adapter_dir(directory: str | os.PathLike[str]) -> dict[str, bytes]:

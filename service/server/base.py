@@ -40,7 +40,7 @@ from personalize_service.server.limits import (
     grpc_message_options,
 )
 from personalize_service.server.metrics import MetricsServer, ServiceMetrics, start_metrics_server
-from personalize_service.server.observe import ObserveInterceptor, open_access_log, setup_tracing
+from personalize_service.server.observe import ObserveInterceptor, open_access_log, otlp_traces_url, setup_tracing
 from personalize_service.server.tls import bind
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,11 @@ class ServiceConfig:
     access_log_key: str = ""
     """Secret key of the access log's user-id hash (HMAC); empty = a random one per process."""
     otlp_endpoint: str = ""
-    """OTLP/gRPC collector (host:port) that spans are exported to; empty = tracing off."""
+    """OTLP/HTTP collector (http://host:4318) that spans are exported to; empty = OTEL_EXPORTER_OTLP_ENDPOINT's."""
 
     def __post_init__(self) -> None:
+        if self.otlp_endpoint:
+            otlp_traces_url(self.otlp_endpoint)  # raises InvalidArgument naming a bad URL
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
             raise InvalidArgument(
                 f"ports must be in [0, 65535], got port={self.port}, metrics_port={self.metrics_port}"

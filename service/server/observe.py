@@ -7,7 +7,7 @@ one Generate is one trace: router -> worker -> adapter.load, engine.queue, engin
 `traceparent` of the call that submitted it; the trainer's round and publish become spans of that trace.
 
 Without an SDK tracer provider every span is a no-op, but the trace context still travels. `setup_tracing`
-installs one that exports OTLP (off by default); tests install an in-memory exporter.
+installs one that exports OTLP/HTTP (off unless an endpoint is set); tests install an in-memory exporter.
 
 Access log: one JSON line per call on logger `personalize.access` with tenant, user (a keyed hash, never
 the id), rpc, code, latency, adapter version, cache tier, node.
@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import secrets
 import sys
 import time
@@ -44,6 +45,7 @@ TRACER = "personalize"
 ACCESS_LOGGER = "personalize.access"
 _PUBLIC = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _TRACE_HEADERS = ("traceparent", "tracestate")
+_OTEL_ENDPOINT_ENV = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
 def tracer() -> trace.Tracer:
@@ -51,25 +53,32 @@ def tracer() -> trace.Tracer:
 
 
 def setup_tracing(endpoint: str, service_name: str) -> None:
-    """Export spans over OTLP/gRPC to `endpoint` (host:port or http://host:port); "" = leave tracing off.
+    """Export spans over OTLP/HTTP (protobuf) to `endpoint`; with "" the standard OTEL_EXPORTER_OTLP_ENDPOINT
+    (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) environment variable decides, and without either tracing stays off.
 
-    Raises InvalidArgument when the OTLP exporter package is not installed."""
-    if not endpoint:
+    `endpoint` is a collector's base URL (http://host:4318; a bare host:port means http://) or a full
+    .../v1/traces URL. The provider flushes its spans at interpreter exit."""
+    if not endpoint and not any(os.environ.get(name) for name in _OTEL_ENDPOINT_ENV):
         return
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    try:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    except ImportError as exc:
-        raise InvalidArgument(
-            "--otlp-endpoint needs the OTLP exporter: pip install opentelemetry-exporter-otlp-proto-grpc"
-        ) from exc
+    exporter = OTLPSpanExporter(endpoint=otlp_traces_url(endpoint) if endpoint else None)  # None: the env's
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    insecure = not endpoint.startswith("https://")
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=insecure)))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
+
+
+def otlp_traces_url(endpoint: str) -> str:
+    """The OTLP/HTTP traces URL of a collector, read like OTEL_EXPORTER_OTLP_ENDPOINT: a base URL gets
+    /v1/traces appended (`host:port` means http://host:port), a URL already ending in /v1/traces is kept."""
+    url = endpoint if "://" in endpoint else f"http://{endpoint}"
+    if url.split("://", 1)[0] not in ("http", "https"):
+        raise InvalidArgument(f"otlp endpoint {endpoint!r}: OTLP/HTTP needs an http:// or https:// URL")
+    url = url.rstrip("/")
+    return url if url.endswith("/v1/traces") else url + "/v1/traces"
 
 
 # ---- context in and out ------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The trainer under faults, against a real Valkey and real stores: a fault hitting one user stays with that
-user, a corrupt adapter is never trained on, and no event is lost or applied twice."""
+"""The trainer under faults, against real stores and a real Valkey, single and Cluster (`state_url`): a fault
+hitting one user stays with that user, a corrupt adapter is never trained on, and no event is lost or applied
+twice."""
 
 from __future__ import annotations
 
@@ -82,9 +83,9 @@ class CutStream(FeedbackStream):
 
 
 @pytest.fixture
-def parts(valkey_url: str, tmp_path: Path, base: BaseModel) -> dict[str, Any]:
+def parts(state_url: str, tmp_path: Path, base: BaseModel) -> dict[str, Any]:
     ns = f"tf{next(_ns)}"
-    client = redis_client(valkey_url)
+    client = redis_client(state_url)
     stream = CutStream(client, StreamConfig(partitions=3, namespace=ns))
     stream.ensure_group()
     spec = AdapterSpec.for_model(base.model, 16, base_fingerprint=base.fingerprint)
@@ -149,11 +150,9 @@ def _assert_trained_from(
 # -- the repository's lookup of the newest intact version ---------------------------------------------------------
 
 
-def test_load_intact_picks_the_newest_intact_older_version(
-    store: ObjectStore, valkey_url: str, base: BaseModel
-) -> None:
+def test_load_intact_picks_the_newest_intact_older_version(store: ObjectStore, state_url: str, base: BaseModel) -> None:
     spec = AdapterSpec.for_model(base.model, 16, base_fingerprint=base.fingerprint)
-    repo = AdapterRepository(Registry(redis_client(valkey_url), namespace=f"tf{next(_ns)}"), store, spec)
+    repo = AdapterRepository(Registry(redis_client(state_url), namespace=f"tf{next(_ns)}"), store, spec)
     record = None
     for seed in (1, 2, 3):
         record = repo.publish("acme", "u", make_adapter(base.config, 2, seed=seed), record, seed).record
@@ -447,11 +446,11 @@ def test_a_user_whose_training_fails_is_dead_lettered_alone_and_run_forever_goes
 
 
 def test_old_versions_and_lost_race_objects_are_pruned_every_keep_versions_publishes(
-    store: ObjectStore, valkey_url: str, base: BaseModel
+    store: ObjectStore, state_url: str, base: BaseModel
 ) -> None:
     spec = AdapterSpec.for_model(base.model, 16, base_fingerprint=base.fingerprint)
     repo = AdapterRepository(
-        Registry(redis_client(valkey_url), namespace=f"tf{next(_ns)}"), store, spec, keep_versions=3
+        Registry(redis_client(state_url), namespace=f"tf{next(_ns)}"), store, spec, keep_versions=3
     )
 
     def stored() -> list[int]:

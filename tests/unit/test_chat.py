@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from personalize.engine.engine import Engine, EngineConfig
 from personalize.engine.text import ChatMessage, encode_chat, encode_prompt
@@ -16,6 +15,7 @@ from personalize.feedback.batch import build_batch
 from personalize.feedback.events import FeedbackEvent
 from personalize.feedback.examples import VersionExamples, decode, encode
 from personalize.model import BaseModel, ModelConfig, load_base_model
+from tests.helpers import hf_greedy
 from tests.tiny_models import CHATML_TEMPLATE, save_tiny
 
 CHATS = [
@@ -39,15 +39,7 @@ def _template_ids(tokenizer: object, chat: tuple[ChatMessage, ...]) -> list[int]
 
 
 def _hf_greedy(base: BaseModel, ids: list[int]) -> str:
-    with torch.no_grad():
-        out = base.model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
+    out = hf_greedy(base.model, ids, NEW_TOKENS)
     return str(base.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
 
 

@@ -268,3 +268,28 @@ def test_save_refuses_names_that_leave_the_directory(tmp_path: Path, name: str) 
     with pytest.raises(ValueError, match="not plain file names"):
         exported.save(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
+def test_generate_options_reach_the_request_and_unknown_ones_are_refused(flaky: Flaky, method: str) -> None:
+    servicer, client = flaky
+    call = client.generate if method == "Generate" else client.generate_stream
+    options: dict[str, Any] = dict(temperature=0.5, top_p=0.9, seed=7, stop=["\n"], top_k=3, logprobs=True)
+    for result in (call("alice", "hi", **options, repetition_penalty=1.2), call("alice", "hi")):
+        if method == "GenerateStream":
+            list(result)  # type: ignore[arg-type]  # a stream is sent when iterated
+    sent, default = servicer.requests[0], servicer.requests[-1]  # a stream's handler records it twice
+    assert (sent.max_new_tokens, sent.temperature, sent.seed, list(sent.stop), sent.top_k, sent.logprobs) == (
+        64,
+        0.5,
+        7,
+        ["\n"],
+        3,
+        True,
+    )
+    assert sent.top_p == pytest.approx(0.9) and sent.repetition_penalty == pytest.approx(1.2)
+    assert default == pb.GenerateRequest(user_id="alice", prompt="hi", max_new_tokens=64)
+    sent_before = len(servicer.requests)
+    with pytest.raises(TypeError, match="max_tokens"):
+        call("alice", "hi", max_tokens=5)  # type: ignore[call-arg]
+    assert len(servicer.requests) == sent_before

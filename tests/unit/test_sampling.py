@@ -11,6 +11,7 @@ from personalize.engine.sampling import penalize_row, penalize_rows, sample_toke
 from personalize.engine.text import encode_prompt
 from personalize.engine.types import SamplingParams
 from personalize.model import BaseModel
+from tests.helpers import hf_greedy
 
 PROMPTS = ["the the the cat", "héllo wörld ✓", "abcabcabc"]
 NEW_TOKENS = 16
@@ -45,16 +46,7 @@ def test_top_k_keeps_only_the_k_largest_and_sampling_stays_inside_them() -> None
 
 def _hf_greedy_ids(base: BaseModel, prompt: str, penalty: float) -> list[int]:
     ids = encode_prompt(base.tokenizer, prompt)
-    with torch.no_grad():
-        out = base.model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            repetition_penalty=penalty,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
+    out = hf_greedy(base.model, ids, NEW_TOKENS, repetition_penalty=penalty)
     return out[0, len(ids) :].tolist()
 
 
@@ -81,17 +73,7 @@ def test_greedy_logprobs_are_the_models_log_softmax_of_each_chosen_token(base: B
     engine.run_until_idle()
     assert plain.result().logprobs == ()
     ids = encode_prompt(base.tokenizer, PROMPTS[1])
-    with torch.no_grad():
-        out = base.model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
+    out = hf_greedy(base.model, ids, NEW_TOKENS, return_dict_in_generate=True, output_logits=True)
     chosen = out.sequences[0, len(ids) :]
     logits = torch.cat(out.logits).float()  # [NEW_TOKENS, V], the raw logits of each step
     want = torch.log_softmax(logits, dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
