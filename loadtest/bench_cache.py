@@ -32,8 +32,9 @@ from safetensors.torch import save as save_safetensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # s3server.py
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_registry.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_registry.py, bench_engine.py
 
+from bench_engine import BENCH_SHAPE
 from s3server import S3Server, start_weed_mini
 
 from personalize.adapters.cache import AdapterCache, CacheConfig, Fetch, store_fetch
@@ -47,15 +48,7 @@ from personalize.model import build_random_llama, default_llama_config
 from personalize_service.cli.embedded import EmbeddedValkey, EmbeddedValkeyConfig
 from tests.helpers import holds
 
-BENCH_SHAPE = dict(
-    hidden_size=2048,
-    num_hidden_layers=4,
-    num_attention_heads=16,
-    num_key_value_heads=16,
-    intermediate_size=5632,
-    initializer_range=0.02,
-)
-"""The Llama shape of loadtest/bench_engine.py (~206M parameters, ~820 MB in fp32)."""
+# BENCH_SHAPE: the Llama shape of bench_engine.py (~206M parameters, ~820 MB in fp32)
 RANK = 8
 TENANT = "bench"
 

@@ -29,7 +29,7 @@ from personalize.lora.slots import SlotPool, module_shapes
 from personalize.model import BaseModel, build_random_llama, default_llama_config, fingerprint
 from tests.helpers import make_adapter, peft_model
 
-BENCH_SHAPE = dict(
+BENCH_SHAPE = dict(  # overrides of personalize.model.default_llama_config; bench_cache.py uses the same
     hidden_size=2048,
     num_hidden_layers=4,
     num_attention_heads=16,
@@ -172,24 +172,13 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     prompt_t = torch.randint(3, 259, (args.batch, args.prompt_tokens), generator=g)
     prompts = prompt_t.tolist()
-    engine = Engine(
-        base,
-        EngineConfig(
-            max_batch=args.batch,
-            max_len=args.prompt_tokens + args.new_tokens + 1,
-            max_prefill_tokens=args.batch * args.prompt_tokens,
-        ),
-        pool,
+    sizes = dict(
+        max_batch=args.batch,
+        max_len=args.prompt_tokens + args.new_tokens + 1,
+        max_prefill_tokens=args.batch * args.prompt_tokens,
     )
-    base_engine = Engine(
-        base,
-        EngineConfig(
-            max_batch=args.batch,
-            max_len=args.prompt_tokens + args.new_tokens + 1,
-            max_prefill_tokens=args.batch * args.prompt_tokens,
-        ),
-        None,
-    )
+    engine = Engine(base, EngineConfig(**sizes), pool)
+    base_engine = Engine(base, EngineConfig(**sizes), None)  # the same sizes, no adapter slots
     peft = build_peft(
         base,
         [

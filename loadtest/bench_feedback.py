@@ -364,6 +364,7 @@ def freshness(tmp: Path, seconds: float, rate: float, users: int) -> dict[str, A
     from personalize_service.client import PersonalizeClient
     from tests.e2e.upserver import start_up
 
+    tmp.mkdir(parents=True, exist_ok=True)  # up creates its data dir, not the folder of its log
     up = start_up(tmp / "data", tmp / "up.log")
     rnd = random.Random(2)
     samples: list[float] = []

@@ -12,8 +12,12 @@ with the same event_key until acked), and injects the faults of FAULTS in turn. 
 recover -> wait (bounded) until the whole system is healthy again -> check the invariants, with feedback
 paused and the streams drained:
 
-  - every acknowledged feedback event is applied exactly once: per user, examples_seen (GetAdapter) ==
-    the number of distinct acked event keys (lost = shortfalls, applied_twice = excesses);
+  - every acknowledged feedback event is applied exactly once, checked against an independent record, not
+    the trainer's examples_seen counter: each stored version's examples object lists the event ids it was
+    trained on (up runs with --keep-versions 0, so every version stays), and every acked event id must be
+    listed by exactly one version (lost = listed by none, applied_twice = by two or more), no id listed that
+    no sent event got; ids listed only by the version corrupt_adapter destroyed are reported apart
+    (destroyed_by_fault: the trainer rebuilds from the newest intact version, so that training is gone);
   - no dead letters; no Generate failure outside a fault window [inject, healthy + grace];
   - corrupt_adapter: no Generate serves the corrupted version with output other than the intact one's,
     and the user heals (a newer version is published and served).
@@ -51,10 +55,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `loadtest`, `tests` when run as a script
 
-from loadtest.chaos_load import CALL_TIMEOUT_S, FAULTS, PROMPTS, Call, ChaosConfig, Load
+from loadtest.chaos_load import CALL_TIMEOUT_S, FAULTS, PROMPTS, Call, ChaosConfig, Event, Load
 from loadtest.faultproxy import FaultProxy
 from personalize.adapters.registry import Registry
-from personalize.adapters.store.keys import adapter_version, user_prefix
+from personalize.adapters.store import ObjectStore, open_store
+from personalize.adapters.store.base import checksum_of
+from personalize.adapters.store.keys import adapter_key, adapter_version, examples_key, examples_version, user_prefix
+from personalize.errors import CorruptObject
+from personalize.feedback.examples import decode
 from personalize_service.cli.embedded import running_url
 from personalize_service.client import PersonalizeClient, PersonalizeClientError
 from tests.e2e.upserver import UpServer, start_up, valkey_pids
@@ -105,6 +113,96 @@ def window_stats(calls: list[Call], window: tuple[float, float]) -> dict[str, in
     }
 
 
+# ---- the independent record of what was applied --------------------------------------------------------
+
+
+@dataclass
+class TrainedRecord:
+    """What the stored versions of one user say they were trained on."""
+
+    versions: Counter[str] = field(default_factory=Counter)
+    """Event id -> how many versions (at or below the registry's current one) list it."""
+    corrupt: set[str] = field(default_factory=set)
+    """Ids listed by a version whose adapter object no longer hashes to the checksum its name carries."""
+
+
+def trained_record(store: ObjectStore, tenant: str, user: str, current_version: int) -> TrainedRecord:
+    """Read every stored object of `user`: the examples objects' event ids, per version.
+
+    A version counts an id once however many objects it has: a trainer killed between its writes and its
+    registry CAS leaves an orphan at the version its successor then takes (the CAS lets one object per version
+    into the lineage). Versions above the registry's `current_version` are such orphans and count for nothing,
+    so an id only they list shows as lost. An examples object that does not hash to its name counts for nothing
+    either."""
+    ids: dict[int, set[str]] = {}
+    corrupt_versions: set[int] = set()
+    for key in store.list(user_prefix(tenant, user)):
+        version = adapter_version(key) or examples_version(key)
+        if version is None or version > current_version:
+            continue
+        try:
+            data = store.get(key)  # S3 checks the checksum it stored the object with: CorruptObject
+        except CorruptObject:
+            data = b""
+        if adapter_version(key) is not None:
+            if adapter_key(tenant, user, version, checksum_of(data)) != key:
+                corrupt_versions.add(version)
+        elif examples_key(tenant, user, version, checksum_of(data)) == key:
+            ids.setdefault(version, set()).update(decode(data).event_ids)
+    record = TrainedRecord()
+    for version, listed in ids.items():
+        record.versions.update(listed)
+        if version in corrupt_versions:
+            record.corrupt |= listed
+    return record
+
+
+def exactly_once(
+    acked: list[Event], unacked: list[Event], records: dict[str, TrainedRecord], destroyed: set[str]
+) -> dict[str, Any]:
+    """Compare the acked events with the versions' records: each acked id listed by exactly one version.
+
+    `destroyed`: users whose version the run corrupted on purpose; an id listed only by a corrupt version of
+    such a user is destroyed_by_fault, anywhere else lost. Ids listed that no acked event got: at most one per
+    unacked event of the user (sent, maybe stored, its id never seen), beyond that they are unknown_ids."""
+    lost: Counter[str] = Counter()
+    twice: Counter[str] = Counter()
+    by_fault: Counter[str] = Counter()
+    unknown: Counter[str] = Counter()
+    applied = 0
+    known: dict[str, set[str]] = {}
+    for event in acked:
+        known.setdefault(event.user, set()).add(event.event_id)
+        record = records.get(event.user, TrainedRecord())
+        listed = record.versions[event.event_id]
+        if listed > 1:
+            twice[event.user] += 1
+        elif listed == 0:
+            lost[event.user] += 1
+        elif event.event_id in record.corrupt and event.user in destroyed:
+            by_fault[event.user] += 1
+        elif event.event_id in record.corrupt:
+            lost[event.user] += 1
+        else:
+            applied += 1
+    maybe = Counter(e.user for e in unacked)
+    for user, record in records.items():
+        foreign = [i for i in record.versions if i not in known.get(user, set())]
+        twice[user] += sum(record.versions[i] > 1 for i in foreign)
+        if len(foreign) > maybe[user]:
+            unknown[user] = len(foreign) - maybe[user]
+    return {
+        "applied": applied,
+        "lost": sum(lost.values()),
+        "applied_twice": sum(twice.values()),
+        "destroyed_by_fault": sum(by_fault.values()),
+        "unknown_ids": sum(unknown.values()),
+        "lost_by_user": dict(+lost),
+        "twice_by_user": dict(+twice),
+        "unknown_by_user": dict(unknown),
+    }
+
+
 # ---- the run ------------------------------------------------------------------------------------------
 
 
@@ -131,6 +229,9 @@ class Chaos:
         self.redis: redis.Redis
         self.client: PersonalizeClient
         self.load: Load
+        self.store: ObjectStore
+        self.corrupted: set[tuple[str, int]] = set()
+        """(user, version) whose adapter object corrupt_adapter altered."""
 
     # -- setup and teardown --
 
@@ -178,6 +279,7 @@ class Chaos:
         url = running_url(data_dir / "valkey")  # the banner masks the password
         self.redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self._stack.callback(self.redis.close)
+        self.store = open_store(self.s3.s3_url(BUCKET, PREFIX))  # reads the versions' records (check)
         self.client = PersonalizeClient(self.up.target, timeout=CALL_TIMEOUT_S)
         self._stack.callback(self.client.close)
         self.wait("the cluster serving", self.unhealthy)
@@ -245,32 +347,33 @@ class Chaos:
     # -- invariants --
 
     def check(self, label: str) -> dict[str, Any]:
-        """Pause feedback, wait until no user has pending events, compare examples_seen with acked events."""
+        """Pause feedback, wait until no user has pending events, then compare the acked events' ids with the
+        stored versions' records of what they were trained on (exactly_once)."""
         self.load.pause_feedback()
         try:
             seen, undrained = self.drain()
+            acked, unacked = self.load.acked_events(), self.load.unacked()
+            records = {user: self.trained(user) for user in self.users}
         finally:
             self.load.resume_feedback()
-        acked = self.load.acked()
-        maybe = Counter(e.user for e in self.load.unacked())  # sent, not acked: stored or not, we can't know
-        lost = {u: acked[u] - seen[u] for u in self.users if seen[u] < acked[u]}
-        twice = {u: seen[u] - acked[u] - maybe[u] for u in self.users if seen[u] > acked[u] + maybe[u]}
+        once = exactly_once(acked, unacked, records, {user for user, _ in self.corrupted})
         dead = self.dead_letters()
         result = {
             "at": label,
-            "acked": sum(acked.values()),
-            "applied": sum(seen.values()),
-            "unacked": sum(maybe.values()),
-            "lost": sum(lost.values()),
-            "applied_twice": sum(twice.values()),
-            "lost_by_user": lost,
-            "twice_by_user": twice,
+            "acked": len(acked),
+            **once,
+            "examples_seen": sum(seen.values()),  # the trainer's own counter, for comparison only
+            "unacked": len(unacked),
             "dead_letters": dead,
             "undrained": undrained,
-            "ok": not lost and not twice and not dead and not undrained,
+            "ok": not (once["lost"] or once["applied_twice"] or once["unknown_ids"] or dead or undrained),
         }
         self.checks.append(result)
         return result
+
+    def trained(self, user: str) -> TrainedRecord:
+        record = Registry(self.redis, NAMESPACE).get(TENANT, user)
+        return trained_record(self.store, TENANT, user, record.version if record else 0)
 
     def drain(self) -> tuple[Counter[str], str]:
         """examples_seen per user once no user has pending feedback, and "" (or, after drain_timeout_s, the
@@ -481,6 +584,7 @@ class Chaos:
         data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
         metadata = {k: v for k, v in headers.items() if k.lower().startswith("x-amz-meta-")}
         client.put_object(BUCKET, name, io.BytesIO(bytes(data)), len(data), metadata=metadata)  # type: ignore[arg-type]
+        self.corrupted.add((user, version))
         return name
 
     # -- picking targets --
@@ -563,6 +667,9 @@ class Chaos:
             "events_applied": final["applied"],
             "lost": final["lost"],
             "applied_twice": final["applied_twice"],
+            "destroyed_by_fault": final["destroyed_by_fault"],
+            "unknown_ids": final["unknown_ids"],
+            "examples_seen": final["examples_seen"],
             "generate_calls": len(generates),
             "generate_failed": len(failed),
             "failed_during_fault": len(failed) - len(outside),

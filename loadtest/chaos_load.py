@@ -58,9 +58,12 @@ class ChaosConfig:
         "2",
         "--disk-cache",
         "0",
+        "--keep-versions",
+        "0",
     )
     """Short training rounds (the run checks bookkeeping, not what the adapters learn); no disk cache, so a
-    restarted worker loads adapters from the store."""
+    restarted worker loads adapters from the store; every version kept, so that the record of the event ids
+    each version was trained on (its examples object) stays whole for the exactly-once check."""
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - set(FAULTS)
@@ -99,6 +102,8 @@ class Event:
     user: str
     attempts: int = 0
     acked: bool = False
+    event_id: str = ""
+    """The stream id the ack returned (a retry with the same key returns the same one)."""
 
 
 class Load:
@@ -229,7 +234,7 @@ class Load:
             event.attempts += 1
             start = time.monotonic()
             try:
-                client.feedback(event.user, PROMPTS[0], f"Hello {event.user}", kind="accept", event_key=event.key)
+                ack = client.feedback(event.user, PROMPTS[0], f"Hello {event.user}", kind="accept", event_key=event.key)
             except PersonalizeClientError as exc:
                 self.calls.append(
                     Call(
@@ -242,12 +247,16 @@ class Load:
                 backoff = min(2.0, backoff * 2)
             else:
                 self.calls.append(Call("SubmitFeedback", event.user, start, time.monotonic(), "OK"))
-                event.acked = True
+                event.event_id, event.acked = ack.event_id, True
         return True
 
     def acked(self) -> Counter[str]:
         with self._lock:
             return Counter(e.user for e in self.events.values() if e.acked)
+
+    def acked_events(self) -> list[Event]:
+        with self._lock:
+            return [e for e in self.events.values() if e.acked]
 
     def unacked(self) -> list[Event]:
         with self._lock:
