@@ -515,6 +515,15 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="SIZE",
     ),
     _s(
+        "limits.max_message_bytes",
+        "--max-message-bytes",
+        "PERSONALIZE_MAX_MESSAGE_BYTES",
+        4 * 2**20,
+        parse_size,
+        "grpc receive limit of every method (larger adapters import streamed)",
+        metavar="SIZE",
+    ),
+    _s(
         "limits.requests_per_second",
         "--rate",
         "PERSONALIZE_RATE",

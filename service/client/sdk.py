@@ -35,7 +35,7 @@ import grpc
 from personalize import errors
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
-from personalize_service.server.limits import IMPORT_FILE_NAMES, USER_ID_METADATA_KEY
+from personalize_service.server.limits import IMPORT_CHUNK_BYTES, IMPORT_FILE_NAMES, USER_ID_METADATA_KEY
 
 if TYPE_CHECKING:
     from personalize_service.client.routing import RoutingClient
@@ -359,10 +359,11 @@ class PersonalizeClient:
 
     def import_adapter(self, user_id: str, files: Mapping[str, bytes] | str | os.PathLike[str]) -> pb.AdapterInfo:
         """Install a PEFT LoRA adapter for the user: a name -> bytes mapping, or a directory holding
-        adapter_config.json and adapter_model.safetensors (other files there are ignored). Not retried."""
+        adapter_config.json and adapter_model.safetensors (other files there are ignored). Sent as an
+        ImportAdapterStream (chunks of IMPORT_CHUNK_BYTES), so any size up to the server's per-file limit
+        imports, whatever the servers' receive limit. Not retried."""
         payload = _read_adapter_dir(files) if isinstance(files, str | os.PathLike) else dict(files)
-        request = pb.ImportAdapterRequest(user_id=user_id, files=payload)
-        return self._call("ImportAdapter", request, idempotent=False)
+        return self._call("ImportAdapterStream", ImportChunks(user_id, payload), idempotent=False)
 
     # -- admin --
 
@@ -480,6 +481,30 @@ def _generate_request(
     fields: dict[str, Any] = {"max_new_tokens": DEFAULT_NEW_TOKENS, **options}
     fields["stop"] = list(fields.get("stop", ()))
     return pb.GenerateRequest(user_id=user_id, **_question(prompt), **fields)
+
+
+class ImportChunks:
+    """A streamed import's request as `_call` takes one: the `user_id` it is routed by, and an iterator
+    (made once, lazily) of ImportAdapterChunks: the first names the user, each carries at most
+    IMPORT_CHUNK_BYTES of one file."""
+
+    def __init__(self, user_id: str, files: Mapping[str, bytes]) -> None:
+        self.user_id = user_id
+        self._chunks = _chunks(user_id, files)
+
+    def __iter__(self) -> Iterator[pb.ImportAdapterChunk]:
+        return self
+
+    def __next__(self) -> pb.ImportAdapterChunk:
+        return next(self._chunks)
+
+
+def _chunks(user_id: str, files: Mapping[str, bytes]) -> Iterator[pb.ImportAdapterChunk]:
+    yield pb.ImportAdapterChunk(user_id=user_id)
+    for name, data in files.items():
+        view = memoryview(data)
+        for start in range(0, max(len(data), 1), IMPORT_CHUNK_BYTES):
+            yield pb.ImportAdapterChunk(file_name=name, data=bytes(view[start : start + IMPORT_CHUNK_BYTES]))
 
 
 def _read_adapter_dir(directory: str | os.PathLike[str]) -> dict[str, bytes]:

@@ -37,7 +37,7 @@ from personalize_service.server.limits import (
     Limits,
     RateLimiter,
     SharedRateLimiter,
-    grpc_message_options,
+    grpc_server_options,
 )
 from personalize_service.server.metrics import MetricsServer, ServiceMetrics, start_metrics_server
 from personalize_service.server.observe import ObserveInterceptor, open_access_log, otlp_traces_url, setup_tracing
@@ -184,7 +184,7 @@ def create(
     """
     state = state or NodeState()
     access = open_access_log(config.access_log, config.access_log_key)
-    options = [*grpc_message_options(config.limits), ("grpc.so_reuseport", 0)]  # a taken port must fail
+    options = [*grpc_server_options(config.limits), ("grpc.so_reuseport", 0)]  # a taken port must fail
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix=thread_prefix),
         interceptors=[

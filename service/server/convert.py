@@ -19,6 +19,7 @@ from personalize_service.server.limits import (
     Limits,
     check_event_key,
     check_feedback_text,
+    check_import_chunk,
     check_import_files,
     check_max_new_tokens,
     check_prompt,
@@ -150,6 +151,33 @@ class ImportArgs(NamedTuple):
 def import_args(request: pb.ImportAdapterRequest, limits: Limits) -> ImportArgs:
     """Validated arguments of ImportAdapter: exactly the PEFT files, each within max_import_file_bytes."""
     return ImportArgs(check_user_id(request.user_id, limits), check_import_files(dict(request.files), limits))
+
+
+def import_request(chunks: Iterable[pb.ImportAdapterChunk], limits: Limits) -> pb.ImportAdapterRequest:
+    """The ImportAdapterRequest a streamed import's chunks make up (for import_args: one validation path).
+
+    Each chunk is checked as it arrives (check_import_chunk), so a bad one ends the stream before the rest
+    is read. InvalidArgument for an empty stream or a chunk naming another user than the first.
+    """
+    user_id: str | None = None
+    files: dict[str, list[bytes]] = {}
+    sizes: dict[str, int] = {}
+    for index, chunk in enumerate(chunks):
+        if user_id is None:
+            user_id = chunk.user_id
+        elif chunk.user_id and chunk.user_id != user_id:
+            raise InvalidArgument(
+                f"import chunk {index} is for user_id {chunk.user_id!r}; the first chunk's is {user_id!r}"
+            )
+        if not chunk.file_name and not chunk.data:
+            continue
+        received = sizes.get(chunk.file_name, 0)
+        check_import_chunk(index, chunk.file_name, len(chunk.data), received, limits)
+        sizes[chunk.file_name] = received + len(chunk.data)
+        files.setdefault(chunk.file_name, []).append(chunk.data)
+    if user_id is None:
+        raise InvalidArgument("the import stream ended before its first chunk; the first chunk names the user")
+    return pb.ImportAdapterRequest(user_id=user_id, files={name: b"".join(parts) for name, parts in files.items()})
 
 
 # ---- library -> responses ----------------------------------------------------------------------------

@@ -25,6 +25,10 @@ MIB = 1024 * KIB
 USER_ID_METADATA_KEY = "x-user-id"
 IMPORT_FILE_NAMES = ("adapter_config.json", "adapter_model.safetensors")
 """The PEFT files an import must carry (never a pickle: adapter_model.bin is refused)."""
+IMPORT_CHUNK_BYTES = MIB
+"""Most bytes of file data one ImportAdapterStream chunk may carry."""
+_CHUNK_ROOM = 64 * KIB
+"""Room for a chunk's user_id, file name and framing above its data."""
 
 
 MAX_QUEUED_PER_THREAD = 4
@@ -53,6 +57,9 @@ class Limits:
     """Size of a feedback idempotency key in UTF-8 bytes."""
     max_import_file_bytes: int = 64 * MIB
     """Size of each file of an imported adapter."""
+    max_message_bytes: int = 4 * MIB
+    """Largest message a server receives (grpc's receive limit, every method): grpc refuses a larger one
+    with RESOURCE_EXHAUSTED before the rest of it arrives. Adapters above it import by ImportAdapterStream."""
     requests_per_second: float = 1000.0
     """Sustained request rate per tenant (token bucket refill rate)."""
     burst: int = 2000
@@ -75,6 +82,7 @@ class Limits:
             "max_feedback_text_bytes",
             "max_event_key_bytes",
             "max_import_file_bytes",
+            "max_message_bytes",
             "burst",
             "max_concurrent_generations",
             "feedback_burst",
@@ -86,6 +94,12 @@ class Limits:
         for name in ("requests_per_second", "feedback_per_second"):
             if not getattr(self, name) > 0:
                 raise InvalidArgument(f"limit {name} must be > 0, got {getattr(self, name)}")
+        smallest = max(self.max_request_bytes, IMPORT_CHUNK_BYTES + _CHUNK_ROOM)
+        if self.max_message_bytes < smallest:
+            raise InvalidArgument(
+                f"limit max_message_bytes ({self.max_message_bytes}) is below {smallest}, the largest request "
+                f"(max_request_bytes) or import chunk ({IMPORT_CHUNK_BYTES} bytes of data) a caller may send"
+            )
         if self.default_new_tokens > self.max_new_tokens:
             raise InvalidArgument(
                 f"limit default_new_tokens ({self.default_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})"
@@ -104,12 +118,18 @@ DEFAULT_LIMITS = Limits()
 
 
 def grpc_message_options(limits: Limits) -> list[tuple[str, int]]:
-    """gRPC server/channel options so an import or export of two maximal files fits in one message.
-
-    gRPC's default receive limit is 4 MiB; without these an import over it fails before any handler.
-    """
+    """gRPC channel options so an export (or a unary import) of two maximal files fits in one message."""
     size = 2 * limits.max_import_file_bytes + MIB
     return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+
+
+def grpc_server_options(limits: Limits) -> list[tuple[str, int]]:
+    """gRPC server options: it receives at most max_message_bytes per message (so no caller, keyed or not,
+    can make it take in more before being refused) and sends exports of two maximal files."""
+    return [
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_send_message_length", 2 * limits.max_import_file_bytes + MIB),
+    ]
 
 
 # ---- validators --------------------------------------------------------------------------------------
@@ -190,6 +210,26 @@ def check_import_files(files: Mapping[str, bytes], limits: Limits) -> dict[str, 
                 f"{limits.max_import_file_bytes} (max_import_file_bytes)"
             )
     return dict(files)
+
+
+def check_import_chunk(index: int, file_name: str, size: int, received: int, limits: Limits) -> None:
+    """Chunk `index` of a streamed import, `size` bytes of `file_name` after `received` of it, if it is for
+    one of IMPORT_FILE_NAMES, carries at most IMPORT_CHUNK_BYTES and keeps the file within max_import_file_bytes."""
+    if file_name not in IMPORT_FILE_NAMES:
+        raise InvalidArgument(
+            f"import chunk {index} is for file {file_name!r}, which is not accepted; "
+            f"send exactly {list(IMPORT_FILE_NAMES)}"
+        )
+    if size > IMPORT_CHUNK_BYTES:
+        raise InvalidArgument(
+            f"import chunk {index} carries {size} bytes; the limit is {IMPORT_CHUNK_BYTES} "
+            f"per chunk (IMPORT_CHUNK_BYTES)"
+        )
+    if received + size > limits.max_import_file_bytes:
+        raise InvalidArgument(
+            f"import file {file_name} is over {limits.max_import_file_bytes} bytes at chunk {index}; the limit is "
+            f"{limits.max_import_file_bytes} (max_import_file_bytes)"
+        )
 
 
 def user_id_of(request: Any, context: Any, limits: Limits = DEFAULT_LIMITS) -> str:

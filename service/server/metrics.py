@@ -6,6 +6,8 @@ process. Names (all prefixed `personalize_`):
     requests_total{rpc,code}            calls finished, by method and gRPC status code
                                         (rpc="personalize.v1.Personalize/Generate", code="NOT_FOUND")
     request_seconds{rpc}                call latency (streams: until the last chunk)
+    request_bytes_total{rpc}            bytes of request messages parsed for the handlers (a call refused
+                                        on its headers adds nothing: its messages are never read)
     cache_hits_total{tier}              adapter found in tier (device, host, disk, store)
     cache_misses_total{tier}            adapter not in tier (looked further down)
     adapter_load_seconds{tier}          time to bring an adapter into a device slot from tier
@@ -70,6 +72,9 @@ class ServiceMetrics:
         )
         self.request_seconds = Histogram(
             f"{PREFIX}_request_seconds", "gRPC call latency in seconds.", ["rpc"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.request_bytes = Counter(
+            f"{PREFIX}_request_bytes", "Bytes of request messages parsed for the handlers.", ["rpc"], registry=r
         )
         self.cache_hits = Counter(
             f"{PREFIX}_cache_hits", "Adapter lookups answered by a cache tier.", ["tier"], registry=r

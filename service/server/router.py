@@ -24,6 +24,7 @@ failed calls just now), announced load and capacity.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import re
@@ -204,6 +205,8 @@ RETRIED = {
     "ImportAdapter": False,  # each import is a new version
 }
 """Whether a method is sent again to the next worker after UNAVAILABLE (a stream only before its first chunk)."""
+IMPORT_STREAM = "ImportAdapterStream"
+"""The client-streaming import: forwarded chunk by chunk, never retried (RouterHandler._import_stream)."""
 USER_ID_FIELD = 1
 """`user_id`'s field number in every request of the Personalize service."""
 EVENT_KEY_FIELD = pb.FeedbackRequest.DESCRIPTOR.fields_by_name["event_key"].number
@@ -220,6 +223,7 @@ class RouterHandler(grpc.GenericRpcHandler):
         self.metrics = metrics
         self._callables: dict[tuple[int, str], tuple[grpc.Channel, Any]] = {}
         self._handlers = {f"/{SERVICE}/{rpc}": self._handler(rpc) for rpc in RETRIED}
+        self._handlers[f"/{SERVICE}/{IMPORT_STREAM}"] = grpc.stream_unary_rpc_method_handler(self._import_stream)
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         return self._handlers.get(handler_call_details.method)
@@ -316,6 +320,41 @@ class RouterHandler(grpc.GenericRpcHandler):
     def _observe(self, rpc: str, upstream: Upstream, number: int, error: BaseException | None, start: float) -> None:
         if self.metrics is not None:
             self.metrics.attempt(rpc, upstream.node_id, number, _code_of(error), time.perf_counter() - start)
+
+    def _import_stream(self, chunks: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        """ImportAdapterStream to the user's worker, each chunk passed on as it arrives (never held whole):
+        routed by `x-user-id`, else by the first chunk's user_id (read before anything is sent). The worker
+        holds every chunk to the header, as it does a unary call's body. Never retried: a new version."""
+        try:
+            metadata = forwarded_metadata(context)
+            header = next((v for k, v in metadata if k == USER_ID_METADATA_KEY), None)
+            first: list[bytes] = []
+            if header is None:
+                first = [next(chunks, b"")]
+                user_id = check_user_id(wire.last_string(first[0], USER_ID_FIELD), self.limits)
+            else:
+                user_id = check_user_id(str(header), self.limits)
+            key = route_key(current_tenant(), user_id)
+            for attempt in self.cluster.attempts(key, retry=False):
+                with attempt as upstream:
+                    start, error = time.perf_counter(), None
+                    method = upstream.channel.stream_unary(f"/{SERVICE}/{IMPORT_STREAM}")
+                    future = method.future(
+                        itertools.chain(first, chunks), timeout=time_remaining(context), metadata=metadata
+                    )
+                    cancel_with_call(context, future.cancel)
+                    try:
+                        return cast(bytes, future.result())
+                    except grpc.RpcError as exc:
+                        error = exc
+                        raise
+                    except grpc.FutureCancelledError:
+                        raise DeadlineExceeded(f"{IMPORT_STREAM} was cancelled: the caller went away") from None
+                    finally:
+                        self._observe(IMPORT_STREAM, upstream, attempt.number, error, start)
+        except grpc.RpcError as exc:
+            raise public_error(IMPORT_STREAM, exc) from None
+        raise AssertionError("unreachable: the only attempt never swallows its error")
 
 
 def _with_event_key(body: bytes) -> bytes:

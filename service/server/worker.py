@@ -117,6 +117,12 @@ class PersonalizeServicer(pb_grpc.PersonalizeServicer):
         args = convert.import_args(request, self.limits)
         return convert.adapter_info(self.worker.import_adapter(current_tenant(), args.user_id, args.files))
 
+    def ImportAdapterStream(
+        self, chunks: Iterator[pb.ImportAdapterChunk], context: grpc.ServicerContext
+    ) -> pb.AdapterInfo:
+        """ImportAdapter of the reassembled chunks (the same validation and import)."""
+        return self.ImportAdapter(convert.import_request(chunks, self.limits), context)
+
 
 def _spans(start: float, result: GenerationResult, info: GenerationInfo) -> None:
     generation_spans(start, result.timings, info.cache_tier, info.adapter_version)
@@ -155,8 +161,12 @@ class _Unparseable:
         self.type_name = type_name
 
 
-def _parser(message_type: type[Message]) -> Callable[[bytes], Message | _Unparseable]:
+def _parser(message_type: type[Message], received: Any = None) -> Callable[[bytes], Message | _Unparseable]:
+    """Parses a request body; counts its bytes in `received` (a Prometheus counter child) when given."""
+
     def parse(data: bytes) -> Message | _Unparseable:
+        if received is not None:
+            received.inc(len(data))
         try:
             return message_type.FromString(data)
         except DecodeError:
@@ -165,37 +175,58 @@ def _parser(message_type: type[Message]) -> Callable[[bytes], Message | _Unparse
     return parse
 
 
-def _checked(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+def _agreeing(request: Any, header: str | None) -> Any:
+    """`request` if parsed and its user_id agrees with the `x-user-id` header (an empty one takes it)."""
+    if isinstance(request, _Unparseable):
+        raise InvalidArgument(f"the request body is not a {request.type_name} message")
+    if header is not None:
+        if not request.user_id:
+            request.user_id = header
+        elif request.user_id != header:
+            raise InvalidArgument(
+                f"{USER_ID_METADATA_KEY} metadata {header!r} differs from the request's user_id {request.user_id!r}"
+            )
+    return request
+
+
+def _checked(
+    behavior: Callable[[Any, grpc.ServicerContext], Any], streaming: bool = False
+) -> Callable[[Any, grpc.ServicerContext], Any]:
     """`behavior` for parsed requests only; an empty user_id takes `x-user-id` metadata, a different one
-    is refused (a call is served for the user it was routed by, or not at all)."""
+    is refused (a call is served for the user it was routed by, or not at all). With `streaming`, every
+    message of the request stream is held to this as it is read."""
 
     def run(request: Any, context: grpc.ServicerContext) -> Any:
-        if isinstance(request, _Unparseable):
-            raise InvalidArgument(f"the request body is not a {request.type_name} message")
         header = next((v for k, v in context.invocation_metadata() or () if k == USER_ID_METADATA_KEY), None)
-        if header is not None:
-            if not request.user_id:
-                request.user_id = header
-            elif request.user_id != header:
-                raise InvalidArgument(
-                    f"{USER_ID_METADATA_KEY} metadata {header!r} differs from the request's user_id {request.user_id!r}"
-                )
-        return behavior(request, context)
+        if streaming:
+            return behavior((_agreeing(message, header) for message in request), context)
+        return behavior(_agreeing(request, header), context)
 
     return run
 
 
-def add_personalize(servicer: pb_grpc.PersonalizeServicer, server: grpc.Server) -> None:
+_MAKE_HANDLER = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+}
+
+
+def add_personalize(
+    servicer: pb_grpc.PersonalizeServicer, server: grpc.Server, metrics: ServiceMetrics | None = None
+) -> None:
     """Register `servicer` as the generated add_PersonalizeServicer_to_server does, except that a body
-    that does not parse is INVALID_ARGUMENT (grpc's own answer would be INTERNAL) and `x-user-id`
-    metadata must agree with the body (`_checked`)."""
+    that does not parse is INVALID_ARGUMENT (grpc's own answer would be INTERNAL), `x-user-id`
+    metadata must agree with the body (`_checked`) and, with `metrics`, parsed bytes are counted
+    (request_bytes_total)."""
     handlers = {}
     for method in SERVICE.methods:
         response_type = getattr(pb, method.output_type.name)
-        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        make = _MAKE_HANDLER[(method.client_streaming, method.server_streaming)]
+        received = metrics.request_bytes.labels(rpc=f"{SERVICE.full_name}/{method.name}") if metrics else None
         handlers[method.name] = make(
-            _checked(getattr(servicer, method.name)),
-            request_deserializer=_parser(getattr(pb, method.input_type.name)),
+            _checked(getattr(servicer, method.name), method.client_streaming),
+            request_deserializer=_parser(getattr(pb, method.input_type.name), received),
             response_serializer=response_type.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
@@ -212,7 +243,7 @@ def create_server(
     """
 
     def register(server: grpc.Server, port: int, state: NodeState) -> None:
-        add_personalize(PersonalizeServicer(worker, config.limits), server)
+        add_personalize(PersonalizeServicer(worker, config.limits), server, metrics)
         address = advertised_address(config.host, port, config.advertise)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(worker, address, state), server)
 

@@ -113,14 +113,29 @@ def _raw_error(server: UpServer, method: str, body: bytes, metadata: object = No
 def test_huge_unauthenticated_calls_oversize_requests_and_admin_calls_are_refused(
     up: tuple[UpServer, Stubs],
 ) -> None:
-    """While B streams: 100 MiB of junk without a key is UNAUTHENTICATED (never parsed: parsing it would be
-    INTERNAL), a Generate over max_request_bytes INVALID_ARGUMENT, A's key on the Admin API PERMISSION_DENIED."""
+    """While B streams: junk without a key is UNAUTHENTICATED (never parsed: parsing it would be INTERNAL),
+    100 MiB in one message RESOURCE_EXHAUSTED at the receive limit, a keyless 120 MiB ImportAdapterStream
+    UNAUTHENTICATED before most of it is sent, a Generate over max_request_bytes INVALID_ARGUMENT, A's key
+    on the Admin API PERMISSION_DENIED."""
     server, stubs = up
     other = _Stream(stubs.api)
     other.start()
     junk = b"\xff" * (100 * MIB)
-    error = _raw_error(server, "/personalize.v1.Personalize/ImportAdapter", junk)
+    error = _raw_error(server, "/personalize.v1.Personalize/ImportAdapter", junk[: 3 * MIB])
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
+    error = _raw_error(server, "/personalize.v1.Personalize/ImportAdapter", junk)  # over the receive limit
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+    taken: list[int] = []
+
+    def keyless_120_mib() -> Iterator[pb.ImportAdapterChunk]:
+        for index in range(120):
+            taken.append(index)
+            yield pb.ImportAdapterChunk(user_id="mallory", file_name="adapter_model.safetensors", data=junk[:MIB])
+
+    with pytest.raises(grpc.RpcError) as raised:
+        stubs.api.ImportAdapterStream(keyless_120_mib(), timeout=120)
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert len(taken) < 60  # refused on its headers: most of it never left the attacker
     limit = Limits().max_request_bytes
     error = _raw_error(server, "/personalize.v1.Personalize/Generate", junk[: limit + 1], KEY_A)
     assert (

@@ -76,12 +76,15 @@ def raw_call(channel: grpc.Channel, method: str, body: bytes, metadata: Any = No
 # ---- size limits and auth before the body is parsed ----------------------------------------------------
 
 
-def test_unauthenticated_100_mib_call_is_refused_without_parsing_it(keyed: grpc.Channel) -> None:
-    """100 MiB of junk: parsing it would answer INTERNAL; refused on its headers it is UNAUTHENTICATED."""
-    body = JUNK * (100 * MIB // len(JUNK))
+def test_unauthenticated_call_is_refused_without_parsing_it(keyed: grpc.Channel) -> None:
+    """3 MiB of junk: parsing it would answer INTERNAL; refused on its headers it is UNAUTHENTICATED. 100 MiB
+    never reaches a handler: grpc refuses it by its length prefix at the receive limit (max_message_bytes)."""
+    body = JUNK * (3 * MIB // len(JUNK))
     for metadata in (None, (("authorization", "Bearer wrong"),)):
         error = raw_call(keyed, "/personalize.v1.Personalize/ImportAdapter", body, metadata)
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
+    huge = raw_call(keyed, "/personalize.v1.Personalize/ImportAdapter", JUNK * (100 * MIB // len(JUNK)))
+    assert huge.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, huge.details()
     # the same bytes with a key are parsed (and fail as junk does): the refusal above came before parsing
     parsed = raw_call(keyed, "/personalize.v1.Personalize/ImportAdapter", JUNK, TENANT_A)
     assert parsed.code() == grpc.StatusCode.INTERNAL
@@ -100,9 +103,19 @@ def test_requests_within_the_limit_and_large_imports_are_served(keyed: grpc.Chan
     api = pb_grpc.PersonalizeStub(keyed)
     prompt = "x" * Limits().max_prompt_bytes
     assert api.Generate(pb.GenerateRequest(user_id="u", prompt=prompt), timeout=30, metadata=TENANT_A).text == "tenantA"
-    files = {"adapter_model.safetensors": b"\0" * (4 * MIB)}  # far over max_request_bytes: ImportAdapter may be
+    files = {"adapter_model.safetensors": b"\0" * (3 * MIB)}  # far over max_request_bytes: ImportAdapter may be
     reply = api.ImportAdapter(pb.ImportAdapterRequest(user_id="u", files=files), timeout=60, metadata=TENANT_A)
     assert reply.user_id == "tenantA"
+
+
+def test_no_method_is_sent_more_than_the_receive_limit(keyed: grpc.Channel) -> None:
+    """Not even ImportAdapter, not even with a key: grpc refuses the message at max_message_bytes."""
+    files = {"adapter_model.safetensors": b"\0" * Limits().max_message_bytes}
+    with pytest.raises(grpc.RpcError) as raised:
+        pb_grpc.PersonalizeStub(keyed).ImportAdapter(
+            pb.ImportAdapterRequest(user_id="u", files=files), timeout=60, metadata=TENANT_A
+        )
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, raised.value.details()
 
 
 # ---- the Admin API needs an operator key ----------------------------------------------------------------

@@ -27,7 +27,9 @@ from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_gr
 from personalize_service.http import GatewayConfig, create_app
 from personalize_service.http.serve import _Clients
 from personalize_service.net import find_free_port
+from personalize_service.server import convert
 from personalize_service.server.auth import ApiKeys
+from personalize_service.server.limits import Limits
 
 NODES = ("w0", "w1")
 KEYS = ApiKeys.from_mapping({"acme": "key-acme", "globex": "key-globex"})
@@ -69,7 +71,8 @@ class Worker(pb_grpc.PersonalizeServicer, pb_grpc.AdminServicer):
     def ExportAdapter(self, request: Any, context: Any) -> pb.AdapterBundle:
         return pb.AdapterBundle(info=pb.AdapterInfo(user_id=request.user_id, version=3), files=PEFT)
 
-    def ImportAdapter(self, request: Any, context: Any) -> pb.AdapterInfo:
+    def ImportAdapterStream(self, chunks: Iterator[pb.ImportAdapterChunk], context: Any) -> pb.AdapterInfo:
+        request = convert.import_request(chunks, Limits())  # the worker's own reassembly
         self.imported.append(request)
         return pb.AdapterInfo(user_id=request.user_id, version=1, owner_node=self.node_id)
 

@@ -37,10 +37,11 @@ from personalize_service.client.routing import RoutingClient
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
 from personalize_service.net import find_free_port
-from personalize_service.server import wire
+from personalize_service.server import convert, wire
 from personalize_service.server.auth import ApiKeys
 from personalize_service.server.base import ServiceConfig
 from personalize_service.server.interceptors import ErrorInterceptor
+from personalize_service.server.limits import IMPORT_CHUNK_BYTES, Limits
 from personalize_service.server.metrics import ServiceMetrics
 from personalize_service.server.router import RouterConfig, create_router, worker_channel_opener
 from personalize_service.server.worker import add_personalize
@@ -125,6 +126,11 @@ class FakeWorker(pb_grpc.PersonalizeServicer, pb_grpc.AdminServicer):
     def ImportAdapter(self, request: Any, context: Any) -> pb.AdapterInfo:
         self._enter("ImportAdapter", request, context)
         return pb.AdapterInfo(user_id=request.user_id, version=2, owner_node=self.node_id)
+
+    def ImportAdapterStream(self, chunks: Iterator[pb.ImportAdapterChunk], context: Any) -> pb.AdapterInfo:
+        request = convert.import_request(chunks, Limits())  # the worker's own reassembly
+        self._enter("ImportAdapterStream", request, context)
+        return pb.AdapterInfo(user_id=request.user_id, version=3, owner_node=self.node_id)
 
     def Stats(self, request: Any, context: Any) -> pb.StatsResponse:
         self._enter("Stats", request, context)
@@ -332,6 +338,10 @@ def test_the_worker_refuses_x_user_id_differing_from_the_body() -> None:
                 api.GetAdapter(pb.GetAdapterRequest(user_id="alice"), metadata=[("x-user-id", "bob")], timeout=10)
             assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "differs" in raised.value.details()
             assert api.GetAdapter(pb.GetAdapterRequest(user_id="bob"), metadata=[("x-user-id", "bob")]).user_id == "bob"
+            chunks = [pb.ImportAdapterChunk(user_id="bob"), pb.ImportAdapterChunk(user_id="alice")]
+            with pytest.raises(grpc.RpcError) as raised:
+                api.ImportAdapterStream(iter(chunks), metadata=[("x-user-id", "bob")], timeout=10)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "differs" in raised.value.details()
     finally:
         server.stop(None)
 
@@ -386,6 +396,40 @@ def test_import_is_not_retried_but_the_next_one_avoids_the_suspect(router: Route
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     assert fleet.answered() == {}
     assert router.api.ImportAdapter(request, timeout=10).owner_node == router.owners(user)[1]
+
+
+PEFT = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": bytes(range(256)) * (9 * 4096 + 7)}
+"""Over 9 MiB: more than the router's receive limit would take in one message."""
+
+
+def test_a_streamed_import_reaches_the_owner_chunk_by_chunk(router: Router, fleet: Fleet) -> None:
+    router.cluster.apply(fleet.view(LIVE))
+    with PersonalizeClient(router.address) as client:  # x-user-id routes it
+        assert client.import_adapter("dora", PEFT).owner_node == router.owners("dora")[0]
+    seen = fleet.workers[router.owners("dora")[0]].received[-1]
+    assert (seen.method, seen.metadata["x-user-id"], dict(seen.request.files)) == ("ImportAdapterStream", "dora", PEFT)
+    chunks = [  # without x-user-id: routed by the first chunk's user_id
+        pb.ImportAdapterChunk(user_id="erin"),
+        *(pb.ImportAdapterChunk(file_name=name, data=data) for name, data in PEFT.items()),
+    ]
+    reply = router.api.ImportAdapterStream(iter(chunks[:2]), timeout=10)  # (chunks[2] is over the receive limit)
+    assert reply.owner_node == router.owners("erin")[0] and reply.user_id == "erin"
+
+
+def test_a_keyless_stream_is_refused_by_the_router_and_never_forwarded(keyed_router: Router, fleet: Fleet) -> None:
+    keyed_router.cluster.apply(fleet.view(LIVE))
+    taken: list[int] = []
+
+    def chunks() -> Iterator[pb.ImportAdapterChunk]:
+        for index in range(120):
+            taken.append(index)
+            yield pb.ImportAdapterChunk(user_id="mallory", file_name="f", data=b"\xff" * IMPORT_CHUNK_BYTES)
+
+    with pytest.raises(grpc.RpcError) as raised:
+        keyed_router.api.ImportAdapterStream(chunks(), timeout=60)
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert fleet.answered() == {}
+    assert len(taken) < 60  # most of the 120 MiB was never even taken from the caller
 
 
 def test_an_unavailable_answer_is_retried_with_the_same_event_key(router: Router, fleet: Fleet) -> None:

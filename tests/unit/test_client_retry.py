@@ -30,8 +30,10 @@ from personalize_service.client import (
 )
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
+from personalize_service.server import convert
 from personalize_service.server.auth import ApiKeys, current_tenant
 from personalize_service.server.interceptors import server_interceptors
+from personalize_service.server.limits import Limits
 
 NO_KEYS = ApiKeys()
 FILES = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": b"\x00weights"}
@@ -87,7 +89,8 @@ class _FlakyServicer(pb_grpc.PersonalizeServicer, pb_grpc.AdminServicer):
         self._enter("ExportAdapter", request)
         return pb.AdapterBundle(files=FILES, info=pb.AdapterInfo(user_id=request.user_id, version=3))
 
-    def ImportAdapter(self, request: Any, context: Any) -> pb.AdapterInfo:
+    def ImportAdapterStream(self, chunks: Iterator[pb.ImportAdapterChunk], context: Any) -> pb.AdapterInfo:
+        request = convert.import_request(chunks, Limits())  # the worker's own reassembly
         self._enter("ImportAdapter", request)
         return pb.AdapterInfo(user_id=request.user_id, version=4)
 

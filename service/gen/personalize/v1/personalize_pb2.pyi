@@ -195,6 +195,16 @@ class ImportAdapterRequest(_message.Message):
     files: _containers.ScalarMap[str, bytes]
     def __init__(self, user_id: _Optional[str] = ..., files: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
+class ImportAdapterChunk(_message.Message):
+    __slots__ = ("user_id", "file_name", "data")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    file_name: str
+    data: bytes
+    def __init__(self, user_id: _Optional[str] = ..., file_name: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -71,6 +71,11 @@ class PersonalizeStub:
                 request_serializer=personalize_dot_v1_dot_personalize__pb2.ImportAdapterRequest.SerializeToString,
                 response_deserializer=personalize_dot_v1_dot_personalize__pb2.AdapterInfo.FromString,
                 _registered_method=True)
+        self.ImportAdapterStream = channel.stream_unary(
+                '/personalize.v1.Personalize/ImportAdapterStream',
+                request_serializer=personalize_dot_v1_dot_personalize__pb2.ImportAdapterChunk.SerializeToString,
+                response_deserializer=personalize_dot_v1_dot_personalize__pb2.AdapterInfo.FromString,
+                _registered_method=True)
 
 
 class PersonalizeServicer:
@@ -121,7 +126,17 @@ class PersonalizeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ImportAdapter(self, request, context):
-        """Install a PEFT LoRA adapter for a user.
+        """Install a PEFT LoRA adapter for a user, in one message: only for adapters under the server's
+        receive limit (--max-message-bytes, 4 MiB by default); larger messages are RESOURCE_EXHAUSTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportAdapterStream(self, request_iterator, context):
+        """The same import with the files sent in chunks of at most 1 MiB, for adapters of any size up to
+        --max-import-bytes per file (what the SDK sends). The key is checked on the call's headers before
+        any chunk is read; the reassembled files are validated exactly as ImportAdapter's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,6 +178,11 @@ def add_PersonalizeServicer_to_server(servicer, server):
             'ImportAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.ImportAdapter,
                     request_deserializer=personalize_dot_v1_dot_personalize__pb2.ImportAdapterRequest.FromString,
+                    response_serializer=personalize_dot_v1_dot_personalize__pb2.AdapterInfo.SerializeToString,
+            ),
+            'ImportAdapterStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportAdapterStream,
+                    request_deserializer=personalize_dot_v1_dot_personalize__pb2.ImportAdapterChunk.FromString,
                     response_serializer=personalize_dot_v1_dot_personalize__pb2.AdapterInfo.SerializeToString,
             ),
     }
@@ -356,6 +376,33 @@ class Personalize:
             target,
             '/personalize.v1.Personalize/ImportAdapter',
             personalize_dot_v1_dot_personalize__pb2.ImportAdapterRequest.SerializeToString,
+            personalize_dot_v1_dot_personalize__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportAdapterStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/personalize.v1.Personalize/ImportAdapterStream',
+            personalize_dot_v1_dot_personalize__pb2.ImportAdapterChunk.SerializeToString,
             personalize_dot_v1_dot_personalize__pb2.AdapterInfo.FromString,
             options,
             channel_credentials,
