@@ -72,6 +72,9 @@ class FakeWorker(pb_grpc.PersonalizeServicer, pb_grpc.AdminServicer):
     stream_fail_after: int | None = None
     hold_stream: bool = False
     stream_cancelled: threading.Event = field(default_factory=threading.Event)
+    hold_generate: bool = False
+    generate_held: threading.Event = field(default_factory=threading.Event)
+    generate_cancelled: threading.Event = field(default_factory=threading.Event)
 
     def _enter(self, method: str, request: Any, context: grpc.ServicerContext) -> None:
         remaining = context.time_remaining()
@@ -92,6 +95,11 @@ class FakeWorker(pb_grpc.PersonalizeServicer, pb_grpc.AdminServicer):
 
     def Generate(self, request: Any, context: Any) -> pb.GenerateResponse:
         self._enter("Generate", request, context)
+        if self.hold_generate:  # until the caller goes away
+            self.generate_held.set()
+            while context.is_active():
+                time.sleep(0.01)
+            self.generate_cancelled.set()
         return pb.GenerateResponse(text=f"{self.node_id}:{request.user_id}", node_id=self.node_id)
 
     def GenerateStream(self, request: Any, context: Any) -> Iterator[pb.GenerateChunk]:
@@ -153,6 +161,9 @@ class Fleet:
             worker.fail.clear()
             worker.stream_fail_after, worker.hold_stream = None, False
             worker.stream_cancelled.clear()
+            worker.hold_generate = False
+            worker.generate_held.clear()
+            worker.generate_cancelled.clear()
 
     def answered(self) -> dict[str, list[str]]:
         return {n: w.methods() for n, w in self.workers.items() if w.received}
@@ -514,6 +525,16 @@ def test_a_caller_going_away_cancels_the_upstream_stream(router: Router, fleet: 
     assert next(stream).text == "Hel"
     stream.cancel()
     assert fleet.workers["w2"].stream_cancelled.wait(10), (fleet.answered(), router.cluster.suspects())
+
+
+def test_a_caller_going_away_cancels_the_upstream_unary_call(router: Router, fleet: Fleet) -> None:
+    router.cluster.apply(fleet.view(LIVE))
+    user = user_owned_by(router, "w1")
+    fleet.workers["w1"].hold_generate = True
+    call = router.api.Generate.future(pb.GenerateRequest(user_id=user, prompt="hi"), timeout=30)
+    assert fleet.workers["w1"].generate_held.wait(10), fleet.answered()
+    call.cancel()
+    assert fleet.workers["w1"].generate_cancelled.wait(10), (fleet.answered(), router.cluster.suspects())
 
 
 # ---- admin -----------------------------------------------------------------------------------------
