@@ -23,7 +23,7 @@ from personalize.completions import CompletionLog
 from personalize.config import Config
 from personalize.engine.engine import Engine
 from personalize.engine.text import ChatMessage, encode_chat
-from personalize.engine.types import GenerationResult, SamplingParams
+from personalize.engine.types import GenerationResult, SamplingParams, StreamPiece
 from personalize.errors import (
     CorruptObject,
     DeadlineExceeded,
@@ -141,6 +141,10 @@ class Generation(Protocol):
 
     def __iter__(self) -> Iterator[str]: ...
 
+    def pieces(self) -> Iterator[StreamPiece]:
+        """The text pieces with the logprobs of their tokens (see RequestHandle.pieces)."""
+        ...
+
     def result(self, timeout: float | None = None) -> GenerationResult: ...
 
     def cancel(self) -> None: ...
@@ -155,6 +159,9 @@ class _Running:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._handle)
+
+    def pieces(self) -> Iterator[StreamPiece]:
+        return self._handle.pieces()  # type: ignore[no-any-return]
 
     def result(self, timeout: float | None = None) -> GenerationResult:
         return self._handle.result(timeout)

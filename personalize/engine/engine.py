@@ -28,7 +28,7 @@ import torch
 from personalize.engine.llama import FastLlama
 from personalize.engine.sampling import finite_rows, is_greedy, penalize_rows, sample_token, token_logprob
 from personalize.engine.text import ChatMessage, TextStream, encode_input
-from personalize.engine.types import GenerationResult, RequestTimings, SamplingParams
+from personalize.engine.types import GenerationResult, RequestTimings, SamplingParams, StreamPiece
 from personalize.errors import (
     AdapterError,
     DeadlineExceeded,
@@ -88,6 +88,8 @@ class _Request:
     generated: int = 0
     logprobs: list[float] = field(default_factory=list)
     """With params.logprobs: log p of each generated token."""
+    unsent: int = 0
+    """How many of `logprobs` (the last ones) no piece has carried yet."""
     last_token: int = 0
     position: int = 0
     timings: RequestTimings = field(default_factory=lambda: RequestTimings(submitted=time.time()))
@@ -101,8 +103,15 @@ class RequestHandle:
         self._engine = engine
 
     def __iter__(self) -> Iterator[str]:
-        """The text as it is produced: each item joins every piece queued since the previous one, so a
-        reader that falls behind the engine catches up in one item (one gRPC message) instead of many."""
+        """The text as it is produced (see `pieces`)."""
+        for piece in self.pieces():
+            if piece.text:
+                yield piece.text
+
+    def pieces(self) -> Iterator[StreamPiece]:
+        """The text as it is produced, with the logprobs of its tokens: each item joins every piece queued
+        since the previous one, so a reader that falls behind the engine catches up in one item (one gRPC
+        message) instead of many. The last item may have logprobs and no text (an EOS, a stop string)."""
         pieces = self._req.pieces
         while True:
             ready = [pieces.get()]
@@ -112,9 +121,10 @@ class RequestHandle:
                 except queue.Empty:
                     break
             done = ready[-1] is _DONE
-            text = "".join(ready[:-1] if done else ready)
-            if text:
-                yield text
+            joined: list[StreamPiece] = ready[:-1] if done else ready
+            if joined:
+                text = "".join(p.text for p in joined)
+                yield StreamPiece(text, tuple(lp for p in joined for lp in p.logprobs))
             if done:
                 if self._req.error is not None:
                     raise self._req.error
@@ -387,6 +397,7 @@ class Engine:
             token = sample_token(logits, p.temperature, p.top_p, req.generator, top_k=p.top_k)
         if p.logprobs:
             req.logprobs.append(token_logprob(raw, token))
+            req.unsent += 1
         req.generated += 1
         self.tokens_generated += 1
         now, t = time.time(), req.timings
@@ -401,11 +412,18 @@ class Engine:
             return
         piece = req.stream.push(token)
         if piece:
-            req.pieces.put(piece)
+            self._put(req, piece)
         if req.stream.stopped:
             self._finish(req, "stop")
         elif req.generated >= p.max_new_tokens or req.position + 1 >= self.config.max_len:
             self._finish(req, "length")
+
+    @staticmethod
+    def _put(req: _Request, text: str) -> None:
+        """Queue a piece for the request's reader, with the logprobs no piece has carried yet."""
+        unsent = tuple(req.logprobs[len(req.logprobs) - req.unsent :]) if req.unsent else ()
+        req.unsent = 0
+        req.pieces.put(StreamPiece(text, unsent))
 
     def _remove(self, req: _Request) -> None:
         row = self._running.index(req)
@@ -422,8 +440,8 @@ class Engine:
     def _finish(self, req: _Request, reason: str) -> None:
         self._remove(req)
         tail = req.stream.flush()
-        if tail and reason != "cancelled":
-            req.pieces.put(tail)
+        if (tail or req.unsent) and reason != "cancelled":
+            self._put(req, tail)
         req.timings.finished = time.time()
         result = GenerationResult(
             req.stream.text, len(req.prompt_ids), req.generated, reason, tuple(req.logprobs), req.timings

@@ -45,6 +45,17 @@ class SamplingParams:
             raise InvalidArgument("stop strings must be non-empty")
 
 
+@dataclass(frozen=True)
+class StreamPiece:
+    """Newly final text of a streamed request with the logprobs of the tokens it completes."""
+
+    text: str
+    logprobs: tuple[float, ...] = ()
+    """With SamplingParams.logprobs: log p of each token generated since the previous piece (a token whose
+    text was held back, an unfinished character or a possible stop string, counts in the piece that
+    releases it; an EOS or a stop string's tokens in the last piece). Joined over the pieces: the result's."""
+
+
 @dataclass
 class RequestTimings:
     """When one request passed each stage, in seconds since the epoch (0.0 = not reached), for metrics

@@ -6,7 +6,7 @@ is: `args = convert.generate_args(request, limits)`, call the library, `return c
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from personalize.engine.text import ChatMessage
@@ -198,14 +198,15 @@ def generate_response(result: GenerationResult, info: GenerationInfo) -> pb.Gene
     )
 
 
-def text_chunk(text: str) -> pb.GenerateChunk:
-    """A streamed piece of the completion (not the last chunk)."""
-    return pb.GenerateChunk(text=text)
+def text_chunk(text: str, logprobs: Sequence[float] = ()) -> pb.GenerateChunk:
+    """A streamed piece of the completion (not the last chunk), with the logprobs of its tokens."""
+    return pb.GenerateChunk(text=text, token_logprobs=logprobs)
 
 
-def final_chunk(result: GenerationResult, info: GenerationInfo) -> pb.GenerateChunk:
-    """The last chunk: no text of its own (the pieces were streamed), `final` holds the whole response."""
-    return pb.GenerateChunk(done=True, final=generate_response(result, info))
+def final_chunk(result: GenerationResult, info: GenerationInfo, logprobs: Sequence[float] = ()) -> pb.GenerateChunk:
+    """The last chunk: no text of its own (the pieces were streamed), `final` holds the whole response;
+    `logprobs` are those of the tokens no streamed piece carried (an EOS, a stop string's tokens)."""
+    return pb.GenerateChunk(done=True, final=generate_response(result, info), token_logprobs=logprobs)
 
 
 def feedback_ack(event_id: str, partition: int) -> pb.FeedbackAck:

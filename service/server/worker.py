@@ -70,15 +70,19 @@ class PersonalizeServicer(pb_grpc.PersonalizeServicer):
             start = time.time()
             generation = self.worker.generate(tenant, args.user_id, args.prompt, args.params, args.use_base_model)
             cancel_with_call(context, generation.cancel)
+            leftover: list[float] = []  # logprobs of tokens that added no text: the final chunk's
             try:
-                for piece in generation:
-                    yield convert.text_chunk(piece)
+                for piece in generation.pieces():
+                    if piece.text:
+                        yield convert.text_chunk(piece.text, piece.logprobs)
+                    else:
+                        leftover.extend(piece.logprobs)
             except GeneratorExit:  # grpc dropped the stream (client gone): stop generating at once
                 generation.cancel()
                 raise
             result = generation.result(timeout=time_remaining(context))
         _spans(start, result, generation.info)
-        yield convert.final_chunk(result, generation.info)
+        yield convert.final_chunk(result, generation.info, leftover)
 
     def SubmitFeedback(self, request: pb.FeedbackRequest, context: grpc.ServicerContext) -> pb.FeedbackAck:
         a = convert.feedback_args(request, self.limits)

@@ -94,3 +94,31 @@ def test_sampled_logprobs_are_seeded_and_of_the_drawn_tokens(base: BaseModel) ->
     assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)  # rows differ in ulps
     assert not torch.allclose(torch.tensor(a.logprobs), torch.tensor(c.logprobs), atol=1e-2)
     assert len(a.logprobs) == NEW_TOKENS and all(lp <= 0.0 for lp in a.logprobs)
+
+
+@pytest.mark.parametrize("with_stop", [False, True], ids=["no-stop", "stop-string"])
+def test_each_streamed_piece_carries_the_logprobs_of_its_own_tokens(base: BaseModel, with_stop: bool) -> None:
+    """Piece k carries the logprobs of the tokens whose text it releases: the first (count so far) tokens
+    decode to the text so far; joined, the pieces' logprobs are the result's."""
+    engine = Engine(base, EngineConfig(max_batch=2, max_len=128))
+    engine.start()
+    try:
+        prompt = PROMPTS[1]  # multi-byte text: the byte tokenizer holds back unfinished characters
+        ids = _hf_greedy_ids(base, prompt, 1.0)
+        full = base.tokenizer.decode(ids, skip_special_tokens=True)
+        stop = (full[len(full) // 2 :][:2],) if with_stop else ()  # a stop string the completion reaches
+        params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True, logprobs=True, stop=stop)
+        handle = engine.submit(prompt, params)
+        pieces = list(handle.pieces())
+        result = handle.result(30)
+    finally:
+        engine.stop()
+    assert result.logprobs and tuple(lp for p in pieces for lp in p.logprobs) == result.logprobs
+    assert "".join(p.text for p in pieces) == result.text
+    count, text = 0, ""
+    for piece in pieces:
+        count, text = count + len(piece.logprobs), text + piece.text
+        if piece.text and not stop:
+            assert base.tokenizer.decode(ids[:count], skip_special_tokens=True) == text
+    if stop:
+        assert result.finish_reason == "stop" and len(result.logprobs) < NEW_TOKENS

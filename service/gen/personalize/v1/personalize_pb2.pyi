@@ -68,14 +68,16 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., adapter_version: _Optional[int] = ..., node_id: _Optional[str] = ..., cache_tier: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ..., token_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("text", "done", "final")
+    __slots__ = ("text", "done", "final", "token_logprobs")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     text: str
     done: bool
     final: GenerateResponse
-    def __init__(self, text: _Optional[str] = ..., done: _Optional[bool] = ..., final: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
+    token_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, text: _Optional[str] = ..., done: _Optional[bool] = ..., final: _Optional[_Union[GenerateResponse, _Mapping]] = ..., token_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class FeedbackRequest(_message.Message):
     __slots__ = ("user_id", "prompt", "completion", "kind", "correction", "rejected", "event_key", "messages")
