@@ -19,7 +19,7 @@ from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,6 +34,7 @@ from personalize_service.server.interceptors import Drain, server_interceptors
 from personalize_service.server.limits import (
     DEFAULT_LIMITS,
     MAX_QUEUED_PER_THREAD,
+    FeedbackQuota,
     Limits,
     RateLimiter,
     SharedRateLimiter,
@@ -161,13 +162,24 @@ Register = Callable[[grpc.Server, int, NodeState], None]
 """Adds a role's servicers to a bound server, given its port and state."""
 
 
-def rate_limiter(config: ServiceConfig) -> RateLimiter:
-    """The tenant rate limiter of a server: shared through Valkey when `config.shared_limits` says where."""
+def _shared(config: ServiceConfig) -> dict[str, Any]:
+    """The Valkey client and namespace a tenant limit shares its buckets through; {} = per process."""
     shared = config.shared_limits
     if shared is None or not shared.url:
-        return RateLimiter(config.limits)
+        return {}
     client = valkey.connect(shared.url, shared.cluster, socket_timeout=1.0, socket_connect_timeout=1.0)
-    return SharedRateLimiter(config.limits, client=client, namespace=shared.namespace)
+    return {"client": client, "namespace": shared.namespace}
+
+
+def rate_limiter(config: ServiceConfig) -> RateLimiter:
+    """The tenant rate limiter of a server: shared through Valkey when `config.shared_limits` says where."""
+    shared = _shared(config)
+    return SharedRateLimiter(config.limits, **shared) if shared else RateLimiter(config.limits)
+
+
+def feedback_quota(config: ServiceConfig) -> FeedbackQuota:
+    """The tenant feedback quota of a worker: shared through Valkey when `config.shared_limits` says where."""
+    return FeedbackQuota(config.limits, **_shared(config))
 
 
 def create(

@@ -14,7 +14,7 @@ import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from personalize.errors import InvalidArgument, ResourceExhausted
 
@@ -294,27 +294,6 @@ class TenantBuckets:
             return bucket.try_take(now)
 
 
-@dataclass
-class RateLimiter:
-    """Requests per tenant: requests_per_second, with a burst of `burst`."""
-
-    limits: Limits
-    clock: Callable[[], float] = time.monotonic
-    _buckets: TenantBuckets = field(init=False)
-
-    def __post_init__(self) -> None:
-        self._buckets = TenantBuckets(self.limits.requests_per_second, self.limits.burst, self.clock)
-
-    def check(self, tenant: str) -> None:
-        """Count one request of `tenant`; ResourceExhausted if its bucket is empty."""
-        if not self._buckets.take(tenant):
-            raise ResourceExhausted(
-                f"tenant {tenant!r} is over its request rate: the limit is "
-                f"{self.limits.requests_per_second:g} requests/s with a burst of {self.limits.burst}"
-                f" (requests_per_second, burst); retry later"
-            )
-
-
 # KEYS: the tenant's bucket (a hash: tokens, ts in server microseconds). ARGV: rate/s, capacity.
 # The server's clock, so every process refills the same bucket at the same rate.
 _SHARED_BUCKET_LUA = """
@@ -336,67 +315,136 @@ return ok
 
 
 @dataclass
-class SharedRateLimiter(RateLimiter):
-    """A tenant's token bucket kept in Valkey (one Lua call per request, one key per tenant, so on a
-    Redis Cluster each tenant's bucket lives in one slot, `{<namespace>:rl:<tenant>}`): the rate and burst
-    hold for the tenant however many routers, gateways and workers serve it. When Valkey cannot be
-    reached each process falls back to its own bucket (fail open, at the per-process limit), logged."""
+class SharedBuckets:
+    """One token bucket per tenant kept in Valkey (one Lua call per take, one key per tenant and limit,
+    `{<namespace>:<limit>:<tenant>}`, so on a Redis Cluster each bucket lives in one slot): the rate holds
+    for the tenant however many processes take from it. When Valkey cannot be reached each process takes
+    from its own `fallback` buckets (fail open, at the per-process limit), logged once per outage."""
 
-    client: Any = None
+    client: Any
     """A redis.Redis or RedisCluster (decode_responses off)."""
-    namespace: str = "pz"
+    namespace: str
+    limit: str
+    """The limit's part of the key: `rl` (requests), `fq` (feedback)."""
+    fallback: TenantBuckets
 
     def __post_init__(self) -> None:
-        if self.client is None:
-            raise InvalidArgument("SharedRateLimiter needs a Valkey client")
-        super().__post_init__()  # the per-process buckets it falls back to
         self._take = self.client.register_script(_SHARED_BUCKET_LUA)
         self._warned = False
 
     def key(self, tenant: str) -> str:
-        return f"{{{self.namespace}:rl:{tenant}}}"
+        return f"{{{self.namespace}:{self.limit}:{tenant}}}"
 
-    def check(self, tenant: str) -> None:
+    def take(self, tenant: str) -> bool:
+        """Take one of `tenant`'s tokens from the shared bucket; False if it is empty."""
         from personalize import valkey
         from personalize.errors import Unavailable
 
-        rate, burst = self.limits.requests_per_second, self.limits.burst
+        rate, capacity = self.fallback.rate, self.fallback.capacity
         try:
-            allowed = bool(valkey.call(lambda: self._take(keys=[self.key(tenant)], args=[rate, burst]), "limits"))
+            allowed = bool(valkey.call(lambda: self._take(keys=[self.key(tenant)], args=[rate, capacity]), "limits"))
         except Unavailable as exc:
             if not self._warned:
-                log.warning("shared rate limits unavailable, limiting per process: %s", exc)
+                log.warning("shared %s limits unavailable, limiting per process: %s", self.limit, exc)
                 self._warned = True
-            super().check(tenant)
-            return
+            return self.fallback.take(tenant)
         self._warned = False
-        if not allowed:
-            raise ResourceExhausted(
-                f"tenant {tenant!r} is over its request rate: the limit is {rate:g} requests/s with a burst "
-                f"of {burst} (requests_per_second, burst; shared by every process); retry later"
-            )
+        return allowed
 
 
 @dataclass
-class FeedbackQuota:
-    """Feedback events per tenant: feedback_per_second, with a burst of feedback_burst, so one tenant cannot
-    fill the feedback partitions every tenant shares."""
+class TenantQuota:
+    """A per-tenant token bucket limit: per process, or shared through Valkey when `client` is set (see
+    SharedBuckets). Subclasses say which limit (`limit`, its rate and burst) and how a refusal reads."""
 
     limits: Limits
     clock: Callable[[], float] = time.monotonic
-    _buckets: TenantBuckets = field(init=False)
+    client: Any = None
+    """A Valkey client to share the buckets through; None = this process's own buckets."""
+    namespace: str = "pz"
+    limit: ClassVar[str] = ""
+    _buckets: TenantBuckets | SharedBuckets = field(init=False)
 
     def __post_init__(self) -> None:
-        self._buckets = TenantBuckets(self.limits.feedback_per_second, self.limits.feedback_burst, self.clock)
+        local = TenantBuckets(self.rate, self.burst, self.clock)
+        self._buckets = local if self.client is None else SharedBuckets(self.client, self.namespace, self.limit, local)
+
+    @property
+    def shared(self) -> bool:
+        return self.client is not None
+
+    @property
+    def rate(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def burst(self) -> int:
+        raise NotImplementedError
+
+    def refusal(self, tenant: str) -> str:
+        raise NotImplementedError
 
     def check(self, tenant: str) -> None:
-        """Count one feedback event of `tenant`; ResourceExhausted if its quota is spent."""
+        """Count one call of `tenant`; ResourceExhausted naming the limit if its bucket is empty."""
         if not self._buckets.take(tenant):
-            raise ResourceExhausted(
-                f"tenant {tenant!r} is over its feedback quota: the limit is "
-                f"{self.limits.feedback_per_second:g} events/s with a burst of {self.limits.feedback_burst}"
-                f" (feedback_per_second, feedback_burst); retry later"
-            )
+            raise ResourceExhausted(self.refusal(tenant))
+
+    def _scope(self) -> str:
+        return "; shared by every process" if self.shared else ""
+
+
+@dataclass
+class RateLimiter(TenantQuota):
+    """Requests per tenant: requests_per_second, with a burst of `burst`."""
+
+    limit: ClassVar[str] = "rl"
+
+    @property
+    def rate(self) -> float:
+        return self.limits.requests_per_second
+
+    @property
+    def burst(self) -> int:
+        return self.limits.burst
+
+    def refusal(self, tenant: str) -> str:
+        return (
+            f"tenant {tenant!r} is over its request rate: the limit is {self.rate:g} requests/s with a burst "
+            f"of {self.burst} (requests_per_second, burst{self._scope()}); retry later"
+        )
+
+
+@dataclass
+class SharedRateLimiter(RateLimiter):
+    """A RateLimiter whose buckets live in Valkey: the rate and burst hold for the tenant however many
+    routers, gateways and workers serve it."""
+
+    def __post_init__(self) -> None:
+        if self.client is None:
+            raise InvalidArgument("SharedRateLimiter needs a Valkey client")
+        super().__post_init__()
+
+
+@dataclass
+class FeedbackQuota(TenantQuota):
+    """Feedback events per tenant: feedback_per_second, with a burst of feedback_burst, so one tenant cannot
+    fill the feedback partitions every tenant shares. Shared by every process when `client` is set."""
+
+    limit: ClassVar[str] = "fq"
+
+    @property
+    def rate(self) -> float:
+        return self.limits.feedback_per_second
+
+    @property
+    def burst(self) -> int:
+        return self.limits.feedback_burst
+
+    def refusal(self, tenant: str) -> str:
+        return (
+            f"tenant {tenant!r} is over its feedback quota: the limit is {self.rate:g} events/s with a burst "
+            f"of {self.burst} (feedback_per_second, feedback_burst{self._scope()}); retry later"
+        )
 
 
 @dataclass

@@ -28,7 +28,14 @@ from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
 from personalize_service.server import base, convert
 from personalize_service.server.auth import current_tenant
-from personalize_service.server.base import NodeState, ServiceConfig, cancel_with_call, create, time_remaining
+from personalize_service.server.base import (
+    NodeState,
+    ServiceConfig,
+    cancel_with_call,
+    create,
+    feedback_quota,
+    time_remaining,
+)
 from personalize_service.server.limits import (
     DEFAULT_LIMITS,
     USER_ID_METADATA_KEY,
@@ -46,11 +53,13 @@ log = logging.getLogger(__name__)
 class PersonalizeServicer(pb_grpc.PersonalizeServicer):
     """The app-facing API over one worker."""
 
-    def __init__(self, worker: Worker, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self, worker: Worker, limits: Limits = DEFAULT_LIMITS, feedback_quota: FeedbackQuota | None = None
+    ) -> None:
         self.worker = worker
         self.limits = limits
         self.concurrency = ConcurrencyLimiter(limits)
-        self.feedback_quota = FeedbackQuota(limits)
+        self.feedback_quota = feedback_quota if feedback_quota is not None else FeedbackQuota(limits)
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
         args = convert.generate_args(request, self.limits)
@@ -247,7 +256,7 @@ def create_server(
     """
 
     def register(server: grpc.Server, port: int, state: NodeState) -> None:
-        add_personalize(PersonalizeServicer(worker, config.limits), server, metrics)
+        add_personalize(PersonalizeServicer(worker, config.limits, feedback_quota(config)), server, metrics)
         address = advertised_address(config.host, port, config.advertise)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(worker, address, state), server)
 

@@ -9,9 +9,11 @@ import time
 import uuid
 from collections.abc import Callable
 
+import pytest
+
 from personalize import valkey
 from personalize.errors import ResourceExhausted
-from personalize_service.server.limits import Limits, RateLimiter, SharedRateLimiter
+from personalize_service.server.limits import FeedbackQuota, Limits, RateLimiter, SharedRateLimiter
 
 RATE, BURST, WINDOW_S = 20.0, 5, 3.0
 
@@ -73,3 +75,28 @@ def test_limits_shared_selects_the_shared_limiter(valkey_url: str) -> None:
     environ = {"PERSONALIZE_REGISTRY_URL": valkey_url, "PERSONALIZE_SHARED_LIMITS": "true"}
     resolved = settings.build(settings.resolve(settings.SERVE, {}, environ))
     assert isinstance(rate_limiter(resolved.service), SharedRateLimiter)
+
+
+def test_a_tenants_feedback_quota_behind_three_workers_holds_once(valkey_url: str) -> None:
+    limits = Limits(feedback_per_second=RATE, feedback_burst=BURST)
+    clients = [valkey.connect(valkey_url, socket_timeout=5.0) for _ in range(3)]  # one per worker process
+    ns = f"fq{uuid.uuid4().hex[:8]}"
+    shared = [FeedbackQuota(limits, client=c, namespace=ns) for c in clients]
+    accepted, elapsed = _hammer(shared, "acme")  # type: ignore[arg-type]
+    allowed = RATE * elapsed + BURST
+    assert accepted <= 1.1 * allowed, f"{accepted} events accepted, the quota allows {allowed:.0f}"
+    assert accepted >= 0.5 * RATE * WINDOW_S
+    with pytest.raises(ResourceExhausted, match=r"feedback_per_second, feedback_burst; shared by every process"):
+        for _ in range(10 * BURST):
+            shared[0].check("acme")
+    for c in clients:
+        c.close()
+
+
+def test_limits_shared_selects_the_shared_feedback_quota(valkey_url: str) -> None:
+    from personalize_service.cli import settings
+    from personalize_service.server.base import ServiceConfig, feedback_quota
+
+    assert not feedback_quota(ServiceConfig()).shared
+    environ = {"PERSONALIZE_REGISTRY_URL": valkey_url, "PERSONALIZE_SHARED_LIMITS": "true"}
+    assert feedback_quota(settings.build(settings.resolve(settings.SERVE, {}, environ)).service).shared
