@@ -16,7 +16,7 @@ from personalize.routing.membership import MembershipConfig
 from personalize_service.client import PersonalizeClient
 from personalize_service.client.routing import RoutingClient
 from personalize_service.http.app import Caller, create_app
-from personalize_service.server.auth import ApiKeys
+from personalize_service.server.auth import OPERATOR, ApiKeys
 from personalize_service.server.router import RouterConfig
 from personalize_service.server.tls import channel_credentials
 
@@ -59,6 +59,7 @@ class _Clients:
         self._config = config
         self._tls = upstream_credentials(config.upstream)
         self._clients: dict[str | None, Caller] = {}
+        self._operators: dict[str | None, PersonalizeClient] = {}
         self._lock = threading.Lock()
         self._shared: RoutingClient | None = None
         self._probe: PersonalizeClient | None = None
@@ -90,6 +91,23 @@ class _Clients:
                 self._probe = PersonalizeClient(self._config.target, timeout=self._config.timeout, tls=self._tls)
             return self._probe
 
+    def operator(self, key: str | None) -> PersonalizeClient:
+        """The client for an operator route (/v1/stats) called with `key`, which the edge checks itself:
+        PermissionDenied for a tenant's key, Unauthenticated for a missing or unknown one (keys configured)."""
+        config = self._config
+        config.api_keys.authorize_operator(key)
+        with self._lock:
+            client = self._operators.get(key)
+            if client is None:
+                if config.registry_url:
+                    client = self._ring().for_key(key, OPERATOR)
+                else:
+                    client = PersonalizeClient(
+                        config.target, timeout=config.timeout, tls=self._tls, operator_key=key or None
+                    )
+                self._operators[key] = client
+            return client
+
     def __call__(self, key: str | None) -> Caller:
         with self._lock:
             caller = self._clients.get(key)
@@ -101,10 +119,11 @@ class _Clients:
         with self._lock:
             for caller in self._clients.values():
                 caller.client.close()
-            for client in (self._shared, self._probe):
+            for client in (*self._operators.values(), self._shared, self._probe):
                 if client is not None:
                     client.close()
             self._clients.clear()
+            self._operators.clear()
             self._shared = self._probe = None
 
 
@@ -141,7 +160,9 @@ def serve_http(config: GatewayConfig, host: str, port: int, model_name: str, fin
         if config.registry_url
         else None
     )
-    app = create_app(clients, model_name, fingerprint, completions=completions, probe=clients.probe)
+    app = create_app(
+        clients, model_name, fingerprint, completions=completions, probe=clients.probe, operator=clients.operator
+    )
     uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
     server = uvicorn.Server(uvicorn_config)
     thread = threading.Thread(target=server.run, name="http-edge", daemon=True)
