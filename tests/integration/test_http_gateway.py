@@ -47,8 +47,12 @@ class Worker(pb_grpc.PersonalizeServicer, pb_grpc.AdminServicer):
     node_id: str
     feedback: list[pb.FeedbackRequest] = field(default_factory=list)
     imported: list[pb.ImportAdapterRequest] = field(default_factory=list)
+    refuse: grpc.StatusCode | None = None
+    """Set: Generate fails with this code (a worker going down, a request it rejects)."""
 
     def Generate(self, request: Any, context: Any) -> pb.GenerateResponse:
+        if self.refuse is not None:
+            context.abort(self.refuse, f"{self.node_id} refuses")
         return pb.GenerateResponse(
             text=f"{self.node_id} says hi to {request.user_id}", node_id=self.node_id, completion_tokens=1
         )
@@ -133,6 +137,18 @@ def test_each_user_lands_on_its_ring_owner(gateway: Gateway) -> None:
         assert landed[user] == gateway.owner(user, "acme")
         assert reply.json()["choices"][0]["text"] == f"{landed[user]} says hi to {user}"
     assert set(landed.values()) == set(NODES)  # both workers own someone: the ring, not one target
+
+
+def test_a_completion_whose_owner_is_unavailable_is_retried_on_the_next_worker(gateway: Gateway) -> None:
+    owner = gateway.owner("alice", "acme")
+    gateway.workers[owner].refuse = grpc.StatusCode.UNAVAILABLE
+    reply = _complete(gateway, "alice")
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["x-personalize-node"] != owner
+    for worker in gateway.workers.values():
+        worker.refuse = grpc.StatusCode.INVALID_ARGUMENT
+    reply = _complete(gateway, "alice")
+    assert reply.status_code == 400 and reply.json()["error"]["message"].endswith("refuses"), reply.text
 
 
 def _threads(name: str) -> int:
