@@ -8,11 +8,15 @@ app_ms_p50      the FastAPI app alone, called as ASGI in this process with a stu
 ttft            streaming time to first token: the first SSE text chunk of a streamed /v1/completions against
                 the first piece of GenerateStream (p50 each, interleaved); ratio = http / grpc, target <= 1.10.
 
+client_cpu_ms   CPU of this process's calling thread per request, p50: what the client itself costs (http, grpc),
+                so a heavy client is not read as edge latency.
+
 Both against one `personalize up` (the built-in tiny model, one worker). The edge measured is `personalize
 serve --role gateway` in its own process routing on up's registry, as deployed (--in-up: up's own edge, which
-shares the worker's process and GIL). Clients in this process: httpx with keep-alive, the SDK on one channel.
+shares the worker's process and GIL). Clients in this process: a light HTTP/1.1 client (http.client on one
+keep-alive connection, the body encoded once; --client httpx: httpx as before), the SDK on one channel.
 
-    python loadtest/bench_http.py [--quick] [--in-up] [--requests 300] [--json loadtest/results/bench_http.json]
+    python loadtest/bench_http.py [--quick] [--in-up] [--client raw|httpx] [--requests 300] [--json FILE]
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import http.client
 import json
 import statistics
 import subprocess
@@ -28,7 +33,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -46,20 +52,75 @@ PROMPT = "The quick brown fox"
 USER = "bench-http"
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-    started = time.perf_counter()
+def _timed(fn: Callable[[], Any], cpu: list[float]) -> float:
+    """Wall ms of fn(); its CPU ms on this thread is appended to `cpu`."""
+    started, cpu_started = time.perf_counter(), time.thread_time()
     fn()
+    cpu.append((time.thread_time() - cpu_started) * 1000.0)
     return (time.perf_counter() - started) * 1000.0
 
 
-def _http_first_token(http: httpx.Client, body: dict[str, Any]) -> float:
-    started = time.perf_counter()
-    first = 0.0
-    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as reply:
-        for line in reply.iter_lines():
-            if not first and line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+class HttpClient(Protocol):
+    def complete(self, body: bytes) -> None: ...
+    def first_token(self, body: bytes) -> float: ...
+    def close(self) -> None: ...
+
+
+JSON = {"content-type": "application/json"}
+
+
+def _is_text_chunk(line: bytes) -> bool:
+    return line.startswith(b"data: {") and bool(json.loads(line[6:])["choices"][0]["text"])
+
+
+class RawClient:
+    """POSTs /v1/completions on one keep-alive http.client connection: no client-side model or header work."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self._conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=120)
+
+    def complete(self, body: bytes) -> None:
+        self._conn.request("POST", "/v1/completions", body, JSON)
+        reply = self._conn.getresponse()
+        reply.read()
+        if reply.status != 200:
+            raise AssertionError(f"/v1/completions answered {reply.status}")
+
+    def first_token(self, body: bytes) -> float:
+        started = time.perf_counter()
+        first = 0.0
+        self._conn.request("POST", "/v1/completions", body, JSON)
+        reply = self._conn.getresponse()
+        while line := reply.readline():
+            if not first and _is_text_chunk(line):
                 first = (time.perf_counter() - started) * 1000.0
-    return first
+        return first
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class HttpxClient:
+    """The same over httpx (the client this benchmark used first; heavier per request)."""
+
+    def __init__(self, url: str) -> None:
+        self._http = httpx.Client(base_url=url, timeout=120)
+
+    def complete(self, body: bytes) -> None:
+        self._http.post("/v1/completions", content=body, headers=JSON).raise_for_status()
+
+    def first_token(self, body: bytes) -> float:
+        started = time.perf_counter()
+        first = 0.0
+        with self._http.stream("POST", "/v1/completions", content=body, headers=JSON) as reply:
+            for line in reply.iter_lines():
+                if not first and _is_text_chunk(line.encode()):
+                    first = (time.perf_counter() - started) * 1000.0
+        return first
+
+    def close(self) -> None:
+        self._http.close()
 
 
 def _grpc_first_token(sdk: PersonalizeClient, max_tokens: int) -> float:
@@ -91,26 +152,36 @@ def start_gateway(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen[byte
     return process, f"http://127.0.0.1:{port}"
 
 
-def measure(server: Server, requests: int) -> dict[str, Any]:
-    one = {"prompt": PROMPT, "max_tokens": 1, "temperature": 0, "user": USER}
-    many = {**one, "max_tokens": 16}
-    with httpx.Client(base_url=server.http_url, timeout=120) as http, PersonalizeClient(server.target) as sdk:
+CLIENTS: dict[str, Callable[[str], HttpClient]] = {"raw": RawClient, "httpx": HttpxClient}
+
+
+def measure(server: Server, requests: int, client: str = "raw") -> dict[str, Any]:
+    one_body = {"prompt": PROMPT, "max_tokens": 1, "temperature": 0, "user": USER}
+    one = json.dumps(one_body).encode()
+    many = json.dumps({**one_body, "max_tokens": 16, "stream": True}).encode()
+    http = CLIENTS[client](server.http_url)
+    with PersonalizeClient(server.target) as sdk:
         for _ in range(20):  # warm up both paths (connections, the user's adapter lookup)
-            http.post("/v1/completions", json=one).raise_for_status()
+            http.complete(one)
             sdk.generate(USER, PROMPT, max_new_tokens=1)
         edge, direct, http_ttft, grpc_ttft = [], [], [], []
+        http_cpu: list[float] = []
+        grpc_cpu: list[float] = []
         for _ in range(requests):
-            edge.append(_timed(lambda: http.post("/v1/completions", json=one).raise_for_status()))
-            direct.append(_timed(lambda: sdk.generate(USER, PROMPT, max_new_tokens=1)))
+            edge.append(_timed(lambda: http.complete(one), http_cpu))
+            direct.append(_timed(lambda: sdk.generate(USER, PROMPT, max_new_tokens=1), grpc_cpu))
         for _ in range(max(requests // 3, 10)):
-            http_ttft.append(_http_first_token(http, many))
+            http_ttft.append(http.first_token(many))
             grpc_ttft.append(_grpc_first_token(sdk, 16))
+    http.close()
     p50 = statistics.median
     return {
         "requests": requests,
+        "client": client,
         "edge_ms_p50": p50(edge),
         "direct_ms_p50": p50(direct),
         "added_ms_p50": p50(edge) - p50(direct),
+        "client_cpu_ms": {"http_p50": p50(http_cpu), "grpc_p50": p50(grpc_cpu)},
         "ttft": {
             "http_ms_p50": p50(http_ttft),
             "grpc_ms_p50": p50(grpc_ttft),
@@ -180,6 +251,12 @@ def print_table(result: dict[str, Any], met: dict[str, bool]) -> None:
         ("one-token Generate, direct p50 (ms)", f"{result['direct_ms_p50']:.2f}", ""),
         ("added by the HTTP edge, p50 (ms)", f"{result['added_ms_p50']:.2f}", _verdict("added_ms_p50", met)),
         ("  of which the app alone (ASGI, stub SDK), p50 (ms)", f"{result['app_ms_p50']:.2f}", ""),
+        (
+            f"client CPU per HTTP request ({result['client']}), p50 (ms)",
+            f"{result['client_cpu_ms']['http_p50']:.2f}",
+            "",
+        ),
+        ("client CPU per gRPC Generate (SDK), p50 (ms)", f"{result['client_cpu_ms']['grpc_p50']:.2f}", ""),
         ("streaming TTFT, HTTP p50 (ms)", f"{result['ttft']['http_ms_p50']:.2f}", ""),
         ("streaming TTFT, gRPC p50 (ms)", f"{result['ttft']['grpc_ms_p50']:.2f}", ""),
         ("TTFT ratio HTTP / gRPC", f"{result['ttft']['ratio']:.3f}", _verdict("ttft.ratio", met)),
@@ -199,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="100 requests per path")
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--in-up", action="store_true", help="measure up's own edge (in the worker's process)")
+    ap.add_argument("--client", choices=sorted(CLIENTS), default="raw", help="the HTTP client (default raw)")
     ap.add_argument("--json", type=Path, default=None, help="write the result here")
     args = ap.parse_args(argv)
     requests = 100 if args.quick else args.requests
@@ -211,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.in_up:
                 gateway, url = start_gateway(Path(tmp) / "data", Path(tmp) / "gateway.log")
                 server = dataclasses.replace(server, http_url=url)
-            result = measure(server, requests)
+            result = measure(server, requests, args.client)
             result["edge"] = "up's own" if args.in_up else "serve --role gateway"
         finally:
             if gateway is not None:

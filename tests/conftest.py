@@ -18,6 +18,8 @@ from valkeycluster import ValkeyCluster
 from personalize_service.cli.embedded import EmbeddedValkey, EmbeddedValkeyConfig
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
     from personalize.model import BaseModel
 
 # --------------------------------------------------------------------------------------------------
@@ -86,3 +88,23 @@ def base() -> BaseModel:
     from personalize.model import ModelConfig, load_base_model  # torch: only for the tests that use it
 
     return load_base_model(ModelConfig())
+
+
+# --------------------------------------------------------------------------------------------------
+# Tracing: the process's one OpenTelemetry tracer provider (a second is refused), spans kept in memory.
+#   span_exporter  InMemorySpanExporter (session); clear() it before a test reads spans
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def span_exporter() -> InMemorySpanExporter:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    trace.set_tracer_provider(provider)
+    return memory

@@ -225,6 +225,7 @@ class _Up:
             api_keys=self.resolved.service.api_keys,
             namespace=self.resolved.config.registry.namespace,
             completion_ttl_s=self.values["completion_ttl_s"],
+            upstream=self.resolved.router,
         )
         return serve_http(gateway, UP_HOST, self.values["http_port"], model, fingerprint)
 
@@ -413,6 +414,7 @@ def run_gateway(values: Mapping[str, Any]) -> int:
     from personalize_service.http import GatewayConfig, serve_http
     from personalize_service.server.auth import ApiKeys, load_api_keys
     from personalize_service.server.base import stop_on_signals
+    from personalize_service.server.router import RouterConfig
 
     keys_file, registry_url = values["service.api_keys_file"], values["registry.url"]
     gateway = GatewayConfig(
@@ -421,6 +423,11 @@ def run_gateway(values: Mapping[str, Any]) -> int:
         api_keys=load_api_keys(keys_file) if keys_file else ApiKeys.parse(values["service.api_keys"]),
         namespace=values["registry.namespace"],
         completion_ttl_s=values["completion_ttl_s"],
+        upstream=RouterConfig(
+            upstream_ca=values["router.upstream_ca"],
+            upstream_cert=values["router.upstream_cert"],
+            upstream_key=values["router.upstream_key"],
+        ),
     )
     stop = threading.Event()
     with stop_on_signals(stop):

@@ -305,7 +305,7 @@ SETTINGS: tuple[Setting, ...] = (
         "PERSONALIZE_UPSTREAM_CA",
         "",
         _str,
-        "PEM CA that signed the workers' certificates: the router dials workers over TLS",
+        "PEM CA that signed the workers' certificates: the router and gateway dial workers over TLS",
         metavar="FILE",
     ),
     _s(
@@ -314,7 +314,7 @@ SETTINGS: tuple[Setting, ...] = (
         "PERSONALIZE_UPSTREAM_CERT",
         "",
         _str,
-        "PEM client certificate the router presents to workers that require mutual TLS",
+        "PEM client certificate the router and gateway present to workers that require mutual TLS",
         metavar="FILE",
     ),
     _s(

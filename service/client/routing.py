@@ -69,6 +69,19 @@ class RoutingClient(PersonalizeClient):
             lambda address: open_channel(address, tls),
             route or RouteConfig(),
         ).start()
+        self._owns_cluster = True
+
+    def for_key(self, api_key: str | None, tenant: str | None) -> RoutingClient:
+        """A client sending `api_key` (which selects `tenant`) over this client's cluster: the same membership
+        watch and worker channels, so a process serving many keys holds one set of them. Closing it leaves the
+        cluster running; closing this client stops it."""
+        if tenant is None and api_key:
+            raise ValueError("tenant= is needed to route with an API key: pass the tenant your key selects")
+        view = RoutingClient.__new__(RoutingClient)
+        view._configure(api_key, self.timeout, self._retry)
+        view.tenant = tenant or DEFAULT_TENANT
+        view._cluster, view._owns_cluster = self._cluster, False
+        return view
 
     @property
     def cluster(self) -> Cluster:
@@ -84,7 +97,8 @@ class RoutingClient(PersonalizeClient):
         return pb.ListNodesResponse(nodes=node_list(self._cluster))
 
     def close(self) -> None:
-        self._cluster.stop()
+        if self._owns_cluster:
+            self._cluster.stop()
 
     def _call(self, rpc: str, request: Any, *, idempotent: bool) -> Any:
         deadline = time.monotonic() + self.timeout

@@ -21,6 +21,7 @@ import anyio
 import grpc
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
@@ -89,10 +90,12 @@ def create_app(
     completions: CompletionLog | None = None,
     metrics: HttpMetrics | None = None,
     probe: Callable[[], PersonalizeClient] | None = None,
+    operator: Callable[[str | None], PersonalizeClient] | None = None,
 ) -> FastAPI:
     """The app; `client_for(api_key)` gives the Caller of that key (None = no key). With `completions`
     (and a known tenant) every completion is remembered, and feedback may name it by `completion_id`.
-    `probe()` is the client /readyz asks (default: the keyless caller's)."""
+    `probe()` is the client /readyz asks (default: the keyless caller's). With `operator(api_key)` (the
+    client of an operator key; it raises PermissionDenied for a tenant's key) GET /v1/stats serves Stats."""
     app = FastAPI(title="personalize (OpenAI-compatible)", docs_url=None, redoc_url=None, lifespan=_lifespan)
     metrics = app.state.metrics = metrics or HttpMetrics()
 
@@ -101,13 +104,13 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     def client(request: Request) -> Caller:
-        auth = request.headers.get("authorization", "")
-        key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
-        return client_for(key or None)
+        return client_for(_bearer(request))
 
     install_adapter_routes(app, client)
 
     _install_probes(app, probe or (lambda: client_for(None).client), metrics, model_name, fingerprint)
+    if operator is not None:
+        _install_stats(app, operator)
 
     def memory(caller: Caller, body: CompletionRequest | ChatCompletionRequest, prompt: str | None) -> Memory | None:
         if completions is None or caller.tenant is None or not body.user:
@@ -147,6 +150,22 @@ def create_app(
         return {"object": "feedback", "event_id": ack.event_id, "partition": ack.partition}
 
     return app
+
+
+def _bearer(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    return (auth[7:].strip() if auth.lower().startswith("bearer ") else "") or None
+
+
+def _install_stats(app: FastAPI, operator: Callable[[str | None], PersonalizeClient]) -> None:
+    """GET /v1/stats: the Admin API's Stats of every worker, for an operator key only (a tenant's key is 403
+    permission_error, as the gRPC Admin API answers it PERMISSION_DENIED)."""
+
+    @app.get("/v1/stats")
+    async def stats(request: Request) -> dict[str, Any]:
+        sdk = operator(_bearer(request))
+        reply = await run_in_threadpool(sdk.stats)
+        return {"object": "stats", **json_format.MessageToDict(reply, preserving_proto_field_name=True)}
 
 
 def _install_probes(

@@ -1,4 +1,8 @@
-"""ASGI middleware of the edge: the request body limit, and Prometheus metrics of every request.
+"""ASGI middleware of the edge: the request body limit, Prometheus metrics and a trace span of every request.
+
+Trace: one SERVER span per request, `gateway <METHOD> <route>` (`gateway POST /v1/completions`), a child of the
+request's W3C `traceparent` header and current while the request runs, so the SDK sends it on as the parent
+of the worker's span (service/server/observe.py); a streamed response's span ends with its last chunk.
 
 Metrics (own CollectorRegistry per app, served at /metrics; names in the style of the gRPC servers'):
     personalize_http_requests_total{route,status}     requests finished, by route template and HTTP status
@@ -13,9 +17,12 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from personalize_service.http.errors import error_body
+from personalize_service.server.observe import tracer
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -52,8 +59,12 @@ def _route_of(scope: Scope) -> str:
     return str(path) if path else "unmatched"  # unknown paths share one label: no cardinality from scanners
 
 
+_TRACE_HEADERS = (b"traceparent", b"tracestate")
+
+
 class MetricsMiddleware:
-    """Counts each request by its route template and final status, and times it to its last byte."""
+    """Counts each request by its route template and final status, times it to its last byte, and traces it:
+    its span (see the module docstring) is current while the app runs."""
 
     def __init__(self, app: Asgi, metrics: HttpMetrics) -> None:
         self.app, self.metrics = app, metrics
@@ -64,6 +75,8 @@ class MetricsMiddleware:
             return
         start = time.perf_counter()
         scope[TTFT_KEY] = start
+        span, parent = _start_span(scope)
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
         status = [500]
 
         async def timed_send(message: Message) -> None:
@@ -77,6 +90,31 @@ class MetricsMiddleware:
             route = _route_of(scope)
             self.metrics.requests.labels(route, str(status[0])).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+            _end_span(span, scope["method"], route, status[0])
+            otel_context.detach(token)
+
+
+def _start_span(scope: Scope) -> tuple[trace.Span, otel_context.Context]:
+    """The request's span, a child of its `traceparent` header (a new trace without one), and that parent."""
+    carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in _TRACE_HEADERS}
+    parent = propagate.extract(carrier)
+    method = scope["method"]
+    span = tracer().start_span(
+        f"gateway {method}",
+        context=parent,
+        kind=trace.SpanKind.SERVER,
+        attributes={"http.request.method": method, "url.path": scope["path"]},
+    )
+    return span, parent
+
+
+def _end_span(span: trace.Span, method: str, route: str, status: int) -> None:
+    span.update_name(f"gateway {method} {route}")  # the route template is known only once routed
+    span.set_attribute("http.route", route)
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, str(status)))
+    span.end()
 
 
 def too_large(declared: int | None, limit: int) -> JSONResponse:

@@ -7,6 +7,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import grpc
 import uvicorn
 
 from personalize.completions import DEFAULT_TTL_S, CompletionLog
@@ -15,10 +16,11 @@ from personalize.routing.membership import MembershipConfig
 from personalize_service.client import PersonalizeClient
 from personalize_service.client.routing import RoutingClient
 from personalize_service.http.app import Caller, create_app
-from personalize_service.server.auth import ApiKeys
+from personalize_service.server.auth import OPERATOR, ApiKeys
+from personalize_service.server.router import RouterConfig
+from personalize_service.server.tls import channel_credentials
 
 START_TIMEOUT_S = 30.0
-PROBE = object()
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,9 @@ class GatewayConfig:
     """How long a completion id can be named in feedback."""
     timeout: float = 120.0
     """Deadline of each gRPC call, in seconds."""
+    upstream: RouterConfig = field(default_factory=RouterConfig)
+    """How workers (or `target`) are dialed: the router's TLS settings, so the edge reaches TLS workers as
+    the router does."""
 
     def __post_init__(self) -> None:
         if not (self.registry_url or self.target):
@@ -46,42 +51,62 @@ class GatewayConfig:
 
 
 class _Clients:
-    """One SDK client per API key seen (the key travels as the call's metadata); closed together."""
+    """The SDK client of each API key seen, its key sent as each call's metadata. Routing on the ring, every
+    key's client shares one RoutingClient's cluster (one membership watch, one channel per worker); with a
+    single target, each key has a PersonalizeClient. Closed together."""
 
     def __init__(self, config: GatewayConfig) -> None:
         self._config = config
-        self._clients: dict[str | object | None, Caller] = {}
+        self._tls = upstream_credentials(config.upstream)
+        self._clients: dict[str | None, Caller] = {}
+        self._operators: dict[str | None, PersonalizeClient] = {}
         self._lock = threading.Lock()
+        self._shared: RoutingClient | None = None
+        self._probe: PersonalizeClient | None = None
+
+    def _ring(self) -> RoutingClient:
+        """The keyless RoutingClient owning the shared cluster (opened on first use); the lock is held."""
+        if self._shared is None:
+            config = self._config
+            membership = MembershipConfig(namespace=config.namespace)
+            self._shared = RoutingClient(
+                config.registry_url, timeout=config.timeout, tls=self._tls, membership=membership
+            )
+        return self._shared
 
     def _open(self, key: str | None) -> Caller:
         config = self._config
         if not config.registry_url:
             tenant = config.api_keys.authenticate(key) if config.api_keys.enabled else None
-            return Caller(PersonalizeClient(config.target, api_key=key, timeout=config.timeout), tenant)
+            return Caller(PersonalizeClient(config.target, api_key=key, timeout=config.timeout, tls=self._tls), tenant)
         tenant = config.api_keys.authenticate(key)
-        client = RoutingClient(
-            config.registry_url,
-            api_key=key,
-            timeout=config.timeout,
-            tenant=tenant,
-            membership=MembershipConfig(namespace=config.namespace),
-        )
-        return Caller(client, tenant)
+        return Caller(self._ring().for_key(key, tenant), tenant)
 
     def probe(self) -> PersonalizeClient:
         """A keyless client (for /readyz: with routing it reads the ring, calling nobody)."""
         with self._lock:
-            caller = self._clients.get(PROBE)
-            if caller is None:
-                caller = self._clients[PROBE] = self._open_keyless()
-            return caller.client
+            if self._config.registry_url:
+                return self._ring()
+            if self._probe is None:
+                self._probe = PersonalizeClient(self._config.target, timeout=self._config.timeout, tls=self._tls)
+            return self._probe
 
-    def _open_keyless(self) -> Caller:
+    def operator(self, key: str | None) -> PersonalizeClient:
+        """The client for an operator route (/v1/stats) called with `key`, which the edge checks itself:
+        PermissionDenied for a tenant's key, Unauthenticated for a missing or unknown one (keys configured)."""
         config = self._config
-        if not config.registry_url:
-            return Caller(PersonalizeClient(config.target, timeout=config.timeout))
-        membership = MembershipConfig(namespace=config.namespace)
-        return Caller(RoutingClient(config.registry_url, timeout=config.timeout, membership=membership))
+        config.api_keys.authorize_operator(key)
+        with self._lock:
+            client = self._operators.get(key)
+            if client is None:
+                if config.registry_url:
+                    client = self._ring().for_key(key, OPERATOR)
+                else:
+                    client = PersonalizeClient(
+                        config.target, timeout=config.timeout, tls=self._tls, operator_key=key or None
+                    )
+                self._operators[key] = client
+            return client
 
     def __call__(self, key: str | None) -> Caller:
         with self._lock:
@@ -94,7 +119,20 @@ class _Clients:
         with self._lock:
             for caller in self._clients.values():
                 caller.client.close()
+            for client in (*self._operators.values(), self._shared, self._probe):
+                if client is not None:
+                    client.close()
             self._clients.clear()
+            self._operators.clear()
+            self._shared = self._probe = None
+
+
+def upstream_credentials(upstream: RouterConfig) -> grpc.ChannelCredentials | None:
+    """The credentials the edge dials workers (or its target) with: the router's TLS settings
+    (`--upstream-ca`, and `--upstream-cert`/`--upstream-key` for mutual TLS); None = plaintext."""
+    if not (upstream.upstream_ca or upstream.upstream_cert or upstream.upstream_key):
+        return None
+    return channel_credentials(upstream.upstream_ca, upstream.upstream_cert, upstream.upstream_key)
 
 
 class HttpServer:
@@ -122,7 +160,9 @@ def serve_http(config: GatewayConfig, host: str, port: int, model_name: str, fin
         if config.registry_url
         else None
     )
-    app = create_app(clients, model_name, fingerprint, completions=completions, probe=clients.probe)
+    app = create_app(
+        clients, model_name, fingerprint, completions=completions, probe=clients.probe, operator=clients.operator
+    )
     uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
     server = uvicorn.Server(uvicorn_config)
     thread = threading.Thread(target=server.run, name="http-edge", daemon=True)

@@ -34,6 +34,8 @@ KEY_LOAD = "sk-test-gamma"
 """A third tenant for the 200 concurrent requests, so they drain only its own rate-limit bucket."""
 KEY_TRAIN = "sk-test-delta"
 """A fourth tenant whose adapter trains (its polling drains no other tenant's bucket)."""
+KEY_OPERATOR = "sk-test-operator"
+"""An operator key: the only kind GET /v1/stats answers (a tenant's key is 403)."""
 BURST, RATE = 100, 2.0
 """Every tenant may send BURST requests at once, then RATE per second (--burst, --rate)."""
 HTTP_RE = re.compile(r"openai\s+http://127\.0\.0\.1:(\d+)/v1")
@@ -50,6 +52,8 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[UpServer, str
         root / "up.log",
         "--api-keys",
         f"alpha:{KEY},beta:{KEY_BETA},gamma:{KEY_LOAD},delta:{KEY_TRAIN}",
+        "--operator-keys",
+        KEY_OPERATOR,
         "--burst",
         str(BURST),
         "--rate",
@@ -329,11 +333,18 @@ def test_error_statuses_have_openais_shape(up: tuple[UpServer, str]) -> None:
             404: alpha.get("/users/http-nobody/adapter"),
             413: alpha.post("/completions", content=b" " * (1 << 21), headers={"content-type": "application/json"}),
             400: alpha.post("/chat/completions", json={"messages": [{"role": "user"}]}),
+            403: alpha.get("/stats"),  # a tenant's key on the operator-only route
         }
     for status, reply in replies.items():
         assert reply.status_code == status and set(reply.json()["error"]) == {"message", "type", "param", "code"}
         assert "Traceback" not in reply.text
     assert replies[400].json()["error"]["param"] == "messages.0.content"
+    assert replies[403].json()["error"]["type"] == "permission_error"
+    assert "operator key" in replies[403].json()["error"]["message"]
+    with _http(up, KEY_OPERATOR) as operator:
+        stats = operator.get("/stats")
+    assert stats.status_code == 200, stats.text
+    assert stats.json()["object"] == "stats" and len(stats.json()["nodes"]) == 1
 
 
 async def _many(url: str, count: int) -> list[httpx.Response]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ import grpc
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from personalize.completions import CompletionLog
 from personalize.feedback.notify import redis_client
@@ -30,9 +33,10 @@ from personalize_service.net import find_free_port
 from personalize_service.server import convert
 from personalize_service.server.auth import ApiKeys
 from personalize_service.server.limits import Limits
+from personalize_service.server.observe import ObserveInterceptor
 
 NODES = ("w0", "w1")
-KEYS = ApiKeys.from_mapping({"acme": "key-acme", "globex": "key-globex"})
+KEYS = ApiKeys.from_mapping({"acme": "key-acme", "globex": "key-globex", "initech": "key-initech"})
 ACME = {"Authorization": "Bearer key-acme"}
 GLOBEX = {"Authorization": "Bearer key-globex"}
 PEFT = {"adapter_config.json": b'{"r": 4}', "adapter_model.safetensors": b"\x00weights\x01"}
@@ -45,8 +49,12 @@ class Worker(pb_grpc.PersonalizeServicer, pb_grpc.AdminServicer):
     node_id: str
     feedback: list[pb.FeedbackRequest] = field(default_factory=list)
     imported: list[pb.ImportAdapterRequest] = field(default_factory=list)
+    refuse: grpc.StatusCode | None = None
+    """Set: Generate fails with this code (a worker going down, a request it rejects)."""
 
     def Generate(self, request: Any, context: Any) -> pb.GenerateResponse:
+        if self.refuse is not None:
+            context.abort(self.refuse, f"{self.node_id} refuses")
         return pb.GenerateResponse(
             text=f"{self.node_id} says hi to {request.user_id}", node_id=self.node_id, completion_tokens=1
         )
@@ -95,7 +103,8 @@ def gateway(valkey_url: str) -> Iterator[Gateway]:
     servers, beats, workers = [], [], {}
     for node_id in NODES:
         worker = workers[node_id] = Worker(node_id)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        observe = ObserveInterceptor("worker", node_id, ApiKeys())  # the worker's span, as a real worker's
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[observe])
         pb_grpc.add_PersonalizeServicer_to_server(worker, server)
         pb_grpc.add_AdminServicer_to_server(worker, server)
         port = server.add_insecure_port("127.0.0.1:0")
@@ -131,6 +140,55 @@ def test_each_user_lands_on_its_ring_owner(gateway: Gateway) -> None:
         assert landed[user] == gateway.owner(user, "acme")
         assert reply.json()["choices"][0]["text"] == f"{landed[user]} says hi to {user}"
     assert set(landed.values()) == set(NODES)  # both workers own someone: the ring, not one target
+
+
+def test_a_completion_whose_owner_is_unavailable_is_retried_on_the_next_worker(gateway: Gateway) -> None:
+    owner = gateway.owner("alice", "acme")
+    gateway.workers[owner].refuse = grpc.StatusCode.UNAVAILABLE
+    reply = _complete(gateway, "alice")
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["x-personalize-node"] != owner
+    for worker in gateway.workers.values():
+        worker.refuse = grpc.StatusCode.INVALID_ARGUMENT
+    reply = _complete(gateway, "alice")
+    assert reply.status_code == 400 and reply.json()["error"]["message"].endswith("refuses"), reply.text
+
+
+def _threads(name: str) -> int:
+    return sum(thread.name == name for thread in threading.enumerate())
+
+
+def test_every_tenant_routes_over_one_membership_watch_and_one_channel_per_worker(gateway: Gateway) -> None:
+    watches = _threads("membership-watch")
+    for key in ("key-acme", "key-globex", "key-initech"):
+        for i in range(8):
+            reply = _complete(gateway, f"user-{i}", headers={"Authorization": f"Bearer {key}"})
+            assert reply.status_code == 200, reply.text
+    assert _threads("membership-watch") - watches == 1  # one per process, not one per tenant key
+    shared = gateway.clients.probe().cluster  # type: ignore[attr-defined]
+    tenants = {key: gateway.clients(key) for key in ("key-acme", "key-globex", "key-initech")}
+    assert all(caller.client.cluster is shared for caller in tenants.values())  # type: ignore[attr-defined]  # its channels
+    assert [caller.client.tenant for caller in tenants.values()] == ["acme", "globex", "initech"]  # type: ignore[attr-defined]
+
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_edges_span_continues_the_callers_trace_and_parents_the_workers(
+    gateway: Gateway, span_exporter: InMemorySpanExporter, stream: bool
+) -> None:
+    span_exporter.clear()
+    headers = {**ACME, "traceparent": f"00-{TRACE_ID}-{CALLER_SPAN}-01"}
+    reply = _complete(gateway, "alice", headers=headers, stream=stream)
+    assert reply.status_code == 200, reply.text
+    spans = {s.name: s for s in span_exporter.get_finished_spans() if format(s.context.trace_id, "032x") == TRACE_ID}
+    edge = spans["gateway POST /v1/completions"]
+    assert edge.kind == trace.SpanKind.SERVER and edge.attributes["http.response.status_code"] == 200
+    assert edge.parent is not None and format(edge.parent.span_id, "016x") == CALLER_SPAN
+    worker = spans["worker GenerateStream" if stream else "worker Generate"]
+    assert worker.parent is not None and worker.parent.span_id == edge.context.span_id
 
 
 def test_an_unknown_key_is_401_at_the_edge(gateway: Gateway) -> None:

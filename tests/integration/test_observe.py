@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -41,13 +40,8 @@ SLOT = slot_nbytes(default_llama_config(), 8)
 
 
 @pytest.fixture(scope="module")
-def exporter() -> InMemorySpanExporter:
-    """The process's tracer provider: set once (OpenTelemetry refuses a second), spans kept in memory."""
-    memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    trace.set_tracer_provider(provider)
-    return memory
+def exporter(span_exporter: InMemorySpanExporter) -> InMemorySpanExporter:
+    return span_exporter
 
 
 @dataclass

@@ -1,18 +1,27 @@
-"""TLS and mutual TLS on a gRPC port, with certificates generated for the test by openssl."""
+"""TLS and mutual TLS on a gRPC port, and the router and HTTP gateway dialing TLS workers, with certificates
+generated for the test by openssl."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import uuid
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from fastapi.testclient import TestClient
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from personalize.errors import InvalidArgument
+from personalize.routing.membership import Heartbeat, MembershipConfig, NodeInfo, membership_client
+from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
+from personalize_service.gen.personalize.v1 import personalize_pb2_grpc as pb_grpc
+from personalize_service.http import GatewayConfig, create_app
+from personalize_service.http.serve import _Clients
 from personalize_service.server.router import RouterConfig, worker_channel_opener
 from personalize_service.server.tls import bind
 
@@ -159,3 +168,46 @@ def test_the_router_dials_tls_workers_with_its_own_client_certificate(certs: Pat
             assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     with pytest.raises(InvalidArgument, match="--upstream-key"):
         worker_channel_opener(RouterConfig(upstream_ca=str(certs / "ca.pem"), upstream_cert=str(certs / "client.pem")))
+
+
+class _Greeter(pb_grpc.PersonalizeServicer):
+    def Generate(self, request: Any, context: Any) -> pb.GenerateResponse:
+        return pb.GenerateResponse(text=f"hi {request.user_id} over TLS", node_id="tls-worker", completion_tokens=1)
+
+
+@pytest.mark.parametrize("on_ring", [True, False])
+def test_the_gateway_dials_tls_workers_with_the_routers_settings(certs: Path, valkey_url: str, on_ring: bool) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_PersonalizeServicer_to_server(_Greeter(), server)
+    port = bind(server, "127.0.0.1:0", str(certs / "server.pem"), str(certs / "server.key"), str(certs / "ca.pem"))
+    server.start()
+    namespace = f"tls{uuid.uuid4().hex[:10]}"
+    membership = MembershipConfig(namespace=namespace, ttl_s=30.0, heartbeat_s=0.2)
+    node = NodeInfo("tls-worker", f"127.0.0.1:{port}", 4.0)
+    beat = Heartbeat(membership_client(valkey_url), membership, node).start()
+    mutual = RouterConfig(
+        upstream_ca=str(certs / "ca.pem"),
+        upstream_cert=str(certs / "client.pem"),
+        upstream_key=str(certs / "client.key"),
+    )
+    where: dict[str, Any] = {"registry_url": valkey_url} if on_ring else {"target": f"localhost:{port}"}
+    try:
+        for upstream, status in (
+            (mutual, 200),
+            (RouterConfig(), 503),
+            (RouterConfig(upstream_ca=mutual.upstream_ca), 503),
+        ):
+            clients = _Clients(GatewayConfig(**where, namespace=namespace, upstream=upstream, timeout=10.0))
+            try:
+                with TestClient(create_app(clients, "tiny", probe=clients.probe)) as http:
+                    reply = http.post("/v1/completions", json={"prompt": "Hi", "user": "alice"})
+            finally:
+                clients.close()
+            assert reply.status_code == status, (upstream, reply.text)
+            if status == 200:
+                assert reply.json()["choices"][0]["text"] == "hi alice over TLS"
+            else:
+                assert reply.json()["error"]["type"] == "service_unavailable"
+    finally:
+        beat.stop()
+        server.stop(None)
