@@ -63,3 +63,33 @@ def dpo_loss(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected:
     """DPO on sequence log-probs [P] of preferred/other answers under the policy and the reference. -> [P]."""
     margin = (chosen - ref_chosen) - (rejected - ref_rejected)
     return -F.logsigmoid(beta * margin)
+
+
+def distinctive_mask(mask: Tensor, targets: Tensor, user_index: Tensor, wanted: Tensor, reject: Tensor) -> Tensor:
+    """`mask` [N, T] with each reject row's tokens that the same user's wanted rows (bool [N]) also contain
+    taken out: a reject lowers what is distinctive of the rejected answer (its greeting), not the words and
+    names it shares with what the user taught otherwise, which its unlikelihood would erase too. Other rows
+    are unchanged. targets [N, T] are the token ids under `mask`; user_index [N]; reject bool [N]."""
+    vocab = int(targets.max().clamp(min=0)) + 1 if targets.numel() else 1
+    keys = user_index.unsqueeze(-1) * vocab + targets.clamp(min=0)  # (user, token) as one id
+    taught = keys[mask & wanted.unsqueeze(-1)]
+    shared = torch.isin(keys, taught) & reject.unsqueeze(-1)
+    return mask & ~shared
+
+
+def distinctive_mask_reference(
+    mask: Tensor, targets: Tensor, user_index: Tensor, wanted: Tensor, reject: Tensor
+) -> Tensor:
+    """`distinctive_mask` written as loops over sets, for the equivalence test."""
+    taught: dict[int, set[int]] = {}
+    for n in range(mask.shape[0]):
+        if wanted[n]:
+            tokens = (int(t) for t, m in zip(targets[n], mask[n], strict=True) if m)
+            taught.setdefault(int(user_index[n]), set()).update(tokens)
+    out = mask.clone()
+    for n in range(mask.shape[0]):
+        if reject[n]:
+            for i in range(mask.shape[1]):
+                if mask[n, i] and int(targets[n, i]) in taught.get(int(user_index[n]), set()):
+                    out[n, i] = False
+    return out

@@ -31,7 +31,13 @@ from personalize.errors import Conflict, CorruptObject, InvalidArgument, NotFoun
 from personalize.feedback.batch import TrainBatch, build_batch, select_rows
 from personalize.feedback.events import FeedbackEvent, event_id_key
 from personalize.feedback.examples import VersionExamples, encode, stored_examples, without_legacy
-from personalize.feedback.losses import chunked_token_logprobs, dpo_loss, sft_loss, unlikelihood_loss
+from personalize.feedback.losses import (
+    chunked_token_logprobs,
+    distinctive_mask,
+    dpo_loss,
+    sft_loss,
+    unlikelihood_loss,
+)
 from personalize.feedback.replay import merge, rehearsal
 from personalize.feedback.stacked import MaskedAdam, StackedAdapters
 from personalize.feedback.stream import Delivered, FeedbackStream
@@ -67,12 +73,16 @@ class TrainerConfig:
     fit_loss: float = 0.1
     """A user whose wanted answers (accept, correct, the chosen of prefer) still have a mean token NLL above
     this after its step budget keeps training ...; a half-learned answer is what loops ("ererer"). A user without
-    rejects whose wanted answers are below it when the round begins takes no step: more steps on a learned
-    answer are a fresh Adam's noise, and loop too. A user with prefer events also stops as soon as it gets
-    below it (DPO's margin keeps growing and garbles the chosen answer); the others use their whole budget
+    rejects whose wanted answers are below learned_loss when the round begins takes no step: more steps on a
+    learned answer are a fresh Adam's noise, and loop too. A user with prefer events also stops as soon as it gets
+    below fit_loss (DPO's margin keeps growing and garbles the chosen answer); the others use their whole budget
     (stopping them early too cost CORRECT's generalization: 0.89 on unseen prompts)."""
     fit_steps: int = 16
     """... up to this many steps per new event (and at most max_steps)."""
+    learned_loss: float = 0.25
+    """A user without rejects whose wanted answers are below this mean token NLL when the round begins takes
+    no step (looser than fit_loss: an answer left at 0.106 by its first round's fitting steps was trained again
+    by each resend, a fresh Adam's 16 steps each time, and after 4 ACCEPTs 15 of 40 unrelated answers looped)."""
     warmup: int = 4
     """Steps over which a user's learning rate ramps up from lr/warmup to lr in every round: a round starts a
     fresh Adam, whose first update moves every weight by ~lr whatever the gradient's size."""
@@ -89,6 +99,10 @@ class TrainerConfig:
     reject_weight: float = 0.5
     """Weight of a reject event's unlikelihood loss against the other rows of the user's round (at 1.0, twelve
     rejects of one behaviour also wore down a second one: 0.95 -> 0.75; at 0.5 it stayed 0.95)."""
+    reject_distinctive: bool = True
+    """A reject's unlikelihood covers only the rejected answer's tokens that none of the user's wanted answers
+    in the round (replayed ones included) contain: lowering the words and names it shares with them wore the
+    user's other taught behaviour down too."""
     prefer_nll: float = 1.0
     """Weight of the chosen answer's mean token NLL added to a prefer event's DPO loss (as RPO and Llama 3's
     preference training): DPO alone only moves the chosen answer above the rejected one, this makes it likely."""
@@ -221,7 +235,7 @@ def train_round(
             finite &= torch.isfinite(per_user) | ~active
             unfit = torch.where(active, fit > config.fit_loss, unfit)
             if step == 0:  # already learned when the round began (a resent answer): no step, not one
-                learned = ~unfit & ~rejects
+                learned = (fit <= config.learned_loss) & ~rejects
             active &= finite & ((budget > step) | unfit) & ~learned  # each step a fresh Adam's noise
             active &= unfit | rejects | ~prefers
             total = torch.where(active, per_user, torch.zeros_like(per_user)).sum()
@@ -250,7 +264,12 @@ def _user_losses(
     row_loss = torch.zeros_like(seq)
     row_loss = torch.where(batch.is_sft, nll, row_loss)
     wanted = batch.is_sft.clone()
-    row_loss = torch.where(batch.is_reject, unlikelihood_loss(logp, mask), row_loss)
+    if batch.pairs.numel():
+        wanted[batch.pairs[:, 0]] = True
+    reject_mask = mask
+    if config.reject_distinctive:
+        reject_mask = distinctive_mask(mask, batch.labels[:, 1:], batch.user_index, wanted, batch.is_reject)
+    row_loss = torch.where(batch.is_reject, unlikelihood_loss(logp, reject_mask), row_loss)
     weight = batch.is_sft.to(seq.dtype) + config.reject_weight * batch.is_reject.to(seq.dtype)
     if batch.pairs.numel():
         c, r = batch.pairs[:, 0], batch.pairs[:, 1]
@@ -259,7 +278,6 @@ def _user_losses(
             pair_loss = pair_loss + config.prefer_nll * nll[c]
         row_loss = row_loss.index_put((c,), pair_loss)
         weight = weight.index_put((c,), torch.ones_like(pair_loss))
-        wanted[c] = True
     per_user = _per_user(row_loss * weight, weight, batch.user_index, users)
     fit = _per_user(nll.detach() * wanted, wanted.to(seq.dtype), batch.user_index, users)
     return per_user, fit, ref

@@ -61,6 +61,8 @@ UNEXPOSED = {
     "trainer.weight_decay",
     "trainer.replay_per_event",
     "trainer.linger_ms",
+    "trainer.reject_distinctive",
+    "trainer.learned_loss",
 }
 """Dataclass fields deliberately left at their defaults (no flag): changing them needs code review."""
 ROOTS: dict[str, Any] = {"": Config(), "service.": ServiceConfig(), "router.": RouterConfig(), "limits.": Limits()}
