@@ -33,12 +33,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
-from personalize.errors import InvalidArgument
+from personalize.errors import DeadlineExceeded, InvalidArgument
 from personalize.routing.ring import route_key
 from personalize_service.client.cluster import Cluster, Upstream, gather_stats, node_list
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
