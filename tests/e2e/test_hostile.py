@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from personalize.model import BaseModel
+from personalize.lora.slots import slot_nbytes
+from personalize.model import BaseModel, default_llama_config
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.server.limits import MIB, Limits
 from tests.e2e.upserver import (
@@ -316,3 +317,58 @@ def test_one_tenants_feedback_flood_is_refused_at_its_quota_and_not_anothers(nar
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "feedback quota" in raised.value.details() and "feedback_burst" in raised.value.details()
     assert feedback("bob", KEY_B).event_id  # B's quota is its own
+
+
+SLOTS = 4
+
+
+@pytest.fixture(scope="module")
+def slotted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[UpServer, Stubs]]:
+    """A server of 4 device slots (half of them per tenant, the default share), decoding one row at a time,
+    so a tenant's queued calls hold their users' slots pinned until admitted."""
+    slot = slot_nbytes(default_llama_config(), 16)  # the default --max-rank and target modules, float32
+    flags = ("--max-batch", "1", "--device-cache", str(SLOTS * slot), "--load-timeout-s", "0.3")
+    with two_tenants(tmp_path_factory.mktemp("up-slotted"), *flags) as running:
+        yield running
+
+
+def test_one_tenants_many_users_never_take_another_tenants_device_slots(
+    slotted: tuple[UpServer, Stubs], base: BaseModel, tmp_path: Path
+) -> None:
+    """A imports adapters for 6 users and calls all of them at once while 1 row decodes: at most half the
+    slots may be held by A's queued calls, so some of A's calls are refused naming max_tenant_slots, while
+    B's stream with B's own adapter, started alongside, finishes and B's adapter still gets a slot."""
+    stubs = slotted[1]
+    api = stubs.api
+    stats = stubs.admin.Stats(pb.StatsRequest(), timeout=30, metadata=OPERATOR_KEY).nodes[0]
+    assert stats.device_slots == SLOTS, stats
+    for i, (user, key) in enumerate([*((f"a{i}", KEY_A) for i in range(6)), ("bob", KEY_B)]):
+        directory = tmp_path / user
+        make_peft_adapter(base.model, seed=20 + i, directory=directory)
+        api.ImportAdapter(
+            pb.ImportAdapterRequest(user_id=user, files=adapter_files(directory)), timeout=60, metadata=key
+        )
+    other = _Stream(api)
+    other.start()
+    calls = [
+        api.Generate.future(
+            pb.GenerateRequest(user_id=f"a{i}", prompt="flood", max_new_tokens=256),
+            timeout=300,
+            metadata=KEY_A,
+        )
+        for i in range(6)
+    ]
+    refused = []
+    for call in calls:
+        try:
+            assert call.result().completion_tokens >= 1
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
+            refused.append(exc.details())
+    assert refused, "A's six queued users all got a device slot: the per-tenant cap did not hold"
+    assert all("tenant 'tenantA'" in d and "max_tenant_slots" in d for d in refused), refused
+    other.join(120)
+    assert other.error is None, other.error
+    assert other.chunks and other.chunks[-1].done
+    mine = api.Generate(pb.GenerateRequest(user_id="bob", prompt="mine", max_new_tokens=4), timeout=60, metadata=KEY_B)
+    assert mine.completion_tokens >= 1 and mine.adapter_version >= 1, mine
