@@ -574,7 +574,7 @@ SETTINGS: tuple[Setting, ...] = (
         "PERSONALIZE_SHARED_LIMITS",
         False,
         _bool,
-        "keep each tenant's rate bucket in the registry's Valkey: the rate holds across every process",
+        "keep each tenant's rate and feedback-quota buckets in the registry's Valkey: both hold across every process",
         metavar="BOOL",
     ),
     # -- feedback and training

@@ -68,7 +68,8 @@ class Limits:
     """Generations one tenant may have running or queued at once; a quarter of the default 1024 handler
     threads, so one tenant can never hold every thread."""
     feedback_per_second: float = 200.0
-    """Sustained feedback events per tenant per server (the tenant's feedback quota, a token bucket)."""
+    """Sustained feedback events per tenant (the tenant's feedback quota, a token bucket): per server, or across
+    every process with `--shared-limits`."""
     feedback_burst: int = 2000
     """Feedback events a tenant may send at once above feedback_per_second."""
 
