@@ -63,6 +63,7 @@ UNEXPOSED = {
     "trainer.linger_ms",
     "trainer.reject_distinctive",
     "trainer.learned_loss",
+    "trainer.prefer_fit_loss",
 }
 """Dataclass fields deliberately left at their defaults (no flag): changing them needs code review."""
 ROOTS: dict[str, Any] = {"": Config(), "service.": ServiceConfig(), "router.": RouterConfig(), "limits.": Limits()}
