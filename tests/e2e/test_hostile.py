@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from personalize.adapters.store.keys import adapter_version, user_prefix
 from personalize.lora.slots import slot_nbytes
 from personalize.model import BaseModel, default_llama_config
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
@@ -372,3 +373,37 @@ def test_one_tenants_many_users_never_take_another_tenants_device_slots(
     assert other.chunks and other.chunks[-1].done
     mine = api.Generate(pb.GenerateRequest(user_id="bob", prompt="mine", max_new_tokens=4), timeout=60, metadata=KEY_B)
     assert mine.completion_tokens >= 1 and mine.adapter_version >= 1, mine
+
+
+def test_exporting_an_older_corrupted_version_is_refused_and_hurts_no_one(
+    up: tuple[UpServer, Stubs], base: BaseModel, tmp_path: Path
+) -> None:
+    """An older version is found by listing the store, not through the record's checksum: with one bit of
+    its object flipped on disk, exporting it is DATA_LOSS naming the version (never the altered bytes),
+    the current version still exports, and B's concurrent stream finishes."""
+    server, stubs = up
+    api = stubs.api
+    for seed in (31, 32):
+        make_peft_adapter(base.model, seed=seed, directory=tmp_path / str(seed))
+        api.ImportAdapter(
+            pb.ImportAdapterRequest(user_id="eve", files=adapter_files(tmp_path / str(seed))),
+            timeout=60,
+            metadata=KEY_A,
+        )
+    prefix = user_prefix("tenantA", "eve")
+    found = [p for p in server.data_dir.rglob("*") if p.is_file() and prefix in p.as_posix()]
+    [old] = [p for p in found if adapter_version(p.as_posix()[p.as_posix().index(prefix) :]) == 1]
+    flipped = bytearray(old.read_bytes())
+    flipped[-100] ^= 0x01
+    old.write_bytes(bytes(flipped))
+    other = _Stream(api)
+    other.start()
+    with pytest.raises(grpc.RpcError) as raised:
+        api.ExportAdapter(pb.ExportAdapterRequest(user_id="eve", version=1), timeout=60, metadata=KEY_A)
+    assert raised.value.code() == grpc.StatusCode.DATA_LOSS, raised.value.details()
+    assert "v1" in raised.value.details()
+    current = api.ExportAdapter(pb.ExportAdapterRequest(user_id="eve"), timeout=60, metadata=KEY_A)
+    assert current.info.version == 2 and current.files
+    other.join(120)
+    assert other.error is None, other.error
+    assert other.chunks and other.chunks[-1].done
