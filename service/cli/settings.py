@@ -574,7 +574,8 @@ SETTINGS: tuple[Setting, ...] = (
         "PERSONALIZE_SHARED_LIMITS",
         False,
         _bool,
-        "keep each tenant's rate and feedback-quota buckets in the registry's Valkey: both hold across every process",
+        "keep each tenant's rate and feedback-quota buckets and concurrency leases in the registry's Valkey: all "
+        "three hold across every process",
         metavar="BOOL",
     ),
     # -- feedback and training

@@ -31,9 +31,11 @@ from personalize.errors import InvalidArgument
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from personalize_service.server.auth import ApiKeys
 from personalize_service.server.interceptors import Drain, server_interceptors
+from personalize_service.server.leases import SharedConcurrencyLimiter
 from personalize_service.server.limits import (
     DEFAULT_LIMITS,
     MAX_QUEUED_PER_THREAD,
+    ConcurrencyLimiter,
     FeedbackQuota,
     Limits,
     RateLimiter,
@@ -66,7 +68,8 @@ class ServiceConfig:
     limits: Limits = DEFAULT_LIMITS
     """Request size, rate and concurrency limits."""
     shared_limits: RegistryConfig | None = None
-    """Where tenants' rate buckets are shared by every process (the registry's Valkey); None = per process."""
+    """Where tenants' rate and feedback buckets and concurrency leases are shared by every process (the
+    registry's Valkey); None = per process."""
     api_keys: ApiKeys = field(default_factory=ApiKeys)
     """API key -> tenant; empty = every caller is tenant `default`."""
     metrics_port: int = 0
@@ -180,6 +183,12 @@ def rate_limiter(config: ServiceConfig) -> RateLimiter:
 def feedback_quota(config: ServiceConfig) -> FeedbackQuota:
     """The tenant feedback quota of a worker: shared through Valkey when `config.shared_limits` says where."""
     return FeedbackQuota(config.limits, **_shared(config))
+
+
+def concurrency_limiter(config: ServiceConfig) -> ConcurrencyLimiter | SharedConcurrencyLimiter:
+    """The tenant concurrency limiter of a worker: leases in Valkey when `config.shared_limits` says where."""
+    shared = _shared(config)
+    return SharedConcurrencyLimiter(config.limits, **shared) if shared else ConcurrencyLimiter(config.limits)
 
 
 def create(

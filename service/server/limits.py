@@ -66,7 +66,8 @@ class Limits:
     """Requests a tenant may make at once above the sustained rate (token bucket size)."""
     max_concurrent_generations: int = 256
     """Generations one tenant may have running or queued at once; a quarter of the default 1024 handler
-    threads, so one tenant can never hold every thread."""
+    threads, so one tenant can never hold every thread. Per server, or across every worker with
+    `--shared-limits` (leases in Valkey)."""
     feedback_per_second: float = 200.0
     """Sustained feedback events per tenant (the tenant's feedback quota, a token bucket): per server, or across
     every process with `--shared-limits`."""
@@ -450,7 +451,8 @@ class FeedbackQuota(TenantQuota):
 
 @dataclass
 class ConcurrencyLimiter:
-    """Counts running generations per tenant; `hold` refuses one over max_concurrent_generations."""
+    """Counts running generations per tenant in this process; `hold` refuses one over
+    max_concurrent_generations. SharedConcurrencyLimiter (leases.py) counts them across processes."""
 
     limits: Limits
     _running: dict[str, int] = field(default_factory=dict, init=False)

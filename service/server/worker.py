@@ -32,10 +32,12 @@ from personalize_service.server.base import (
     NodeState,
     ServiceConfig,
     cancel_with_call,
+    concurrency_limiter,
     create,
     feedback_quota,
     time_remaining,
 )
+from personalize_service.server.leases import SharedConcurrencyLimiter
 from personalize_service.server.limits import (
     DEFAULT_LIMITS,
     USER_ID_METADATA_KEY,
@@ -54,11 +56,15 @@ class PersonalizeServicer(pb_grpc.PersonalizeServicer):
     """The app-facing API over one worker."""
 
     def __init__(
-        self, worker: Worker, limits: Limits = DEFAULT_LIMITS, feedback_quota: FeedbackQuota | None = None
+        self,
+        worker: Worker,
+        limits: Limits = DEFAULT_LIMITS,
+        feedback_quota: FeedbackQuota | None = None,
+        concurrency: ConcurrencyLimiter | SharedConcurrencyLimiter | None = None,
     ) -> None:
         self.worker = worker
         self.limits = limits
-        self.concurrency = ConcurrencyLimiter(limits)
+        self.concurrency = concurrency if concurrency is not None else ConcurrencyLimiter(limits)
         self.feedback_quota = feedback_quota if feedback_quota is not None else FeedbackQuota(limits)
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
@@ -256,7 +262,8 @@ def create_server(
     """
 
     def register(server: grpc.Server, port: int, state: NodeState) -> None:
-        add_personalize(PersonalizeServicer(worker, config.limits, feedback_quota(config)), server, metrics)
+        servicer = PersonalizeServicer(worker, config.limits, feedback_quota(config), concurrency_limiter(config))
+        add_personalize(servicer, server, metrics)
         address = advertised_address(config.host, port, config.advertise)
         pb_grpc.add_AdminServicer_to_server(AdminServicer(worker, address, state), server)
 
