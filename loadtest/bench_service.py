@@ -7,8 +7,10 @@ on the base model and on 32 distinct adapters (user i has adapter i; the same ra
 imported into the service and written into the in-process engine's slots). Greedy, the same prompts on
 both sides, so both generate the same tokens. tokens/s = completion tokens of all calls / wall seconds.
 
-Each (engine, service) pair runs `repeat` times interleaved; medians are reported (the ratio is the
-median of the per-pair ratios), and each pair must produce the same number of tokens.
+Each (engine, service) pair runs `repeat` times interleaved, in ABBA order (engine first in even repeats,
+service first in odd ones, so a drifting machine load favours neither); medians are reported (the ratio
+is the median of the per-pair ratios) with every pair's figures, the ratios' min and max and the 1-minute
+load average before and after each pair; each pair must produce the same number of tokens.
 
 Also, once per (new tokens, adapters): the engine alone (`engine_alone`), no caller threads at all:
 waves of `clients` requests submitted at once and stepped on one thread until idle, the ceiling that
@@ -18,6 +20,12 @@ Engine side: `Engine.start()` and `clients` threads of this process calling subm
 (unary) or iterating the pieces (streaming). Service side: one client process apart (spawned, grpc's
 Python client, one channel, `clients` threads, `x-user-id` metadata as the SDK sends), whose own CPU
 seconds are reported: on a 2-core machine the client competes with the server for the cores.
+
+CPU per token, the figure a loaded machine disturbs least: `service_cpu_over_engine_cpu` is the CPU seconds
+of `up`'s process tree (worker, trainer, Valkey) over those of this process (engine and caller threads)
+for the same tokens, the client's own excluded on both sides (the in-process callers are counted on the
+engine's side, so the ratio slightly favours the service). Wall-clock ratios on a shared machine also
+favour whichever side has more processes: the kernel shares the cores per thread, not per benchmark side.
 
     python loadtest/bench_service.py [--quick] [--json loadtest/results/bench_service.json] [--tokens 32,64,512]
 """
@@ -113,11 +121,32 @@ def engine_run(engine: Any, load: Load, streaming: bool, base: bool) -> dict[str
             tokens += handle.result().completion_tokens
         return tokens
 
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), process_cpu_s()
     with ThreadPoolExecutor(load.clients) as pool:
         tokens = sum(pool.map(one, range(load.clients)))
-    wall = time.perf_counter() - start
-    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall}
+    wall, cpu = time.perf_counter() - start, process_cpu_s() - start_cpu
+    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall, "cpu_s": cpu}
+
+
+def process_cpu_s() -> float:
+    """User + system CPU seconds of this process (the engine and its caller threads)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` and every live descendant (up's worker, trainer, Valkey)."""
+    import psutil  # comes with locust, a dev dependency
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
 
 
 def engine_ceiling(engine: Any, load: Load, base: bool) -> dict[str, float]:
@@ -160,6 +189,13 @@ def random_adapters(base_model: Any, n: int) -> list[Any]:
     spec = AdapterSpec.for_model(base_model, RANK)
     generator = torch.Generator().manual_seed(0)
     return [random_adapter(spec, RANK, 2.0 * RANK, generator) for _ in range(n)]
+
+
+def service_run(client: Any, up: Any, load: Load, streaming: bool, base: bool) -> dict[str, float]:
+    """`client_run` in the client process, with the CPU seconds `up`'s process tree spent meanwhile."""
+    before = tree_cpu_s(up.process.pid)
+    out = client.submit(client_run, up.target, load, streaming, base).result()
+    return {**out, "server_cpu_s": tree_cpu_s(up.process.pid) - before}
 
 
 # ---- one run ---------------------------------------------------------------------------------------------
@@ -207,18 +243,28 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 client.submit(client_run, up.target, warm, True, base).result()
             for new_tokens in args.tokens:
                 load = Load(args.clients, args.calls if new_tokens <= 64 else max(1, args.calls // 2), new_tokens)
+                once = Load(args.clients, 1, new_tokens)  # warm-up at this length: KV pages touched on both sides
+                engine_run(engine, once, False, True)
+                client.submit(client_run, up.target, once, False, True).result()
                 for base in (True, False):
                     ceiling = engine_ceiling(engine, load, base)
                     for streaming in (False, True):
-                        engine_tps, service_tps, ratios, cpu, wall = [], [], [], [], []
-                        for _ in range(args.repeat):  # interleaved: both sides see the same machine
-                            ours = engine_run(engine, load, streaming, base)
-                            service = client.submit(client_run, up.target, load, streaming, base).result()
+                        engine_tps, service_tps, ratios, cpu, wall, cpu_ratios = [], [], [], [], [], []
+                        load_avg = [os.getloadavg()[0]]
+                        for rep in range(args.repeat):  # interleaved ABBA: both sides see the same machine
+                            if rep % 2 == 0:
+                                ours = engine_run(engine, load, streaming, base)
+                                service = service_run(client, up, load, streaming, base)
+                            else:
+                                service = service_run(client, up, load, streaming, base)
+                                ours = engine_run(engine, load, streaming, base)
+                            load_avg.append(os.getloadavg()[0])
                             assert ours["tokens"] == service["tokens"], (ours, service)  # the same work
                             engine_tps.append(ours["tokens_per_s"])
                             service_tps.append(service["tokens_per_s"])
                             ratios.append(service["tokens_per_s"] / ours["tokens_per_s"])
                             cpu.append(service["client_cpu_s"])
+                            cpu_ratios.append(service["server_cpu_s"] / ours["cpu_s"])
                             wall.append(service["seconds"])
                         row = {
                             "new_tokens": new_tokens,
@@ -230,9 +276,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                             "service_tokens_per_s": statistics.median(service_tps),
                             "service_over_engine": statistics.median(ratios),
                             "service_over_engine_each": ratios,
+                            "service_over_engine_min": min(ratios),
+                            "service_over_engine_max": max(ratios),
+                            "engine_tokens_per_s_each": engine_tps,
+                            "service_tokens_per_s_each": service_tps,
+                            "load_avg_1m": [round(a, 2) for a in load_avg],
                             "engine_alone_tokens_per_s": ceiling["tokens_per_s"],
                             "service_over_engine_alone": statistics.median(service_tps) / ceiling["tokens_per_s"],
                             "client_cpu_s": statistics.median(cpu),
+                            "service_cpu_over_engine_cpu": statistics.median(cpu_ratios),
+                            "service_cpu_over_engine_cpu_each": [round(r, 3) for r in cpu_ratios],
                             "service_seconds": statistics.median(wall),
                         }
                         rows.append(row)
@@ -252,6 +305,9 @@ def summarize(rows: list[dict[str, Any]], tokens: list[int]) -> dict[str, Any]:
             r["service_over_engine_alone"] for r in rows if r["mode"] == mode
         )
         out[f"{mode}_service_over_engine_min"] = worst
+        out[f"{mode}_service_cpu_over_engine_cpu_max"] = max(
+            r["service_cpu_over_engine_cpu"] for r in rows if r["mode"] == mode
+        )
         out[f"{mode}_target"] = target
         out[f"{mode}_ok"] = worst >= target
     lo, hi = min(tokens), max(tokens)
@@ -270,8 +326,10 @@ def print_row(row: dict[str, Any]) -> None:
     print(
         f"{row['new_tokens']:>5} {row['adapters']:>12} {row['mode']:>6}  engine {row['engine_tokens_per_s']:8.0f} tok/s"
         f"  service {row['service_tokens_per_s']:8.0f} tok/s  ratio {row['service_over_engine']:.2f}"
+        f" [{row['service_over_engine_min']:.2f}-{row['service_over_engine_max']:.2f}]"
         f"  (engine alone {row['engine_alone_tokens_per_s']:.0f}: {row['service_over_engine_alone']:.2f})"
-        f"  client cpu {row['client_cpu_s']:.1f}s of {row['service_seconds']:.1f}s",
+        f"  cpu service/engine {row['service_cpu_over_engine_cpu']:.2f}"
+        f"  client cpu {row['client_cpu_s']:.1f}s of {row['service_seconds']:.1f}s  load {row['load_avg_1m'][-1]}",
         flush=True,
     )
 

@@ -90,6 +90,9 @@ class _Request:
     """With params.logprobs: log p of each generated token."""
     unsent: int = 0
     """How many of `logprobs` (the last ones) no piece has carried yet."""
+    seen: torch.Tensor | None = None
+    """With a repetition penalty: [V] bool, the tokens of the prompt and completion so far, kept up to date
+    per token (rebuilding it from the history each step costs O(length) per token)."""
     last_token: int = 0
     position: int = 0
     timings: RequestTimings = field(default_factory=lambda: RequestTimings(submitted=time.time()))
@@ -363,10 +366,7 @@ class Engine:
         rows = [n for n, r in enumerate(reqs) if r.params.repetition_penalty != 1.0]
         if not rows:
             return logits
-        seen = torch.zeros(len(rows), logits.shape[-1], dtype=torch.bool, device=logits.device)
-        for i, n in enumerate(rows):
-            history = reqs[n].prompt_ids + reqs[n].stream.ids
-            seen[i, torch.tensor(history, device=logits.device)] = True
+        seen = torch.stack([_seen_mask(reqs[n], logits.shape[-1], logits.device) for n in rows])  # [rows, V]
         penalty = torch.tensor([reqs[n].params.repetition_penalty for n in rows], device=logits.device)
         out = logits.clone()
         index = torch.tensor(rows, device=logits.device)
@@ -407,6 +407,8 @@ class Engine:
             t.first_token = now
         t.finished = now  # the latest token, until the request ends
         req.last_token = token
+        if req.seen is not None:
+            req.seen[token] = True
         if token in self.eos_ids and not p.ignore_eos:
             self._finish(req, "eos")
             return
@@ -465,6 +467,15 @@ class Engine:
         for req in victims:
             if not req.done.is_set():
                 self._complete(req, None, _step_error(exc))
+
+
+def _seen_mask(req: _Request, vocab: int, device: torch.device) -> torch.Tensor:
+    """The request's [V] bool mask of seen tokens, built from its history on first use (then `_emit` keeps
+    it current)."""
+    if req.seen is None:
+        req.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        req.seen[torch.tensor(req.prompt_ids + req.stream.ids, device=device)] = True
+    return req.seen
 
 
 def _run_callback(callback: Callable[[], None] | None) -> None:
