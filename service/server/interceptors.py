@@ -15,6 +15,7 @@ auth swaps a refused call's deserializer for one that drops the bytes, the size 
 from __future__ import annotations
 
 import abc
+import functools
 import logging
 import threading
 import time
@@ -72,7 +73,35 @@ class CallInterceptor(grpc.ServerInterceptor, abc.ABC):
         method: str = handler_call_details.method
         if handler is None or not self.applies_to(method):
             return handler
-        return _wrap_handler(handler, self, method)
+        return cached_wrapper(wrapper_cache(self), handler, method, lambda: _wrap_handler(handler, self, method))
+
+
+_WRAPS_MAX = 512
+"""Wrapped handlers an interceptor keeps; past this its cache starts over (a handler made per call must
+not grow it without bound)."""
+
+
+def wrapper_cache(owner: Any) -> dict[Any, tuple[Any, Any]]:
+    """`owner`'s cache of wrapped handlers (made on first use: subclasses need not call a base __init__)."""
+    cache: dict[Any, tuple[Any, Any]] | None = owner.__dict__.get("_wrap_cache")
+    if cache is None:
+        cache = owner.__dict__.setdefault("_wrap_cache", {})
+    return cache
+
+
+def cached_wrapper(cache: dict[Any, tuple[Any, Any]], handler: Any, key: Any, wrap: Callable[[], Any]) -> Any:
+    """wrap() of `handler`, made once per (handler, key): grpc asks the interceptors for every call, and the
+    handlers they wrap are the same objects call after call, so are their wrappers (and the wrappers of
+    those, up the chain). A refusal (made per call, holding its error) is wrapped anew and never kept."""
+    if getattr(handler, "request_deserializer", None) is _unread:
+        return wrap()
+    entry = cache.get((id(handler), key))
+    if entry is None or entry[0] is not handler:  # an id is reused once its handler is gone
+        if len(cache) >= _WRAPS_MAX:
+            cache.clear()
+        entry = (handler, wrap())
+        cache[(id(handler), key)] = entry
+    return entry[1]
 
 
 def _wrap_handler(handler: Any, interceptor: CallInterceptor, method: str) -> Any:
@@ -177,6 +206,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, keys: ApiKeys) -> None:
         self.keys = keys
+        self._scopes: dict[str, _TenantScope] = {}
 
     def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
@@ -191,7 +221,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 tenant = self.keys.authenticate(key)
         except PersonalizeError as exc:
             return _refusal(handler, exc)
-        return _wrap_handler(handler, _TenantScope(tenant), method)
+        scope = self._scopes.get(tenant)
+        if scope is None:
+            scope = self._scopes.setdefault(tenant, _TenantScope(tenant))
+        wrap = functools.partial(_wrap_handler, handler, scope, method)
+        return cached_wrapper(wrapper_cache(self), handler, (method, tenant), wrap)
 
 
 class _TenantScope(CallInterceptor):
@@ -250,6 +284,10 @@ class RequestSizeInterceptor(grpc.ServerInterceptor):
         method: str = handler_call_details.method
         if handler is None or handler.request_streaming or _is_public(method) or method in self.exempt:
             return handler
+        return cached_wrapper(wrapper_cache(self), handler, method, lambda: self._checked(handler, method))
+
+    def _checked(self, handler: Any, method: str) -> Any:
+        """`handler` refusing a request over the limit before it is parsed."""
         behavior = getattr(handler, _HANDLER_KINDS[(False, bool(handler.response_streaming))][0])
         parse = handler.request_deserializer
         limit = self.limit

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -73,6 +73,8 @@ class ServiceMetrics:
         self.request_seconds = Histogram(
             f"{PREFIX}_request_seconds", "gRPC call latency in seconds.", ["rpc"], buckets=_LATENCY_BUCKETS, registry=r
         )
+        self._call_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        """(rpc, code) -> the requests and request_seconds children observe_call counts in."""
         self.request_bytes = Counter(
             f"{PREFIX}_request_bytes", "Bytes of request messages parsed for the handlers.", ["rpc"], registry=r
         )
@@ -142,8 +144,12 @@ class ServiceMetrics:
 
     def observe_call(self, rpc: str, code: str, seconds: float) -> None:
         """Count one finished call of method `rpc` (e.g. `Generate`) with status `code` (e.g. `OK`)."""
-        self.requests.labels(rpc=rpc, code=code).inc()
-        self.request_seconds.labels(rpc=rpc).observe(seconds)
+        children = self._call_children.get((rpc, code))
+        if children is None:  # labels() takes a lock and builds a key each call: look each pair up once
+            children = (self.requests.labels(rpc=rpc, code=code), self.request_seconds.labels(rpc=rpc))
+            self._call_children[(rpc, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 @dataclass

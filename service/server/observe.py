@@ -35,6 +35,7 @@ from personalize.engine.types import RequestTimings
 from personalize.errors import InvalidArgument
 from personalize_service.server.auth import ApiKeys
 from personalize_service.server.errors import status_of
+from personalize_service.server.interceptors import cached_wrapper, wrapper_cache
 from personalize_service.server.metrics import TrainerMetrics
 
 if TYPE_CHECKING:
@@ -50,6 +51,12 @@ _OTEL_ENDPOINT_ENV = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_
 
 def tracer() -> trace.Tracer:
     return trace.get_tracer(TRACER)
+
+
+def tracing_on() -> bool:
+    """Whether spans are recorded: an SDK tracer provider is installed (without one every span is a no-op,
+    so a call need not build its span to pass the trace context on)."""
+    return not isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
 
 def setup_tracing(endpoint: str, service_name: str) -> None:
@@ -86,6 +93,8 @@ def otlp_traces_url(endpoint: str) -> str:
 
 def trace_metadata() -> tuple[tuple[str, str], ...]:
     """`traceparent`/`tracestate` of the current span, for an outgoing call (empty without a trace)."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return ()  # what inject would give: no span to name as the parent
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return tuple((k, v) for k, v in carrier.items() if k in _TRACE_HEADERS)
@@ -202,16 +211,24 @@ class _Call:
     def __init__(self, role: str, node: str, method: str, context: grpc.ServicerContext, request: Any) -> None:
         self.method, self.context, self.start = method, context, time.perf_counter()
         self.metadata = dict(context.invocation_metadata() or ())
-        parent = propagate.extract({k: v for k, v in self.metadata.items() if k in _TRACE_HEADERS})
+        carrier = {k: self.metadata[k] for k in _TRACE_HEADERS if k in self.metadata}
         self.rpc = method.rsplit("/", 1)[-1]
-        self.span = tracer().start_span(
-            f"{role} {self.rpc}",
-            context=parent,
-            kind=trace.SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.method": method.lstrip("/"), "personalize.node": node},
-        )
         self.ctx = contextvars.copy_context()
-        self.ctx.run(otel_context.attach, trace.set_span_in_context(self.span, parent))
+        if tracing_on():
+            parent = propagate.extract(carrier)
+            self.span = tracer().start_span(
+                f"{role} {self.rpc}",
+                context=parent,
+                kind=trace.SpanKind.SERVER,
+                attributes={"rpc.system": "grpc", "rpc.method": method.lstrip("/"), "personalize.node": node},
+            )
+            self.ctx.run(otel_context.attach, trace.set_span_in_context(self.span, parent))
+        elif carrier:  # no spans are recorded, but the caller's trace context still travels on
+            parent = propagate.extract(carrier)
+            self.span = trace.get_current_span(parent)
+            self.ctx.run(otel_context.attach, parent)
+        else:  # nothing to record, nothing to pass on: what a no-op tracer's span would be
+            self.span = trace.INVALID_SPAN
         self.user_id = str(getattr(request, "user_id", "") or self.metadata.get("x-user-id", ""))
 
     def code(self, error: BaseException | None) -> grpc.StatusCode:
@@ -240,6 +257,10 @@ class ObserveInterceptor(grpc.ServerInterceptor):
         method = details.method
         if handler is None or method.startswith(_PUBLIC) or handler.request_streaming:
             return handler
+        return cached_wrapper(wrapper_cache(self), handler, method, lambda: self._observed(handler, method))
+
+    def _observed(self, handler: Any, method: str) -> Any:
+        """`handler` with its calls traced and logged."""
         if handler.response_streaming:
             behavior, factory, wrap = handler.unary_stream, grpc.unary_stream_rpc_method_handler, self._stream
         else:

@@ -96,13 +96,20 @@ class RouterMetrics:
             registry=r,
         )
         self.workers = Gauge(f"{PREFIX}_router_workers", "Serving workers on the router's ring.", registry=r)
+        self._children: dict[tuple[str, str, grpc.StatusCode], tuple[Any, Any]] = {}
+        """(rpc, node, code) -> the forwarded and upstream_seconds children `attempt` counts in."""
 
     def attempt(self, rpc: str, node: str, number: int, code: grpc.StatusCode, seconds: float) -> None:
         """Record one attempt (number 0 = first, 1 = retry) of `rpc` on `node`."""
         if number:
             self.retries.labels(rpc=rpc).inc()
-        self.forwarded.labels(rpc=rpc, node=node, code=code.name).inc()
-        self.upstream_seconds.labels(rpc=rpc).observe(seconds)
+        children = self._children.get((rpc, node, code))
+        if children is None:  # labels() takes a lock and builds a key each call: look each triple up once
+            forwarded = self.forwarded.labels(rpc=rpc, node=node, code=code.name)
+            children = (forwarded, self.upstream_seconds.labels(rpc=rpc))
+            self._children[(rpc, node, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 def forwarded_metadata(context: grpc.ServicerContext) -> tuple[tuple[str, str | bytes], ...]:

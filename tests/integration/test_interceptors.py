@@ -279,3 +279,12 @@ def test_handler_not_behind_auth_has_no_tenant() -> None:
     with serve(interceptors=[ErrorInterceptor()]) as channel, pytest.raises(grpc.RpcError) as raised:
         _generate(pb_grpc.PersonalizeStub(channel), "hello")
     assert raised.value.code() == grpc.StatusCode.INTERNAL
+
+
+def test_tenants_taking_turns_each_see_their_own(keyed: grpc.Channel) -> None:
+    """The handler wrapped for one tenant is never served to the next (the wrappers are cached per tenant)."""
+    stub = pb_grpc.PersonalizeStub(keyed)
+    turns = [("key-a-123", "tenantA"), ("key-b-456", "tenantB")] * 3
+    seen = [_generate(stub, "hello", (("authorization", f"Bearer {key}"),)).text for key, _ in turns]
+    streamed = [_stream(stub, "hello", (("authorization", f"Bearer {key}"),))[0].text for key, _ in turns]
+    assert seen == streamed == [tenant for _, tenant in turns]

@@ -50,3 +50,17 @@ def test_metrics_endpoint_serves_every_metric() -> None:
     for name in NAMES:
         assert name in body, name
     assert "personalize_tokens_generated_total 42.0" in body
+
+
+def test_observe_call_counts_each_rpc_and_code_apart() -> None:
+    """observe_call keeps the label children it counts in: interleaved pairs still land each in its own."""
+    metrics = ServiceMetrics()
+    calls = [("a/Generate", "OK"), ("a/Generate", "NOT_FOUND"), ("a/GetAdapter", "OK"), ("a/Generate", "OK")]
+    for rpc, code in calls:
+        metrics.observe_call(rpc, code, 0.01)
+    sample = metrics.registry.get_sample_value
+    assert sample("personalize_requests_total", {"rpc": "a/Generate", "code": "OK"}) == 2
+    assert sample("personalize_requests_total", {"rpc": "a/Generate", "code": "NOT_FOUND"}) == 1
+    assert sample("personalize_requests_total", {"rpc": "a/GetAdapter", "code": "OK"}) == 1
+    assert sample("personalize_request_seconds_count", {"rpc": "a/Generate"}) == 3
+    assert sample("personalize_request_seconds_count", {"rpc": "a/GetAdapter"}) == 1
