@@ -16,7 +16,8 @@ training  one online round of 64 users x 2 events x 4 steps: our batched round v
 freshness ack of SubmitFeedback -> first Generate served by a version including that event, at a
           steady 2 events/s over 50 users, through `personalize up` (router, worker and trainer in their
           own processes) and the SDK over gRPC, as an app sees it.
-Run: python loadtest/bench_feedback.py [--quick] [--json PATH]
+Run: python loadtest/bench_feedback.py [--quick] [--only kinds|training|freshness] [--users-per-kind N] [--seed S]
+          [--json PATH]   (--only kinds: the quality table alone, ~8 min at --quick size on 2 busy cores)
 """
 
 from __future__ import annotations
@@ -436,28 +437,36 @@ def print_kinds(q: dict[str, Any]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer test prompts, shorter freshness run, 1 repeat")
+    ap.add_argument("--only", choices=("kinds", "training", "freshness"), help="run this part alone")
+    ap.add_argument("--users-per-kind", type=int, help="users of each kind in the quality part (2 quick, else 4)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the quality part's prompts and answers")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
+    result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        q = kinds(tmp / "q", users_per_kind=2 if args.quick else 4, tests=20)
-        print_kinds(q)
-        t = training(tmp / "t", users=64, events=2, steps=4, repeats=1 if args.quick else 3)
-        print(f"training: {t['batched_users_per_s']:.1f} vs {t['sequential_peft_users_per_s']:.1f} users/s", flush=True)
-        f = freshness(tmp / "f", seconds=20 if args.quick else 60, rate=2.0, users=50)
-    result = {"kinds": q, "training": t, "freshness_ms": f}
+        if args.only in (None, "kinds"):
+            users = args.users_per_kind or (2 if args.quick else 4)
+            result["kinds"] = q = kinds(tmp / "q", users_per_kind=users, tests=20, seed=args.seed)
+            print_kinds(q)
+        if args.only in (None, "training"):
+            result["training"] = t = training(tmp / "t", users=64, events=2, steps=4, repeats=1 if args.quick else 3)
+            print(f"training: {t['batched_users_per_s']:.1f} vs {t['sequential_peft_users_per_s']:.1f} users/s")
+        if args.only in (None, "freshness"):
+            result["freshness_ms"] = freshness(tmp / "f", seconds=20 if args.quick else 60, rate=2.0, users=50)
     print(f"\n{'figure':40s} {'value':>12s}")
-    rows = [
-        ("kinds.cross_user_leaks", q["cross_user_leaks"]),
-        ("training.batched_users_per_s", t["batched_users_per_s"]),
-        ("training.sequential_peft_users_per_s", t["sequential_peft_users_per_s"]),
-        ("training.speedup", t["speedup"]),
-        ("freshness_ms.p50", f["p50"]),
-        ("freshness_ms.p99", f["p99"]),
-    ]
-    for name, value in rows:
-        print(f"{name:40s} {value:12.3f}")
+    for name in (
+        "kinds.cross_user_leaks",
+        "training.batched_users_per_s",
+        "training.sequential_peft_users_per_s",
+        "training.speedup",
+        "freshness_ms.p50",
+        "freshness_ms.p99",
+    ):
+        part, key = name.split(".")
+        if part in result:
+            print(f"{name:40s} {result[part][key]:12.3f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
