@@ -283,7 +283,7 @@ async def _generate(
         return StreamingResponse(
             _sse(stream, ident, model, chat, include_usage, memory, timing), media_type="text/event-stream"
         )
-    response = await run_in_threadpool(lambda: sdk.generate(user, prompt, **options))
+    response = await sdk.agenerate(user, prompt, **options)
     if memory is not None:
         await memory.keep(ident, response.text)
     finish = FINISH.get(response.finish_reason, "stop")
