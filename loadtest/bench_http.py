@@ -8,6 +8,9 @@ app_ms_p50      the FastAPI app alone, called as ASGI in this process with a stu
 ttft            streaming time to first token: the first SSE text chunk of a streamed /v1/completions against
                 the first piece of GenerateStream (p50 each, interleaved); ratio = http / grpc, target <= 1.10.
 
+edge_cpu_ms     CPU the gateway process spent per request while serving the timed HTTP requests (one_token:
+                the one-token completions; stream_16: the 16-token streams), from /proc; load-robust where the
+                latencies are not (the machine's other work moves them, not this). Absent with --in-up.
 client_cpu_ms   CPU of this process's calling thread per request, p50: what the client itself costs (http, grpc),
                 so a heavy client is not read as edge latency.
 
@@ -26,6 +29,7 @@ import asyncio
 import dataclasses
 import http.client
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -155,7 +159,13 @@ def start_gateway(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen[byte
 CLIENTS: dict[str, Callable[[str], HttpClient]] = {"raw": RawClient, "httpx": HttpxClient}
 
 
-def measure(server: Server, requests: int, client: str = "raw") -> dict[str, Any]:
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(server: Server, requests: int, client: str = "raw", edge_pid: int | None = None) -> dict[str, Any]:
     one_body = {"prompt": PROMPT, "max_tokens": 1, "temperature": 0, "user": USER}
     one = json.dumps(one_body).encode()
     many = json.dumps({**one_body, "max_tokens": 16, "stream": True}).encode()
@@ -167,15 +177,26 @@ def measure(server: Server, requests: int, client: str = "raw") -> dict[str, Any
         edge, direct, http_ttft, grpc_ttft = [], [], [], []
         http_cpu: list[float] = []
         grpc_cpu: list[float] = []
+        edge_cpu = 0.0  # the edge's process CPU while it served the timed HTTP requests (not the gRPC ones)
         for _ in range(requests):
+            cpu_before = process_cpu_s(edge_pid) if edge_pid else 0.0
             edge.append(_timed(lambda: http.complete(one), http_cpu))
+            edge_cpu += process_cpu_s(edge_pid) - cpu_before if edge_pid else 0.0
             direct.append(_timed(lambda: sdk.generate(USER, PROMPT, max_new_tokens=1), grpc_cpu))
-        for _ in range(max(requests // 3, 10)):
+        streams = max(requests // 3, 10)
+        stream_cpu = 0.0
+        for _ in range(streams):
+            cpu_before = process_cpu_s(edge_pid) if edge_pid else 0.0
             http_ttft.append(http.first_token(many))
+            stream_cpu += process_cpu_s(edge_pid) - cpu_before if edge_pid else 0.0
             grpc_ttft.append(_grpc_first_token(sdk, 16))
     http.close()
     p50 = statistics.median
+    edge_cpu_ms = (
+        {"one_token": edge_cpu * 1000.0 / requests, "stream_16": stream_cpu * 1000.0 / streams} if edge_pid else None
+    )
     return {
+        "edge_cpu_ms": edge_cpu_ms,
         "requests": requests,
         "client": client,
         "edge_ms_p50": p50(edge),
@@ -193,6 +214,9 @@ def measure(server: Server, requests: int, client: str = "raw") -> dict[str, Any
 class _StubSdk:
     def generate(self, user_id: str, prompt: str, **_options: Any) -> Any:
         return pb.GenerateResponse(text="x", node_id="stub", completion_tokens=1)
+
+    async def agenerate(self, user_id: str, prompt: str, **options: Any) -> Any:
+        return self.generate(user_id, prompt, **options)
 
 
 async def _app_once(app: Any, scope: dict[str, Any], body: bytes) -> None:
@@ -257,6 +281,11 @@ def print_table(result: dict[str, Any], met: dict[str, bool]) -> None:
             "",
         ),
         ("client CPU per gRPC Generate (SDK), p50 (ms)", f"{result['client_cpu_ms']['grpc_p50']:.2f}", ""),
+        *(
+            [("edge process CPU per one-token completion (ms)", f"{result['edge_cpu_ms']['one_token']:.2f}", "")]
+            if result["edge_cpu_ms"]
+            else []
+        ),
         ("streaming TTFT, HTTP p50 (ms)", f"{result['ttft']['http_ms_p50']:.2f}", ""),
         ("streaming TTFT, gRPC p50 (ms)", f"{result['ttft']['grpc_ms_p50']:.2f}", ""),
         ("TTFT ratio HTTP / gRPC", f"{result['ttft']['ratio']:.3f}", _verdict("ttft.ratio", met)),
@@ -289,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.in_up:
                 gateway, url = start_gateway(Path(tmp) / "data", Path(tmp) / "gateway.log")
                 server = dataclasses.replace(server, http_url=url)
-            result = measure(server, requests, args.client)
+            result = measure(server, requests, args.client, gateway.pid if gateway is not None else None)
             result["edge"] = "up's own" if args.in_up else "serve --role gateway"
         finally:
             if gateway is not None:

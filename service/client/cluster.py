@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
@@ -183,6 +183,13 @@ class Cluster:
         for attempt in self.attempts(key, retry=retry):
             with attempt as upstream:
                 return fn(upstream)
+        raise AssertionError("unreachable: the last attempt never swallows its error")
+
+    async def acall(self, key: str, fn: Callable[[Upstream], Awaitable[T]], *, retry: bool) -> T:
+        """`call` for a call awaited on an event loop: the same attempts, each held until `fn` is done."""
+        for attempt in self.attempts(key, retry=retry):
+            with attempt as upstream:
+                return await fn(upstream)
         raise AssertionError("unreachable: the last attempt never swallows its error")
 
 

@@ -33,6 +33,7 @@ from personalize_service.client.sdk import (
     PersonalizeClient,
     RetryPolicy,
     UnavailableError,
+    await_future,
     error_from,
     open_channel,
     time_left,
@@ -108,6 +109,21 @@ class RoutingClient(PersonalizeClient):
 
         try:
             return self._cluster.call(route_key(self.tenant, request.user_id), send, retry=idempotent)
+        except grpc.RpcError as exc:
+            raise error_from(exc) from None
+        except errors.Unavailable as exc:  # no worker on the ring
+            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+
+    async def _acall(self, rpc: str, request: Any, *, idempotent: bool) -> Any:
+        deadline = time.monotonic() + self.timeout
+        metadata = self._call_metadata()
+
+        async def send(upstream: Upstream) -> Any:
+            method = getattr(upstream.api, rpc)
+            return await await_future(method.future(request, timeout=time_left(deadline), metadata=metadata))
+
+        try:
+            return await self._cluster.acall(route_key(self.tenant, request.user_id), send, retry=idempotent)
         except grpc.RpcError as exc:
             raise error_from(exc) from None
         except errors.Unavailable as exc:  # no worker on the ring

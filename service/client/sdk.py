@@ -21,11 +21,12 @@ Contract:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self, TypedDict, TypeVar, Unpack
@@ -256,6 +257,41 @@ class RetryPolicy:
             attempt += 1
             self.sleep(attempt)
 
+    async def arun(self, fn: Callable[[], Awaitable[T]], idempotent: bool) -> T:
+        """`run` for a call awaited on an event loop: the backoff is an asyncio.sleep."""
+        attempt = 0
+        while True:
+            try:
+                return await fn()
+            except grpc.RpcError as exc:
+                if not idempotent or not self.should_retry(exc, attempt):
+                    raise error_from(exc) from None
+            attempt += 1
+            await asyncio.sleep(self.backoff * (2 ** (attempt - 1)) * (1.0 + 0.25 * random.random()))
+
+
+async def await_future(future: grpc.Future) -> Any:
+    """The result of a grpc call started with `.future()`, awaited on the running loop: grpc's own poller
+    thread wakes the loop when it ends, so no thread is held waiting; cancelling the await cancels the call.
+    Raises the call's grpc.RpcError."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle() -> None:
+        if not done.done():  # the await may have been cancelled meanwhile
+            done.set_result(None)
+
+    def wake(_: Any) -> None:
+        loop.call_soon_threadsafe(settle)
+
+    future.add_done_callback(wake)
+    try:
+        await done
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    return future.result()
+
 
 # ---- client ------------------------------------------------------------------------------------------
 
@@ -303,6 +339,17 @@ class PersonalizeClient:
         be loaded and the base model served instead (a server running with degrade_to_base)."""
         request = _generate_request(user_id, prompt, options)
         return self._call("Generate", request, idempotent=True)
+
+    async def agenerate(
+        self,
+        user_id: str,
+        prompt: str | Sequence[tuple[str, str]],
+        **options: Unpack[GenerateOptions],
+    ) -> pb.GenerateResponse:
+        """`generate` awaited on the running event loop (no thread waits for the answer; same retries and
+        errors). Call it from that loop's thread: the trace context is read there."""
+        request = _generate_request(user_id, prompt, options)
+        return await self._acall("Generate", request, idempotent=True)
 
     def generate_stream(
         self,
@@ -412,6 +459,15 @@ class PersonalizeClient:
         """One unary Personalize call by method name (the routing client overrides where it goes)."""
         metadata = self._metadata + user_metadata(request.user_id)
         return self._unary(getattr(self._api, rpc), request, idempotent=idempotent, metadata=metadata)
+
+    async def _acall(self, rpc: str, request: Any, *, idempotent: bool) -> Any:
+        """`_call` awaited on the running loop (the call started with grpc's `.future()`)."""
+        deadline = time.monotonic() + self.timeout
+        sent = (*self._metadata, *user_metadata(request.user_id), *_trace_metadata())
+        method = getattr(self._api, rpc)
+        return await self._retry.arun(
+            lambda: await_future(method.future(request, timeout=time_left(deadline), metadata=sent)), idempotent
+        )
 
     def _stream(self, request: pb.GenerateRequest) -> GenerationStream:
         deadline = time.monotonic() + self.timeout

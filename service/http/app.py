@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
 
 from personalize import errors
 from personalize.completions import CompletionLog, Remembered, new_completion_id
@@ -283,7 +284,7 @@ async def _generate(
         return StreamingResponse(
             _sse(stream, ident, model, chat, include_usage, memory, timing), media_type="text/event-stream"
         )
-    response = await run_in_threadpool(lambda: sdk.generate(user, prompt, **options))
+    response = await sdk.agenerate(user, prompt, **options)
     if memory is not None:
         await memory.keep(ident, response.text)
     finish = FINISH.get(response.finish_reason, "stop")
@@ -343,13 +344,12 @@ async def _sse(
             return {"index": 0, "delta": delta, "finish_reason": finish}
         return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
 
-    pieces: Iterator[str] = iter(stream)
     texts: list[str] = []
     try:
         if chat:
             yield chunk(piece("", None, first=True))
         try:
-            async for text in iterate_in_threadpool(pieces):
+            async for text in _pieces(stream):
                 if not texts:
                     timing.first_token()
                 texts.append(text)
@@ -372,6 +372,50 @@ async def _sse(
         stream.cancel()
         raise
     finally:
+        stream.cancel()
+
+
+_PUMPS: set[asyncio.Future[None]] = set()
+"""The threads reading a stream for `_pieces`, while they run."""
+
+
+async def _pieces(stream: Any) -> AsyncIterator[str]:
+    """The stream's text pieces on the event loop. One pool thread reads the whole gRPC stream and hands each
+    piece over as it arrives: one wake of the loop per piece, where iterating in the thread pool cost two
+    thread hops per piece. Raises what iterating raised; leaving early cancels the call and ends the thread."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str | None, BaseException | None]] = asyncio.Queue()
+    left = threading.Event()
+
+    def hand_over(item: tuple[str | None, BaseException | None]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is reading
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def pump() -> None:
+        try:
+            for text in stream:
+                if left.is_set():  # the reader left before the call had started: cancel it now
+                    stream.cancel()
+                    return
+                hand_over((text, None))
+        except Exception as exc:  # relayed to the reader, raised there
+            hand_over((None, exc))
+            return
+        hand_over((None, None))
+
+    reader = asyncio.ensure_future(anyio.to_thread.run_sync(pump))
+    _PUMPS.add(reader)  # the loop keeps only a weak reference to a task
+    reader.add_done_callback(_PUMPS.discard)
+    try:
+        while True:
+            text, failed = await queue.get()
+            if failed is not None:
+                raise failed
+            if text is None:
+                return
+            yield text
+    finally:
+        left.set()
         stream.cancel()
 
 

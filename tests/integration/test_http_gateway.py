@@ -294,3 +294,24 @@ def test_a_completion_log_that_is_down_is_503_or_a_stream_error_event(gateway: G
         with http.stream("POST", "/v1/completions", json=body, headers=ACME) as response:
             events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
     assert json.loads(events[-2])["error"]["code"] == "unavailable" and events[-1] == "[DONE]"
+
+
+def test_the_served_edge_parses_http_with_httptools_on_a_uvloop_loop() -> None:
+    """uvicorn's `auto` picks the C parser and libuv loop when installed (dependencies): h11 and the pure
+    asyncio loop cost the edge's latency budget on every request."""
+    import urllib.request
+
+    import uvloop
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from personalize_service.http import serve_http
+
+    server = serve_http(GatewayConfig(target=f"127.0.0.1:{find_free_port()}"), "127.0.0.1", 0, "tiny")
+    try:
+        uvicorn_server = server._server
+        assert uvicorn_server.config.http_protocol_class is HttpToolsProtocol
+        assert isinstance(uvicorn_server.servers[0].get_loop(), uvloop.Loop)
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as reply:
+            assert json.loads(reply.read()) == {"status": "ok"}
+    finally:
+        server.stop()

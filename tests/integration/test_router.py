@@ -8,6 +8,7 @@ directly (`Cluster.apply`), except for the routing client, which reads real hear
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -31,7 +32,7 @@ from personalize.routing.membership import (
 )
 from personalize.routing.placement import RouteConfig
 from personalize.routing.ring import route_key
-from personalize_service.client import PersonalizeClient, UnavailableError
+from personalize_service.client import NotFoundError, PersonalizeClient, UnavailableError
 from personalize_service.client.cluster import Cluster
 from personalize_service.client.routing import RoutingClient
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
@@ -537,6 +538,30 @@ def test_a_caller_going_away_cancels_the_upstream_unary_call(router: Router, fle
     assert fleet.workers["w1"].generate_cancelled.wait(10), (fleet.answered(), router.cluster.suspects())
 
 
+def test_an_awaited_generate_keeps_the_typed_error_and_cancelling_it_cancels_the_call(fleet: Fleet) -> None:
+    fleet.reset()
+    worker = fleet.workers["w1"]
+    with PersonalizeClient(fleet.addresses["w1"], timeout=30, retries=0) as client:
+        assert asyncio.run(client.agenerate("alice", "hi")).text == "w1:alice"
+        worker.fail["Generate"] = grpc.StatusCode.NOT_FOUND
+        with pytest.raises(NotFoundError, match="w1 says NOT_FOUND"):
+            asyncio.run(client.agenerate("alice", "hi"))
+        worker.fail.clear()
+        worker.hold_generate = True
+
+        async def abandon() -> None:
+            task = asyncio.ensure_future(client.agenerate("alice", "hi"))
+            while not worker.generate_held.is_set():
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(asyncio.wait_for(abandon(), 10))
+        assert worker.generate_cancelled.wait(10), fleet.answered()
+    fleet.reset()
+
+
 # ---- admin -----------------------------------------------------------------------------------------
 
 
@@ -616,6 +641,8 @@ def test_routing_client_goes_straight_to_the_owner_and_fails_over(
             ring = client.cluster.ring()
             assert sorted(ring.nodes) == sorted((*LIVE, DEAD))
             dead_user = next(u for u in (f"v{i}" for i in range(1000)) if ring.owner(route_key("default", u)) == DEAD)
+            second = ring.owners(route_key("default", dead_user))[1]  # the awaited call fails over too
+            assert asyncio.run(client.agenerate(dead_user, "hi")).node_id == second
             with client.generate_stream(dead_user, "hi") as stream:  # fails over before its first chunk
                 assert "".join(stream) == "Hello!"
             assert stream.response is not None
@@ -624,6 +651,10 @@ def test_routing_client_goes_straight_to_the_owner_and_fails_over(
                 owners = ring.owners(route_key("default", f"u{i}"))
                 expected = owners[1] if owners[0] == DEAD else owners[0]
                 assert client.generate(f"u{i}", "hi").node_id == expected
+            for i in range(12):  # awaited on a loop (the HTTP edge's path): the same owners
+                owners = ring.owners(route_key("default", f"u{i}"))
+                expected = owners[1] if owners[0] == DEAD else owners[0]
+                assert asyncio.run(client.agenerate(f"u{i}", "hi")).node_id == expected
             assert client.feedback(dead_user, "q", "a").event_id.startswith("w")
             stats = client.stats()
             assert sorted(n.node_id for n in stats.nodes) == list(LIVE) and stats.degraded
