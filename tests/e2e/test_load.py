@@ -118,6 +118,12 @@ def test_metrics_follow_the_load(up_server: UpServer, stubs: Stubs, adapter_dirs
         time.sleep(0.2)
     assert generated > 0 and grew[steps] > 0
     assert samples[("personalize_batch_occupancy_sum", ())] > samples[steps]  # some step ran more than one row
-    assert samples.get(("personalize_adapter_load_seconds_count", (("tier", "store"),)), 0) > before.get(
-        ("personalize_adapter_load_seconds_count", (("tier", "store"),)), 0
-    )
+    assert {r.adapter_version for r, q in zip(replies, requests, strict=True) if q.user_id == user} == {1}
+    # Its slot load is counted under the tier it came from: one CI run saw the store count unchanged, so
+    # whichever tier served it (store, disk, host RAM), some tier's count must grow.
+    loads = {
+        tier: samples.get(key, 0) - before.get(key, 0)
+        for tier in ("store", "disk", "host")
+        for key in [("personalize_adapter_load_seconds_count", (("tier", tier),))]
+    }
+    assert sum(loads.values()) > 0, loads
