@@ -18,7 +18,9 @@ answers (each worker authenticates the key itself), only from a worker that is n
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -107,12 +109,8 @@ class RoutingClient(PersonalizeClient):
         def send(upstream: Upstream) -> Any:
             return getattr(upstream.api, rpc)(request, timeout=time_left(deadline), metadata=self._call_metadata())
 
-        try:
+        with _typed_errors():
             return self._cluster.call(route_key(self.tenant, request.user_id), send, retry=idempotent)
-        except grpc.RpcError as exc:
-            raise error_from(exc) from None
-        except errors.Unavailable as exc:  # no worker on the ring
-            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
 
     async def _acall(self, rpc: str, request: Any, *, idempotent: bool) -> Any:
         deadline = time.monotonic() + self.timeout
@@ -122,12 +120,8 @@ class RoutingClient(PersonalizeClient):
             method = getattr(upstream.api, rpc)
             return await await_future(method.future(request, timeout=time_left(deadline), metadata=metadata))
 
-        try:
+        with _typed_errors():
             return await self._cluster.acall(route_key(self.tenant, request.user_id), send, retry=idempotent)
-        except grpc.RpcError as exc:
-            raise error_from(exc) from None
-        except errors.Unavailable as exc:  # no worker on the ring
-            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
 
     def _stream(self, request: pb.GenerateRequest) -> GenerationStream:
         """A stream on the owner; restarted once on the next worker if UNAVAILABLE before its first chunk."""
@@ -150,3 +144,14 @@ class RoutingClient(PersonalizeClient):
             return call
 
         return GenerationStream(start, self._retry)
+
+
+@contextlib.contextmanager
+def _typed_errors() -> Iterator[None]:
+    """A forwarded call's failure as the SDK's typed error: grpc's status, or UNAVAILABLE for an empty ring."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise error_from(exc) from None
+    except errors.Unavailable as exc:  # no worker on the ring
+        raise UnavailableError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None

@@ -242,8 +242,12 @@ class RetryPolicy:
             and exc.code() == grpc.StatusCode.UNAVAILABLE
         )
 
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before attempt `attempt` (1 = the first retry): backoff * 2**(attempt-1), +0-25%."""
+        return self.backoff * (2 ** (attempt - 1)) * (1.0 + 0.25 * random.random())
+
     def sleep(self, attempt: int) -> None:
-        time.sleep(self.backoff * (2 ** (attempt - 1)) * (1.0 + 0.25 * random.random()))
+        time.sleep(self.delay(attempt))
 
     def run(self, fn: Callable[[], T], idempotent: bool) -> T:
         """fn(), retried on UNAVAILABLE if idempotent; raises PersonalizeClientError on failure."""
@@ -267,7 +271,7 @@ class RetryPolicy:
                 if not idempotent or not self.should_retry(exc, attempt):
                     raise error_from(exc) from None
             attempt += 1
-            await asyncio.sleep(self.backoff * (2 ** (attempt - 1)) * (1.0 + 0.25 * random.random()))
+            await asyncio.sleep(self.delay(attempt))
 
 
 async def await_future(future: grpc.Future) -> Any:

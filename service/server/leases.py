@@ -24,17 +24,23 @@ from typing import Any
 
 from personalize import valkey
 from personalize.errors import InvalidArgument, ResourceExhausted, Unavailable
-from personalize_service.server.limits import ConcurrencyLimiter, Limits
+from personalize_service.server.limits import ConcurrencyLimiter, Limits, concurrency_refusal
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_S = 30.0
 """How long a place outlives its last renewal: the most a crashed process's places stay taken."""
 
-# KEYS: the tenant's lease set. ARGV: lease id, limit, lease ms. Returns {admitted 0/1, leases held}.
-_ACQUIRE_LUA = """
+_NOW_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+"""Sets `now`, the server's clock in ms: every lease is scored and expired by it, never a client's clock."""
+
+# KEYS: the tenant's lease set. ARGV: lease id, limit, lease ms. Returns {admitted 0/1, leases held}.
+_ACQUIRE_LUA = (
+    _NOW_LUA
+    + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local held = redis.call('ZCARD', KEYS[1])
 if held >= tonumber(ARGV[2]) then
@@ -44,12 +50,13 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + 1000)
 return {1, held + 1}
 """
+)
 
 # KEYS: the tenant's lease set. ARGV: lease ms, lease ids. Pushes out each id still live (a lapsed or
 # released one stays gone); returns how many were renewed.
-_RENEW_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_RENEW_LUA = (
+    _NOW_LUA
+    + """
 local ms = tonumber(ARGV[1])
 local renewed = 0
 for i = 2, #ARGV do
@@ -64,13 +71,15 @@ if renewed > 0 then
 end
 return renewed
 """
+)
 
 # KEYS: the tenant's lease set. Returns the leases not yet expired.
-_COUNT_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_COUNT_LUA = (
+    _NOW_LUA
+    + """
 return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """
+)
 
 
 @dataclass
@@ -127,10 +136,7 @@ class SharedConcurrencyLimiter:
             return
         self._warned = False
         if not admitted:
-            raise ResourceExhausted(
-                f"tenant {tenant!r} has {held} generations running; the limit is {limit} "
-                f"(max_concurrent_generations; shared by every process); retry later"
-            )
+            raise ResourceExhausted(concurrency_refusal(tenant, held, limit, "; shared by every process"))
         self._add(tenant, lease)
         try:
             yield

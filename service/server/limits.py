@@ -449,6 +449,14 @@ class FeedbackQuota(TenantQuota):
         )
 
 
+def concurrency_refusal(tenant: str, running: int, limit: int, scope: str = "") -> str:
+    """What a caller over max_concurrent_generations is told (`scope`: "; shared by every process" or "")."""
+    return (
+        f"tenant {tenant!r} has {running} generations running; the limit is {limit} "
+        f"(max_concurrent_generations{scope}); retry later"
+    )
+
+
 @dataclass
 class ConcurrencyLimiter:
     """Counts running generations per tenant in this process; `hold` refuses one over
@@ -465,10 +473,7 @@ class ConcurrencyLimiter:
         with self._lock:
             running = self._running.get(tenant, 0)
             if running >= limit:
-                raise ResourceExhausted(
-                    f"tenant {tenant!r} has {running} generations running; the limit "
-                    f"is {limit} (max_concurrent_generations); retry later"
-                )
+                raise ResourceExhausted(concurrency_refusal(tenant, running, limit))
             self._running[tenant] = running + 1
         try:
             yield
