@@ -29,6 +29,7 @@ from personalize_service.net import port_is_free
 
 if TYPE_CHECKING:
     from personalize.config import Config
+    from personalize_service.server.base import ServiceConfig
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,13 @@ class _Up:
         base = self.resolved.config
         return replace(base, registry=replace(base.registry, url=self.registry_url), store_url=self.store_url)
 
+    def service(self) -> ServiceConfig:
+        """up's service config for a server in this process: on loopback, its shared limits (when on)
+        through the embedded Valkey, whose URL the settings could not know."""
+        base = self.resolved.service
+        shared = base.shared_limits and replace(base.shared_limits, url=self.registry_url)
+        return replace(base, host=UP_HOST, shared_limits=shared)
+
     def banner(
         self,
         port: int,
@@ -266,7 +274,7 @@ def _up_one_worker(up: _Up, step: Callable[[], None]) -> None:
 
     try:  # no router watches this worker: it need not wait for one to see it draining
         serve(
-            replace(up.resolved.service, host=UP_HOST),
+            up.service(),
             worker,
             up.stop,
             on_ready=ready,
@@ -287,7 +295,7 @@ def _up_cluster(up: _Up, count: int, step: Callable[[], None]) -> None:
     from personalize_service.client.cluster import Cluster
     from personalize_service.server.router import serve_router, worker_channel_opener
 
-    service, membership = replace(up.resolved.service, host=UP_HOST), MembershipConfig()
+    service, membership = up.service(), MembershipConfig()
     workers = WorkerProcesses(up.values, count, up.registry_url, up.store_url, up.data_dir).start()
     trainer = TrainerSupervisor(up.values, up.registry_url, up.store_url, up.data_dir).start()
     try:
