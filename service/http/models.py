@@ -7,6 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+_UINT32_MAX, _UINT64_MAX = 2**32 - 1, 2**64 - 1
+"""The proto fields' ranges (max_new_tokens, seed): a value outside is the caller's 400, never a failed
+conversion (500); the worker then holds max_new_tokens to its own limit."""
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -16,11 +20,11 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = ""
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=_UINT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=_UINT32_MAX)
     temperature: float = Field(default=1.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=_UINT64_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -71,6 +71,9 @@ def test_bad_requests_name_the_field(dead: TestClient) -> None:
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "n"
     reply = dead.post("/v1/feedback", json={"user": "a", "completion": "c", "kind": "accept"})
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "prompt"
+    for field, value in (("max_tokens", 2**40), ("max_completion_tokens", 2**32), ("seed", -1), ("seed", 2**64)):
+        reply = dead.post("/v1/completions", json={"prompt": "hi", field: value})  # out of the proto field's range
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == field, (field, value, reply.text)
 
 
 def test_a_body_over_the_limit_is_413_before_it_is_read(dead: TestClient) -> None:
