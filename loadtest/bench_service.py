@@ -84,22 +84,31 @@ def client_run(target: str, load: Load, streaming: bool, base: bool) -> dict[str
                 user_id=user, prompt=texts[index], max_new_tokens=load.new_tokens, use_base_model=base
             )
             metadata = (("x-user-id", user),)
-            tokens = 0
+            tokens = messages = 0
             for _ in range(load.calls):
                 if streaming:
                     for chunk in api.GenerateStream(request, timeout=600, metadata=metadata):
+                        messages += 1
                         if chunk.done:
                             tokens += chunk.final.completion_tokens
                 else:
                     tokens += api.Generate(request, timeout=600, metadata=metadata).completion_tokens
-            return tokens
+                    messages += 1
+            return tokens, messages
 
         start_cpu, start = os.times(), time.perf_counter()
         with ThreadPoolExecutor(load.clients) as pool:
-            tokens = sum(pool.map(one, range(load.clients)))
+            counts = list(pool.map(one, range(load.clients)))
         wall, end_cpu = time.perf_counter() - start, os.times()
     cpu = (end_cpu.user - start_cpu.user) + (end_cpu.system - start_cpu.system)
-    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall, "client_cpu_s": cpu}
+    tokens, messages = sum(t for t, _ in counts), sum(m for _, m in counts)
+    return {
+        "tokens": tokens,
+        "seconds": wall,
+        "tokens_per_s": tokens / wall,
+        "client_cpu_s": cpu,
+        "messages_per_call": messages / (load.clients * load.calls),
+    }
 
 
 # ---- the engine in process ---------------------------------------------------------------------------------
@@ -169,14 +178,14 @@ def engine_ceiling(engine: Any, load: Load, base: bool) -> dict[str, float]:
     return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall}
 
 
-def build_engine(base_model: Any, adapters: list[Any], max_batch: int) -> Any:
+def build_engine(base_model: Any, adapters: list[Any], max_batch: int, stream_interval: int) -> Any:
     from personalize.engine.engine import Engine, EngineConfig
     from personalize.lora.slots import SlotPool
 
     pool = SlotPool(base_model.config, len(adapters), RANK, dtype=base_model.dtype, device=base_model.device)
     for slot, adapter in enumerate(adapters):
         pool.set_slot(slot, adapter)
-    engine = Engine(base_model, EngineConfig(max_batch=max_batch), pool)
+    engine = Engine(base_model, EngineConfig(max_batch=max_batch, stream_interval=stream_interval), pool)
     engine.start()
     return engine
 
@@ -212,7 +221,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     base_model = load_base_model(ModelConfig())
     adapters = random_adapters(base_model, args.clients)
     spec = AdapterSpec.for_model(base_model, RANK)
-    engine = build_engine(base_model, adapters, args.clients)
+    engine = build_engine(base_model, adapters, args.clients, args.stream_interval)
     rows: list[dict[str, Any]] = []
     with (
         tempfile.TemporaryDirectory(prefix="bench-service-") as tmp,
@@ -231,6 +240,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             str(args.clients),
             "--torch-threads",
             str(args.torch_threads),
+            "--stream-interval",
+            str(args.stream_interval),
         )
         try:
             with PersonalizeClient(up.target, timeout=120) as sdk:
@@ -248,8 +259,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 client.submit(client_run, up.target, once, False, True).result()
                 for base in (True, False):
                     ceiling = engine_ceiling(engine, load, base)
-                    for streaming in (False, True):
-                        engine_tps, service_tps, ratios, cpu, wall, cpu_ratios = [], [], [], [], [], []
+                    for streaming in [mode == "stream" for mode in args.modes]:
+                        engine_tps, service_tps, ratios, cpu, wall, cpu_ratios, msgs = [], [], [], [], [], [], []
                         load_avg = [os.getloadavg()[0]]
                         for rep in range(args.repeat):  # interleaved ABBA: both sides see the same machine
                             if rep % 2 == 0:
@@ -266,6 +277,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                             cpu.append(service["client_cpu_s"])
                             cpu_ratios.append(service["server_cpu_s"] / ours["cpu_s"])
                             wall.append(service["seconds"])
+                            msgs.append(service["messages_per_call"])
                         row = {
                             "new_tokens": new_tokens,
                             "adapters": "base" if base else f"{args.clients} distinct",
@@ -287,6 +299,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                             "service_cpu_over_engine_cpu": statistics.median(cpu_ratios),
                             "service_cpu_over_engine_cpu_each": [round(r, 3) for r in cpu_ratios],
                             "service_seconds": statistics.median(wall),
+                            "messages_per_call": statistics.median(msgs),
                         }
                         rows.append(row)
                         print_row(row)
@@ -300,6 +313,8 @@ def summarize(rows: list[dict[str, Any]], tokens: list[int]) -> dict[str, Any]:
     """Worst service/engine ratio per mode, and tokens/s at the longest vs the shortest new-token count."""
     out: dict[str, Any] = {}
     for mode, target in TARGETS.items():
+        if not any(r["mode"] == mode for r in rows):
+            continue
         worst = min(r["service_over_engine"] for r in rows if r["mode"] == mode)
         out[f"{mode}_service_over_engine_alone_min"] = min(
             r["service_over_engine_alone"] for r in rows if r["mode"] == mode
@@ -329,7 +344,8 @@ def print_row(row: dict[str, Any]) -> None:
         f" [{row['service_over_engine_min']:.2f}-{row['service_over_engine_max']:.2f}]"
         f"  (engine alone {row['engine_alone_tokens_per_s']:.0f}: {row['service_over_engine_alone']:.2f})"
         f"  cpu service/engine {row['service_cpu_over_engine_cpu']:.2f}"
-        f"  client cpu {row['client_cpu_s']:.1f}s of {row['service_seconds']:.1f}s  load {row['load_avg_1m'][-1]}",
+        f"  client cpu {row['client_cpu_s']:.1f}s of {row['service_seconds']:.1f}s"
+        f"  msgs/call {row['messages_per_call']:.1f}  load {row['load_avg_1m'][-1]}",
         flush=True,
     )
 
@@ -343,6 +359,15 @@ def main() -> None:
     ap.add_argument("--torch-threads", type=int, default=1, help="torch threads of both engines (the worker's)")
     ap.add_argument("--repeat", type=int, default=0, help="interleaved repetitions, median (default 3; --quick 1)")
     ap.add_argument("--tokens", type=lambda s: [int(t) for t in s.split(",")], default=[32, 64, 512])
+    ap.add_argument(
+        "--modes", type=lambda s: s.split(","), default=["unary", "stream"], help="unary,stream or either alone"
+    )
+    ap.add_argument(
+        "--stream-interval",
+        type=int,
+        default=4,
+        help="tokens per streamed piece after the first, on both sides (the engine's stream_interval; up's default 4)",
+    )
     args = ap.parse_args()
     args.calls = args.calls or (2 if args.quick else 4)
     args.repeat = args.repeat or (1 if args.quick else 3)

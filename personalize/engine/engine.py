@@ -59,10 +59,16 @@ class EngineConfig:
     """Most prompt tokens prefilled in one step (padded), so joins never stall decoding for long."""
     max_waiting: int = 1024
     """Most requests queued before submit answers RESOURCE_EXHAUSTED."""
+    stream_interval: int = 4
+    """Tokens a streamed piece gathers before its reader is woken (vLLM's --stream-interval): the first text
+    goes at once (time to first token is untouched), later text in pieces of this many tokens, the rest when
+    the request ends. Each piece is a queue put, a handler wake-up and a gRPC message; 1 = one per token."""
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_len < 2 or self.max_prefill_tokens < 1:
-            raise InvalidArgument("engine max_batch >= 1, max_len >= 2 and max_prefill_tokens >= 1 are required")
+        if self.max_batch < 1 or self.max_len < 2 or self.max_prefill_tokens < 1 or self.stream_interval < 1:
+            raise InvalidArgument(
+                "engine max_batch >= 1, max_len >= 2, max_prefill_tokens >= 1 and stream_interval >= 1 are required"
+            )
 
 
 @dataclass(eq=False)
@@ -90,6 +96,10 @@ class _Request:
     """With params.logprobs: log p of each generated token."""
     unsent: int = 0
     """How many of `logprobs` (the last ones) no piece has carried yet."""
+    held: str = ""
+    """Text produced since the last piece, held until `stream_interval` tokens have passed."""
+    put_at: int = -1
+    """`generated` when the last piece was queued; -1 until the first."""
     seen: torch.Tensor | None = None
     """With a repetition penalty: [V] bool, the tokens of the prompt and completion so far, kept up to date
     per token (rebuilding it from the history each step costs O(length) per token)."""
@@ -413,18 +423,22 @@ class Engine:
             self._finish(req, "eos")
             return
         piece = req.stream.push(token)
-        if piece:
-            self._put(req, piece)
+        req.held += piece
         if req.stream.stopped:
             self._finish(req, "stop")
         elif req.generated >= p.max_new_tokens or req.position + 1 >= self.config.max_len:
             self._finish(req, "length")
+        elif piece and (req.put_at < 0 or req.generated - req.put_at >= self.config.stream_interval):
+            # only on a token that released text: a piece's logprobs are those of the tokens its text holds
+            self._put(req, "")
 
     @staticmethod
-    def _put(req: _Request, text: str) -> None:
-        """Queue a piece for the request's reader, with the logprobs no piece has carried yet."""
+    def _put(req: _Request, tail: str) -> None:
+        """Queue the held text and `tail` as one piece for the request's reader, with the logprobs no piece
+        has carried yet."""
         unsent = tuple(req.logprobs[len(req.logprobs) - req.unsent :]) if req.unsent else ()
-        req.unsent = 0
+        req.unsent, req.put_at = 0, req.generated
+        text, req.held = req.held + tail, ""
         req.pieces.put(StreamPiece(text, unsent))
 
     def _remove(self, req: _Request) -> None:
@@ -442,7 +456,7 @@ class Engine:
     def _finish(self, req: _Request, reason: str) -> None:
         self._remove(req)
         tail = req.stream.flush()
-        if (tail or req.unsent) and reason != "cancelled":
+        if (tail or req.held or req.unsent) and reason != "cancelled":
             self._put(req, tail)
         req.timings.finished = time.time()
         result = GenerationResult(

@@ -477,6 +477,15 @@ SETTINGS: tuple[Setting, ...] = (
         "requests queued before RESOURCE_EXHAUSTED",
         metavar="N",
     ),
+    _s(
+        "engine.stream_interval",
+        "--stream-interval",
+        "PERSONALIZE_STREAM_INTERVAL",
+        4,
+        _int,
+        "tokens each streamed chunk gathers after the first (which goes at once); 1 = a chunk per token",
+        metavar="N",
+    ),
     # -- request limits
     _s(
         "limits.max_prompt_bytes",

@@ -8,6 +8,7 @@ import torch
 from personalize.engine.engine import Engine, EngineConfig
 from personalize.engine.llama import FastLlama
 from personalize.engine.types import SamplingParams
+from personalize.errors import InvalidArgument
 from personalize.lora.layers import inject, slots_tensor, use_slots
 from personalize.lora.slots import SlotPool
 from personalize.model import BaseModel
@@ -143,6 +144,40 @@ def test_stream_pieces_stop_strings_and_limits(base: BaseModel) -> None:
     h2 = engine.submit("limit", SamplingParams(max_new_tokens=5, ignore_eos=True))
     engine.run_until_idle()
     assert h2.result().finish_reason == "length" and h2.result().completion_tokens == 5
+
+
+def _stream_wakeups(base: BaseModel, interval: int, new_tokens: int) -> tuple[int, int, list[str], str]:
+    """(tokens made when the first piece was queued, pieces queued, the pieces read, the result's text)."""
+    engine = Engine(base, EngineConfig(max_batch=2, max_len=96, stream_interval=interval))
+    h = engine.submit("abc", SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    queued = h._req.pieces  # the handle's own queue: each item is one wake-up of its reader, one gRPC message
+    while not queued.qsize():
+        engine.step()
+    first_at = h._req.generated
+    engine.run_until_idle()
+    puts = queued.qsize() - 1  # less the end marker
+    return first_at, puts, list(h), h.result().text
+
+
+def test_stream_interval_gathers_pieces_and_sends_the_first_at_once(base: BaseModel) -> None:
+    """With stream_interval N the reader is woken for the first text at once, then once per N tokens at most,
+    not per token; the pieces still join to the same text, and the first goes on the same step whatever N
+    is, so time to first token does not wait for the interval."""
+    n = 40
+    runs = {interval: _stream_wakeups(base, interval, n) for interval in (1, 4, 7)}
+    firsts = {first for first, _, _, _ in runs.values()}
+    assert len(firsts) == 1
+    texts = {text for _, _, _, text in runs.values()}
+    assert len(texts) == 1
+    for interval, (_, puts, pieces, text) in runs.items():
+        assert "".join(pieces) == text
+        assert puts <= 2 + -(-n // interval)  # the first, one per interval, the flush at the end
+    assert runs[1][1] > runs[4][1] > runs[7][1]
+
+
+def test_engine_config_refuses_a_zero_stream_interval() -> None:
+    with pytest.raises(InvalidArgument, match="stream_interval"):
+        EngineConfig(stream_interval=0)
 
 
 def test_cancelled_request_leaves_the_batch(base: BaseModel) -> None:
