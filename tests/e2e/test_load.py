@@ -108,22 +108,20 @@ def test_metrics_follow_the_load(up_server: UpServer, stubs: Stubs, adapter_dirs
     ]
     replies = [f.result() for f in [stubs.api.Generate.future(r, timeout=300) for r in requests]]
     generated = sum(r.completion_tokens for r in replies)
+    # Its slot load is counted under the tier it came from: one CI run saw the store count unchanged, so
+    # whichever tier served it (store, disk, host RAM), some tier's count must grow.
+    load_keys = {
+        tier: ("personalize_adapter_load_seconds_count", (("tier", tier),)) for tier in ("store", "disk", "host")
+    }
     deadline = time.monotonic() + 30
-    while True:  # the server copies engine and cache counters into the metrics every second
+    while True:  # the server copies engine and cache counters into the metrics every second, each in turn
         samples = _metric_samples(url[1])
         grew = {key: samples.get(key, 0) - before.get(key, 0) for key in (ok, tokens, steps)}
-        if grew[ok] >= calls and grew[tokens] >= generated:
+        loads = {tier: samples.get(key, 0) - before.get(key, 0) for tier, key in load_keys.items()}
+        if grew[ok] >= calls and grew[tokens] >= generated and sum(loads.values()) > 0:
             break
-        assert time.monotonic() < deadline, (grew, generated)
+        assert time.monotonic() < deadline, (grew, generated, loads)
         time.sleep(0.2)
     assert generated > 0 and grew[steps] > 0
     assert samples[("personalize_batch_occupancy_sum", ())] > samples[steps]  # some step ran more than one row
     assert {r.adapter_version for r, q in zip(replies, requests, strict=True) if q.user_id == user} == {1}
-    # Its slot load is counted under the tier it came from: one CI run saw the store count unchanged, so
-    # whichever tier served it (store, disk, host RAM), some tier's count must grow.
-    loads = {
-        tier: samples.get(key, 0) - before.get(key, 0)
-        for tier in ("store", "disk", "host")
-        for key in [("personalize_adapter_load_seconds_count", (("tier", tier),))]
-    }
-    assert sum(loads.values()) > 0, loads
