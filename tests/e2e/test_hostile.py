@@ -326,9 +326,11 @@ SLOTS = 4
 @pytest.fixture(scope="module")
 def slotted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[UpServer, Stubs]]:
     """A server of 4 device slots (half of them per tenant, the default share), decoding one row at a time,
-    so a tenant's queued calls hold their users' slots pinned until admitted."""
+    so a tenant's queued calls hold their users' slots pinned until admitted. The load timeout (also the
+    wait for a slot) is shorter than the 512-token decodes of A's first users (~2 s here at one row) and
+    long enough for a real load on a busy CI machine (at 0.3 s one timed out: DEADLINE_EXCEEDED)."""
     slot = slot_nbytes(default_llama_config(), 16)  # the default --max-rank and target modules, float32
-    flags = ("--max-batch", "1", "--device-cache", str(SLOTS * slot), "--load-timeout-s", "0.3")
+    flags = ("--max-batch", "1", "--device-cache", str(SLOTS * slot), "--load-timeout-s", "1.5")
     with two_tenants(tmp_path_factory.mktemp("up-slotted"), *flags) as running:
         yield running
 
@@ -353,7 +355,7 @@ def test_one_tenants_many_users_never_take_another_tenants_device_slots(
     other.start()
     calls = [
         api.Generate.future(
-            pb.GenerateRequest(user_id=f"a{i}", prompt="flood", max_new_tokens=256),
+            pb.GenerateRequest(user_id=f"a{i}", prompt="flood", max_new_tokens=512),
             timeout=300,
             metadata=KEY_A,
         )

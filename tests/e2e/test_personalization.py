@@ -3,6 +3,7 @@ nobody else's; every acknowledged event is applied exactly once, even when the t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from personalize_service.client import PersonalizeClient
+from personalize_service.client.sdk import NotFoundError
 from tests.e2e.upserver import UpServer, start_up
 
 NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi"]
@@ -78,6 +80,8 @@ def trainer_cluster(tmp_path: Path) -> Iterator[UpServer]:
         tmp_path / "up.log",
         "--train-steps",
         "1",
+        "--train-max-steps",
+        "1",
         "--train-max-events",
         "150",
         "--claim-idle-ms",
@@ -100,21 +104,43 @@ def _trainer_pid(data_dir: Path, not_pid: int = 0, timeout: float = 30) -> int:
     raise AssertionError("no trainer process appeared")
 
 
+def _wait_progress(client: PersonalizeClient, users: dict[str, int], since: int, timeout: float = 120) -> None:
+    """Until more than `since` events are applied: a kill before a fresh trainer has even imported its
+    model would test nothing (1000 events go in faster than a trainer starts)."""
+    deadline = time.monotonic() + timeout
+    while _applied(client, users) <= since:
+        assert time.monotonic() < deadline, f"the trainer applied nothing in {timeout}s"
+        time.sleep(0.2)
+
+
+def _applied(client: PersonalizeClient, users: dict[str, int]) -> int:
+    total = 0
+    for user, sent in users.items():
+        if sent:
+            with contextlib.suppress(NotFoundError):  # no adapter yet
+                total += client.get_adapter(user).examples_seen
+    return total
+
+
 def test_every_event_applied_exactly_once_across_trainer_kills(trainer_cluster: UpServer) -> None:
     rnd = random.Random(3)
     users = {f"once-{i}": 0 for i in range(100)}
     kills, backlogs = 0, []  # backlogs: events acknowledged but not yet applied, read just before each kill
+    applied_at_kill = 0  # events applied when the last trainer died
     pid = _trainer_pid(trainer_cluster.data_dir)
     with PersonalizeClient(trainer_cluster.target, timeout=60) as client:
         for n in range(1000):
             user = f"once-{n % 100}"
             client.feedback(user, _prompt(rnd), "a", kind="correct", correction=f"b {n}")
             users[user] += 1
+            if n in (200, 450, 700):  # the restarted trainer is up and applying before the next kill
+                _wait_progress(client, users, since=applied_at_kill)
             if n in (250, 500, 750):  # SIGKILL the trainer while it works through the backlog
                 time.sleep(0.5)
                 backlogs.append(sum(node.stream_lag for node in client.stats().nodes))
                 os.kill(pid, signal.SIGKILL)
                 kills += 1
+                applied_at_kill = _applied(client, users)
                 pid = _trainer_pid(trainer_cluster.data_dir, not_pid=pid)
         _wait_applied(client, users, timeout=300)
         stats = client.stats()
