@@ -7,9 +7,11 @@ interleaved call by call. `router_hop_ms_p50` = p50 via the router minus p50 dir
 per-call work plus one loopback hop, what `bench_routing.py --cluster`'s `router_overhead_ms_p50`
 measures without a model's noise around it.
 
-    python loadtest/bench_router_hop.py [--calls 2000] [--variant full|bare] [--json out.json]
+    python loadtest/bench_router_hop.py [--calls 2000] [--variant full|bare|aio-bare] [--json out.json]
 
-`--variant bare`: a server with the router's handler and no interceptors (the floor of a Python hop).
+`--variant bare`: a server with the router's handler and no interceptors (the floor of a Python hop);
+`--variant aio-bare`: a grpc.aio server forwarding bytes on an aio channel, no interceptors (the floor
+of an asyncio hop).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import statistics
 import time
 from concurrent import futures
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -74,6 +76,36 @@ def _router(worker_port: int, variant: str, ready: Any) -> None:
     server.wait_for_termination()
 
 
+def _aio_router(worker_port: int, ready: Any) -> None:
+    """A bare grpc.aio forwarder: bytes in, the same bytes to the worker on an aio channel, its answer
+    back; no interceptors, no routing (the floor of an asyncio hop)."""
+    import asyncio
+
+    async def run() -> None:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{worker_port}")
+        methods: dict[str, Any] = {}
+
+        class Forward(grpc.GenericRpcHandler):
+            def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+                name = details.method
+                if name not in methods:
+                    methods[name] = channel.unary_unary(name)
+
+                async def forward(body: bytes, context: Any) -> bytes:
+                    return cast(bytes, await methods[name](body, timeout=context.time_remaining()))
+
+                return grpc.unary_unary_rpc_method_handler(forward)
+
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((Forward(),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        ready.send(port)
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
 def _bare_tenant() -> None:
     """Without the auth interceptor nobody sets the tenant: set it for every handler thread's context."""
     from personalize_service.server import auth
@@ -101,7 +133,10 @@ def _cpu_s(pid: int) -> float:
 
 def measure(calls: int, variant: str) -> dict[str, Any]:
     worker, worker_port = _start(_worker)
-    router, router_port = _start(_router, worker_port, variant)
+    if variant == "aio-bare":
+        router, router_port = _start(_aio_router, worker_port)
+    else:
+        router, router_port = _start(_router, worker_port, variant)
     times: dict[str, list[float]] = {"router": [], "direct": []}
     request = pb.GenerateRequest(user_id="u1", prompt="Hello", max_new_tokens=1)
     try:
@@ -140,7 +175,7 @@ def measure(calls: int, variant: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--variant", choices=("full", "bare"), default="full")
+    parser.add_argument("--variant", choices=("full", "bare", "aio-bare"), default="full")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     result = measure(args.calls, args.variant)
