@@ -11,7 +11,7 @@ TORCH_INDEX ?=
 # with `make constraints` after changing a bound in pyproject.toml). The Dockerfile uses the same file.
 CONSTRAINTS := constraints.txt
 
-.PHONY: venv test lint typecheck pytest unit integration e2e bench proto run clean constraints
+.PHONY: venv test lint typecheck pytest unit integration e2e bench bench-gpu proto run clean constraints
 
 venv: $(STAMP)
 
@@ -58,6 +58,11 @@ bench: venv
 	$(BIN)/python loadtest/bench_cache.py $(BENCH_ARGS) --json loadtest/results/bench_cache.json
 	$(BIN)/python loadtest/bench_feedback.py $(BENCH_ARGS) --json loadtest/results/bench_feedback.json
 	$(BIN)/python loadtest/bench_routing.py $(BENCH_ARGS) --cluster --json loadtest/results/bench_routing.json
+
+# The engine benchmark at Llama-3.2-1B and Llama-3.1-8B shapes, random weights, bfloat16 on CUDA (refused
+# without one); JSON under loadtest/results/, rows into docs/benchmarks.md between its bench-gpu markers.
+bench-gpu: venv
+	$(BIN)/python loadtest/bench_gpu.py $(BENCH_ARGS) --json-dir loadtest/results --doc docs/benchmarks.md
 
 run: venv
 	$(BIN)/personalize up

@@ -187,7 +187,7 @@ def main() -> None:
         ],
     ).to(args.device)
     names = ["default"] + [f"a{i}" for i in range(1, args.batch)]
-    seq_n = 8 if args.quick else args.batch
+    seq_n = min(8, args.batch) if args.quick else args.batch
     n, dev = args.new_tokens, args.device
     modes = {
         "base": lambda: run_engine(base_engine, prompts, [None] * args.batch, n),
