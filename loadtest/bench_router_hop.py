@@ -83,18 +83,22 @@ def _aio_router(worker_port: int, ready: Any) -> None:
 
     async def run() -> None:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{worker_port}")
-        methods: dict[str, Any] = {}
+        handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+        def forwarding(name: str) -> grpc.RpcMethodHandler:
+            method = channel.unary_unary(name)
+
+            async def forward(body: bytes, context: Any) -> bytes:
+                return cast(bytes, await method(body, timeout=context.time_remaining()))
+
+            return grpc.unary_unary_rpc_method_handler(forward)
 
         class Forward(grpc.GenericRpcHandler):
             def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-                name = details.method
-                if name not in methods:
-                    methods[name] = channel.unary_unary(name)
-
-                async def forward(body: bytes, context: Any) -> bytes:
-                    return cast(bytes, await methods[name](body, timeout=context.time_remaining()))
-
-                return grpc.unary_unary_rpc_method_handler(forward)
+                handler = handlers.get(details.method)
+                if handler is None:  # built once per method, as the router's handlers are
+                    handler = handlers[details.method] = forwarding(details.method)
+                return handler
 
         server = grpc.aio.server()
         server.add_generic_rpc_handlers((Forward(),))

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from personalize_service.client import PersonalizeClient
-from personalize_service.client.sdk import NotFoundError
+from personalize_service.client import NotFoundError, PersonalizeClient
 from tests.e2e.upserver import UpServer, start_up
 
 NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi"]

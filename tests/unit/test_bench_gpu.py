@@ -24,7 +24,7 @@ def test_each_shape_has_its_checkpoints_parameter_count(name: str) -> None:
     with torch.device("meta"):  # no memory: only the shapes
         model = LlamaForCausalLM(config)
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMETERS[name]
-    assert config.head_dim == 64 if name == "llama-3.2-1b" else config.head_dim == 128
+    assert config.head_dim == {"llama-3.2-1b": 64, "llama-3.1-8b": 128}[name]
 
 
 def test_make_bench_gpu_runs_the_gpu_benchmark_into_the_docs() -> None:
@@ -65,3 +65,11 @@ def test_rows_replace_only_the_marked_block_and_a_rerun_replaces_them_again() ->
 def test_without_cuda_it_refuses_before_building_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--json-dir", str(tmp_path)]) == 2
     assert "no CUDA device" in capsys.readouterr().out and not list(tmp_path.iterdir())
+
+
+def test_a_doc_without_markers_is_refused_before_any_benchmark_runs(tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="bench-gpu"):  # on the CPU: it would otherwise build an 8B model
+        main(["--device", "cpu", "--doc", str(doc), "--json-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists() and doc.read_text() == "# no markers\n"
