@@ -17,12 +17,13 @@ from tests.e2e.upserver import UpServer
 
 DURATION_S = 15
 USERS = 4
+MAX_NEW_TOKENS = 8
 WORKLOAD = {
     "population": 1_000_000,
     "zipf_s": 1.1,
     "seed": 7,
     "user_prefix": "locust-e2e-",
-    "max_new_tokens": 8,
+    "max_new_tokens": MAX_NEW_TOKENS,
     "prompt_chars": 32,
 }
 DRAIN_TIMEOUT_S = 300.0
@@ -67,7 +68,12 @@ def test_no_failures_and_every_call_measured(run: tuple[dict[str, Any], Path]) -
     assert summary["ttft_ms"] == summary["latency_ms"]["GenerateStream:ttfp"] and summary["ttft_ms"]["p50"] > 0
     itl = summary["itl_ms"]  # a tiny model's gaps may round to 0 ms in locust's buckets
     assert itl == summary["latency_ms"]["GenerateStream:itl"] and 0 <= itl["p50"] <= itl["p99"]
-    assert summary["calls"]["GenerateStream:itl"]["requests"] > summary["calls"]["GenerateStream"]["requests"]
+    # A reader that falls behind the engine gets the pieces queued meanwhile joined into one message
+    # (engine.RequestHandle.pieces), so on a loaded 2-core machine a stream may arrive as a single piece:
+    # the gaps counted are bounded by the tokens asked for, and some stream must have had more than one.
+    streams = summary["calls"]["GenerateStream"]["requests"]
+    gaps = summary["calls"]["GenerateStream:itl"]["requests"]
+    assert 0 < gaps <= streams * (MAX_NEW_TOKENS - 1), (gaps, streams)
 
 
 def test_report_figures_match_the_service(run: tuple[dict[str, Any], Path]) -> None:
