@@ -172,7 +172,7 @@ def _install_stats(app: FastAPI, operator: Callable[[str | None], PersonalizeCli
 def _install_probes(
     app: FastAPI, probe: Callable[[], PersonalizeClient], metrics: HttpMetrics, model_name: str, fingerprint: str
 ) -> None:
-    """/healthz, /readyz (a worker answers), /metrics, /v1/models."""
+    """/healthz, /readyz (a worker answers), /metrics, /v1/models and /v1/models/{id}."""
     created = int(time.time())
 
     @app.get("/healthz")
@@ -195,20 +195,25 @@ def _install_probes(
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    served = {
+        "id": model_name,
+        "object": "model",
+        "created": created,
+        "owned_by": "personalize",
+        "fingerprint": fingerprint,
+    }
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": model_name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "personalize",
-                    "fingerprint": fingerprint,
-                }
-            ],
-        }
+        return {"object": "list", "data": [served]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        if model != model_name:
+            raise ApiError(
+                404, f"the model {model!r} does not exist; this server serves {model_name!r}", code="model_not_found"
+            )
+        return served
 
 
 Prompt = str | list[tuple[str, str]]
@@ -264,6 +269,8 @@ async def _generate(
 ) -> JSONResponse | StreamingResponse:
     if body.n != 1:
         raise ApiError(400, f"n: only n=1 is supported, got {body.n}", param="n")
+    if (refused := body.unsupported()) is not None:
+        raise ApiError(400, refused[1], param=refused[0])
     chat = isinstance(body, ChatCompletionRequest)
     options: dict[str, Any] = {
         "max_new_tokens": body.new_tokens(),
@@ -272,6 +279,8 @@ async def _generate(
         "seed": body.seed or 0,
         "stop": body.stops(),
         "use_base_model": not body.user,
+        "top_k": max(body.top_k, 0),
+        "repetition_penalty": body.repetition_penalty,
     }
     sdk, user = caller.client, body.user or ANONYMOUS
     prefix = "chatcmpl" if chat else "cmpl"

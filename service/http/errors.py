@@ -87,11 +87,19 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # loc is ("body", offset), not a field
+            where = first.get("loc", ("body", "?"))[-1]
+            why = first.get("ctx", {}).get("error", first.get("msg", ""))
+            message = f"the request body is not valid JSON: {why} at character {where}"
+            return JSONResponse(error_body(message, "invalid_request_error", None, None), 400)
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         return JSONResponse(
             error_body(
-                f"{param or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request_error", param, None
+                f"{param or 'body'}: {first.get('msg', 'invalid request').removeprefix('Value error, ')}",
+                "invalid_request_error",
+                param,
+                None,
             ),
             400,
         )

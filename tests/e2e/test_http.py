@@ -130,6 +130,39 @@ def test_chat_completion_renders_the_template(client: openai.OpenAI, sdk: Person
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == direct.completion_tokens
 
 
+def test_text_content_parts_and_vllms_sampling_extras_reach_the_worker(
+    client: openai.OpenAI, sdk: PersonalizeClient
+) -> None:
+    as_string = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi\nthere"}], max_tokens=12, temperature=0
+    )
+    as_parts = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}],
+        max_tokens=12,
+        temperature=0,
+    )
+    assert as_parts.choices[0].message.content == as_string.choices[0].message.content
+    assert as_parts.usage is not None and as_string.usage is not None
+    assert as_parts.usage.prompt_tokens == as_string.usage.prompt_tokens
+    greedy = sdk.generate("http-frank", PROMPT, max_new_tokens=24).text
+    top1 = client.completions.create(  # sampling at temperature 1 from one candidate is the greedy text
+        model="tiny", prompt=PROMPT, max_tokens=24, temperature=1.0, seed=3, user="http-frank", extra_body={"top_k": 1}
+    )
+    assert top1.choices[0].text == greedy
+    penalized = sdk.generate("http-frank", PROMPT, max_new_tokens=24, repetition_penalty=3.0).text
+    assert penalized != greedy  # so the equality below shows the option arrived
+    over_http = client.completions.create(
+        model="tiny",
+        prompt=PROMPT,
+        max_tokens=24,
+        temperature=0,
+        user="http-frank",
+        extra_body={"repetition_penalty": 3.0},
+    )
+    assert over_http.choices[0].text == penalized
+
+
 def test_user_selects_the_imported_adapter(
     client: openai.OpenAI, sdk: PersonalizeClient, base: BaseModel, tmp_path: Path
 ) -> None:

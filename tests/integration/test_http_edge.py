@@ -4,6 +4,7 @@ dead gRPC target answered as OpenAI's 503 error with Retry-After (a real channel
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -15,7 +16,7 @@ from personalize_service.client import PersonalizeClient, PersonalizeClientError
 from personalize_service.http import chat_turns, create_app
 from personalize_service.http.app import Caller
 from personalize_service.http.errors import error_response
-from personalize_service.http.models import ChatMessage
+from personalize_service.http.models import UNSUPPORTED, ChatMessage
 from personalize_service.net import find_free_port
 
 
@@ -119,3 +120,104 @@ def test_the_edge_runs_blocking_calls_on_more_threads_than_anyios_default(dead: 
         return anyio.to_thread.current_default_thread_limiter().total_tokens
 
     assert dead.portal is not None and dead.portal.call(tokens) == BLOCKING_THREADS > 40
+
+
+REFUSED = [
+    ("/v1/completions", "echo", True),
+    ("/v1/completions", "logprobs", 0),  # completions' logprobs=0 still asks for the chosen tokens' logprobs
+    ("/v1/completions", "logprobs", 2),
+    ("/v1/chat/completions", "logprobs", True),
+    ("/v1/chat/completions", "top_logprobs", 3),
+    ("/v1/completions", "frequency_penalty", 0.5),
+    ("/v1/chat/completions", "presence_penalty", -1.0),
+    ("/v1/completions", "logit_bias", {"50": 100}),
+    ("/v1/completions", "best_of", 3),
+    ("/v1/completions", "suffix", " end"),
+    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("/v1/chat/completions", "tool_choice", "required"),
+    ("/v1/chat/completions", "functions", [{"name": "f"}]),
+    ("/v1/chat/completions", "function_call", {"name": "f"}),
+]
+NEUTRAL = {
+    "echo": False,
+    "logprobs": None,
+    "top_logprobs": 0,
+    "frequency_penalty": 0,
+    "presence_penalty": 0.0,
+    "logit_bias": {},
+    "best_of": 1,
+    "suffix": "",
+    "response_format": {"type": "text"},
+    "tools": [],
+    "tool_choice": "auto",
+    "functions": None,
+    "function_call": "none",
+}
+"""What SDKs send by default: it changes nothing, so it must reach the worker (here a dead one: 503)."""
+
+
+def _body(route: str, **fields: Any) -> dict[str, Any]:
+    what = {"prompt": "hi"} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    return {**what, "user": "alice", **fields}
+
+
+@pytest.mark.parametrize(("route", "field", "value"), REFUSED)
+def test_an_output_changing_option_this_server_lacks_is_400_naming_it(
+    dead: TestClient, route: str, field: str, value: Any
+) -> None:
+    reply = dead.post(route, json=_body(route, **{field: value}))
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == field and "not supported" in error["message"], error
+
+
+def test_the_neutral_values_sdks_send_by_default_are_accepted(dead: TestClient) -> None:
+    assert set(NEUTRAL) == set(UNSUPPORTED)
+    for route in ("/v1/completions", "/v1/chat/completions"):
+        reply = dead.post(route, json=_body(route, **NEUTRAL))
+        assert reply.status_code == 503, reply.text  # past validation, to the (dead) worker
+
+
+def test_chat_content_parts_join_as_text() -> None:
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
+    assert ChatMessage(role="user", content=parts).content == "Hello\nworld"
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "says"),
+    [
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages.0.content",
+            "'image_url'; only text parts",
+        ),
+        ({"messages": [{"role": "user", "content": [{"text": "no type"}]}]}, "messages.0.content", "only text"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role", "'assistant'"),
+        ({"messages": [{"role": "tool", "content": "42"}]}, "messages.0.role", "'user'"),
+    ],
+)
+def test_chat_messages_this_server_cannot_render_are_400_naming_them(
+    dead: TestClient, fields: dict[str, Any], param: str, says: str
+) -> None:
+    reply = dead.post("/v1/chat/completions", json=fields)
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and error["param"] == param and says in error["message"], error
+    assert not error["message"].startswith(f"{param}: Value error"), error
+
+
+def test_a_token_id_prompt_and_a_broken_body_are_400_saying_so(dead: TestClient) -> None:
+    reply = dead.post("/v1/completions", json={"prompt": [1, 2, 3]})
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and error["param"] == "prompt" and "token-id prompts" in error["message"]
+    reply = dead.post("/v1/completions", content=b'{"prompt": ', headers={"content-type": "application/json"})
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and error["param"] is None and "not valid JSON" in error["message"], error
+
+
+def test_a_model_is_retrieved_by_its_id_and_another_is_404(dead: TestClient) -> None:
+    reply = dead.get("/v1/models/tiny")
+    assert reply.status_code == 200 and reply.json()["id"] == "tiny" and reply.json()["object"] == "model"
+    assert reply.json() == dead.get("/v1/models").json()["data"][0]
+    reply = dead.get("/v1/models/gpt-4o")
+    assert reply.status_code == 404 and reply.json()["error"]["code"] == "model_not_found"
