@@ -101,7 +101,8 @@ def test_text_completion_is_the_grpc_generation(client: openai.OpenAI, sdk: Pers
 def test_streamed_pieces_join_to_the_whole_text(client: openai.OpenAI) -> None:
     whole = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0).choices[0].text
     chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0, stream=True))
-    assert len(chunks) > 2 and "".join(c.choices[0].text for c in chunks if c.choices) == whole
+    # a text chunk and the finishing one at least: a reader behind the engine gets the queued pieces joined
+    assert len(chunks) >= 2 and "".join(c.choices[0].text for c in chunks if c.choices) == whole
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
