@@ -78,6 +78,6 @@ def test_a_tenant_behind_three_routers_gets_at_most_its_rate(routers: list[UpSer
     refused = counts.get("RESOURCE_EXHAUSTED", 0)
     admitted = sum(counts.values()) - refused
     allowed = 1.1 * RATE * elapsed + BURST
-    assert refused > admitted, f"the flood was not well over the rate: {counts}"
+    assert refused > 0 and admitted + refused > allowed, f"the flood was not over the rate: {counts}"
     assert admitted <= allowed, f"{admitted} admitted in {elapsed:.1f}s, allowed {allowed:.0f}"
     assert admitted >= 0.5 * RATE * WINDOW_S, f"only {admitted} admitted in {elapsed:.1f}s: {counts}"

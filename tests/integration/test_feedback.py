@@ -169,7 +169,8 @@ def test_wait_replicas_acks_only_what_a_replica_holds(state_url: str) -> None:
     config = StreamConfig(partitions=3, namespace=f"fb{next(_ns)}", wait_replicas=1, wait_timeout_ms=200)
     stream = FeedbackStream(redis_client(state_url), config)
     event = _event("hana", 1, key="k1")
-    if state_url.startswith("redis+cluster://"):  # every shard has a replica
+    if state_url.startswith("redis+cluster://"):  # every shard has a replica: wait for it as long as it takes
+        stream = FeedbackStream(stream.client, dataclasses.replace(config, wait_timeout_ms=10_000))
         event_id, _ = stream.append(event)
         assert stream.append(event)[0] == event_id and stream.pending_ids("acme", "hana") == {event_id}
         fsynced = FeedbackStream(stream.client, dataclasses.replace(config, wait_aof=True, wait_timeout_ms=10_000))

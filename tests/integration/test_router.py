@@ -635,7 +635,7 @@ def test_routing_client_goes_straight_to_the_owner_and_fails_over(
     beats = [Heartbeat(membership_client(valkey_url), membership, node).start() for node in fleet.view().values()]
     try:
         with PersonalizeClient.discover(
-            valkey_url, membership=membership, timeout=10, route=RouteConfig(poll_s=0.1)
+            valkey_url, membership=membership, timeout=10, route=RouteConfig(poll_s=0.1, suspect_s=60)
         ) as client:
             assert isinstance(client, RoutingClient)
             ring = client.cluster.ring()

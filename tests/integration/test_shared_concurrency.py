@@ -24,10 +24,12 @@ LIMITS = Limits(max_concurrent_generations=LIMIT)
 
 @pytest.fixture
 def three(state_url: str) -> Iterator[list[SharedConcurrencyLimiter]]:
-    """Three limiters on one fresh namespace, each with its own client (as three worker processes)."""
+    """Three limiters on one fresh namespace, each with its own client (as three worker processes). Their
+    4 s lease is renewed every 1.3 s: a renewal late by over 2.6 s on a busy machine would lapse a live place
+    (2 s left 1.3 s of slack)."""
     ns = f"cc{uuid.uuid4().hex[:8]}"
     clients = [valkey.connect(state_url, socket_timeout=5.0) for _ in range(3)]
-    limiters = [SharedConcurrencyLimiter(LIMITS, client=c, namespace=ns, lease_s=2.0) for c in clients]
+    limiters = [SharedConcurrencyLimiter(LIMITS, client=c, namespace=ns, lease_s=4.0) for c in clients]
     yield limiters
     for limiter, client in zip(limiters, clients, strict=True):
         limiter.close()

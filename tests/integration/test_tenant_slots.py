@@ -27,9 +27,11 @@ GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
 
 
 def make_worker(data_dir: Path, registry_url: str) -> Worker:
-    """A worker of 4 device slots, at most half of them per tenant; not started (requests stay queued)."""
+    """A worker of 4 device slots, at most half of them per tenant; not started (requests stay queued). The
+    load timeout is also how long a capped tenant waits before its refusal: long enough for a real load on a
+    busy machine (0.5 s was not always)."""
     lora = LoraConfig(r_max=R_MAX, device_bytes=SLOTS * slot_nbytes(default_llama_config(), R_MAX))
-    config = Config(node_id="worker-0", data_dir=str(data_dir), load_timeout_s=0.5, lora=lora)
+    config = Config(node_id="worker-0", data_dir=str(data_dir), load_timeout_s=3.0, lora=lora)
     return bootstrap.worker(
         replace(config, registry=RegistryConfig(url=registry_url), store_url=(data_dir / "objects").as_uri())
     )
