@@ -8,7 +8,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 _UINT32_MAX, _UINT64_MAX = 2**32 - 1, 2**64 - 1
 """The proto fields' ranges (max_new_tokens, seed): a value outside is the caller's 400, never a failed
@@ -20,8 +28,10 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    """Unknown fields are kept aside (`model_extra`), read only for the UNSUPPORTED options."""
+    model_config = ConfigDict(extra="ignore")
+    _options: dict[str, Any] = PrivateAttr(default_factory=dict)
+    """The UNSUPPORTED options the body set, picked out of it by name (the rest of its unknown fields are
+    never copied: a body of many thousands of them costs its parse only)."""
 
     model: str = ""
     max_tokens: int | None = Field(default=None, ge=1, le=_UINT32_MAX)
@@ -39,11 +49,18 @@ class _Sampling(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     """vLLM's extra sampling option: > 1 discourages tokens already in the prompt or the completion."""
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _pick_options(cls, data: Any, handler: ModelWrapValidatorHandler[_Sampling]) -> _Sampling:
+        model = handler(data)
+        if isinstance(data, dict):
+            model._options = {name: data[name] for name in UNSUPPORTED if name in data}
+        return model
+
     def unsupported(self) -> tuple[str, str] | None:
         """(the first OpenAI option set to a value this server does not implement, why), or None."""
-        extra = self.model_extra or {}
         for name, (neutral, instead) in UNSUPPORTED.items():
-            if not neutral(extra.get(name)):
+            if not neutral(self._options.get(name)):
                 return name, f"{name}: not supported by this server (leave it out{instead})"
         return None
 
