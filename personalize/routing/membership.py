@@ -169,6 +169,7 @@ class Heartbeat:
         self._node = node
         self._load_fn = load_fn
         self._lock = threading.Lock()  # guards _node
+        self._beat_lock = threading.Lock()  # one beat at a time: a snapshot is written before the next is taken
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
@@ -179,18 +180,22 @@ class Heartbeat:
             return self._node
 
     def beat(self) -> None:
-        """Announce the node now (SET with PX ttl + ZADD to the index). Unavailable on failure."""
-        self._refresh_load()
-        node = self.node
-        key, ttl_ms = self.config.node_key(node.node_id), max(1, round(self.config.ttl_s * 1000))
+        """Announce the node now (SET with PX ttl + ZADD to the index). Unavailable on failure.
 
-        def write() -> None:
-            pipe = self._client.pipeline(transaction=False)
-            pipe.set(key, pack_node(node), px=ttl_ms)
-            pipe.zadd(self.config.index_key, {node.node_id: int(time.time() * 1000)})
-            pipe.execute()
+        Beats are serialized from snapshot to write, so the last write is of the newest state: the periodic
+        beat's SERVING, taken just before drain(), cannot land after drain()'s DRAINING."""
+        with self._beat_lock:
+            self._refresh_load()
+            node = self.node
+            key, ttl_ms = self.config.node_key(node.node_id), max(1, round(self.config.ttl_s * 1000))
 
-        _call(write)
+            def write() -> None:
+                pipe = self._client.pipeline(transaction=False)
+                pipe.set(key, pack_node(node), px=ttl_ms)
+                pipe.zadd(self.config.index_key, {node.node_id: int(time.time() * 1000)})
+                pipe.execute()
+
+            _call(write)
 
     def start(self) -> Heartbeat:
         """Beat once now (Unavailable if the server cannot be reached), then keep beating. Once only."""

@@ -126,6 +126,49 @@ def test_draining_is_visible_and_leaves_the_ring(client: redis.Redis, config: Me
             beat.stop()
 
 
+class _HeldFirstWrite:
+    """A real client whose first pipeline holds its write until `release` is set: a beat stalled between
+    taking its snapshot and writing it (a slow round trip), as a periodic beat can be when drain() is called."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self.connection_pool = client.connection_pool
+        self.holding, self.release = threading.Event(), threading.Event()
+
+    def pipeline(self, transaction: bool = False) -> object:
+        pipe, first = self._client.pipeline(transaction=transaction), not self.holding.is_set()
+        if first:
+            self.holding.set()
+            execute = pipe.execute
+
+            def held_execute() -> object:
+                assert self.release.wait(10.0)
+                return execute()
+
+            pipe.execute = held_execute  # type: ignore[method-assign]
+        return pipe
+
+
+def test_a_beat_in_flight_cannot_overwrite_draining(valkey_url: str, config: MembershipConfig) -> None:
+    client = membership_client(valkey_url)
+    held = _HeldFirstWrite(client)
+    beat = Heartbeat(held, config, node("worker-0"))  # not started: the test plays the periodic beat
+    in_flight = threading.Thread(target=beat.beat)
+    in_flight.start()
+    assert held.holding.wait(10.0)  # the beat took its SERVING snapshot and is writing it
+    draining = threading.Thread(target=beat.drain)
+    draining.start()
+    time.sleep(0.3)  # drain() had time to write DRAINING if nothing orders it after the beat in flight
+    held.release.set()
+    in_flight.join(10.0)
+    draining.join(10.0)
+    try:
+        assert Membership(client, config).nodes()["worker-0"].state == DRAINING
+    finally:
+        beat.stop()
+        client.close()
+
+
 def test_ring_weights_follow_capacity(client: redis.Redis, config: MembershipConfig) -> None:
     beats = [Heartbeat(client, config, node("small", 2.0)).start(), Heartbeat(client, config, node("big", 4.0)).start()]
     try:
