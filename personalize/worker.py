@@ -307,6 +307,12 @@ class Worker:
         except PersonalizeError:
             pass
 
+    def hot_users(self, limit: int) -> list[tuple[str, str]]:
+        """This worker's hottest users (for rebalancing), less those with no registry record: a user deleted
+        through another worker is still in this cache until it ages out, and must not be named again."""
+        users = self.cache.hottest(limit)
+        return [user for user, live in zip(users, self.registry.exists_many(users), strict=True) if live]
+
     def _on_update(self, tenant: str, user_id: str, version: int) -> None:
         """A trainer published a version: the user's owner loads the current one now (the announcement names
         no object; the registry record has its checksum), so their next request is a device hit (other

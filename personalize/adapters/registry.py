@@ -199,6 +199,21 @@ class Registry:
         raw = self._call(lambda: self._client.hget(bucket, field))
         return None if raw is None else unpack_record(raw, self._fingerprint_of)
 
+    def exists_many(self, users: Sequence[tuple[str, str]]) -> list[bool]:
+        """Per (tenant, user id), whether the user has a record now: one pipelined round trip (per server)."""
+        located = [self._locate(tenant, user_id) for tenant, user_id in users]
+
+        def run() -> list[bool]:
+            found: list[bool] = []
+            for start in range(0, len(located), _BATCH):
+                pipe = self._client.pipeline(transaction=False)
+                for bucket, field in located[start : start + _BATCH]:
+                    pipe.hexists(bucket, field)
+                found.extend(bool(reply) for reply in pipe.execute())
+            return found
+
+        return self._call(run)
+
     def compare_and_set(self, tenant: str, user_id: str, expected_version: int, record: AdapterRecord) -> None:
         """Store `record` only if the stored version is `expected_version` (0 = no record) and
         `record.version` is greater; otherwise raise Conflict naming the user and both versions."""

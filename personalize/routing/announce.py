@@ -44,6 +44,8 @@ HOT_USERS = 64
 """Users each worker lists as its hottest, for new owners to warm when the ring changes."""
 HOT_TTL_MS = 60_000
 HOT_PERIOD_S = 2.0
+_REPUBLISH = 4
+"""Writes of a hot list per period at most, while users leave it between a write and the next listing."""
 DRAIN_NOTICE_S = 1.0
 """Time between announcing DRAINING and refusing new calls: two polls of a router's watcher."""
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
@@ -86,6 +88,25 @@ def forget_hot(client: Any, namespace: str, tenant: str, user_id: str) -> int:
             client.set(key, json.dumps(kept), keepttl=True)
             changed += 1
     return changed
+
+
+def publish_hot(
+    client: Any, key: str, hot_fn: Callable[[int], list[tuple[str, str]]], limit: int = HOT_USERS
+) -> list[tuple[str, str]]:
+    """Write `hot_fn(limit)` (users that still have a record) to `key`, even when empty, and return it.
+
+    A DeleteUser (record deleted, then `forget_hot`) can fall between listing a user and writing the list:
+    forget_hot would run before the write, and the write would name the deleted user again. So after each
+    write the list is taken again; while it has lost a user that was written (deleted meanwhile, or just
+    evicted), the newer list is written, up to _REPUBLISH times (the next period carries on)."""
+    users = [(tenant, user_id) for tenant, user_id in hot_fn(limit)]
+    for _ in range(_REPUBLISH):
+        client.set(key, json.dumps(users), px=HOT_TTL_MS)
+        now = [(tenant, user_id) for tenant, user_id in hot_fn(limit)]
+        if set(users) <= set(now):  # no one written was gone by the time it was written
+            return users
+        users = now
+    return users
 
 
 class Ownership:
@@ -185,10 +206,10 @@ class Announcement:
 
     def _publish_hot(self) -> None:
         while not self._stop_hot.wait(HOT_PERIOD_S):
+            if self._hot_fn is None:
+                return
             try:
-                users = self._hot_fn(HOT_USERS) if self._hot_fn is not None else []
-                if users:
-                    self._client.set(self._hot_key(self.node_id), json.dumps(users), px=HOT_TTL_MS)
+                publish_hot(self._client, self._hot_key(self.node_id), self._hot_fn)
             except Exception as exc:  # registry briefly unreachable: the next period retries
                 log.debug("publishing hot users failed: %s", exc)
 

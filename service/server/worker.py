@@ -415,6 +415,6 @@ def _announce(config: AnnounceConfig, worker: Worker, address: str) -> Announcem
         float(engine.config.max_batch),
         load_fn=lambda: float(engine.running + engine.queue_depth),
         ownership=worker.ownership,
-        hot_fn=worker.cache.hottest,
+        hot_fn=worker.hot_users,
         warm_fn=worker.warm,
     ).start(address)

@@ -149,6 +149,18 @@ def test_delete_user_removes_every_copy(worker: Worker) -> None:
     assert give_adapter(worker, "u", seed=4) == 1 and serve_once(worker, "u") == "store"
 
 
+def test_a_user_deleted_through_another_worker_leaves_this_workers_hot_list(worker: Worker) -> None:
+    """DeleteUser runs on one worker (the user's owner); another that served the user before a ring change
+    still caches the adapter until it ages out, and must stop naming the user in its published hot list."""
+    for user_id, seed in (("u", 1), ("v", 2)):
+        give_adapter(worker, user_id, seed)
+        serve_once(worker, user_id)
+    assert sorted(worker.hot_users(64)) == [(T, "u"), (T, "v")]
+    worker.registry.delete(T, "u")  # what the owner's delete_user does first; this worker's cache is untouched
+    assert (T, "u") in worker.cache.hottest(64)
+    assert worker.hot_users(64) == [(T, "v")]
+
+
 def test_delete_user_while_a_generation_holds_the_slot(worker: Worker) -> None:
     """A request in flight keeps its pinned slot to the end; the slot is freed when it is released, and no
     new request finds the deleted adapter meanwhile."""

@@ -9,6 +9,7 @@ directly (`Cluster.apply`), except for the routing client, which reads real hear
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 import uuid
@@ -20,6 +21,7 @@ from typing import Any
 import grpc
 import pytest
 
+from personalize.adapters.registry import AdapterRecord, Registry
 from personalize.routing.announce import AnnounceConfig, Announcement
 from personalize.routing.membership import (
     DRAINING,
@@ -672,6 +674,42 @@ def test_routing_client_needs_a_tenant_with_a_key_and_a_ring(valkey_url: str, na
             client.generate("alice", "hi")
         with pytest.raises(UnavailableError), client.generate_stream("alice", "hi") as stream:
             list(stream)
+
+
+def record_for(version: int) -> AdapterRecord:
+    return AdapterRecord(version, 8, "sha256:" + "ab" * 32, 0, "", 1_700_000_000_000, "sha256:" + "cd" * 32)
+
+
+def test_a_user_deleted_while_the_hot_list_is_written_is_not_named_again(
+    valkey_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DeleteUser (record, then every hot list) lands between a worker listing its hot users and writing
+    the list: the list written must not name the deleted user once the publish returns."""
+    import personalize.routing.announce as announce
+
+    with membership_client(valkey_url) as client:
+        registry = Registry(client, namespace=namespace)
+        for user_id in ("u", "v"):
+            registry.compare_and_set("acme", user_id, 0, record_for(1))
+        key = f"{{{namespace}}}:hot:w1"
+        deleted: list[str] = []
+
+        def hot_fn(limit: int) -> list[tuple[str, str]]:
+            users = [("acme", "u"), ("acme", "v")]
+            listed = [user for user, live in zip(users, registry.exists_many(users), strict=True) if live]
+            if not deleted:  # the listing saw u alive; u's DeleteUser completes before the list is written
+                registry.delete("acme", "u")
+                announce.forget_hot(client, namespace, "acme", "u")
+                deleted.append("u")
+            return listed
+
+        announce.publish_hot(client, key, hot_fn)
+        assert json.loads(client.get(key)) == [["acme", "v"]]
+        monkeypatch.setattr(announce, "_REPUBLISH", 1)  # write once, as the publisher did before
+        deleted.clear()
+        registry.compare_and_set("acme", "u", 0, record_for(1))
+        announce.publish_hot(client, key, hot_fn)
+        assert json.loads(client.get(key)) == [["acme", "u"], ["acme", "v"]]  # the race this guards against
 
 
 def test_a_joining_worker_warms_the_hot_users_it_takes_over(
