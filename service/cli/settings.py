@@ -587,6 +587,15 @@ SETTINGS: tuple[Setting, ...] = (
         "three hold across every process",
         metavar="BOOL",
     ),
+    _s(
+        "limits.shared_timeout_s",
+        "--shared-limits-timeout",
+        "PERSONALIZE_SHARED_LIMITS_TIMEOUT",
+        1.0,
+        _float,
+        "with --shared-limits: seconds a limit check waits on Valkey before this process decides alone (fail open)",
+        metavar="S",
+    ),
     # -- feedback and training
     _s(
         "feedback.partitions",

@@ -170,7 +170,8 @@ def _shared(config: ServiceConfig) -> dict[str, Any]:
     shared = config.shared_limits
     if shared is None or not shared.url:
         return {}
-    client = valkey.connect(shared.url, shared.cluster, socket_timeout=1.0, socket_connect_timeout=1.0)
+    timeout = config.limits.shared_timeout_s
+    client = valkey.connect(shared.url, shared.cluster, socket_timeout=timeout, socket_connect_timeout=timeout)
     return {"client": client, "namespace": shared.namespace}
 
 

@@ -73,6 +73,10 @@ class Limits:
     every process with `--shared-limits`."""
     feedback_burst: int = 2000
     """Feedback events a tenant may send at once above feedback_per_second."""
+    shared_timeout_s: float = 1.0
+    """With `--shared-limits`: seconds a limit check waits on the shared Valkey before this process decides
+    alone (its own buckets and counts: fail open, warned once per outage). A call waits at most this long on
+    a stalled Valkey; a longer stall lets each process admit its own full limit meanwhile."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -93,7 +97,7 @@ class Limits:
                 raise InvalidArgument(f"limit {name} must be >= 1, got {getattr(self, name)}")
         if self.max_stop_strings < 0:
             raise InvalidArgument(f"limit max_stop_strings must be >= 0, got {self.max_stop_strings}")
-        for name in ("requests_per_second", "feedback_per_second"):
+        for name in ("requests_per_second", "feedback_per_second", "shared_timeout_s"):
             if not getattr(self, name) > 0:
                 raise InvalidArgument(f"limit {name} must be > 0, got {getattr(self, name)}")
         smallest = max(self.max_request_bytes, IMPORT_CHUNK_BYTES + _CHUNK_ROOM)

@@ -100,3 +100,68 @@ def test_limits_shared_selects_the_shared_feedback_quota(valkey_url: str) -> Non
     assert not feedback_quota(ServiceConfig()).shared
     environ = {"PERSONALIZE_REGISTRY_URL": valkey_url, "PERSONALIZE_SHARED_LIMITS": "true"}
     assert feedback_quota(settings.build(settings.resolve(settings.SERVE, {}, environ)).service).shared
+
+
+_STALL_LUA = """
+local t = redis.call('TIME')
+local start = tonumber(t[1]) + tonumber(t[2]) / 1e6
+while true do
+  t = redis.call('TIME')
+  if tonumber(t[1]) + tonumber(t[2]) / 1e6 - start > tonumber(ARGV[1]) then return 1 end
+end
+"""
+
+
+def _wait_until_stalled(url: str) -> None:
+    """Return once the server no longer answers a PING within 0.1 s (the stalling script is running)."""
+    probe = valkey.connect(url, socket_timeout=0.1, socket_connect_timeout=1.0)
+    deadline = time.monotonic() + 10
+    try:
+        while time.monotonic() < deadline:
+            try:
+                probe.ping()
+            except Exception:  # the PING timed out: stalled
+                return
+            time.sleep(0.01)
+        raise AssertionError("the server never stalled")
+    finally:
+        probe.close()
+
+
+@pytest.mark.parametrize("timeout_s, shared_decides", [(0.2, False), (8.0, True)])
+def test_the_shared_limits_timeout_says_how_long_a_stalled_valkey_is_waited_for(
+    valkey_url: str, timeout_s: float, shared_decides: bool
+) -> None:
+    """Valkey stalls 3 s (a busy script blocks every client). A check waits up to `--shared-limits-timeout`:
+    a short one decides alone (this process's own bucket is full: admitted), a long one waits and gets the
+    shared bucket's answer (emptied by another router: refused)."""
+    from personalize.adapters.registry import RegistryConfig
+    from personalize_service.cli import settings
+    from personalize_service.server.base import rate_limiter
+
+    environ = {
+        "PERSONALIZE_REGISTRY_URL": valkey_url,
+        "PERSONALIZE_SHARED_LIMITS": "true",
+        "PERSONALIZE_SHARED_LIMITS_TIMEOUT": str(timeout_s),
+        "PERSONALIZE_RATE": "0.001",
+        "PERSONALIZE_BURST": "1",
+    }
+    service = settings.build(settings.resolve(settings.SERVE, {}, environ)).service
+    assert service.limits.shared_timeout_s == timeout_s
+    assert isinstance(service.shared_limits, RegistryConfig)
+    limiter, other_router = rate_limiter(service), rate_limiter(service)
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    other_router.check(tenant)  # the tenant's one shared token is spent elsewhere
+    stall_client = valkey.connect(valkey_url, socket_timeout=30.0)
+    stall = threading.Thread(target=lambda: stall_client.eval(_STALL_LUA, 0, 3.0))
+    stall.start()
+    _wait_until_stalled(valkey_url)
+    try:
+        if shared_decides:
+            with pytest.raises(ResourceExhausted, match="shared by every process"):
+                limiter.check(tenant)
+        else:
+            limiter.check(tenant)
+    finally:
+        stall.join()
+        stall_client.close()
