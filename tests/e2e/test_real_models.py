@@ -1,4 +1,4 @@
-"""`personalize up --model DIR` on a tiny random checkpoint of each family, with a trained BPE tokenizer:
+"""`personalize up --model DIR` on a tiny random checkpoint of every supported family, with a trained BPE tokenizer:
 gRPC generations equal transformers' greedy ones and the stream joins to the unary text."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import pytest
 from personalize.model import ModelConfig, load_base_model
 from personalize_service.gen.personalize.v1 import personalize_pb2 as pb
 from tests.e2e.upserver import Stubs, greedy_reference, start_up
-from tests.tiny_models import CHATML_TEMPLATE, save_tiny
+from tests.tiny_models import CHATML_TEMPLATE, FAMILIES, save_tiny
 
 PROMPTS = ["Hello there", "héllo wörld ✓ ça va", "日本語のテキストと中文", "emoji 🙂🚀"]
 
 
-@pytest.mark.parametrize("family", ["llama3-rope", "qwen2", "gemma3"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_up_with_a_real_checkpoint_generates_as_transformers(family: str, tmp_path: Path) -> None:
     directory = save_tiny(family, tmp_path / "model")
     base = load_base_model(ModelConfig(path=str(directory)))
