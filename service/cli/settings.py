@@ -497,6 +497,15 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="SIZE",
     ),
     _s(
+        "limits.max_chat_messages",
+        "--max-messages",
+        "PERSONALIZE_MAX_MESSAGES",
+        1024,
+        _int,
+        "messages one chat may hold (a generation's or a feedback event's)",
+        metavar="N",
+    ),
+    _s(
         "limits.max_new_tokens",
         "--max-new-tokens-limit",
         "PERSONALIZE_MAX_NEW_TOKENS",

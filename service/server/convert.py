@@ -48,9 +48,13 @@ class GenerateArgs(NamedTuple):
     use_base_model: bool
 
 
-def chat_messages(messages: Iterable[pb.ChatMessage], limits: Limits) -> tuple[ChatMessage, ...]:
+def chat_messages(messages: Sequence[pb.ChatMessage], limits: Limits) -> tuple[ChatMessage, ...]:
     """`messages` as the library's ChatMessages: each with a role, all contents together within
-    max_prompt_bytes. Raises InvalidArgument naming the field."""
+    max_prompt_bytes, at most max_chat_messages of them. Raises InvalidArgument naming the field."""
+    if len(messages) > limits.max_chat_messages:
+        raise InvalidArgument(
+            f"messages has {len(messages)} messages; the limit is {limits.max_chat_messages} (max_chat_messages)"
+        )
     chat = tuple(ChatMessage(m.role, m.content) for m in messages)
     for n, m in enumerate(chat):
         if not m.role:
@@ -60,7 +64,7 @@ def chat_messages(messages: Iterable[pb.ChatMessage], limits: Limits) -> tuple[C
 
 
 def _prompt_or_chat(
-    prompt: str, messages: Iterable[pb.ChatMessage], limits: Limits, prompt_name: str = "prompt"
+    prompt: str, messages: Sequence[pb.ChatMessage], limits: Limits, prompt_name: str = "prompt"
 ) -> str | tuple[ChatMessage, ...]:
     chat = chat_messages(messages, limits)
     if chat and prompt:

@@ -47,6 +47,10 @@ class Limits:
     """Largest max_new_tokens a request may ask for."""
     default_new_tokens: int = 64
     """max_new_tokens used when a request leaves it 0."""
+    max_chat_messages: int = 1024
+    """Messages one chat (`messages` of Generate or SubmitFeedback) may hold: the template adds tokens per
+    message, so without it 16 KiB of one-letter turns renders to over 100k tokens (a third of a second of
+    the worker's CPU before the prompt is refused as too long)."""
     max_stop_strings: int = 16
     """Number of stop strings per request."""
     max_stop_bytes: int = 256
@@ -82,6 +86,7 @@ class Limits:
         for name in (
             "max_user_id_bytes",
             "max_prompt_bytes",
+            "max_chat_messages",
             "max_new_tokens",
             "default_new_tokens",
             "max_stop_bytes",

@@ -115,6 +115,22 @@ def test_bad_generate_input_is_invalid_argument(stubs: Stubs, field: str, value:
         assert message in raised.value.details()
 
 
+def test_a_chat_of_more_messages_than_the_limit_is_refused_before_it_is_rendered(stubs: Stubs) -> None:
+    turn = pb.ChatMessage(role="user", content="x")
+    over = pb.GenerateRequest(user_id="u", messages=[turn] * 1025, max_new_tokens=2)
+    with pytest.raises(grpc.RpcError) as raised:
+        stubs.api.Generate(over, timeout=30)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "messages has 1025 messages; the limit is 1024 (max_chat_messages)" in raised.value.details()
+    at_limit = pb.GenerateRequest(user_id="u", messages=[turn] * 1024, max_new_tokens=2)
+    with pytest.raises(grpc.RpcError) as rendered:  # rendered, then too long for the tiny model's context
+        stubs.api.Generate(at_limit, timeout=30)
+    assert rendered.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the context limit is" in rendered.value.details()
+    few = pb.GenerateRequest(user_id="u", messages=[turn] * 8, max_new_tokens=2)
+    assert stubs.api.Generate(few, timeout=30).completion_tokens >= 1
+
+
 def test_list_nodes_shows_this_node(stubs: Stubs, up_server: UpServer) -> None:
     nodes = stubs.admin.ListNodes(pb.ListNodesRequest(), timeout=10).nodes
     assert [(n.node_id, n.address, n.state) for n in nodes] == [("worker-0", up_server.target, "up")]

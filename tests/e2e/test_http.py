@@ -373,6 +373,9 @@ def test_error_statuses_have_openais_shape(up: tuple[UpServer, str]) -> None:
         assert reply.status_code == status and set(reply.json()["error"]) == {"message", "type", "param", "code"}
         assert "Traceback" not in reply.text
     assert replies[400].json()["error"]["param"] == "messages.0.content"
+    with _http(up, KEY) as alpha:
+        many = alpha.post("/chat/completions", json={"messages": [{"role": "user", "content": "x"}] * 1025})
+    assert many.status_code == 400 and "max_chat_messages" in many.json()["error"]["message"]
     assert replies[403].json()["error"]["type"] == "permission_error"
     assert "operator key" in replies[403].json()["error"]["message"]
     with _http(up, KEY_OPERATOR) as operator:

@@ -91,6 +91,10 @@ def test_negative_top_k_is_invalid_argument() -> None:
         ({"messages": [pb.ChatMessage(role="user", content="x")]}, "exactly one of prompt and messages"),
         ({"prompt": "", "messages": [pb.ChatMessage(role="", content="x")]}, r"messages\[0\].role is empty"),
         ({"prompt": "", "messages": [pb.ChatMessage(role="user", content="x" * 20000)]}, "messages is 20004 bytes"),
+        (
+            {"prompt": "", "messages": [pb.ChatMessage(role="user", content="x")] * 1025},
+            r"messages has 1025 messages; the limit is 1024 \(max_chat_messages\)",
+        ),
     ],
 )
 def test_bad_generate_requests_are_invalid_argument(fields: dict[str, object], message: str) -> None:
@@ -154,6 +158,18 @@ def test_bad_feedback_is_invalid_argument(fields: dict[str, object], message: st
     base: dict[str, object] = {"user_id": "alice", "prompt": "q", "completion": "a", "kind": pb.FeedbackRequest.ACCEPT}
     with pytest.raises(InvalidArgument, match=message):
         convert.feedback_args(pb.FeedbackRequest(**{**base, **fields}), LIMITS)  # type: ignore[arg-type]
+
+
+def test_a_chat_at_the_message_limit_is_carried_and_one_more_is_refused_in_feedback_too() -> None:
+    turn = pb.ChatMessage(role="user", content="x")
+    limits = Limits(max_chat_messages=3)
+    at_limit = pb.GenerateRequest(user_id="alice", messages=[turn] * 3)
+    assert convert.generate_args(at_limit, limits).prompt == (ChatMessage("user", "x"),) * 3
+    over = pb.FeedbackRequest(user_id="alice", messages=[turn] * 4, completion="a", kind=pb.FeedbackRequest.ACCEPT)
+    with pytest.raises(InvalidArgument, match="messages has 4 messages; the limit is 3"):
+        convert.feedback_args(over, limits)
+    with pytest.raises(InvalidArgument, match="limit max_chat_messages must be >= 1"):
+        Limits(max_chat_messages=0)
 
 
 def test_feedback_ack() -> None:
