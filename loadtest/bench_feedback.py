@@ -292,10 +292,10 @@ def peft_sequential(worker: Worker, jobs: list[UserJob], folder: Path, cfg: Trai
     peft_cfg = PeftLoraConfig(
         r=jobs[0].adapter.rank,
         lora_alpha=jobs[0].adapter.alpha,
-        lora_dropout=0.0,
+        lora_dropout=cfg.lora_dropout,  # equal work: both drop out the adapter input
         target_modules=list(jobs[0].adapter.target_modules),
     )
-    model = get_peft_model(copy.deepcopy(worker.base.model), peft_cfg)
+    model = get_peft_model(copy.deepcopy(worker.base.model), peft_cfg).train()  # train mode: its dropout on
     for job in jobs:  # every user starts with a saved adapter
         path = folder / f"{job.user_id}.peft.st"
         if not path.exists():

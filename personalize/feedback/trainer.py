@@ -14,6 +14,7 @@ makes the newer ones wait, since publishing past it would mark it applied.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import threading
 import time
@@ -91,8 +92,13 @@ class TrainerConfig:
     warmup: int = 4
     """Steps over which a user's learning rate ramps up from lr/warmup to lr in every round: a round starts a
     fresh Adam, whose first update moves every weight by ~lr whatever the gradient's size."""
-    lora_dropout: float = 0.0
-    """Dropout on the adapters' input while training."""
+    lora_dropout: float = 0.2
+    """Dropout on the adapters' input while training (not in a round's first step, which measures what is
+    already learned and takes prefer's reference): a regularizer that makes a few examples generalize. On
+    unseen prompts, 4 users per kind, 0.0 -> 0.2 moved CORRECT / ACCEPT / PREFER from 0.95 / 0.82 / 0.84 to
+    1.00 / 0.96 / 0.99 and a second behaviour kept through 12 rejects from 0.54 to 0.86 (0.1: 0.76;
+    docs/feedback.md). Its masks come from a generator seeded by the round's events, so a round trained
+    again gives the same adapters."""
     weight_decay: float = 0.0
     """Decoupled weight decay (AdamW) on the adapters."""
     max_events: int = 256
@@ -137,6 +143,8 @@ class TrainerConfig:
             raise InvalidArgument("trainer steps need 1 <= min_steps <= max_steps")
         if self.loss_chunk_tokens < 1:
             raise InvalidArgument(f"trainer loss_chunk_tokens must be >= 1, got {self.loss_chunk_tokens}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise InvalidArgument(f"trainer lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
     def replay_for(self, new_events: int) -> int:
         """Most replayed examples a user with `new_events` new events trains on with them in a round."""
@@ -225,6 +233,7 @@ def train_round(
     if batch.pairs.numel():  # DPO's margin grows without bound: a user with prefer events stops once fit
         prefers[batch.user_index[batch.pairs[:, 0]]] = True
     ref: torch.Tensor | None = None
+    generator = torch.Generator(device=device).manual_seed(round_seed(jobs))
     per_user = torch.zeros(len(jobs), device=device)
     fit_bar = torch.where(prefers, config.prefer_fit_loss, config.fit_loss)
     try:
@@ -234,8 +243,9 @@ def train_round(
                 break
             rows = active[batch.user_index]  # only users with steps left pay for a forward/backward
             sub = batch if bool(rows.all()) else select_rows(batch, rows)
+            dropout = config.lora_dropout if step else 0.0  # step 0 measures: no noise in fit or reference
             per_user, fit, sub_ref = _user_losses(
-                model, state, sub, config, None if ref is None else ref[rows], len(jobs)
+                model, state, sub, config, None if ref is None else ref[rows], len(jobs), (dropout, generator)
             )
             ref = sub_ref if ref is None else ref  # step 0 runs every row: the reference is complete
             finite &= torch.isfinite(per_user) | ~active
@@ -257,11 +267,25 @@ def train_round(
     return adapters, finite.tolist(), per_user.detach().tolist()
 
 
+def round_seed(jobs: list[UserJob]) -> int:
+    """A round's dropout seed: a function of its users and their events' ids, nothing else."""
+    h = hashlib.blake2b(digest_size=8)
+    for j in jobs:
+        h.update(repr((j.tenant, j.user_id, [d.event_id for d in j.events])).encode())
+    return int.from_bytes(h.digest(), "big") >> 1
+
+
 def _user_losses(
-    model: Any, state: dict[str, Any], batch: TrainBatch, config: TrainerConfig, ref: torch.Tensor | None, users: int
+    model: Any,
+    state: dict[str, Any],
+    batch: TrainBatch,
+    config: TrainerConfig,
+    ref: torch.Tensor | None,
+    users: int,
+    dropout: tuple[float, torch.Generator],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, fit, reference) per user: fit is the mean token NLL of the answers the user wants."""
-    with use_slots(state, batch.user_index, config.lora_dropout):
+    with use_slots(state, batch.user_index, *dropout):
         hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     logp, mask = chunked_token_logprobs(hidden, output_head(model), batch.labels, config.loss_chunk_tokens)
     seq = logp.sum(-1)

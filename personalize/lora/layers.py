@@ -38,9 +38,18 @@ class MultiLoraLinear(nn.Module):
         x3 = (x.unsqueeze(1) if squeeze else x).to(self.lora_a.dtype)  # float32 adapters on a bf16 base
         dropout = self._state.get("dropout", 0.0)
         if dropout:  # LoRA dropout (training only): regularizes the adapter, never the base path
-            x3 = torch.nn.functional.dropout(x3, dropout, training=True)
+            x3 = lora_dropout(x3, dropout, self._state.get("generator"))
         delta = lora_gathered(x3, self.lora_a, self.lora_b, self.scaling, slots)
         return y + (delta.squeeze(1) if squeeze else delta).to(y.dtype)
+
+
+def lora_dropout(x: Tensor, p: float, generator: torch.Generator | None) -> Tensor:
+    """Inverted dropout of the adapter input; with a generator its mask is reproducible (a round trained
+    again from the same events draws the same masks)."""
+    if generator is None:
+        return torch.nn.functional.dropout(x, p, training=True)
+    keep = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) >= p
+    return x * keep / (1.0 - p)
 
 
 def _target_modules(model: nn.Module) -> Iterator[tuple[int, str, nn.Module, str]]:
@@ -78,14 +87,16 @@ def inject(model: nn.Module, tensors: SlotTensors) -> dict[str, Any]:
 
 
 @contextmanager
-def use_slots(state: dict[str, Any], slots: Tensor, dropout: float = 0.0) -> Iterator[None]:
+def use_slots(
+    state: dict[str, Any], slots: Tensor, dropout: float = 0.0, generator: torch.Generator | None = None
+) -> Iterator[None]:
     """Run forwards inside the block with row n using slot slots[n] (`lora_gathered`); dropout > 0 applies
-    LoRA dropout to the adapter input (training)."""
-    state.update(slots=slots, dropout=dropout)
+    LoRA dropout to the adapter input (training), its masks drawn from `generator` when given."""
+    state.update(slots=slots, dropout=dropout, generator=generator)
     try:
         yield
     finally:
-        state.update(slots=None, dropout=0.0)
+        state.update(slots=None, dropout=0.0, generator=None)
 
 
 def eject(model: nn.Module) -> None:

@@ -95,7 +95,11 @@ def parts(state_url: str, tmp_path: Path, base: BaseModel) -> dict[str, Any]:
 
 
 def _trainer(base: BaseModel, parts: dict[str, Any], name: str = "t") -> Trainer:
-    config = TrainerConfig(steps=1, min_steps=1, max_steps=2, block_ms=50, linger_ms=0, claim_idle_ms=0)
+    # No LoRA dropout: its masks are drawn over a round's whole batch, and _assert_trained_from retrains one
+    # user of a shared round alone.
+    config = TrainerConfig(
+        steps=1, min_steps=1, max_steps=2, block_ms=50, linger_ms=0, claim_idle_ms=0, lora_dropout=0.0
+    )
     return Trainer(config, base, parts["repo"], parts["stream"], consumer=name)
 
 

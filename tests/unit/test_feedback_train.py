@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 
+from personalize.errors import InvalidArgument
 from personalize.feedback.batch import build_batch, encode_example
 from personalize.feedback.events import FeedbackEvent
 from personalize.feedback.examples import VersionExamples, decode, encode, legacy_replay
@@ -119,9 +121,10 @@ def test_batch_labels_cover_only_the_answer(base: BaseModel) -> None:
 
 
 def test_users_trained_together_equal_users_trained_alone(base: BaseModel) -> None:
-    """Gradients never mix: a user's new adapter does not depend on who else shared the round."""
+    """Gradients never mix: a user's new adapter does not depend on who else shared the round (without LoRA
+    dropout, whose masks are drawn for the round's whole batch at once)."""
     # Users get 2, 4 and 6 steps: budgets differ (no fitting steps: at this lr, rounding noise grows over many).
-    cfg = TrainerConfig(steps=2, min_steps=2, lr=1e-2, fit_steps=0)
+    cfg = TrainerConfig(steps=2, min_steps=2, lr=1e-2, fit_steps=0, lora_dropout=0.0)
     model = copy.deepcopy(base.model).requires_grad_(False)
     jobs = [
         _job(base, "alice", ["correct", "accept"], 1),
@@ -138,6 +141,24 @@ def test_users_trained_together_equal_users_trained_alone(base: BaseModel) -> No
         assert adapter.rank == job.adapter.rank
         moved = sum(float((b - job.adapter.weights[k][1]).abs().sum()) for k, (_, b) in adapter.weights.items())
         assert moved > 0
+
+
+def test_lora_dropout_is_on_and_a_round_trained_again_from_the_same_events_gives_the_same_adapters(
+    base: BaseModel,
+) -> None:
+    model = copy.deepcopy(base.model).requires_grad_(False)
+    jobs = [_job(base, "alice", ["correct", "accept"], 1), _job(base, "bob", ["prefer"], 2)]
+    cfg = TrainerConfig(steps=3, min_steps=3, lr=1e-2, fit_steps=0)
+    assert cfg.lora_dropout > 0
+    runs = [train_round(model, base.tokenizer, jobs, c)[0] for c in (cfg, cfg, replace(cfg, lora_dropout=0.0))]
+    for first, again, undropped in zip(*runs, strict=True):
+        assert all(torch.equal(first.weights[k][1], again.weights[k][1]) for k in first.weights)
+        assert not all(torch.equal(first.weights[k][1], undropped.weights[k][1]) for k in first.weights)
+    other = [jobs[0], UserJob("t", "bob", None, jobs[1].adapter, [replace(jobs[1].events[0], event_id="9-9")])]
+    reseeded = train_round(model, base.tokenizer, other, cfg)[0][0]
+    assert not all(torch.equal(runs[0][0].weights[k][1], reseeded.weights[k][1]) for k in reseeded.weights)
+    with pytest.raises(InvalidArgument, match="lora_dropout must be in"):
+        TrainerConfig(lora_dropout=1.0)
 
 
 def test_training_lowers_the_loss_and_keeps_padding_zero(base: BaseModel) -> None:
@@ -163,9 +184,10 @@ def test_a_learned_answer_takes_no_more_steps(base: BaseModel) -> None:
     answer is learned, more steps are noise (the same ACCEPT in a second round looped 20 of 40 answers)."""
     model = copy.deepcopy(base.model).requires_grad_(False)
     job = _job(base, "kai", ["accept"], 9)
-    (learned,), _, (loss,) = train_round(model, base.tokenizer, [job], TrainerConfig())
-    assert loss <= TrainerConfig().fit_loss
+    (learned,), _, _ = train_round(model, base.tokenizer, [job], TrainerConfig())
     again = UserJob("t", "kai", None, learned, job.events)
+    probe = TrainerConfig(steps=1, min_steps=1, max_steps=1, fit_steps=0, lr=1e-12)  # a first step: no dropout
+    assert train_round(model, base.tokenizer, [again], probe)[2][0] <= TrainerConfig().learned_loss  # learned
     (after,), _, _ = train_round(model, base.tokenizer, [again], TrainerConfig())
     for key, (a, b) in learned.weights.items():
         assert torch.equal(a, after.weights[key][0]) and torch.equal(b, after.weights[key][1])
