@@ -37,19 +37,21 @@ class MultiLoraLinear(nn.Module):
         squeeze = x.dim() == 2  # [N, d] input: a one-token batch
         x3 = (x.unsqueeze(1) if squeeze else x).to(self.lora_a.dtype)  # float32 adapters on a bf16 base
         dropout = self._state.get("dropout", 0.0)
-        if dropout:  # LoRA dropout (training only): regularizes the adapter, never the base path
+        if isinstance(dropout, Tensor) or dropout:  # LoRA dropout (training only): never the base path
             x3 = lora_dropout(x3, dropout, self._state.get("generator"))
         delta = lora_gathered(x3, self.lora_a, self.lora_b, self.scaling, slots)
         return y + (delta.squeeze(1) if squeeze else delta).to(y.dtype)
 
 
-def lora_dropout(x: Tensor, p: float, generator: torch.Generator | None) -> Tensor:
-    """Inverted dropout of the adapter input; with a generator its mask is reproducible (a round trained
-    again from the same events draws the same masks)."""
-    if generator is None:
+def lora_dropout(x: Tensor, p: float | Tensor, generator: torch.Generator | None) -> Tensor:
+    """Inverted dropout of the adapter input x [N, T, d]: p for every element, or p [N] per row (0 = none).
+    With a generator its mask is reproducible (a round trained again from the same events draws the same
+    masks)."""
+    if generator is None and not isinstance(p, Tensor):
         return torch.nn.functional.dropout(x, p, training=True)
-    keep = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) >= p
-    return x * keep / (1.0 - p)
+    rate = p.to(x.dtype)[:, None, None] if isinstance(p, Tensor) else torch.tensor(p, dtype=x.dtype)
+    keep = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) >= rate
+    return x * keep / (1.0 - rate)
 
 
 def _target_modules(model: nn.Module) -> Iterator[tuple[int, str, nn.Module, str]]:
@@ -88,7 +90,7 @@ def inject(model: nn.Module, tensors: SlotTensors) -> dict[str, Any]:
 
 @contextmanager
 def use_slots(
-    state: dict[str, Any], slots: Tensor, dropout: float = 0.0, generator: torch.Generator | None = None
+    state: dict[str, Any], slots: Tensor, dropout: float | Tensor = 0.0, generator: torch.Generator | None = None
 ) -> Iterator[None]:
     """Run forwards inside the block with row n using slot slots[n] (`lora_gathered`); dropout > 0 applies
     LoRA dropout to the adapter input (training), its masks drawn from `generator` when given."""

@@ -26,6 +26,7 @@ from personalize.feedback.stream import Delivered
 from personalize.feedback.trainer import TrainerConfig, UserJob, train_round
 from personalize.lora.adapter import Adapter
 from personalize.lora.format import AdapterSpec, zero_adapter
+from personalize.lora.layers import lora_dropout
 from personalize.model import BaseModel
 from tests.helpers import make_adapter
 
@@ -148,7 +149,7 @@ def test_lora_dropout_is_on_and_a_round_trained_again_from_the_same_events_gives
 ) -> None:
     model = copy.deepcopy(base.model).requires_grad_(False)
     jobs = [_job(base, "alice", ["correct", "accept"], 1), _job(base, "bob", ["prefer"], 2)]
-    cfg = TrainerConfig(steps=3, min_steps=3, lr=1e-2, fit_steps=0)
+    cfg = TrainerConfig(steps=3, min_steps=3, lr=1e-2, fit_steps=0, dropout_min_examples=1)
     assert cfg.lora_dropout > 0
     runs = [train_round(model, base.tokenizer, jobs, c)[0] for c in (cfg, cfg, replace(cfg, lora_dropout=0.0))]
     for first, again, undropped in zip(*runs, strict=True):
@@ -159,6 +160,32 @@ def test_lora_dropout_is_on_and_a_round_trained_again_from_the_same_events_gives
     assert not all(torch.equal(runs[0][0].weights[k][1], reseeded.weights[k][1]) for k in reseeded.weights)
     with pytest.raises(InvalidArgument, match="lora_dropout must be in"):
         TrainerConfig(lora_dropout=1.0)
+
+
+def test_lora_dropout_per_row_drops_and_rescales_only_the_rows_given_a_rate() -> None:
+    x = torch.ones(3, 50, 40)
+    rates = torch.tensor([0.0, 0.5, 0.2])
+    out = lora_dropout(x, rates, torch.Generator().manual_seed(1))
+    assert torch.equal(out[0], x[0])
+    for row, p in ((1, 0.5), (2, 0.2)):
+        kept = out[row] != 0
+        assert out[row][kept].unique().tolist() == pytest.approx([1 / (1 - p)])
+        assert abs(float(kept.float().mean()) - (1 - p)) < 0.05
+    assert torch.equal(out, lora_dropout(x, rates, torch.Generator().manual_seed(1)))
+    assert not torch.equal(out, lora_dropout(x, rates, torch.Generator().manual_seed(2)))
+
+
+def test_a_user_with_fewer_examples_than_dropout_min_examples_trains_without_dropout(base: BaseModel) -> None:
+    """One example has no pattern to generalize; under dropout a one-event user ended half learned (loops)."""
+    model = copy.deepcopy(base.model).requires_grad_(False)
+    jobs = [_job(base, "one", ["accept"], 1), _job(base, "four", ["correct"] * 4, 2)]
+    cfg = TrainerConfig(steps=3, min_steps=3, lr=1e-2, fit_steps=0)
+    dropped, plain = (train_round(model, base.tokenizer, jobs, c)[0] for c in (cfg, replace(cfg, lora_dropout=0.0)))
+    same = [
+        all(torch.equal(d.weights[k][1], p.weights[k][1]) for k in d.weights)
+        for d, p in zip(dropped, plain, strict=True)
+    ]
+    assert same == [True, False]
 
 
 def test_training_lowers_the_loss_and_keeps_padding_zero(base: BaseModel) -> None:

@@ -58,6 +58,7 @@ UNEXPOSED = {
     "trainer.block_ms",
     "trainer.replay",
     "trainer.lora_dropout",
+    "trainer.dropout_min_examples",
     "trainer.weight_decay",
     "trainer.replay_per_event",
     "trainer.linger_ms",
