@@ -250,9 +250,9 @@ def train_round(
                 break
             rows = active[batch.user_index]  # only users with steps left pay for a forward/backward
             sub = batch if bool(rows.all()) else select_rows(batch, rows)
-            dropout = rates[sub.user_index] if step and dropped else 0.0  # step 0 measures: no noise
+            dropout = (rates[sub.user_index], generator) if step and dropped else None  # step 0 measures
             per_user, fit, sub_ref = _user_losses(
-                model, state, sub, config, None if ref is None else ref[rows], len(jobs), (dropout, generator)
+                model, state, sub, config, None if ref is None else ref[rows], len(jobs), dropout
             )
             ref = sub_ref if ref is None else ref  # step 0 runs every row: the reference is complete
             finite &= torch.isfinite(per_user) | ~active
@@ -289,10 +289,10 @@ def _user_losses(
     config: TrainerConfig,
     ref: torch.Tensor | None,
     users: int,
-    dropout: tuple[float | torch.Tensor, torch.Generator],
+    dropout: tuple[torch.Tensor, torch.Generator] | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, fit, reference) per user: fit is the mean token NLL of the answers the user wants."""
-    with use_slots(state, batch.user_index, *dropout):
+    with use_slots(state, batch.user_index, dropout):
         hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     logp, mask = chunked_token_logprobs(hidden, output_head(model), batch.labels, config.loss_chunk_tokens)
     seq = logp.sum(-1)

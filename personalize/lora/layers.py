@@ -36,20 +36,17 @@ class MultiLoraLinear(nn.Module):
             return y
         squeeze = x.dim() == 2  # [N, d] input: a one-token batch
         x3 = (x.unsqueeze(1) if squeeze else x).to(self.lora_a.dtype)  # float32 adapters on a bf16 base
-        dropout = self._state.get("dropout", 0.0)
-        if isinstance(dropout, Tensor) or dropout:  # LoRA dropout (training only): never the base path
-            x3 = lora_dropout(x3, dropout, self._state.get("generator"))
+        rates: Tensor | None = self._state.get("dropout")
+        if rates is not None:  # LoRA dropout (training only): never the base path
+            x3 = lora_dropout(x3, rates, self._state["generator"])
         delta = lora_gathered(x3, self.lora_a, self.lora_b, self.scaling, slots)
         return y + (delta.squeeze(1) if squeeze else delta).to(y.dtype)
 
 
-def lora_dropout(x: Tensor, p: float | Tensor, generator: torch.Generator | None) -> Tensor:
-    """Inverted dropout of the adapter input x [N, T, d]: p for every element, or p [N] per row (0 = none).
-    With a generator its mask is reproducible (a round trained again from the same events draws the same
-    masks)."""
-    if generator is None and not isinstance(p, Tensor):
-        return torch.nn.functional.dropout(x, p, training=True)
-    rate = p.to(x.dtype)[:, None, None] if isinstance(p, Tensor) else torch.tensor(p, dtype=x.dtype)
+def lora_dropout(x: Tensor, p: Tensor, generator: torch.Generator) -> Tensor:
+    """Inverted dropout of the adapter input x [N, T, d] at rate p [N] per row (0 = none), its mask drawn
+    from `generator` (a round trained again from the same events draws the same masks)."""
+    rate = p.to(x.dtype)[:, None, None]
     keep = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) >= rate
     return x * keep / (1.0 - rate)
 
@@ -90,15 +87,16 @@ def inject(model: nn.Module, tensors: SlotTensors) -> dict[str, Any]:
 
 @contextmanager
 def use_slots(
-    state: dict[str, Any], slots: Tensor, dropout: float | Tensor = 0.0, generator: torch.Generator | None = None
+    state: dict[str, Any], slots: Tensor, dropout: tuple[Tensor, torch.Generator] | None = None
 ) -> Iterator[None]:
-    """Run forwards inside the block with row n using slot slots[n] (`lora_gathered`); dropout > 0 applies
-    LoRA dropout to the adapter input (training), its masks drawn from `generator` when given."""
-    state.update(slots=slots, dropout=dropout, generator=generator)
+    """Run forwards inside the block with row n using slot slots[n] (`lora_gathered`); `dropout`, (rates [N]
+    per row, generator), applies LoRA dropout to the adapter input (training)."""
+    rates, generator = dropout if dropout is not None else (None, None)
+    state.update(slots=slots, dropout=rates, generator=generator)
     try:
         yield
     finally:
-        state.update(slots=None, dropout=0.0, generator=None)
+        state.update(slots=None, dropout=None, generator=None)
 
 
 def eject(model: nn.Module) -> None:
